@@ -1,0 +1,33 @@
+"""Exceptions for mistakes a user can fix.
+
+Every entry point turns a :class:`UserError` into one line on stderr and exit status 2.
+The message must say what is wrong and what to do about it.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input, files or machine, with a message that says what to do."""
+
+
+class AudioError(UserError):
+    """An audio file is missing, unreadable, not audio, or empty."""
+
+
+class ParameterError(UserError, ValueError):
+    """A command-line value is out of range."""
+
+
+class ModelError(UserError):
+    """The checkpoint or config cannot be used (missing, corrupt, another architecture)."""
+
+
+class OutputError(UserError):
+    """An output cannot be written (folder not creatable, not writable, disk full)."""
+
+
+class PromptFileError(UserError):
+    """A prompt file has a line that cannot be read."""
+
+
+class DeviceError(UserError):
+    """The requested device is unavailable or out of memory."""
