@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Sound to image: one picture per sound, from its waveform, spectrum, mel spectrogram or MFCCs.
+
+    python audio2img.py --prompt examples/audio/bell.wav --feature fft --demo
+    python audio2img.py --input_folder my_sounds/ --textprompt "a forest at dawn" --textstrength 0.3
+"""
+
+from sounddiffusion import cli
+
+
+def build_parser():
+    parser = cli.make_parser(
+        "audio2img.py", __doc__,
+        epilog="Images go to OUTDIR/<sound name>/FEATURE-NNNNN.png, numbered after existing ones; "
+               "each PNG carries its generation parameters in a 'parameters' text chunk.")
+    sounds = parser.add_argument_group("sounds (give one of these)")
+    source = sounds.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", "--audio", dest="audio", metavar="AUDIO_PATH",
+                        help="one sound file (wav, flac, ogg, mp3, ...)")
+    source.add_argument("--input_folder", metavar="DIR", help="every sound file in this folder")
+    source.add_argument("--from-file", dest="from_file", metavar="LIST",
+                        help="a text file with one sound path per line")
+    cli.add_audio_conditioning_args(parser)
+    parser.add_argument("--batch_size", type=int, default=4,
+                        help="sounds sampled together in one call (more is faster on a GPU)")
+    cli.add_sampling_args(parser)
+    cli.add_image_output_args(parser, default_outdir="outputs/audio2img-samples")
+    cli.add_model_args(parser)
+    return parser
+
+
+def main(args):
+    from sounddiffusion.image_jobs import run_audio2img
+
+    run_audio2img(args)
+
+
+if __name__ == "__main__":
+    cli.main_entry(build_parser, main)

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Music-reactive video: the picture evolves with the sound, which is muxed back in.
+
+Frame 0 comes from txt2img (or --init-img), every next frame from img2img on the previous one,
+each conditioned on its own slice of the sound (PLMS by default).
+
+    python audio2video.py --demo --path examples/audio/chords.wav --fps 8
+    python audio2video.py --path song.mp3 --fps 12 --strength 0.5 --textprompt "a neon city at night"
+"""
+
+from sounddiffusion import cli
+
+
+def build_parser():
+    parser = cli.make_parser(
+        "audio2video.py", __doc__,
+        epilog="The video goes to OUTDIR/<sound name>.mp4 (numbered if it exists) and appears "
+               "only when complete; an interrupted render continues with --resume.")
+    parser.add_argument("--path", "--audio", dest="audio", required=True, metavar="AUDIO",
+                        help="the sound file (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("--fps", type=float, default=12, help="video frames per second (fractions allowed)")
+    parser.add_argument("--strength", type=float, default=0.5,
+                        help="how much each frame departs from the previous one: 0 keeps it, "
+                             "1.0 corresponds to full destruction of information in the previous image")
+    cli.add_audio_conditioning_args(parser)
+    parser.add_argument("--textpromptend", default=None,
+                        help="text the prompt moves to by the end of the video (linear interpolation)")
+    parser.add_argument("--prompt_file", default=None, metavar="FILE",
+                        help="timestamped prompts, one per line ('0:20 text', '12.5 text'), interpolated")
+    parser.add_argument("--init-img", dest="init_img", default=None, metavar="IMG",
+                        help="start from this image instead of txt2img (resized and center-cropped)")
+    parser.add_argument("--rms_bend", type=float, default=0.0,
+                        help="add loudness (slice RMS) x F to the noised latent ('network bending'; "
+                             "0 = off, upstream used 0.8)")
+    parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS for img2img")
+    cli.add_sampling_args(parser, plms_flag=False)
+    parser.set_defaults(ddim_steps=25)
+    out = parser.add_argument_group("output")
+    out.add_argument("--outdir", default="outputs/audio2video", help="folder for the video")
+    out.add_argument("--output", default=None, metavar="FILE.mp4",
+                     help="the video's file name (default: OUTDIR/<sound name>.mp4)")
+    out.add_argument("--save_frames", action="store_true", help="also save every frame as PNG")
+    out.add_argument("--preview_every", type=float, default=0, metavar="SECONDS",
+                     help="write a playable in-progress video every SECONDS of video (0 = never)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue an interrupted render of the same output from its last frame")
+    out.add_argument("--pixel_roundtrip", action="store_true",
+                     help="decode and re-encode every frame between steps, as upstream did "
+                          "(slower; slightly different pictures)")
+    cli.add_model_args(parser)
+    return parser
+
+
+def main(args):
+    from sounddiffusion.video_job import run_audio2video
+
+    run_audio2video(args)
+
+
+if __name__ == "__main__":
+    cli.main_entry(build_parser, main)

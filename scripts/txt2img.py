@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Text to image with Stable Diffusion v1 (CompVis's txt2img, with the same flags).
+
+    python scripts/txt2img.py --prompt "a red juicy apple floating in outer space, like a planet" --plms
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sounddiffusion import cli  # noqa: E402
+
+
+def build_parser():
+    parser = cli.make_parser("txt2img.py", __doc__)
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default="a painting of a virus monster playing guitar",
+                         help="the prompt to render")
+    prompts.add_argument("--from-file", dest="from_file", metavar="FILE",
+                         help="render every prompt in this file, one per line")
+    cli.add_sampling_args(parser)
+    cli.add_image_output_args(parser, default_outdir="outputs/txt2img-samples")
+    cli.add_model_args(parser)
+    return parser
+
+
+def main(args):
+    from sounddiffusion.image_jobs import run_txt2img
+
+    run_txt2img(args)
+
+
+if __name__ == "__main__":
+    cli.main_entry(build_parser, main)

@@ -1,0 +1,216 @@
+"""Command-line plumbing shared by every entry point.
+
+- The argparse groups that several scripts share are defined here, once.
+- :func:`validate_args` checks the numbers users pass, naming the offending value.
+- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2,
+  ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+from typing import Callable, Sequence
+
+from .errors import DeviceError, OutputError, ParameterError, UserError
+
+log = logging.getLogger("sounddiffusion")
+
+DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_CKPT_DIR = "models/ldm/stable-diffusion-v1"
+PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+MAX_FPS = 120
+DEFAULT_SIZE = 512  # what SD v1 was trained on
+DEMO_SIZE = 256  # keeps the demo model quick on a CPU
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's line breaks."""
+
+
+def make_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks and debug logging")
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--config --ckpt --demo --device --precision."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="model config (CompVis YAML format)")
+    g.add_argument("--ckpt", default=None,
+                   help=f"checkpoint (.ckpt or .safetensors); default: model.ckpt or "
+                        f"model.safetensors in {DEFAULT_CKPT_DIR}/")
+    g.add_argument("--demo", action="store_true",
+                   help="use the small built-in demo model (random weights, abstract pictures) "
+                        "to try the tools without downloading a checkpoint")
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to run: auto picks CUDA, then Apple MPS, then CPU")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: fp16 on CUDA, float32 elsewhere; full: float32; autocast: "
+                        "mixed precision as upstream; fp16/bf16: half-precision weights")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True) -> None:
+    """Sampler, steps, guidance, seed and image geometry (txt2img's flags)."""
+    g = parser.add_argument_group("sampling")
+    if plms_flag:
+        g.add_argument("--plms", action="store_true", help="use the PLMS sampler (default: DDIM)")
+    g.add_argument("--ddim_steps", type=int, default=50, help="number of denoising steps")
+    g.add_argument("--ddim_eta", type=float, default=0.0,
+                   help="DDIM eta (0 = deterministic DDIM; PLMS needs 0)")
+    g.add_argument("--scale", type=float, default=7.5,
+                   help="classifier-free guidance scale: how strongly the conditioning steers")
+    g.add_argument("--seed", type=int, default=42, help="random seed: same seed, same result")
+    g.add_argument("--H", type=int, default=None,
+                   help=f"image height in pixels (default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)")
+    g.add_argument("--W", type=int, default=None,
+                   help=f"image width in pixels (default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)")
+    g.add_argument("--C", type=int, default=4, help="latent channels")
+    g.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+
+
+def add_image_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
+    """--outdir --n_iter --n_samples --n_rows --skip_grid --skip_save --fixed_code."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--outdir", default=default_outdir, help="folder for the results")
+    g.add_argument("--n_iter", type=int, default=1, help="sampling rounds")
+    g.add_argument("--n_samples", type=int, default=1, help="images per round (batch size)")
+    g.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    g.add_argument("--skip_grid", action="store_true", help="do not save a grid of all images")
+    g.add_argument("--skip_save", action="store_true", help="do not save individual images")
+    g.add_argument("--fixed_code", action="store_true",
+                   help="use the same starting noise for every round")
+
+
+def add_audio_conditioning_args(parser: argparse.ArgumentParser) -> None:
+    """--feature --normalize --textprompt --textstrength."""
+    from .conditioning import NORMALIZE_MODES
+    from .features import FEATURES
+
+    g = parser.add_argument_group("audio conditioning")
+    g.add_argument("--feature", default="fft", choices=FEATURES,
+                   help="what of the sound becomes the (77, D) conditioning matrix")
+    g.add_argument("--normalize", default=NORMALIZE_MODES[0], choices=NORMALIZE_MODES,
+                   help="how raw features are brought into the range of text embeddings")
+    g.add_argument("--textprompt", default="", help="text mixed with the sound")
+    g.add_argument("--textstrength", type=float, default=0.5,
+                   help="weight of the text prompt in the mix (see README: --normalize)")
+
+
+def fill_size_defaults(args: argparse.Namespace) -> None:
+    """Unset --H/--W become 512 (256 with --demo)."""
+    for name in ("H", "W"):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, DEMO_SIZE if getattr(args, "demo", False) else DEFAULT_SIZE)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the numbers an entry point received; raise ParameterError naming the bad value."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ParameterError(message)
+
+    for name in ("H", "W"):
+        value = getattr(args, name, None)
+        if value is not None:
+            need(value >= 64 and value % 64 == 0,
+                 f"--{name} {value} is not allowed: use a multiple of 64 such as 256, 320, 384, 448, "
+                 f"512, 576, 640, 704 or 768")
+    if getattr(args, "f", 8) != 8 or getattr(args, "C", 4) != 4:
+        need(False, f"--f {args.f} --C {args.C}: Stable Diffusion v1 models need --f 8 --C 4")
+    if hasattr(args, "ddim_steps"):
+        need(args.ddim_steps >= 1, f"--ddim_steps {args.ddim_steps}: use at least 1 step")
+        need(args.ddim_steps <= 1000, f"--ddim_steps {args.ddim_steps}: use at most 1000 steps")
+    if hasattr(args, "scale"):
+        need(args.scale >= 0, f"--scale {args.scale}: the guidance scale cannot be negative")
+    if hasattr(args, "ddim_eta"):
+        need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
+        if getattr(args, "plms", False) or getattr(args, "sampler", None) == "plms":
+            need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
+                                     f"needs eta 0; use DDIM for eta > 0")
+    for name in ("n_samples", "n_iter", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None:
+            need(value >= 1, f"--{name} {value}: use at least 1")
+    if getattr(args, "n_rows", 0) < 0:
+        need(False, f"--n_rows {args.n_rows}: use 0 (automatic) or more")
+    if hasattr(args, "strength"):
+        need(0.0 <= args.strength <= 1.0,
+             f"--strength {args.strength} is outside [0, 1]: 0 keeps the previous image, "
+             f"1 ignores it completely")
+    if hasattr(args, "fps"):
+        need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
+    if hasattr(args, "textstrength"):
+        need(args.textstrength >= 0, f"--textstrength {args.textstrength}: use a value >= 0")
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s")
+    # Libraries' chatter is not for our users unless they debug.
+    for name in ("transformers", "pytorch_lightning", "lightning", "numba", "PIL", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _user_message(exc: BaseException) -> str | None:
+    """The one-line message for an exception caused by the user's input or machine, else None."""
+    from ldm.util import CheckpointError
+
+    if isinstance(exc, (UserError, CheckpointError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return str(OutputError(f"the disk is full ({exc.filename or 'while writing'}): free some space "
+                               f"and run again (videos continue with --resume)"))
+    oom = getattr(__import__("torch"), "OutOfMemoryError", ())
+    if isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
+        return str(DeviceError("out of GPU memory: use a smaller --H/--W or --n_samples, or "
+                               "--precision fp16"))
+    return None
+
+
+def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+        argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run ``main(args)`` and turn user mistakes into exit status 2.
+
+    Returns the process exit status: 0 on success, 2 for a user mistake (one line on stderr),
+    130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
+    """
+    args = parser.parse_args(argv)
+    configure_logging(args.debug)
+    fill_size_defaults(args)
+    try:
+        validate_args(args)
+        main(args)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the boundary where errors become exit codes
+        message = _user_message(exc)
+        if message is None or args.debug:
+            raise
+        first_line = " ".join(message.split())
+        print(f"{parser.prog}: error: {first_line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_entry(build_parser: Callable[[], argparse.ArgumentParser],
+               main: Callable[[argparse.Namespace], object]) -> None:
+    """What every script's ``if __name__ == "__main__"`` calls."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM (a closed terminal, a job scheduler) stops a render like Ctrl-C: outputs stay usable.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    sys.exit(run(main, build_parser()))
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,226 @@
+"""The image-making jobs behind audio2img.py, scripts/txt2img.py and scripts/img2img.py.
+
+Each job turns its inputs into a list of (77, D) conditionings, samples them in batches with one
+loaded :class:`~sounddiffusion.engine.Engine` and writes PNGs that carry their parameters.
+Seeds are per image (``seed + round * n_samples + sample``), so results do not depend on how
+images were batched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
+from .conditioning import condition
+from .engine import Engine, load_engine
+from .errors import AudioError, UserError
+from .features import featurize
+from .images import ensure_output_dir, load_init_image, make_grid, next_numbered_path, save_png
+
+log = logging.getLogger(__name__)
+
+# Flags that do not change what an image looks like and are left out of its parameters.
+_NOT_PARAMETERS = {"debug", "outdir", "skip_grid", "skip_save", "n_rows", "batch_size",
+                   "input_folder", "from_file"}
+
+
+@dataclass
+class ImageSet:
+    """The images of one prompt or sound: what conditions them and where they go.
+
+    ``cond`` is the (77, D) conditioning; ``parameters`` what goes into each PNG; images are saved
+    as ``folder/PREFIX-NNNNN.png`` and the grid as ``grid_folder/grid-NNNN.png``."""
+
+    cond: torch.Tensor
+    parameters: dict
+    folder: Path
+    prefix: str
+    grid_folder: Path
+
+
+def run_parameters(args: argparse.Namespace, engine: Engine) -> dict:
+    """Everything needed to reproduce an image: the flags that matter plus the checkpoint."""
+    params = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_PARAMETERS}
+    params.update(checkpoint=engine.checkpoint, checkpoint_hash=engine.checkpoint_hash)
+    return params
+
+
+def image_seed(args: argparse.Namespace, round_index: int, sample_index: int) -> int:
+    """The seed of one image; with --fixed_code every round reuses the first round's seeds."""
+    return args.seed + (0 if args.fixed_code else round_index * args.n_samples) + sample_index
+
+
+def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], args: argparse.Namespace,
+                  init_latent: torch.Tensor | None = None) -> np.ndarray:
+    """One sampling call: conditionings (B, 77, D) and B seeds -> uint8 images (B, H, W, 3).
+
+    With ``init_latent`` (1, 4, h, w) this is img2img at ``args.strength``, else txt2img."""
+    sampler = "plms" if args.plms else "ddim"
+    shape = engine.latent_shape(1, args.H, args.W)
+    noise = torch.cat([engine.noise(shape, seed) for seed in seeds])
+    if init_latent is None:
+        latents = engine.txt2img(conds, x_T=noise, sampler=sampler, steps=args.ddim_steps,
+                                 scale=args.scale, eta=args.ddim_eta)
+    else:
+        latents = engine.img2img(init_latent.expand(len(seeds), -1, -1, -1), conds, noise=noise,
+                                 strength=args.strength, sampler=sampler, steps=args.ddim_steps,
+                                 scale=args.scale, eta=args.ddim_eta)
+    return engine.decode(latents)
+
+
+def render_chunk(engine: Engine, chunk: list[ImageSet], args: argparse.Namespace,
+                 init_latent: torch.Tensor | None = None) -> list[Path]:
+    """Sample ``n_iter x n_samples`` images for each set of ``chunk`` (one call per round) and save
+    them, then each set's grid. Returns the paths written."""
+    written: list[Path] = []
+    per_set: list[list[np.ndarray]] = [[] for _ in chunk]
+    for round_index in range(args.n_iter):
+        seeds = [image_seed(args, round_index, j) for _ in chunk for j in range(args.n_samples)]
+        conds = torch.stack([s.cond for s in chunk for _ in range(args.n_samples)])
+        images = sample_images(engine, conds, seeds, args, init_latent)
+        for index, (image, seed) in enumerate(zip(images, seeds)):
+            image_set = chunk[index // args.n_samples]
+            per_set[index // args.n_samples].append(image)
+            if not args.skip_save:
+                path = next_numbered_path(image_set.folder, image_set.prefix)
+                written.append(save_png(image, path, {**image_set.parameters, "seed": seed}))
+    if not args.skip_grid:
+        for image_set, images in zip(chunk, per_set):
+            if len(images) > 1:
+                grid = make_grid(images, args.n_rows or args.n_samples)
+                path = next_numbered_path(image_set.grid_folder, "grid", digits=4)
+                written.append(save_png(grid, path, image_set.parameters))
+    return written
+
+
+# ----------------------------------------------------------------------------- txt2img / img2img
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt, or the non-empty lines of --from-file."""
+    if not args.from_file:
+        return [args.prompt]
+    try:
+        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompt list {args.from_file} ({exc.strerror or exc}): "
+                        f"give a UTF-8 text file with one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt list {args.from_file} holds no prompt: write one prompt per line")
+    return prompts
+
+
+def _prompt_sets(engine: Engine, args: argparse.Namespace) -> list[ImageSet]:
+    """One set per prompt; samples in OUTDIR/samples, grids in OUTDIR, as upstream."""
+    outdir = ensure_output_dir(args.outdir)
+    samples = ensure_output_dir(outdir / "samples")
+    params = run_parameters(args, engine)
+    return [ImageSet(cond=engine.text_conditioning(prompt), parameters={**params, "prompt": prompt},
+                     folder=samples, prefix="sample", grid_folder=outdir)
+            for prompt in read_prompts(args)]
+
+
+def _render_prompts(engine: Engine, args: argparse.Namespace,
+                    init_latent: torch.Tensor | None = None) -> list[Path]:
+    written: list[Path] = []
+    for image_set in tqdm(_prompt_sets(engine, args), unit="prompt", desc="rendering", dynamic_ncols=True):
+        written += render_chunk(engine, [image_set], args, init_latent)
+    log.info("%d images in %s", len(written), args.outdir)
+    return written
+
+
+def run_txt2img(args: argparse.Namespace) -> list[Path]:
+    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
+                         precision=args.precision)
+    return _render_prompts(engine, args)
+
+
+def run_img2img(args: argparse.Namespace) -> list[Path]:
+    init = load_init_image(args.init_img, args.W, args.H)
+    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
+                         precision=args.precision)
+    return _render_prompts(engine, args, init_latent=engine.encode_image(init[None]))
+
+
+# ----------------------------------------------------------------------------- audio2img
+
+def list_sounds(args: argparse.Namespace) -> list[Path]:
+    """The sound files of --prompt/--audio, --input_folder or --from-file."""
+    if args.audio:
+        return [Path(args.audio)]
+    if args.input_folder:
+        folder = Path(args.input_folder)
+        if not folder.is_dir():
+            raise AudioError(f"--input_folder {folder} is not a folder: give a folder of sound files")
+        sounds = find_audio_files(folder)
+        if not sounds:
+            raise AudioError(f"--input_folder {folder} holds no sound files "
+                             f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))})")
+        return sounds
+    try:
+        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read sound list {args.from_file} ({getattr(exc, 'strerror', None) or exc}): "
+                        f"give a UTF-8 text file with one sound path per line") from None
+    sounds = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+    if not sounds:
+        raise UserError(f"sound list {args.from_file} holds no path: write one sound path per line")
+    return sounds
+
+
+def sound_conditioning(engine: Engine, path: Path, args: argparse.Namespace) -> torch.Tensor:
+    """The (77, D) conditioning of a whole sound file: load, featurize, normalize, mix with text."""
+    features = featurize(load_audio(path), args.feature, dim=engine.context_dim)
+    text_cond = engine.text_conditioning(args.textprompt) if args.textprompt else None
+    return condition(features, mode=args.normalize, text_cond=text_cond,
+                     empty_cond=engine.text_conditioning(""), textstrength=args.textstrength)
+
+
+def run_audio2img(args: argparse.Namespace) -> list[Path]:
+    """One image set per sound in OUTDIR/<sound name>/FEATURE-NNNNN.png.
+
+    With several sounds, a sound that cannot be read is reported, skipped and listed at the end;
+    the run fails only when no sound could be read."""
+    sounds = list_sounds(args)
+    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
+                         precision=args.precision)
+    outdir = ensure_output_dir(args.outdir)
+    params = run_parameters(args, engine)
+    written: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    chunk: list[ImageSet] = []
+    with tqdm(total=len(sounds), unit="sound", desc="rendering", dynamic_ncols=True) as bar:
+        for number, path in enumerate(sounds, 1):
+            try:
+                cond = sound_conditioning(engine, path, args)
+            except AudioError as exc:
+                if len(sounds) == 1:
+                    raise
+                skipped.append((path, str(exc)))
+                log.warning("skipping %s", exc)
+                bar.update(1)
+                continue
+            folder = ensure_output_dir(outdir / path.stem)
+            chunk.append(ImageSet(cond=cond, parameters={**params, "sound": str(path)}, folder=folder,
+                                  prefix=args.feature, grid_folder=folder))
+            if len(chunk) == args.batch_size or number == len(sounds):
+                written += render_chunk(engine, chunk, args)
+                bar.update(len(chunk))
+                chunk = []
+        if chunk:
+            written += render_chunk(engine, chunk, args)
+            bar.update(len(chunk))
+    log.info("%d images from %d sounds in %s", len(written), len(sounds) - len(skipped), outdir)
+    if skipped:
+        log.warning("%d of %d sounds skipped:\n%s", len(skipped), len(sounds),
+                    "\n".join(f"  {reason}" for _, reason in skipped))
+        if len(skipped) == len(sounds):
+            raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
+    return written
