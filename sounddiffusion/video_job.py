@@ -1,0 +1,208 @@
+"""The frame loop behind audio2video.py.
+
+Frame 0 is txt2img from the first slice's conditioning (or img2img from ``--init-img``); frame i
+is img2img from frame i-1's latent under slice i's conditioning. The chain stays in latent space
+on the device; decoding and writing frame i runs in a worker thread while frame i+1 samples.
+Each frame's noise comes from a seed derived from ``(--seed, i)``, so a resumed render needs only
+the last finished latent to continue exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .audio import SAMPLE_RATE, frame_count, frame_slice, load_audio, slice_rms
+from .conditioning import (blend_conditionings, condition, parse_prompt_file, prompt_weights_at,
+                           start_end_schedule)
+from .engine import Engine, load_engine
+from .features import featurize
+from .images import ensure_output_dir, load_init_image, save_png
+from .video import VideoRender, unique_output_path
+
+log = logging.getLogger(__name__)
+
+# Flags that change the frames; a resumed render must have the same values.
+FRAME_SETTINGS = ("fps", "strength", "feature", "normalize", "textprompt", "textpromptend",
+                  "textstrength", "rms_bend", "ddim", "ddim_steps", "ddim_eta", "scale", "seed", "H",
+                  "W", "precision", "pixel_roundtrip", "demo")
+
+
+def frame_seed(seed: int, index: int) -> int:
+    """The seed of frame ``index``'s noise: independent streams per frame, derived from ``seed``."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class FramePlan:
+    """What the loop needs besides the model: the sound, its slicing and the prompt schedule.
+
+    ``samples`` is mono float32 at 44.1 kHz; ``schedule`` a list of (seconds, prompt)."""
+
+    samples: np.ndarray
+    fps: float
+    n_frames: int
+    schedule: list[tuple[float, str]]
+
+    def time_of(self, index: int) -> float:
+        return index / self.fps
+
+
+def plan_frames(args: argparse.Namespace) -> FramePlan:
+    samples = load_audio(args.audio)
+    n_frames = frame_count(len(samples), args.fps)
+    if args.prompt_file:
+        schedule = parse_prompt_file(args.prompt_file)
+    else:
+        schedule = start_end_schedule(args.textprompt, args.textpromptend, (n_frames - 1) / args.fps)
+    return FramePlan(samples=samples, fps=args.fps, n_frames=n_frames, schedule=schedule)
+
+
+def frame_conditioning(engine: Engine, plan: FramePlan, index: int,
+                       args: argparse.Namespace) -> tuple[torch.Tensor, float]:
+    """Slice ``index``'s (77, D) conditioning and its RMS loudness."""
+    audio_slice = frame_slice(plan.samples, index, plan.fps)
+    features = featurize(audio_slice, args.feature, dim=engine.context_dim)
+    weights = prompt_weights_at(plan.schedule, plan.time_of(index))
+    text_cond = blend_conditionings(weights, engine.text_conditioning) if weights else None
+    cond = condition(features, mode=args.normalize, text_cond=text_cond,
+                     empty_cond=engine.text_conditioning(""), textstrength=args.textstrength)
+    return cond, slice_rms(audio_slice)
+
+
+def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tensor, rms: float,
+                index: int, args: argparse.Namespace) -> torch.Tensor:
+    """Frame ``index``'s latent (1, 4, h, w): txt2img without a previous latent, else img2img."""
+    noise = engine.noise(engine.latent_shape(1, args.H, args.W), frame_seed(args.seed, index))
+    sampler = "ddim" if args.ddim else "plms"
+    common = dict(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta)
+    if previous is None:
+        return engine.txt2img(cond[None], x_T=noise, **common)
+    return engine.img2img(previous, cond[None], noise=noise, strength=args.strength,
+                          latent_offset=rms * args.rms_bend, **common)
+
+
+class FrameWriter:
+    """Decodes latents and hands the frames to the video in a worker thread.
+
+    ``submit(index, latent)`` returns at once; the worker decodes, writes the frame (and its PNG
+    with --save_frames), records the latent as the render's resume point and, every
+    ``preview_frames`` frames, writes a preview with ``audio_path``'s sound. Errors in the worker
+    are raised again in the caller at the next ``submit`` or at ``close``."""
+
+    def __init__(self, engine: Engine, render: VideoRender, *, frames_dir: Path | None,
+                 preview_frames: int, audio_path: str):
+        self.engine, self.render, self.frames_dir = engine, render, frames_dir
+        self.preview_frames, self.audio_path = preview_frames, audio_path
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="frame-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            index, latent = item
+            try:
+                rgb = self.engine.decode(latent)[0]
+                if self.frames_dir is not None:
+                    save_png(rgb, self.frames_dir / f"frame-{index:06d}.png", None)
+                self.render.add_frame(rgb, {"latent": latent.float().cpu().numpy()}, {"frame": index})
+                if self.preview_frames and (index + 1) % self.preview_frames == 0:
+                    self.render.write_preview(self.audio_path)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, index: int, latent: torch.Tensor) -> None:
+        self._raise_pending()
+        self._queue.put((index, latent))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
+
+
+def render_settings(args: argparse.Namespace, engine: Engine, plan: FramePlan) -> dict:
+    """The settings a resumed render must share with the first run."""
+    settings = {name: getattr(args, name) for name in FRAME_SETTINGS}
+    settings.update(audio=str(Path(args.audio).resolve()), audio_samples=len(plan.samples),
+                    n_frames=plan.n_frames, schedule=plan.schedule, checkpoint=engine.checkpoint,
+                    checkpoint_hash=engine.checkpoint_hash,
+                    init_img=_file_digest(args.init_img) if args.init_img else None)
+    return settings
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """--output, or OUTDIR/<sound name>.mp4; numbered when taken (a resume reuses its own name)."""
+    path = Path(args.output) if args.output else Path(args.outdir) / (Path(args.audio).stem + ".mp4")
+    ensure_output_dir(path.parent)
+    return path if args.resume else unique_output_path(path)
+
+
+def run_audio2video(args: argparse.Namespace) -> Path:
+    """Render the video of ``args.audio``; returns the path of the finished MP4."""
+    plan = plan_frames(args)
+    init_rgb = load_init_image(args.init_img, args.W, args.H) if args.init_img else None
+    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
+                         precision=args.precision)
+    path = output_path(args)
+    render = VideoRender.open(path, fps=args.fps, width=args.W, height=args.H,
+                              settings=render_settings(args, engine, plan), resume=args.resume)
+    frames_dir = ensure_output_dir(path.with_suffix("").with_name(path.stem + "-frames")) \
+        if args.save_frames else None
+    start, latent = _resume_point(render, engine, init_rgb)
+    preview_frames = max(1, round(args.preview_every * args.fps)) if args.preview_every > 0 else 0
+    writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
+                         audio_path=args.audio)
+    try:
+        with tqdm(total=plan.n_frames, initial=start, unit="frame", desc="rendering",
+                  dynamic_ncols=True) as bar:
+            for index in range(start, plan.n_frames):
+                cond, rms = frame_conditioning(engine, plan, index, args)
+                latent = next_latent(engine, latent, cond, rms, index, args)
+                if args.pixel_roundtrip:
+                    latent = engine.encode_image(engine.decode(latent))
+                writer.submit(index, latent)
+                bar.update(1)
+        writer.close()
+    except BaseException:
+        try:
+            writer.close()
+        finally:
+            render.close()
+        raise
+    final = render.finish(args.audio)
+    log.info("wrote %s (%d frames at %g fps)", final, plan.n_frames, args.fps)
+    return final
+
+
+def _resume_point(render: VideoRender, engine: Engine,
+                  init_rgb: np.ndarray | None) -> tuple[int, torch.Tensor | None]:
+    """The first frame to render and the latent it starts from."""
+    saved = render.load_checkpoint()
+    if saved is not None:
+        last_index, arrays, _ = saved
+        log.info("resuming after frame %d", last_index)
+        return last_index + 1, torch.from_numpy(arrays["latent"]).to(engine.device, engine.dtype)
+    if init_rgb is not None:
+        return 0, engine.encode_image(init_rgb[None])
+    return 0, None
