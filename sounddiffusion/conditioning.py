@@ -1,0 +1,236 @@
+"""From raw audio features to the conditioning the UNet reads, and text prompts that change over time.
+
+Normalization modes (``--normalize``) turn raw features ``(77, D)`` into a conditioning ``(77, D)``
+and say how a text prompt is mixed in. ``--textstrength`` means something different in each:
+
+``clip`` (default)
+    Match CLIP's statistics. Each column of the feature rows 1..76 is standardized over those 76
+    rows and then given the mean and standard deviation of the same column of the empty prompt's
+    conditioning (rows 1..76). Row 0 is the empty prompt's row 0: CLIP's causal text encoder
+    gives the same beginning-of-text row for every prompt, so the model always sees it there.
+    A column that does not vary (silence, a constant sound) carries no information and takes the
+    empty prompt's column unchanged, so silence conditions like the empty prompt.
+    With a text prompt the result is ``(1 - w) * audio + w * text_cond`` with
+    ``w = textstrength`` clipped to [0, 1]: 0 is sound only, 1 is text only.
+    Without a text prompt ``textstrength`` is not used.
+
+``text-range``
+    The original Sound-Diffusion formula. With ``t`` the text prompt's conditioning (the empty
+    prompt's when there is none) and ``s = textstrength > 0``: the features are scaled linearly
+    from [min f, max f] onto [min t / s, max t / s] (all entries of the matrices) and ``t`` is
+    added. A larger ``s`` makes the sound's part smaller next to the text. Constant features
+    (silence) map to the middle of that range.
+
+``none``
+    The raw features, as in upstream's first experiments; with a text prompt,
+    ``raw + text_cond``. ``textstrength`` is not used.
+
+Prompt schedules give the text prompt as a function of time: a list of ``(seconds, prompt)``
+pairs, from a start/end pair (:func:`start_end_schedule`) or a file (:func:`parse_prompt_file`);
+:func:`prompt_weights_at` and :func:`blend_conditionings` turn them into one conditioning per frame.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ParameterError, PromptFileError
+
+NORMALIZE_MODES = ("clip", "text-range", "none")
+"""The ``--normalize`` modes :func:`condition` accepts; the first is the default."""
+
+_FLAT_COLUMN = 1e-6  # a column whose std is below this fraction of its largest |value| is constant
+                     # up to float32 rounding: standardizing it would blow rounding noise up to signal
+
+
+def condition(
+    features: np.ndarray | torch.Tensor,
+    *,
+    mode: str = NORMALIZE_MODES[0],
+    text_cond: torch.Tensor | None = None,
+    empty_cond: torch.Tensor,
+    textstrength: float = 0.5,
+) -> torch.Tensor:
+    """The conditioning ``(77, D)`` float32 for raw audio ``features`` ``(77, D)``.
+
+    ``text_cond`` is the text prompt's conditioning ``(77, D)`` or None without a text prompt;
+    ``empty_cond`` is the conditioning of ``""`` ``(77, D)``. ``mode`` is one of
+    :data:`NORMALIZE_MODES` (see the module documentation for what each does and what
+    ``textstrength`` means there). The result lies on ``empty_cond``'s device; it is computed in
+    float64 on the CPU, so it is the same on every device. Raises :class:`ParameterError` for an
+    unknown mode, mismatched shapes or an unusable ``textstrength``.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ParameterError(f"unknown normalization {mode!r}: use one of {', '.join(NORMALIZE_MODES)}")
+    empty = _as_float64(empty_cond)
+    f = _as_float64(features)
+    text = None if text_cond is None else _as_float64(text_cond)
+    for name, matrix in (("features", f), ("text conditioning", text)):
+        if matrix is not None and matrix.shape != empty.shape:
+            raise ParameterError(f"{name} have shape {tuple(matrix.shape)} but the model's conditioning is "
+                                 f"{tuple(empty.shape)}: featurize with dim={empty.shape[-1]}")
+    if not math.isfinite(textstrength):
+        raise ParameterError(f"--textstrength {textstrength}: use a finite number")
+    if mode == "clip":
+        result = clip_stats_conditioning(f, empty)
+        if text is not None:
+            weight = min(max(textstrength, 0.0), 1.0)
+            result = (1.0 - weight) * result + weight * text
+    elif mode == "text-range":
+        result = text_range_conditioning(f, empty if text is None else text, textstrength)
+    else:
+        result = f if text is None else f + text
+    return result.to(device=empty_cond.device, dtype=torch.float32)
+
+
+def clip_stats_conditioning(features: torch.Tensor, empty_cond: torch.Tensor) -> torch.Tensor:
+    """``features`` ``(77, D)`` with row 0 and the column statistics of ``empty_cond`` ``(77, D)``.
+
+    Row 0 is ``empty_cond[0]``. In rows 1..76 every column is standardized and rescaled to the
+    mean and (population) standard deviation of the same column of ``empty_cond[1:]``; columns
+    that are constant in ``features`` are copied from ``empty_cond``. So every column of rows
+    1..76 of the result has exactly the empty prompt's mean and standard deviation.
+    """
+    audio, empty = features[1:], empty_cond[1:]
+    mean, std = audio.mean(dim=0), audio.std(dim=0, correction=0)
+    flat = std <= _FLAT_COLUMN * audio.abs().amax(dim=0)
+    standardized = (audio - mean) / torch.where(flat, 1.0, std)
+    rescaled = standardized * empty.std(dim=0, correction=0) + empty.mean(dim=0)
+    return torch.cat([empty_cond[:1], torch.where(flat, empty, rescaled)])
+
+
+def text_range_conditioning(features: torch.Tensor, text_cond: torch.Tensor, textstrength: float) -> torch.Tensor:
+    """The original formula: ``features`` ``(77, D)`` scaled onto [min t / s, max t / s], plus ``t``.
+
+    ``t = text_cond`` ``(77, D)``, ``s = textstrength`` (> 0). Minima and maxima are over all
+    entries. Constant features map to the middle of the range instead of dividing by zero.
+    """
+    if not textstrength > 0:
+        raise ParameterError(f"--textstrength {textstrength}: --normalize text-range divides by it, use a value > 0")
+    lo, hi = text_cond.min() / textstrength, text_cond.max() / textstrength
+    f_min, f_max = features.min(), features.max()
+    if f_max > f_min:
+        scaled = (features - f_min) * (hi - lo) / (f_max - f_min) + lo
+    else:
+        scaled = torch.full_like(features, float((lo + hi) / 2))
+    return scaled + text_cond
+
+
+def _as_float64(matrix: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``matrix`` as a float64 CPU tensor; :class:`ParameterError` unless it is 2-D."""
+    tensor = torch.as_tensor(matrix).detach().to(device="cpu", dtype=torch.float64)
+    if tensor.ndim != 2:
+        raise ParameterError(f"a conditioning matrix must be (77, D), got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+# -- prompt schedules
+
+Schedule = list[tuple[float, str]]
+"""Text prompts in time: ``(seconds, prompt)`` pairs with strictly increasing times."""
+
+# [[H:]M:]S[.s], then whitespace or a colon (upstream wrote "0:20: text"), then the prompt
+_PROMPT_LINE = re.compile(
+    r"(?:(?:(?P<h>\d+):)?(?P<m>\d+):)?(?P<s>\d+(?:\.\d+)?)(?::\s*|\s+)(?P<text>\S.*)"
+)
+_PROMPT_FORMAT = ("expected 'TIME prompt' with TIME as M:SS, M:SS.s, SS or SS.s "
+                  "(optionally H:MM:SS, and a colon after TIME), e.g. '1:05 a stormy sea'")
+
+
+def parse_prompt_file(path: str | Path) -> Schedule:
+    """The schedule in a file of timestamped prompts, one per line: ``[(seconds, prompt), ...]``.
+
+    Accepted lines: ``M:SS text``, ``M:SS.s text``, ``SS text``, ``SS.s text``, ``H:MM:SS text``,
+    each also with a colon after the time (``0:20: text``). Blank lines and lines starting with
+    ``#`` are skipped. Times must increase strictly. Raises :class:`PromptFileError` naming the
+    file (and the line number) when the file cannot be read, a line does not fit, times do not
+    increase or there is no prompt at all.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise PromptFileError(f"prompt file {path} is a folder: give a text file of timed prompts") from None
+    except PermissionError:
+        raise PromptFileError(f"cannot read prompt file {path}: permission denied; make it readable") from None
+    except UnicodeDecodeError:
+        raise PromptFileError(f"prompt file {path} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as exc:
+        raise PromptFileError(f"cannot read prompt file {path} ({exc.strerror or exc})") from None
+    schedule: Schedule = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        seconds, prompt = _parse_prompt_line(line, path, number)
+        if schedule and seconds <= schedule[-1][0]:
+            raise PromptFileError(f"{path}, line {number}: time {seconds:g} s does not come after the previous "
+                                  f"line's {schedule[-1][0]:g} s; list prompts in increasing time")
+        schedule.append((seconds, prompt))
+    if not schedule:
+        raise PromptFileError(f"prompt file {path} holds no prompt: {_PROMPT_FORMAT}")
+    return schedule
+
+
+def _parse_prompt_line(line: str, path: Path, number: int) -> tuple[float, str]:
+    """``(seconds, prompt)`` of one stripped, non-comment line of a prompt file."""
+    match = _PROMPT_LINE.fullmatch(line)
+    if match is None:
+        raise PromptFileError(f"{path}, line {number}: cannot read {line!r}; {_PROMPT_FORMAT}")
+    hours, minutes, seconds = match["h"], match["m"], float(match["s"])
+    if (minutes is not None and seconds >= 60) or (hours is not None and int(minutes) >= 60):
+        raise PromptFileError(f"{path}, line {number}: {line!r} has 60 or more seconds or minutes "
+                              f"after a colon; {_PROMPT_FORMAT}")
+    total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + seconds
+    return total, match["text"]
+
+
+def start_end_schedule(start: str, end: str | None, duration: float) -> Schedule:
+    """The schedule of ``--textprompt start --textpromptend end`` over a video whose last frame is at ``duration`` s.
+
+    ``start`` at 0 s, ``end`` at ``duration``: the conditioning moves linearly from one to the
+    other across the video, as upstream. Without ``end`` (or when the video has a single frame,
+    ``duration <= 0``) it is ``start`` throughout.
+    """
+    if end is None or duration <= 0:
+        return [(0.0, start)]
+    return [(0.0, start), (float(duration), end)]
+
+
+def prompt_weights_at(schedule: Sequence[tuple[float, str]], t_seconds: float) -> list[tuple[str, float]]:
+    """The prompts mixed at time ``t_seconds`` and their weights, which sum to 1.
+
+    Before the first time: the first prompt alone; between two times: the two prompts with
+    weights that move linearly from the earlier to the later; from the last time on: the last
+    prompt alone. Prompts with weight 0 are left out.
+    """
+    if not schedule:
+        raise ParameterError("a prompt schedule needs at least one (seconds, prompt) entry")
+    if t_seconds <= schedule[0][0]:
+        return [(schedule[0][1], 1.0)]
+    for (t0, prompt0), (t1, prompt1) in zip(schedule, schedule[1:]):
+        if t_seconds < t1:
+            later = (t_seconds - t0) / (t1 - t0)
+            return [(prompt, weight) for prompt, weight in ((prompt0, 1.0 - later), (prompt1, later)) if weight > 0]
+    return [(schedule[-1][1], 1.0)]
+
+
+def blend_conditionings(weights: Sequence[tuple[str, float]],
+                        cond_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The weighted sum of the prompts' conditionings ``(77, D)``: sum of ``weight * cond_of(prompt)``.
+
+    ``cond_of`` is called once per distinct prompt (a prompt listed twice has its weights added).
+    """
+    if not weights:
+        raise ParameterError("blending conditionings needs at least one (prompt, weight) pair")
+    merged: dict[str, float] = {}
+    for prompt, weight in weights:
+        merged[prompt] = merged.get(prompt, 0.0) + weight
+    return sum(weight * cond_of(prompt) for prompt, weight in merged.items())
