@@ -32,10 +32,9 @@ import re
 import shutil
 import subprocess
 import zipfile
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import imageio_ffmpeg
 import numpy as np
@@ -85,9 +84,8 @@ def unique_output_path(path: str | os.PathLike) -> Path:
     return candidate
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """The caller's resume data saved with a finished frame.
+class Checkpoint(NamedTuple):
+    """The caller's resume data saved with a finished frame: ``(frame_index, arrays, extra)``.
 
     ``frame_index`` is the 0-based index of that frame, ``arrays`` the numpy arrays (e.g. the
     frame's latent (1, 4, H/8, W/8) float32 and RNG states as uint8), ``extra`` a JSON object.
