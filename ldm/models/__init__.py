@@ -1,0 +1,1 @@
+"""Top-level models: the latent diffusion model and its autoencoder."""

@@ -1,0 +1,1 @@
+"""The latent diffusion model and its samplers."""

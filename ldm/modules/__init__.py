@@ -1,0 +1,1 @@
+"""Building blocks of the models: networks, attention, encoders, distributions, EMA."""

@@ -1,0 +1,1 @@
+"""The denoising UNet, the autoencoder's encoder/decoder networks and their helpers."""

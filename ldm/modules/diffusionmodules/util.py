@@ -1,0 +1,131 @@
+"""Helpers shared by the diffusion model, the UNet and the samplers (CompVis names and semantics)."""
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2):
+    """The per-step noise variances of the forward diffusion process.
+
+    Only the "linear" schedule of Stable Diffusion exists: betas evenly spaced in sqrt-space,
+    `linspace(sqrt(start), sqrt(end), n) ** 2`, computed in float64.
+    Returns a float64 numpy array of shape (n_timestep,).
+    """
+    if schedule != "linear":
+        raise ValueError(f"beta_schedule {schedule!r} is not supported; Stable Diffusion v1 uses 'linear'")
+    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+    return betas.numpy()
+
+
+def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
+    """The DDPM timesteps a DDIM sampler visits, in ascending order.
+
+    "uniform" takes every (T // S)-th step starting at 0, then adds 1 (as CompVis does, so the
+    steps are 1, 1 + T//S, ...). When S does not divide T this gives more than S steps, as upstream.
+    Returns an int numpy array.
+    """
+    if ddim_discr_method != "uniform":
+        raise ValueError(f"ddim_discretize {ddim_discr_method!r} is not supported; use 'uniform'")
+    stride = num_ddpm_timesteps // num_ddim_timesteps
+    ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, stride))) + 1
+    if verbose:
+        logger.info("DDIM timesteps: %s", ddim_timesteps)
+    return ddim_timesteps
+
+
+def make_ddim_sampling_parameters(alphacums, ddim_timesteps, eta, verbose=True):
+    """The DDIM schedule for a subset of timesteps.
+
+    alphacums: (T,) cumulative alpha products (numpy array or tensor); ddim_timesteps: (S,) int array.
+    Returns (sigmas, alphas, alphas_prev), each (S,) numpy: the noise scale of each step
+    (eta * the DDPM posterior std), alpha-bar at each step and at the step before it
+    (alpha-bar at index 0 for the first step).
+    """
+    if isinstance(alphacums, torch.Tensor):
+        alphacums = alphacums.detach().cpu().numpy()
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    if verbose:
+        logger.info("DDIM alphas: %s; alphas_prev: %s; sigmas (eta=%s): %s", alphas, alphas_prev, eta, sigmas)
+    return sigmas, alphas, alphas_prev
+
+
+def extract_into_tensor(a, t, x_shape):
+    """Picks `a[t]` per batch item and shapes it to broadcast against x.
+
+    a: (T,) schedule; t: (B,) int64 timesteps; x_shape: the shape (B, ...) to broadcast to.
+    Returns (B, 1, ..., 1) with len(x_shape) dimensions.
+    """
+    out = a.gather(-1, t)
+    return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def noise_like(shape, device, repeat=False, generator=None):
+    """Standard normal noise of `shape` on `device`; with repeat=True one sample shared by the batch."""
+    if repeat:
+        noise = torch.randn((1, *shape[1:]), device=device, generator=generator)
+        return noise.repeat(shape[0], *((1,) * (len(shape) - 1)))
+    return torch.randn(shape, device=device, generator=generator)
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal timestep embeddings, [cos | sin] as in CompVis/OpenAI.
+
+    timesteps: (B,) timesteps (may be fractional); dim: embedding width.
+    Returns (B, dim) float32; frequencies run from 1 down to 1/max_period.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def zero_module(module):
+    """Zeroes all parameters of `module` in place (so a residual branch starts as identity); returns it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that always computes in float32 and returns the input's dtype (stable in float16)."""
+
+    def forward(self, x):
+        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def normalization(channels):
+    """The UNet's normalization layer: 32-group GroupNorm (eps 1e-5) over `channels`."""
+    return GroupNorm32(32, channels)
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D convolution module (torch.nn.ConvNd arguments)."""
+    return _CONV[dims](*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D average-pooling module (torch.nn.AvgPoolNd arguments)."""
+    return _AVG_POOL[dims](*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    """A linear layer (torch.nn.Linear arguments)."""
+    return nn.Linear(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Probability distributions over latents."""

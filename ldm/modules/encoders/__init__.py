@@ -1,0 +1,1 @@
+"""Conditioning encoders: the CLIP text encoder and its tokenizer."""
