@@ -115,9 +115,12 @@ class FrameWriter:
             index, latent = item
             try:
                 rgb = self.engine.decode(latent)[0]
-                if self.frames_dir is not None:
-                    save_png(rgb, self.frames_dir / f"frame-{index:06d}.png", None)
-                self.render.add_frame(rgb, {"latent": latent.float().cpu().numpy()}, {"frame": index})
+                frame_png = self.frames_dir / f"frame-{index:06d}.png" if self.frames_dir else None
+                # A resumed render may redo a frame whose PNG was saved: it is the same picture.
+                if frame_png is not None and not frame_png.exists():
+                    save_png(rgb, frame_png, None)
+                self.render.add_frame(rgb, {"latent": latent.float().cpu().numpy()},
+                                      {"frame": index, "frames_dir": frame_png and str(self.frames_dir)})
                 if self.preview_frames and (index + 1) % self.preview_frames == 0:
                     self.render.write_preview(self.audio_path)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -151,11 +154,9 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def output_path(args: argparse.Namespace) -> Path:
-    """--output, or OUTDIR/<sound name>.mp4; numbered when taken (a resume reuses its own name)."""
-    path = Path(args.output) if args.output else Path(args.outdir) / (Path(args.audio).stem + ".mp4")
-    ensure_output_dir(path.parent)
-    return path if args.resume else unique_output_path(path)
+def requested_output(args: argparse.Namespace) -> Path:
+    """--output, or OUTDIR/<sound name>.mp4. The render numbers the final file if this one is taken."""
+    return Path(args.output) if args.output else Path(args.outdir) / (Path(args.audio).stem + ".mp4")
 
 
 def run_audio2video(args: argparse.Namespace) -> Path:
@@ -164,13 +165,14 @@ def run_audio2video(args: argparse.Namespace) -> Path:
     init_rgb = load_init_image(args.init_img, args.W, args.H) if args.init_img else None
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
                          precision=args.precision)
-    path = output_path(args)
-    render = VideoRender.open(path, fps=args.fps, width=args.W, height=args.H,
-                              settings=render_settings(args, engine, plan), resume=args.resume)
-    frames_dir = ensure_output_dir(path.with_suffix("").with_name(path.stem + "-frames")) \
-        if args.save_frames else None
-    start, latent = _resume_point(render, engine, init_rgb)
+    path = requested_output(args)
     preview_frames = max(1, round(args.preview_every * args.fps)) if args.preview_every > 0 else 0
+    render = VideoRender.open(path, fps=args.fps, width=args.W, height=args.H,
+                              settings=render_settings(args, engine, plan), resume=args.resume,
+                              segment_frames=preview_frames or None)
+    start, latent, frames_dir = _resume_point(render, engine, init_rgb)
+    if args.save_frames and frames_dir is None:
+        frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
     writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
                          audio_path=args.audio)
     try:
@@ -195,14 +197,15 @@ def run_audio2video(args: argparse.Namespace) -> Path:
     return final
 
 
-def _resume_point(render: VideoRender, engine: Engine,
-                  init_rgb: np.ndarray | None) -> tuple[int, torch.Tensor | None]:
-    """The first frame to render and the latent it starts from."""
+def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None
+                  ) -> tuple[int, torch.Tensor | None, Path | None]:
+    """The first frame to render, the latent it starts from and the --save_frames folder in use."""
     saved = render.load_checkpoint()
     if saved is not None:
-        last_index, arrays, _ = saved
+        last_index, arrays, extra = saved
         log.info("resuming after frame %d", last_index)
-        return last_index + 1, torch.from_numpy(arrays["latent"]).to(engine.device, engine.dtype)
+        frames_dir = Path(extra["frames_dir"]) if extra.get("frames_dir") else None
+        return last_index + 1, torch.from_numpy(arrays["latent"]).to(engine.device, engine.dtype), frames_dir
     if init_rgb is not None:
-        return 0, engine.encode_image(init_rgb[None])
-    return 0, None
+        return 0, engine.encode_image(init_rgb[None]), None
+    return 0, None, None
