@@ -18,10 +18,10 @@ while the caller computes the next one. :meth:`VideoRender.finish` joins the seg
 re-encoding, adds the sound as AAC, gives the MP4 its final name only when it is complete and
 removes the state folder.
 
-Video: H.264 (libx264, CRF 18, preset medium), yuv420p, BT.709 limited range, in MP4.
-Sound: AAC 192 kb/s. The video lasts ``frames / fps`` seconds; the sound is cut to that length,
-so a caller that renders ``ceil(sound duration * fps)`` frames gets a video as long as the
-sound within one frame.
+Video: H.264 (libx264, CRF 18, preset medium, no B-frames), yuv420p, BT.709 limited range,
+in MP4. Sound: AAC 192 kb/s. The video lasts ``frames / fps`` seconds and the sound is cut to
+that length, so a caller that renders ``ceil(sound duration * fps)`` frames gets a video as
+long as the sound within one frame.
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ DEFAULT_SEGMENT_SECONDS = 4.0
 STATE_FORMAT = 1
 RESUME_HINT = "run again with --resume"
 
-VIDEO_CODEC = ["-c:v", "libx264", "-preset", "medium", "-crf", "18"]
+# No B-frames: their decoding delay differs between short and long segments, which would
+# leave jumps in the joined video's timestamps (a wrong track length, frames shown twice).
+VIDEO_CODEC = ["-c:v", "libx264", "-preset", "medium", "-crf", "18", "-bf", "0"]
 # Convert RGB with the BT.709 matrix and say so in the stream, so players show the same colours.
 VIDEO_FILTER = ("scale=out_color_matrix=bt709:out_range=tv,"
                 "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv,"
@@ -489,8 +491,9 @@ def probe_video(path: str | os.PathLike) -> dict:
     if duration is None or video is None:
         raise ParameterError(f"{path} is not a video ffmpeg can read:\n{header.strip()}")
     frames, video_seconds = imageio_ffmpeg.count_frames_and_secs(str(path))
-    info = {"frames": frames, "fps": float(video.group(5)), "duration": _seconds(*duration.groups()),
-            "video_duration": video_seconds, "width": int(video.group(3)),
+    info = {"frames": frames, "fps": float(video.group(5)),
+            "duration": _seconds(*duration.groups()), "video_duration": video_seconds,
+            "width": int(video.group(3)),
             "height": int(video.group(4)), "video_codec": video.group(1),
             "pix_fmt": video.group(2), "has_audio": False}
     audio = re.search(r"Stream #\d+:\d+.*?: Audio: (\w+)[^,]*, (\d+) Hz", header)

@@ -25,7 +25,8 @@ def gradient(height: int, width: int, shift: int = 0) -> np.ndarray:
 
 
 def test_numbering_continues_after_the_highest_number(tmp_path):
-    assert next_numbered_path(tmp_path / "missing", "grid") == tmp_path / "missing" / "grid-00000.png"
+    missing = tmp_path / "missing"
+    assert next_numbered_path(missing, "grid") == missing / "grid-00000.png"
     assert next_numbered_path(tmp_path, "sample") == tmp_path / "sample-00000.png"
     for name in ["sample-00000.png", "sample-00007.png", "sample-12.png", "sample-00099.jpg",
                  "other-00500.png", "sample-xyz.png", "notes.txt"]:

@@ -1,0 +1,262 @@
+"""Video renders: frame count, fps, sound length, previews, naming, resuming after a kill."""
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import soundfile
+
+from sounddiffusion import video
+from sounddiffusion.errors import OutputError, ParameterError
+from sounddiffusion.video import VideoRender, probe_video, unique_output_path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+SOUND_SECONDS = 2.3
+SETTINGS = {"prompt": "waves", "seed": 7, "strength": 0.4}
+
+
+def synthetic_frame(index: int) -> np.ndarray:
+    """Frame ``index`` (64, 64, 3) uint8: a smooth pattern that moves and changes colour."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    return np.stack([(x * 4 + index * 9) % 256, (y * 4 + index * 5) % 256,
+                     np.full_like(x, (index * 23) % 256)], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture
+def sound(tmp_path) -> Path:
+    """A 2.3 s, 440 Hz sine, mono 44.1 kHz WAV."""
+    rate = 44100
+    t = np.arange(round(SOUND_SECONDS * rate)) / rate
+    path = tmp_path / "sound.wav"
+    soundfile.write(path, 0.3 * np.sin(2 * np.pi * 440 * t), rate)
+    return path
+
+
+def add_frames(render: VideoRender, stop: int) -> None:
+    """Add frames render.frames_done .. stop-1 with a latent-like checkpoint each."""
+    for index in range(render.frames_done, stop):
+        latent = np.full((1, 4, 8, 8), index, np.float32)
+        render.add_frame(synthetic_frame(index), {"latent": latent}, {"frame": index})
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    """All frames of a video as (N, H, W, 3) uint8, decoded by ffmpeg."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    return np.stack([np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader])
+
+
+def render_uninterrupted(path: Path, fps, count: int, sound: Path, segment_frames=5) -> Path:
+    with VideoRender.open(path, fps, SIZE, SIZE, SETTINGS, segment_frames=segment_frames) as render:
+        add_frames(render, count)
+        return render.finish(sound)
+
+
+@pytest.mark.parametrize("fps", [8, 7.5])
+def test_video_has_every_frame_and_the_sound(tmp_path, sound, fps):
+    count = math.ceil(SOUND_SECONDS * Fraction(str(fps)))  # 19 at 8 fps, 18 at 7.5 fps
+    path = render_uninterrupted(tmp_path / "song.mp4", fps, count, sound)
+    info = probe_video(path)
+    assert info["frames"] == count
+    assert info["fps"] == fps
+    assert (info["width"], info["height"]) == (SIZE, SIZE)
+    assert (info["video_codec"], info["pix_fmt"]) == ("h264", "yuv420p")
+    assert info["has_audio"] and info["audio_codec"] == "aac"
+    assert abs(info["audio_duration"] - SOUND_SECONDS) <= 1 / fps
+    assert abs(info["duration"] - SOUND_SECONDS) <= 1 / fps
+    frames = decoded_frames(path)
+    sources = np.stack([synthetic_frame(i) for i in range(count)]).astype(int)
+    # Each decoded frame is (lossy) its own source, in order, not a neighbour.
+    errors = np.abs(frames[:, None].astype(int) - sources[None]).mean(axis=(2, 3, 4))
+    assert (errors.argmin(axis=1) == np.arange(count)).all()
+    assert errors.diagonal().max() < 8  # lossy: 4:2:0 chroma blurs the pattern's hard edges
+
+
+def test_fractional_rate_is_kept_exactly(tmp_path, sound):
+    with VideoRender.open(tmp_path / "song.mp4", 29.97, SIZE, SIZE, SETTINGS) as render:
+        stored = json.loads((render.state_dir / "settings.json").read_text())
+        assert stored["fps"] == "2997/100"
+        add_frames(render, 7)
+        path = render.finish(None)
+    info = probe_video(path)
+    assert (info["frames"], info["fps"], info["has_audio"]) == (7, 29.97, False)
+    assert info["video_duration"] == pytest.approx(7 / 29.97, abs=0.01)
+
+
+def test_output_appears_only_at_finish(tmp_path, sound):
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=4) as render:
+        add_frames(render, 9)
+        render.write_preview(sound)
+        add_frames(render, 19)
+        assert not path.exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("song.mp4")] \
+            == ["song.mp4.render"]
+        assert render.finish(sound) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.mp4", "sound.wav"]
+
+
+def test_preview_has_the_frames_done_so_far(tmp_path, sound):
+    with VideoRender.open(tmp_path / "song.mp4", 8, SIZE, SIZE, SETTINGS,
+                          segment_frames=5) as render:
+        assert render.write_preview(sound) is None
+        add_frames(render, 7)
+        preview = render.write_preview(sound)
+        assert preview == tmp_path / "song.preview.mp4"
+        info = probe_video(preview)
+        assert (info["frames"], info["fps"]) == (7, 8)
+        assert abs(info["audio_duration"] - 7 / 8) <= 1 / 8
+        first = decoded_frames(preview)
+        add_frames(render, 12)
+        assert probe_video(render.write_preview(sound))["frames"] == 12
+        # The finished segments are copied, not encoded again.
+        np.testing.assert_array_equal(decoded_frames(preview)[:7], first)
+        add_frames(render, 19)
+        path = render.finish(sound)
+    assert not preview.exists()
+    # Segments of 5, 2, 5, 5 and 2 frames join without gaps or repeated frames.
+    info = probe_video(path)
+    assert (info["frames"], info["fps"]) == (19, 8)
+    assert info["video_duration"] == pytest.approx(19 / 8, abs=0.01)
+    assert len(decoded_frames(path)) == 19
+
+
+def test_resume_after_close_gives_the_same_video(tmp_path, sound):
+    reference = decoded_frames(render_uninterrupted(tmp_path / "reference.mp4", 8, 19, sound))
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=5) as render:
+        assert render.load_checkpoint() is None
+        add_frames(render, 12)
+    # The with block closed the render as Ctrl-C would: state kept, no output.
+    assert not path.exists()
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True, segment_frames=5) as render:
+        assert render.frames_done == 12
+        index, arrays, extra = render.load_checkpoint()
+        assert index == 11 and extra == {"frame": 11}
+        np.testing.assert_array_equal(arrays["latent"], np.full((1, 4, 8, 8), 11, np.float32))
+        add_frames(render, 19)
+        result = render.finish(sound)
+    # Same frames into the same encoder settings: x264 gives the same stream.
+    np.testing.assert_array_equal(decoded_frames(result), reference)
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    sys.path[:0] = [{repo!r}, {tests!r}]
+    from sounddiffusion.video import VideoRender
+    from test_video import SETTINGS, SIZE, add_frames
+    render = VideoRender.open({path!r}, 8, SIZE, SIZE, SETTINGS, segment_frames=5)
+    add_frames(render, 13)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_resume_after_sigkill_gives_the_same_video(tmp_path, sound):
+    reference = decoded_frames(render_uninterrupted(tmp_path / "reference.mp4", 8, 19, sound))
+    path = tmp_path / "song.mp4"
+    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), path=str(path))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert not path.exists()
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True, segment_frames=5) as render:
+        assert render.frames_done == 13
+        assert render.load_checkpoint().frame_index == 12
+        add_frames(render, 19)
+        result = render.finish(sound)
+    np.testing.assert_array_equal(decoded_frames(result), reference)
+    assert not (tmp_path / "song.mp4.render").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS) as render:
+        add_frames(render, 3)
+    with pytest.raises(ParameterError, match=r"strength: 0\.4 then, 0\.5 now"):
+        VideoRender.open(path, 8, SIZE, SIZE, {**SETTINGS, "strength": 0.5}, resume=True)
+    with pytest.raises(ParameterError, match="fps: '8' then, '15/2' now"):
+        VideoRender.open(path, 7.5, SIZE, SIZE, SETTINGS, resume=True)
+    with pytest.raises(ParameterError, match="size: '64x64' then, '128x64' now"):
+        VideoRender.open(path, 8, 128, SIZE, SETTINGS, resume=True)
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True) as render:
+        assert render.frames_done == 3
+
+
+def test_fresh_render_refuses_an_unfinished_one(tmp_path):
+    path = tmp_path / "song.mp4"
+    with pytest.raises(OutputError, match="no unfinished render .* run without --resume"):
+        VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True)
+    VideoRender.open(path, 8, SIZE, SIZE, SETTINGS).close()
+    with pytest.raises(OutputError, match="add --resume to continue it, or delete .*mp4.render"):
+        VideoRender.open(path, 8, SIZE, SIZE, SETTINGS)
+
+
+def test_unique_output_path(tmp_path):
+    assert unique_output_path(tmp_path / "song.mp4") == tmp_path / "song.mp4"
+    (tmp_path / "song.mp4").write_bytes(b"old")
+    assert unique_output_path(tmp_path / "song.mp4") == tmp_path / "song-0001.mp4"
+    (tmp_path / "song-0001.mp4").write_bytes(b"old")
+    assert unique_output_path(tmp_path / "song.mp4") == tmp_path / "song-0002.mp4"
+
+
+def test_finish_never_overwrites(tmp_path, sound):
+    (tmp_path / "song.mp4").write_bytes(b"an earlier video")
+    result = render_uninterrupted(tmp_path / "song.mp4", 8, 3, sound)
+    assert result == tmp_path / "song-0001.mp4"
+    assert (tmp_path / "song.mp4").read_bytes() == b"an earlier video"
+    assert probe_video(result)["frames"] == 3
+
+
+def test_disk_full_keeps_the_finished_frames(tmp_path, monkeypatch):
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=5) as render:
+        add_frames(render, 7)
+
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(video.np, "savez", full_disk)
+        with pytest.raises(OutputError, match="disk full .* run again with --resume"):
+            add_frames(render, 8)
+        monkeypatch.undo()
+    assert not [p for p in render.state_dir.iterdir() if p.name.endswith(".tmp")]
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True, segment_frames=5) as render:
+        assert render.frames_done == 7
+        add_frames(render, 9)
+        assert probe_video(render.finish(None))["frames"] == 9
+
+
+def test_ffmpeg_failure_is_reported(tmp_path):
+    not_sound = tmp_path / "notes.wav"
+    not_sound.write_text("this is not a sound")
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS) as render:
+        add_frames(render, 2)
+        with pytest.raises(OutputError, match="(?s)ffmpeg failed while writing .*notes.wav"):
+            render.finish(not_sound)
+    assert not path.exists()
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True) as render:
+        assert render.frames_done == 2
+
+
+def test_bad_frames_and_sizes_are_refused(tmp_path):
+    with pytest.raises(ParameterError, match="even width and height"):
+        VideoRender.open(tmp_path / "a.mp4", 8, 63, SIZE, SETTINGS)
+    with pytest.raises(ParameterError, match="fps must be positive"):
+        VideoRender.open(tmp_path / "a.mp4", 0.0, SIZE, SIZE, SETTINGS)
+    with VideoRender.open(tmp_path / "a.mp4", 8, SIZE, SIZE, SETTINGS) as render:
+        with pytest.raises(ValueError, match="uint8 frame"):
+            render.add_frame(np.zeros((SIZE, SIZE, 3), np.float32))
+        assert render.frames_done == 0
