@@ -11,7 +11,6 @@ FutureWarnings, and reading through libsndfile directly is as fast and gives the
 from __future__ import annotations
 
 import logging
-import math
 import subprocess
 from collections.abc import Iterator
 from fractions import Fraction
@@ -40,17 +39,18 @@ _MAX_FPS_DENOMINATOR = 10000
 
 
 def find_audio_files(folder: str | Path) -> list[Path]:
-    """The sound files directly inside ``folder`` (by suffix, see :data:`AUDIO_EXTENSIONS`), sorted by name."""
+    """The sound files directly inside ``folder`` (by suffix: :data:`AUDIO_EXTENSIONS`), sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
 def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Read a sound file as mono float32 samples in [-1, 1] at ``sr`` samples per second.
+    """Read a sound file as mono float32 samples ``(n_samples,)`` at ``sr`` samples per second.
 
-    Returns an array of shape ``(n_samples,)``. Several channels are averaged; other sample rates
-    are resampled as ``librosa.load`` does (soxr "HQ"). Non-finite samples (NaN/inf in float
-    files) become 0 with a warning. Raises :class:`AudioError` when the file is missing, a folder, unreadable, not audio or
-    holds no samples; :class:`ParameterError` when ``sr`` is not a positive integer.
+    Full scale is 1.0. Several channels are averaged and other sample rates resampled, giving the
+    samples of ``librosa.load(path, sr=sr)`` (soxr "HQ"). Non-finite samples (NaN/inf in float
+    files) become 0 with a warning. Raises :class:`AudioError` (one line naming the file) when the
+    file is missing, a folder, unreadable, not audio or holds no samples, and
+    :class:`ParameterError` when ``sr`` is not a positive integer.
     """
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise ParameterError(f"sample rate {sr!r}: use a positive whole number of samples per second")
@@ -95,7 +95,8 @@ def _mix_to_mono(channels: np.ndarray) -> np.ndarray:
 
 
 def _decode(path: Path, sr: int) -> tuple[np.ndarray, int]:
-    """Samples ``(n_samples, channels)`` float32 and their rate: libsndfile first, then ffmpeg."""
+    """Samples ``(n_samples, n_channels)`` float32 and their rate: libsndfile first, then ffmpeg
+    (which returns one channel at ``sr``)."""
     try:
         with path.open("rb") as file:
             samples, file_sr = soundfile.read(file, dtype="float32", always_2d=True)
@@ -104,8 +105,9 @@ def _decode(path: Path, sr: int) -> tuple[np.ndarray, int]:
         raise AudioError(f"cannot read audio file {path}: permission denied; "
                          f"make it readable (chmod +r) or copy it somewhere you can read") from None
     except OSError as exc:
-        raise AudioError(f"cannot read audio file {path} ({exc.strerror or exc}): check the disk and the file") from None
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise AudioError(f"cannot read audio file {path} ({exc.strerror or exc}): "
+                         f"check the disk and the file") from None
+    except RuntimeError as exc:  # soundfile's errors; LibsndfileError carries libsndfile's own message
         reason = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
     samples = _decode_with_ffmpeg(path, sr)
     if samples is None:
@@ -181,7 +183,9 @@ def frame_slice(y: np.ndarray, i: int, fps: float | Fraction, sr: int = SAMPLE_R
 
 
 def iter_frame_slices(y: np.ndarray, fps: float | Fraction, sr: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
-    """Yield :func:`frame_slice` for frames 0 .. frame_count(len(y)) - 1, one at a time (for long renders)."""
+    """Yield :func:`frame_slice` for frames 0 .. frame_count(len(y)) - 1, one at a time.
+
+    For long renders: a 10-minute video never holds all its slices at once."""
     for i in range(frame_count(len(y), fps, sr)):
         yield frame_slice(y, i, fps, sr)
 
@@ -198,7 +202,9 @@ def frame_slices(y: np.ndarray, fps: float | Fraction, sr: int = SAMPLE_RATE) ->
 
 
 def slice_rms(y: np.ndarray) -> float:
-    """Root-mean-square level of the samples ``y`` (linear, 1.0 = full-scale square wave); 0 for silence or no samples."""
+    """Root-mean-square level of the samples ``y`` (linear; 1.0 for a full-scale square wave).
+
+    0 for silence and for no samples."""
     if len(y) == 0:
         return 0.0
     return float(np.sqrt(np.mean(np.square(y, dtype=np.float64))))

@@ -6,8 +6,9 @@ and say how a text prompt is mixed in. ``--textstrength`` means something differ
 ``clip`` (default)
     Match CLIP's statistics. Each column of the feature rows 1..76 is standardized over those 76
     rows and then given the mean and standard deviation of the same column of the empty prompt's
-    conditioning (rows 1..76). Row 0 is the empty prompt's row 0: CLIP's causal text encoder
-    gives the same beginning-of-text row for every prompt, so the model always sees it there.
+    conditioning (rows 1..76). Row 0 is the empty prompt's row 0 (feature row 0 is not used):
+    CLIP's causal text encoder gives the same beginning-of-text row for every prompt, so the
+    model always sees it there.
     A column that does not vary (silence, a constant sound) carries no information and takes the
     empty prompt's column unchanged, so silence conditions like the empty prompt.
     With a text prompt the result is ``(1 - w) * audio + w * text_cond`` with
@@ -44,8 +45,9 @@ from .errors import ParameterError, PromptFileError
 NORMALIZE_MODES = ("clip", "text-range", "none")
 """The ``--normalize`` modes :func:`condition` accepts; the first is the default."""
 
-_FLAT_COLUMN = 1e-6  # a column whose std is below this fraction of its largest |value| is constant
-                     # up to float32 rounding: standardizing it would blow rounding noise up to signal
+# A feature column whose std is at most this fraction of its largest |value| is constant up to
+# float32 rounding: standardizing it would blow rounding noise up to full-size signal.
+_FLAT_COLUMN = 1e-6
 
 
 def condition(
@@ -63,28 +65,30 @@ def condition(
     :data:`NORMALIZE_MODES` (see the module documentation for what each does and what
     ``textstrength`` means there). The result lies on ``empty_cond``'s device; it is computed in
     float64 on the CPU, so it is the same on every device. Raises :class:`ParameterError` for an
-    unknown mode, mismatched shapes or an unusable ``textstrength``.
+    unknown mode, mismatched shapes, non-finite features or an unusable ``textstrength``.
     """
     if mode not in NORMALIZE_MODES:
         raise ParameterError(f"unknown normalization {mode!r}: use one of {', '.join(NORMALIZE_MODES)}")
     empty = _as_float64(empty_cond)
-    f = _as_float64(features)
+    raw = _as_float64(features)
     text = None if text_cond is None else _as_float64(text_cond)
-    for name, matrix in (("features", f), ("text conditioning", text)):
+    for name, matrix in (("features", raw), ("text conditioning", text)):
         if matrix is not None and matrix.shape != empty.shape:
             raise ParameterError(f"{name} have shape {tuple(matrix.shape)} but the model's conditioning is "
                                  f"{tuple(empty.shape)}: featurize with dim={empty.shape[-1]}")
+    if not torch.isfinite(raw).all():
+        raise ParameterError("audio features contain NaN or inf: compute them with sounddiffusion.features.featurize")
     if not math.isfinite(textstrength):
         raise ParameterError(f"--textstrength {textstrength}: use a finite number")
     if mode == "clip":
-        result = clip_stats_conditioning(f, empty)
+        result = clip_stats_conditioning(raw, empty)
         if text is not None:
             weight = min(max(textstrength, 0.0), 1.0)
             result = (1.0 - weight) * result + weight * text
     elif mode == "text-range":
-        result = text_range_conditioning(f, empty if text is None else text, textstrength)
+        result = text_range_conditioning(raw, empty if text is None else text, textstrength)
     else:
-        result = f if text is None else f + text
+        result = raw if text is None else raw + text
     return result.to(device=empty_cond.device, dtype=torch.float32)
 
 

@@ -293,3 +293,11 @@ def test_blend_along_a_schedule(conds):
     schedule = start_end_schedule("text", "", 4.0)
     torch.testing.assert_close(blend_conditionings(prompt_weights_at(schedule, 1.0), table.__getitem__),
                                0.75 * text + 0.25 * empty)
+
+
+def test_non_finite_features(conds):
+    _, empty = conds
+    features = music()
+    features[3, 4] = np.nan
+    with pytest.raises(ParameterError, match="NaN"):
+        condition(features, empty_cond=empty)
