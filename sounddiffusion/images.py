@@ -1,6 +1,7 @@
 """PNG outputs: numbered names, embedded generation parameters, grids, init images, safe writes.
 
-Every file this project writes goes through :func:`write_atomically` or :func:`publish_file`:
+Every file written here and in :mod:`sounddiffusion.video` goes through :func:`write_atomically`
+or :func:`publish_file`:
 the bytes land under a temporary name in the destination folder, are flushed to disk and only
 then take their final name, so a crash, a kill or a full disk never leaves a half-written file
 under a name a user would open.
@@ -195,6 +196,7 @@ def read_png_parameters(path: str | os.PathLike) -> dict:
     cannot be read as an image or its chunk is not a JSON object.
     """
     with _open_image(path, "image") as picture:
+        picture.load()  # text chunks may also follow the pixels
         text = picture.info.get(PARAMETERS_KEY)
     if text is None:
         return {}

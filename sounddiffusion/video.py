@@ -124,6 +124,8 @@ class VideoRender:
         self.preview_path = output_path.with_name(
             f"{output_path.stem}{PREVIEW_SUFFIX}{output_path.suffix}")
         self._frames_done = 0
+        # Frames [0, _encoded) are in finished segments, [_encoded, _frames_done) in PNGs.
+        self._encoded = 0
         self._segments: list[Path] = []
         self._encoder: _SegmentEncoder | None = None
 
@@ -160,7 +162,7 @@ class VideoRender:
         record = {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
                   "settings": json.loads(json.dumps(settings))}
         if resume:
-            render._check_settings(record)
+            render._check_resumable(record)
             render._recover()
         else:
             render._create_state(record)
@@ -193,7 +195,7 @@ class VideoRender:
         start with ``__``); ``extra``: a JSON object; both come back from
         :meth:`load_checkpoint`. When this returns the frame is safe on disk. Raises
         :class:`OutputError` when the disk is full or ffmpeg fails; the frame is then not
-        counted and the render can be resumed.
+        counted, and it can be added again or the render resumed later.
         """
         if rgb.shape != (self.height, self.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, "
@@ -203,11 +205,16 @@ class VideoRender:
         # Level 1: these PNGs live only until their segment is encoded, so speed beats size.
         write_atomically(self._frame_path(index),
                          lambda f: picture.save(f, format="PNG", compress_level=1),
-                         retry=RESUME_HINT)
-        self._encode(index, rgb)
-        self._save_checkpoint(index, arrays or {}, extra or {})
+                         overwrite=True, retry=RESUME_HINT)
+        try:
+            self._current_encoder().write(rgb)
+            self._save_checkpoint(index, arrays or {}, extra or {})
+        except BaseException:
+            # The encoder may hold this unfinished frame; the next one starts again from PNGs.
+            self.close()
+            raise
         self._frames_done = index + 1
-        if self._encoder.frame_count >= self.segment_frames:
+        if self._frames_done - self._encoded >= self.segment_frames:
             self._close_segment()
 
     def write_preview(self, audio_path: str | os.PathLike | None) -> Path | None:
@@ -269,8 +276,8 @@ class VideoRender:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             raise
 
-    def _check_settings(self, record: dict) -> None:
-        """Refuse to resume a render that was started with other settings."""
+    def _check_resumable(self, record: dict) -> None:
+        """Refuse to resume a render that does not exist or was started with other settings."""
         if not self.state_dir.is_dir():
             raise OutputError(
                 f"there is no unfinished render of {self.output_path} to resume "
@@ -294,57 +301,56 @@ class VideoRender:
                 f"or delete {self.state_dir} to start again")
 
     def _recover(self) -> None:
-        """Find where a stopped render ended and re-feed its unencoded frames into an encoder.
+        """Find where a stopped render ended, from its segments, PNGs and checkpoint.
 
-        A frame is finished when its checkpoint is written: frames beyond the checkpoint and
-        leftovers of interrupted writes are deleted, frames below the last segment are too.
+        A frame is finished when its checkpoint is written: PNGs beyond the checkpoint and
+        leftovers of interrupted writes are deleted, PNGs already in a segment are too. The
+        remaining PNGs are encoded again when the next frame comes.
         """
         for leftover in self.state_dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         checkpoint = self.load_checkpoint()
         self._frames_done = 0 if checkpoint is None else checkpoint.frame_index + 1
-        encoded = 0
         for path in sorted(self.state_dir.glob("segment-*.mp4")):
             match = _SEGMENT_NAME.fullmatch(path.name)
-            if match is None or int(match.group(1)) != encoded:
-                raise self._damaged(f"segment {path.name} does not follow frame {encoded}")
-            encoded = int(match.group(2))
+            if match is None or int(match.group(1)) != self._encoded:
+                raise self._damaged(f"segment {path.name} does not follow frame {self._encoded}")
+            self._encoded = int(match.group(2))
             self._segments.append(path)
-        if encoded > self._frames_done:
-            raise self._damaged(f"frames up to {encoded} are encoded but the checkpoint is "
-                                f"for frame {self._frames_done - 1}")
+        if self._encoded > self._frames_done:
+            raise self._damaged(f"frames up to {self._encoded} are encoded but the checkpoint "
+                                f"is for frame {self._frames_done - 1}")
         for path in self.state_dir.glob("frame-*.png"):
             match = _FRAME_NAME.fullmatch(path.name)
-            if match and not encoded <= int(match.group(1)) < self._frames_done:
+            if match and not self._encoded <= int(match.group(1)) < self._frames_done:
                 path.unlink()
-        for index in range(encoded, self._frames_done):
-            path = self._frame_path(index)
-            if not path.exists():
-                raise self._damaged(f"frame {index} ({path.name}) is missing")
-            self._encode(index, read_rgb(path))
-        if self._encoder is not None and self._encoder.frame_count >= self.segment_frames:
-            self._close_segment()
+        for index in range(self._encoded, self._frames_done):
+            if not self._frame_path(index).exists():
+                raise self._damaged(f"frame {index} ({self._frame_path(index).name}) is missing")
         log.info("resuming %s after %d finished frames", self.output_path, self._frames_done)
 
-    def _encode(self, index: int, rgb: np.ndarray) -> None:
-        """Send frame ``index`` to the segment encoder, starting one if needed."""
+    def _current_encoder(self) -> _SegmentEncoder:
+        """The encoder of the unfinished segment; a new one is first fed the segment's PNGs."""
         if self._encoder is None:
-            self._encoder = _SegmentEncoder(self.state_dir, index, self.fps, self.width,
-                                            self.height)
-        try:
-            self._encoder.write(rgb)
-        except OutputError:
-            self._encoder = None
-            raise
+            encoder = _SegmentEncoder(self.state_dir, self._encoded, self.fps, self.width,
+                                      self.height)
+            try:
+                for index in range(self._encoded, self._frames_done):
+                    encoder.write(read_rgb(self._frame_path(index)))
+            except BaseException:
+                encoder.abort()
+                raise
+            self._encoder = encoder
+        return self._encoder
 
     def _close_segment(self) -> None:
-        """Finish the current segment (if any), then drop the PNGs it now holds."""
-        if self._encoder is None:
+        """Encode the finished frames not yet in a segment into one, then drop their PNGs."""
+        if self._frames_done == self._encoded:
             return
-        encoder, self._encoder = self._encoder, None
-        start, end = encoder.start, encoder.start + encoder.frame_count
-        segment = encoder.finish(self.state_dir / f"segment-{start:06d}-{end:06d}.mp4")
-        self._segments.append(segment)
+        encoder, self._encoder = self._current_encoder(), None
+        start, end = self._encoded, self._frames_done
+        self._segments.append(encoder.finish(self.state_dir / f"segment-{start:06d}-{end:06d}.mp4"))
+        self._encoded = end
         for index in range(start, end):
             self._frame_path(index).unlink(missing_ok=True)
 
@@ -379,10 +385,11 @@ class VideoRender:
         command += ["-c:v", "copy", "-t", f"{float(duration):.6f}", "-movflags", "+faststart",
                     "-f", "mp4", str(temp)]
         result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, errors="replace")
+                                stderr=subprocess.PIPE, text=True, errors="replace",
+                                start_new_session=True)
         if result.returncode != 0:
             temp.unlink(missing_ok=True)
-            raise ffmpeg_error(result.stderr, f"writing the video {self.output_path}")
+            raise _ffmpeg_error(result.stderr, f"writing the video {self.output_path}")
         return temp
 
     def _frame_path(self, index: int) -> Path:
@@ -414,7 +421,8 @@ class _SegmentEncoder:
         try:
             with open(self.log_path, "wb") as log_file:
                 self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                                stdout=subprocess.DEVNULL, stderr=log_file)
+                                                stdout=subprocess.DEVNULL, stderr=log_file,
+                                                start_new_session=True)
         except OSError as err:
             self._remove_files()
             raise OutputError(f"cannot start ffmpeg ({ffmpeg_exe()}): {err}") from err
@@ -427,7 +435,7 @@ class _SegmentEncoder:
             self.process.wait()
             message = self._log_text()
             self._remove_files()
-            raise ffmpeg_error(message, f"encoding frame {self.start + self.frame_count}") \
+            raise _ffmpeg_error(message, f"encoding frame {self.start + self.frame_count}") \
                 from err
         self.frame_count += 1
 
@@ -440,7 +448,7 @@ class _SegmentEncoder:
         if self.process.wait() != 0:
             message = self._log_text()
             self._remove_files()
-            raise ffmpeg_error(message, f"encoding {path.name}")
+            raise _ffmpeg_error(message, f"encoding {path.name}")
         self.log_path.unlink(missing_ok=True)
         return publish_file(self.temp, path, retry=RESUME_HINT)
 
@@ -465,7 +473,7 @@ class _SegmentEncoder:
         self.log_path.unlink(missing_ok=True)
 
 
-def ffmpeg_error(stderr: str, what: str) -> OutputError:
+def _ffmpeg_error(stderr: str, what: str) -> OutputError:
     """An :class:`OutputError` for a failed ffmpeg run, with the last lines it printed."""
     if "No space left on device" in stderr:
         return OutputError(f"disk full while {what}: free some space and {RESUME_HINT}")
@@ -484,7 +492,9 @@ def probe_video(path: str | os.PathLike) -> dict:
     :class:`ParameterError` when ffmpeg cannot read ``path`` as a video.
     """
     path = Path(path)
-    header = _ffmpeg_stderr(["-i", str(path)])
+    header = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, errors="replace").stderr
     duration = re.search(r"Duration: (\d+):(\d+):(\d+\.\d+)", header)
     video = re.search(r"Stream #\d+:\d+.*?: Video: (\w+)[^,]*, (\w+)(?:\([^)]*\))?, "
                       r"(\d+)x(\d+).*?([\d.]+) fps", header)
@@ -493,9 +503,8 @@ def probe_video(path: str | os.PathLike) -> dict:
     frames, video_seconds = imageio_ffmpeg.count_frames_and_secs(str(path))
     info = {"frames": frames, "fps": float(video.group(5)),
             "duration": _seconds(*duration.groups()), "video_duration": video_seconds,
-            "width": int(video.group(3)),
-            "height": int(video.group(4)), "video_codec": video.group(1),
-            "pix_fmt": video.group(2), "has_audio": False}
+            "width": int(video.group(3)), "height": int(video.group(4)),
+            "video_codec": video.group(1), "pix_fmt": video.group(2), "has_audio": False}
     audio = re.search(r"Stream #\d+:\d+.*?: Audio: (\w+)[^,]*, (\d+) Hz", header)
     if audio:
         sample_rate = int(audio.group(2))
@@ -506,14 +515,6 @@ def probe_video(path: str | os.PathLike) -> dict:
         info.update(has_audio=True, audio_codec=audio.group(1), sample_rate=sample_rate,
                     audio_duration=len(samples) / 2 / sample_rate)
     return info
-
-
-def _ffmpeg_stderr(arguments: list[str]) -> str:
-    """What ffmpeg prints on stderr when run with ``arguments`` (its exit status is ignored)."""
-    result = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", *arguments],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, errors="replace")
-    return result.stderr
 
 
 def _seconds(hours: str, minutes: str, seconds: str) -> float:

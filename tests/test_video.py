@@ -219,23 +219,39 @@ def test_finish_never_overwrites(tmp_path, sound):
     assert probe_video(result)["frames"] == 3
 
 
-def test_disk_full_keeps_the_finished_frames(tmp_path, monkeypatch):
+def test_disk_full_loses_no_finished_frame(tmp_path, sound, monkeypatch):
+    reference = decoded_frames(render_uninterrupted(tmp_path / "reference.mp4", 8, 19, sound))
     path = tmp_path / "song.mp4"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=5) as render:
         add_frames(render, 7)
-
-        def full_disk(*args, **kwargs):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
         monkeypatch.setattr(video.np, "savez", full_disk)
         with pytest.raises(OutputError, match="disk full .* run again with --resume"):
             add_frames(render, 8)
         monkeypatch.undo()
-    assert not [p for p in render.state_dir.iterdir() if p.name.endswith(".tmp")]
-    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True, segment_frames=5) as render:
         assert render.frames_done == 7
-        add_frames(render, 9)
-        assert probe_video(render.finish(None))["frames"] == 9
+        assert not [p for p in render.state_dir.iterdir() if p.name.endswith(".tmp")]
+        add_frames(render, 12)  # space is back: the same render goes on
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True, segment_frames=5) as render:
+        assert render.frames_done == 12
+        add_frames(render, 19)
+        result = render.finish(sound)
+    np.testing.assert_array_equal(decoded_frames(result), reference)
+
+
+def test_encoder_failure_is_reported_and_recoverable(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "VIDEO_CODEC", ["-c:v", "no_such_encoder"])
+    with VideoRender.open(tmp_path / "song.mp4", 8, SIZE, SIZE, SETTINGS) as render:
+        # ffmpeg stops at once; a frame write or the segment's end notices, whichever is first.
+        with pytest.raises(OutputError, match="(?s)ffmpeg failed while encoding .*no_such_encoder"):
+            add_frames(render, 3)
+            render.write_preview(None)
+        monkeypatch.undo()
+        add_frames(render, 3)
+        assert probe_video(render.write_preview(None))["frames"] == 3
 
 
 def test_ffmpeg_failure_is_reported(tmp_path):
