@@ -1,10 +1,9 @@
 """PNG outputs: numbered names, embedded generation parameters, grids, init images, safe writes.
 
-Every file written here and in :mod:`sounddiffusion.video` goes through :func:`write_atomically`
-or :func:`publish_file`:
-the bytes land under a temporary name in the destination folder, are flushed to disk and only
-then take their final name, so a crash, a kill or a full disk never leaves a half-written file
-under a name a user would open.
+Every file written here and in :mod:`sounddiffusion.video` goes through
+:func:`write_atomically` or :func:`publish_file`: the bytes land under a temporary name in the
+destination folder, are flushed to disk and only then take their final name, so a crash, a kill
+or a full disk never leaves a half-written file under a name a user would open.
 
 Generation parameters are stored in each PNG as one text chunk named ``parameters`` that holds
 a JSON object (keys sorted, two-space indent, UTF-8). JSON keeps numbers, lists and nested
