@@ -19,7 +19,7 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2)
     """
     if schedule != "linear":
         raise ValueError(f"beta_schedule {schedule!r} is not supported; Stable Diffusion v1 uses 'linear'")
-    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
     return betas.numpy()
 
 
