@@ -154,6 +154,11 @@ def build_demo_model(config) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- engine
 
+def step_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: noise drawn from it is the same on every device."""
+    return torch.Generator().manual_seed(int(seed) % 2**63)
+
+
 @dataclass
 class Engine:
     """A loaded model on a device, with the operations the entry points need.
@@ -218,8 +223,7 @@ class Engine:
 
     def noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         """Standard normal noise drawn on the CPU from ``seed`` (same numbers on every device)."""
-        generator = torch.Generator().manual_seed(int(seed) % 2**63)
-        return torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        return torch.randn(shape, generator=step_generator(seed)).to(self.device, self.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, 4, height // LATENT_SCALE, width // LATENT_SCALE)
@@ -227,33 +231,35 @@ class Engine:
     @torch.inference_mode()
     def txt2img(self, cond: torch.Tensor, *, x_T: torch.Tensor, sampler: str = "plms", steps: int = 50,
                 scale: float = 7.5, eta: float = 0.0, uncond: torch.Tensor | None = None,
-                verbose: bool = False) -> torch.Tensor:
+                seed: int = 0, verbose: bool = False) -> torch.Tensor:
         """Sample latents ``(B, 4, h, w)`` from start noise ``x_T`` under conditioning ``cond`` (B, 77, D).
 
-        ``uncond`` defaults to the empty prompt's conditioning (classifier-free guidance)."""
+        ``uncond`` defaults to the empty prompt's conditioning (classifier-free guidance);
+        ``seed`` seeds the noise DDIM adds at each step when ``eta`` > 0."""
         cond = self._as_model_input(cond)
         uncond = self._uncond(cond, uncond)
         with self.autocast():
             samples, _ = self.sampler(sampler).sample(
                 S=steps, batch_size=cond.shape[0], shape=list(x_T.shape[1:]), conditioning=cond,
                 verbose=verbose, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                eta=eta, x_T=x_T.to(self.device, self.dtype))
+                eta=eta, x_T=x_T.to(self.device, self.dtype), generator=step_generator(seed))
         return samples
 
     @torch.inference_mode()
     def img2img(self, init_latent: torch.Tensor, cond: torch.Tensor, *, noise: torch.Tensor,
                 strength: float, sampler: str = "plms", steps: int = 50, scale: float = 7.5,
                 eta: float = 0.0, uncond: torch.Tensor | None = None, latent_offset: float = 0.0,
-                verbose: bool = False) -> torch.Tensor:
+                seed: int = 0, verbose: bool = False) -> torch.Tensor:
         """Noise ``init_latent`` (B, 4, h, w) to ``strength`` and denoise it under ``cond``.
 
         As upstream, ``int(strength * steps)`` of the ``steps`` run: strength 0 returns the init
         latent, strength 1 is txt2img from ``noise``. ``latent_offset`` is added to the noised
-        latent (upstream's "network bending" by loudness)."""
+        latent (upstream's "network bending" by loudness). ``seed`` seeds DDIM's per-step noise
+        when ``eta`` > 0."""
         t_enc = int(strength * steps)
         if t_enc >= steps:
             return self.txt2img(cond, x_T=noise + latent_offset, sampler=sampler, steps=steps,
-                                scale=scale, eta=eta, uncond=uncond, verbose=verbose)
+                                scale=scale, eta=eta, uncond=uncond, seed=seed, verbose=verbose)
         init_latent = init_latent.to(self.device, self.dtype)
         if t_enc == 0:
             return init_latent
@@ -267,7 +273,8 @@ class Engine:
             if latent_offset:
                 z_enc = z_enc + latent_offset
             return chosen.decode(z_enc, cond, t_enc, unconditional_guidance_scale=scale,
-                                 unconditional_conditioning=uncond)
+                                 unconditional_conditioning=uncond, generator=step_generator(seed),
+                                 verbose=verbose)
 
     def _uncond(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         if uncond is None:

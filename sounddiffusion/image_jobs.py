@@ -67,11 +67,11 @@ def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], args: a
     noise = torch.cat([engine.noise(shape, seed) for seed in seeds])
     if init_latent is None:
         latents = engine.txt2img(conds, x_T=noise, sampler=sampler, steps=args.ddim_steps,
-                                 scale=args.scale, eta=args.ddim_eta)
+                                 scale=args.scale, eta=args.ddim_eta, seed=seeds[0])
     else:
         latents = engine.img2img(init_latent.expand(len(seeds), -1, -1, -1), conds, noise=noise,
                                  strength=args.strength, sampler=sampler, steps=args.ddim_steps,
-                                 scale=args.scale, eta=args.ddim_eta)
+                                 scale=args.scale, eta=args.ddim_eta, seed=seeds[0])
     return engine.decode(latents)
 
 

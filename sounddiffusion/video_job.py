@@ -82,9 +82,10 @@ def frame_conditioning(engine: Engine, plan: FramePlan, index: int,
 def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tensor, rms: float,
                 index: int, args: argparse.Namespace) -> torch.Tensor:
     """Frame ``index``'s latent (1, 4, h, w): txt2img without a previous latent, else img2img."""
-    noise = engine.noise(engine.latent_shape(1, args.H, args.W), frame_seed(args.seed, index))
+    seed = frame_seed(args.seed, index)
+    noise = engine.noise(engine.latent_shape(1, args.H, args.W), seed)
     sampler = "ddim" if args.ddim else "plms"
-    common = dict(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta)
+    common = dict(sampler=sampler, steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, seed=seed + 1)
     if previous is None:
         return engine.txt2img(cond[None], x_T=noise, **common)
     return engine.img2img(previous, cond[None], noise=noise, strength=args.strength,
@@ -192,9 +193,7 @@ def run_audio2video(args: argparse.Namespace) -> Path:
         finally:
             render.close()
         raise
-    final = render.finish(args.audio)
-    log.info("wrote %s (%d frames at %g fps)", final, plan.n_frames, args.fps)
-    return final
+    return render.finish(args.audio)
 
 
 def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None
