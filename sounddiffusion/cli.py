@@ -134,7 +134,8 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.scale >= 0, f"--scale {args.scale}: the guidance scale cannot be negative")
     if hasattr(args, "ddim_eta"):
         need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
-        if getattr(args, "plms", False) or getattr(args, "sampler", None) == "plms":
+        uses_plms = getattr(args, "plms", False) or (hasattr(args, "ddim") and not args.ddim)
+        if uses_plms:
             need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
                                      f"needs eta 0; use DDIM for eta > 0")
     for name in ("n_samples", "n_iter", "batch_size"):
@@ -150,7 +151,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if hasattr(args, "fps"):
         need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
     if hasattr(args, "textstrength"):
-        need(args.textstrength >= 0, f"--textstrength {args.textstrength}: use a value >= 0")
+        if args.normalize == "text-range":
+            need(args.textstrength > 0, f"--textstrength {args.textstrength}: --normalize text-range "
+                                        f"divides by it; use a value > 0")
+        else:
+            need(0 <= args.textstrength <= 1, f"--textstrength {args.textstrength}: use a value in "
+                                              f"[0, 1] (0 = sound only, 1 = text only)")
 
 
 def configure_logging(debug: bool) -> None:
