@@ -33,3 +33,33 @@ def audio_dir() -> Path:
 def tiny_dir() -> Path:
     """The tiny SD-v1-shaped model: config, weights and golden tensors, copied into tests/data."""
     return DATA / "tiny-v1"
+
+
+ENTRY_POINTS = {
+    "audio2img": REPO / "audio2img.py",
+    "audio2video": REPO / "audio2video.py",
+    "txt2img": REPO / "scripts" / "txt2img.py",
+    "img2img": REPO / "scripts" / "img2img.py",
+}
+
+
+@pytest.fixture
+def run_tool(capsys):
+    """Run an entry point in this process: ``run_tool("audio2img", [...]) -> (status, stdout, stderr)``.
+
+    It goes through the same ``cli.run`` wrapper as the command line, so exit statuses and the
+    one-line error messages are the real ones; only the interpreter start is saved."""
+    import importlib.util
+
+    from sounddiffusion import cli
+
+    def run(name: str, argv: list[str]) -> tuple[int, str, str]:
+        spec = importlib.util.spec_from_file_location(f"entry_{name}", ENTRY_POINTS[name])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        capsys.readouterr()
+        status = cli.run(module.main, module.build_parser(), [str(a) for a in argv])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
