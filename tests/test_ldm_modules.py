@@ -157,7 +157,7 @@ def test_q_sample_mixes_signal_and_noise_by_schedule(tiny_model, golden):
 def test_ema_scope_swaps_in_ema_weights(tiny_dir):
     config = OmegaConf.load(tiny_dir / "config.yaml").model
     config.params.use_ema = True
-    model = instantiate_from_config(config)
+    model = instantiate_from_config(config).requires_grad_(False)  # as loaded for inference
     keys = set(model.state_dict())
     assert {"model_ema.decay", "model_ema.num_updates", "model_ema.diffusion_modelout2weight"} <= keys
     weight = model.model.diffusion_model.out[2].weight

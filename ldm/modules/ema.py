@@ -27,10 +27,14 @@ class LitEma(nn.Module):
 
     @torch.no_grad()
     def copy_to(self, model):
-        """Overwrites the trainable parameters of `model` with the EMA weights."""
+        """Overwrites the parameters of `model` that have EMA weights with them.
+
+        Unlike upstream this does not look at `requires_grad`: loaded models are frozen for
+        inference, and their EMA weights must still apply.
+        """
         shadow = dict(self.named_buffers())
         for name, p in model.named_parameters():
-            if p.requires_grad:
+            if name in self.m_name2s_name:
                 p.copy_(shadow[self.m_name2s_name[name]])
 
     def store(self, parameters):

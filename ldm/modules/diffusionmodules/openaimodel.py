@@ -5,8 +5,8 @@ State-dict layout: `time_embed.{0,2}`, `input_blocks.{i}.{j}`, `middle_block.{0,
 `skip_connection`; attention layers are SpatialTransformers (SD) or AttentionBlocks.
 """
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (

@@ -19,6 +19,7 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2)
     """
     if schedule != "linear":
         raise ValueError(f"beta_schedule {schedule!r} is not supported; Stable Diffusion v1 uses 'linear'")
+    # on the CPU whatever the default device (e.g. "meta"): the result goes to numpy
     betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
     return betas.numpy()
 
@@ -65,14 +66,6 @@ def extract_into_tensor(a, t, x_shape):
     """
     out = a.gather(-1, t)
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
-
-
-def noise_like(shape, device, repeat=False, generator=None):
-    """Standard normal noise of `shape` on `device`; with repeat=True one sample shared by the batch."""
-    if repeat:
-        noise = torch.randn((1, *shape[1:]), device=device, generator=generator)
-        return noise.repeat(shape[0], *((1,) * (len(shape) - 1)))
-    return torch.randn(shape, device=device, generator=generator)
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):

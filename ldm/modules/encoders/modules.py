@@ -58,7 +58,7 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def forward(self, text):
         """text: list of B prompts -> (B, max_length, hidden) last hidden states (after final layer norm)."""
-        tokens = self.tokenize(text).to(self.transformer.embeddings.token_embedding.weight.device)
+        tokens = self.tokenize(text).to(self.transformer.device)
         return self.transformer(input_ids=tokens).last_hidden_state
 
     def encode(self, text):
