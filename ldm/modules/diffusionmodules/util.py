@@ -25,16 +25,23 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2)
 
 
 def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
-    """The DDPM timesteps a DDIM sampler visits, in ascending order.
+    """The S DDPM timesteps a DDIM sampler visits, in ascending order (an int numpy array).
 
-    "uniform" takes every (T // S)-th step starting at 0, then adds 1 (as CompVis does, so the
-    steps are 1, 1 + T//S, ...). When S does not divide T this gives more than S steps, as upstream.
-    Returns an int numpy array.
+    "uniform" takes every (T // S)-th step starting at 0, then adds 1, as CompVis does (so the
+    steps are 1, 1 + T//S, ...). When S does not divide T, CompVis's range held more than S
+    steps (and for some S a step past T, which crashed); here it is cut to the S asked for.
+    "quad" spaces the steps quadratically over the first 80% of T, as CompVis does.
     """
-    if ddim_discr_method != "uniform":
-        raise ValueError(f"ddim_discretize {ddim_discr_method!r} is not supported; use 'uniform'")
-    stride = num_ddpm_timesteps // num_ddim_timesteps
-    ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, stride))) + 1
+    if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(f"{num_ddim_timesteps} DDIM steps: use 1 to {num_ddpm_timesteps}")
+    if ddim_discr_method == "uniform":
+        stride = num_ddpm_timesteps // num_ddim_timesteps
+        steps = np.arange(0, num_ddpm_timesteps, stride)[:num_ddim_timesteps]
+    elif ddim_discr_method == "quad":
+        steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
+    else:
+        raise ValueError(f"ddim_discretize {ddim_discr_method!r} is not supported; use 'uniform' or 'quad'")
+    ddim_timesteps = steps + 1
     if verbose:
         logger.info("DDIM timesteps: %s", ddim_timesteps)
     return ddim_timesteps
