@@ -27,7 +27,7 @@ class ToyDiffusion(torch.nn.Module):
         self.calls = []
 
     def apply_model(self, x, t, cond):
-        self.calls.append((x.shape[0], t.tolist()))
+        self.calls.append((x.shape[0], t.clone()))
         shift = cond.mean(dim=(1, 2))[:, None, None, None] + t[:, None, None, None] / 1000
         return torch.tanh(self.gain * x + shift)
 
@@ -87,7 +87,7 @@ def test_plms_img2img_runs_t_enc_steps_from_index_t_enc_minus_1(model):
     sampler = PLMSSampler(model)
     out = img2img(sampler, noise(3), steps=10, t_enc=4)
     # indices 3, 2, 1, 0 = timesteps 301, 201, 101, 1; the warm-up evaluates the next timestep too
-    assert [t for _, t in model.calls] == [[301, 301], [201, 201], [201, 201], [101, 101], [1, 1]]
+    assert [t.tolist() for _, t in model.calls] == [[301, 301], [201, 201], [201, 201], [101, 101], [1, 1]]
     assert out.shape == (1, *SHAPE) and torch.isfinite(out).all()
 
 
@@ -160,3 +160,22 @@ def test_intermediates_hold_the_start_and_every_log_every_t_step(model):
     # the start, then indices 9 (the first step), 8, 4 and 0
     assert [len(v) for v in intermediates.values()] == [5, 5] and list(intermediates) == ["x_inter", "pred_x0"]
     assert torch.equal(intermediates["x_inter"][0], noise(5))
+
+
+def test_step_loops_never_read_tensor_values_on_the_host(model, monkeypatch):
+    """On a GPU such a read (.item(), bool(tensor), ...) would stall every step."""
+    samplers = DDIMSampler(model), PLMSSampler(model)
+    for sampler in samplers:
+        sampler.make_schedule(ddim_num_steps=10, verbose=False)  # may read values; the loops may not
+
+    def refuse(*args):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    c, uc = conds()
+    for sampler in samplers:
+        eta = 0.5 if isinstance(sampler, DDIMSampler) else 0.0
+        sampler.sample(S=10, batch_size=1, shape=SHAPE, conditioning=c, verbose=False, eta=eta,
+                       unconditional_guidance_scale=5.0, unconditional_conditioning=uc)
+        sampler.decode(noise(1), c, 5, unconditional_guidance_scale=5.0, unconditional_conditioning=uc)

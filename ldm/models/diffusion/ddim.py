@@ -60,7 +60,7 @@ def _float32(values, device) -> torch.Tensor:
 
 
 def make_ddim_schedule(alphas_cumprod, num_steps, discretize="uniform", eta=0.0, verbose=True) -> DDIMSchedule:
-    """DDIM schedule of ``num_steps`` steps (more when they do not divide T, as upstream).
+    """DDIM schedule of ``num_steps`` steps (which timesteps: make_ddim_timesteps).
 
     alphas_cumprod: (T,) the model's alpha-bar buffer; the schedule lands on its device.
     """
