@@ -27,6 +27,7 @@ DEMO_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-demo.yaml"
 CHECKPOINT_DIR = REPO / "models" / "ldm" / "stable-diffusion-v1"
 CHECKPOINT_NAMES = ("model.safetensors", "model.ckpt")
 DEMO_SEED = 20221024
+DEMO_CROSS_ATTENTION_GAIN = 4.0
 LATENT_SCALE = 8  # the autoencoder's downsampling factor
 
 
@@ -127,14 +128,17 @@ def init_demo_weights(model: torch.nn.Module, seed: int = DEMO_SEED) -> None:
     """Fill every parameter with deterministic random values, independent of torch's global RNG.
 
     Fresh modules zero some output layers (so an untrained UNet would ignore its conditioning);
-    here every weight gets a scaled normal draw so that different conditionings give different
-    pictures. Norm weights are set near 1."""
+    here every weight gets a scaled normal draw, and the cross-attention's query, key and value
+    weights a larger one: random attention is nearly uniform and would average the sound's rows
+    away, so sharper attention lets different sounds give visibly different pictures.
+    Norm weights are set near 1."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if param.ndim >= 2:
                 fan_in = param[0].numel()
-                values = torch.randn(param.shape, generator=generator) / fan_in ** 0.5
+                gain = DEMO_CROSS_ATTENTION_GAIN if ".attn2.to_" in name and "to_out" not in name else 1.0
+                values = gain * torch.randn(param.shape, generator=generator) / fan_in ** 0.5
             elif "norm" in name and name.endswith("weight"):
                 values = 1 + 0.1 * torch.randn(param.shape, generator=generator)
             else:
