@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import SAMPLE_RATE, frame_count, frame_slice, load_audio, slice_rms
+from .audio import frame_count, frame_slice, load_audio, slice_rms
 from .conditioning import (blend_conditionings, condition, parse_prompt_file, prompt_weights_at,
                            start_end_schedule)
 from .engine import Engine, load_engine
@@ -164,9 +164,10 @@ def run_audio2video(args: argparse.Namespace) -> Path:
     """Render the video of ``args.audio``; returns the path of the finished MP4."""
     plan = plan_frames(args)
     init_rgb = load_init_image(args.init_img, args.W, args.H) if args.init_img else None
+    path = requested_output(args)
+    ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
                          precision=args.precision)
-    path = requested_output(args)
     preview_frames = max(1, round(args.preview_every * args.fps)) if args.preview_every > 0 else 0
     render = VideoRender.open(path, fps=args.fps, width=args.W, height=args.H,
                               settings=render_settings(args, engine, plan), resume=args.resume,

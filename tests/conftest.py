@@ -1,5 +1,11 @@
 """Shared pytest fixtures: where the reference data and real recordings live."""
+import os
 from pathlib import Path
+
+# The tests run tiny models whose operations are too small to gain from threads; on a busy
+# 2-core machine several torch threads per process made them up to 10x slower. Set before
+# torch is imported, so subprocesses started by the tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

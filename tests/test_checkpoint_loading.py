@@ -20,16 +20,6 @@ REPO_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TEXT = "cond_stage_model.transformer."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's tensors are too small to share out: one thread is fastest, and on a busy
-    2-core machine two threads spin against other processes (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tiny_dir):
     return load_file(tiny_dir / "model.safetensors")

@@ -16,16 +16,6 @@ from ldm.util import load_model_from_config
 SINGLE_PASS, SAMPLING = 1e-4, 2e-3  # tolerances of the reference README, relative to 1 + max|ref|
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's tensors are too small to share out: one thread is fastest, and on a busy
-    2-core machine two threads spin against other processes (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def golden(tiny_dir):
     return load_file(tiny_dir / "golden.safetensors")
