@@ -1,0 +1,76 @@
+"""scripts/txt2img.py and scripts/img2img.py on the demo model; the example shell scripts."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from sounddiffusion.images import read_png_parameters
+
+FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--seed", "11"]
+
+
+@pytest.mark.parametrize("sampler", [[], ["--plms"]])
+def test_txt2img_writes_samples_and_grid(run_tool, tmp_path, sampler):
+    status, _, err = run_tool("txt2img", ["--prompt", "a red apple", "--outdir", tmp_path, "--n_samples", "2",
+                                          "--n_iter", "2", *sampler, *FAST])
+    assert status == 0, err
+    samples = sorted((tmp_path / "samples").glob("sample-*.png"))
+    assert len(samples) == 4
+    assert Image.open(tmp_path / "grid-0000.png").size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+    assert [read_png_parameters(p)["seed"] for p in samples] == [11, 12, 13, 14]
+    assert read_png_parameters(samples[0])["prompt"] == "a red apple"
+
+
+def test_txt2img_prompts_from_file_and_fixed_code(run_tool, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    status, _, err = run_tool("txt2img", ["--from-file", prompts, "--outdir", tmp_path / "out", "--n_iter", "2",
+                                          "--fixed_code", "--skip_grid", *FAST])
+    assert status == 0, err
+    samples = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    params = [read_png_parameters(p) for p in samples]
+    assert [(p["prompt"], p["seed"]) for p in params] == [("a cat", 11), ("a cat", 11), ("a dog", 11), ("a dog", 11)]
+    # --fixed_code: the same start noise in every round, so the same picture.
+    assert np.array_equal(np.asarray(Image.open(samples[0])), np.asarray(Image.open(samples[1])))
+
+
+@pytest.mark.parametrize("sampler", [[], ["--plms"]])
+def test_img2img_follows_the_init_image(run_tool, tmp_path, sampler):
+    init = tmp_path / "init.png"
+    gradient = np.linspace(0, 255, 96, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(gradient, (80, 1))] * 3, axis=-1)).save(init)
+    outputs = {}
+    for strength in ("0.0", "0.5"):
+        outdir = tmp_path / strength
+        status, _, err = run_tool("img2img", ["--init-img", init, "--prompt", "a sunset", "--strength", strength,
+                                              "--outdir", outdir, "--skip_grid", *sampler, *FAST])
+        assert status == 0, err
+        outputs[strength] = np.asarray(Image.open(outdir / "samples" / "sample-00000.png")).astype(int)
+    assert outputs["0.0"].shape == (64, 64, 3)
+    # Strength 0 returns the init latent: the picture is the autoencoder's rendering of the init image,
+    # while strength 0.5 departs from it.
+    assert np.abs(outputs["0.0"] - outputs["0.5"]).mean() > 1
+
+
+def test_help_of_every_entry_point():
+    for script in ("audio2img.py", "audio2video.py", "scripts/txt2img.py", "scripts/img2img.py"):
+        result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "--demo" in result.stdout and "--seed" in result.stdout
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")))
+def test_example_shell_scripts_are_valid_and_use_bundled_files(script):
+    path = REPO / "scripts" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    for referenced in re.findall(r"(examples/[\w./-]+)", text):
+        assert (REPO / referenced).exists(), referenced
+    entry = re.search(r"python (\S+\.py)", text).group(1)
+    assert (REPO / entry).exists()
