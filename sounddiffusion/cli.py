@@ -33,9 +33,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults and keeps the description's line breaks."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (an unknown flag, ``--fps abc``) are one line on stderr, exit status 2,
+    like every other user mistake, instead of the usage block followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def make_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=prog, description=description, epilog=epilog,
+                            formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks and debug logging")
     return parser
@@ -187,17 +195,22 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run ``main(args)`` and turn user mistakes into exit status 2.
 
-    Returns the process exit status: 0 on success, 2 for a user mistake (one line on stderr),
-    130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
+    Returns the process exit status: 0 on success (and after --help), 2 for a user mistake (one
+    line on stderr), 130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
     """
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or an argparse error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 0
     configure_logging(args.debug)
     fill_size_defaults(args)
     try:
         validate_args(args)
         main(args)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; finished outputs are kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A job may say what was kept and how to go on (audio2video: --resume).
+        detail = " ".join(str(exc).split()) or "finished outputs are kept"
+        print(f"{parser.prog}: interrupted; {detail}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become exit codes
         message = _user_message(exc)

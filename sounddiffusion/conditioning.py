@@ -164,8 +164,9 @@ def parse_prompt_file(path: str | Path) -> Schedule:
         raise PromptFileError(f"prompt file {path} is a folder: give a text file of timed prompts") from None
     except PermissionError:
         raise PromptFileError(f"cannot read prompt file {path}: permission denied; make it readable") from None
-    except UnicodeDecodeError:
-        raise PromptFileError(f"prompt file {path} is not UTF-8 text: save it as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        number = exc.object.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(f"{path}, line {number}: not UTF-8 text; save the prompt file as UTF-8") from None
     except OSError as exc:
         raise PromptFileError(f"cannot read prompt file {path} ({exc.strerror or exc})") from None
     schedule: Schedule = []

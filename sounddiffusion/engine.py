@@ -36,21 +36,34 @@ LATENT_SCALE = 8  # the autoencoder's downsampling factor
 def resolve_checkpoint(ckpt: str | None) -> Path:
     """The checkpoint file to load: ``ckpt`` if given, else the first of ``CHECKPOINT_NAMES``
     that exists in ``models/ldm/stable-diffusion-v1/``. Raises ModelError telling where to get one."""
+    folder = _shown_path(CHECKPOINT_DIR)
+    download = ("download Stable Diffusion v1.4 (sd-v1-4.ckpt) or v1.5 "
+                "(v1-5-pruned-emaonly.safetensors), see README 'Getting the weights'")
+    try_demo = "To try the tools first without weights, add --demo"
     if ckpt:
         path = Path(ckpt)
+        if path.is_dir():
+            raise ModelError(f"checkpoint {path} is a folder: pass the .ckpt or .safetensors file in it "
+                             f"with --ckpt. {try_demo}")
         if not path.is_file():
-            what = "a folder" if path.is_dir() else "missing"
-            raise ModelError(f"checkpoint {path} is {what}: pass the path of a .ckpt or .safetensors "
-                             f"file with --ckpt, or try the tools first with --demo")
+            raise ModelError(f"checkpoint {path} does not exist: check the path, or {download}, and pass "
+                             f"it with --ckpt or save it in {folder}/ as model.ckpt or model.safetensors. "
+                             f"{try_demo}")
         return path
     for name in CHECKPOINT_NAMES:
         if (CHECKPOINT_DIR / name).is_file():
             return CHECKPOINT_DIR / name
     raise ModelError(
-        f"no checkpoint in {CHECKPOINT_DIR.relative_to(REPO)}/: download Stable Diffusion v1.4 "
-        f"(sd-v1-4.ckpt) or v1.5 (v1-5-pruned-emaonly.safetensors), save it there as model.ckpt or "
-        f"model.safetensors (or pass --ckpt PATH); see README 'Getting the weights'. "
-        f"To try the tools first without weights, add --demo")
+        f"no checkpoint in {folder}/: {download}, and save it there as model.ckpt or "
+        f"model.safetensors (or pass --ckpt PATH). {try_demo}")
+
+
+def _shown_path(path: Path) -> Path:
+    """``path`` relative to the repository when inside it (as users type it there), else as is."""
+    try:
+        return path.relative_to(REPO)
+    except ValueError:
+        return path
 
 
 def load_config(path: str | Path):

@@ -9,7 +9,9 @@ images were batched.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from .conditioning import condition
 from .engine import Engine, load_engine
-from .errors import AudioError, UserError
+from .errors import AudioError, PromptFileError
 from .features import featurize
 from .images import ensure_output_dir, load_init_image, make_grid, next_numbered_path, save_png
 
@@ -102,51 +104,60 @@ def render_chunk(engine: Engine, chunk: list[ImageSet], args: argparse.Namespace
 
 # ----------------------------------------------------------------------------- txt2img / img2img
 
+def read_text_lines(path: str | Path, what: str, hint: str) -> list[str]:
+    """The lines of the UTF-8 text file ``path``. ``what`` names the file in errors ("prompt list"),
+    ``hint`` says what it should hold. Raises PromptFileError naming the line that is not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PromptFileError(f"cannot read {what} {path} ({exc.strerror or exc}): give {hint}") from None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(f"{what} {path}, line {line}: not UTF-8 text; save the file as UTF-8 "
+                              f"(it should hold {hint})") from None
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt, or the non-empty lines of --from-file."""
     if not args.from_file:
         return [args.prompt]
-    try:
-        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read prompt list {args.from_file} ({exc.strerror or exc}): "
-                        f"give a UTF-8 text file with one prompt per line") from None
+    lines = read_text_lines(args.from_file, "prompt list", "one prompt per line")
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise UserError(f"prompt list {args.from_file} holds no prompt: write one prompt per line")
+        raise PromptFileError(f"prompt list {args.from_file} holds no prompt: write one prompt per line")
     return prompts
 
 
-def _prompt_sets(engine: Engine, args: argparse.Namespace) -> list[ImageSet]:
-    """One set per prompt; samples in OUTDIR/samples, grids in OUTDIR, as upstream."""
-    outdir = ensure_output_dir(args.outdir)
+def _render_prompts(engine: Engine, args: argparse.Namespace, prompts: list[str], outdir: Path,
+                    init_latent: torch.Tensor | None = None) -> list[Path]:
+    """Each prompt's images in OUTDIR/samples, grids in OUTDIR, as upstream."""
     samples = ensure_output_dir(outdir / "samples")
     params = run_parameters(args, engine)
-    return [ImageSet(cond=engine.text_conditioning(prompt), parameters={**params, "prompt": prompt},
-                     folder=samples, prefix="sample", grid_folder=outdir)
-            for prompt in read_prompts(args)]
-
-
-def _render_prompts(engine: Engine, args: argparse.Namespace,
-                    init_latent: torch.Tensor | None = None) -> list[Path]:
     written: list[Path] = []
-    for image_set in tqdm(_prompt_sets(engine, args), unit="prompt", desc="rendering", dynamic_ncols=True):
+    for prompt in tqdm(prompts, unit="prompt", desc="rendering", dynamic_ncols=True):
+        image_set = ImageSet(cond=engine.text_conditioning(prompt), parameters={**params, "prompt": prompt},
+                             folder=samples, prefix="sample", grid_folder=outdir)
         written += render_chunk(engine, [image_set], args, init_latent)
-    log.info("%d images in %s", len(written), args.outdir)
+    log.info("%d images in %s", len(written), outdir)
     return written
 
 
 def run_txt2img(args: argparse.Namespace) -> list[Path]:
+    # Inputs and the output folder are checked before the model loads: mistakes show at once.
+    prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
                          precision=args.precision)
-    return _render_prompts(engine, args)
+    return _render_prompts(engine, args, prompts, outdir)
 
 
 def run_img2img(args: argparse.Namespace) -> list[Path]:
     init = load_init_image(args.init_img, args.W, args.H)
+    prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
                          precision=args.precision)
-    return _render_prompts(engine, args, init_latent=engine.encode_image(init[None]))
+    return _render_prompts(engine, args, prompts, outdir, init_latent=engine.encode_image(init[None]))
 
 
 # ----------------------------------------------------------------------------- audio2img
@@ -164,20 +175,35 @@ def list_sounds(args: argparse.Namespace) -> list[Path]:
             raise AudioError(f"--input_folder {folder} holds no sound files "
                              f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))})")
         return sounds
-    try:
-        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read sound list {args.from_file} ({getattr(exc, 'strerror', None) or exc}): "
-                        f"give a UTF-8 text file with one sound path per line") from None
+    lines = read_text_lines(args.from_file, "sound list", "one sound path per line")
     sounds = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
     if not sounds:
-        raise UserError(f"sound list {args.from_file} holds no path: write one sound path per line")
+        raise PromptFileError(f"sound list {args.from_file} holds no path: write one sound path per line")
     return sounds
 
 
-def sound_conditioning(engine: Engine, path: Path, args: argparse.Namespace) -> torch.Tensor:
-    """The (77, D) conditioning of a whole sound file: load, featurize, normalize, mix with text."""
-    features = featurize(load_audio(path), args.feature, dim=engine.context_dim)
+def readable_sounds(sounds: list[Path], skipped: list[tuple[Path, str]]
+                    ) -> Iterator[tuple[int, Path, np.ndarray]]:
+    """(position from 1, path, mono samples) of each sound in ``sounds`` that can be read, in order.
+
+    A sound that cannot be read is logged and appended to ``skipped`` as (path, reason); when it
+    is the only sound its AudioError is raised instead."""
+    for number, path in enumerate(sounds, 1):
+        try:
+            samples = load_audio(path)
+        except AudioError as exc:
+            if len(sounds) == 1:
+                raise
+            skipped.append((path, str(exc)))
+            log.warning("skipping %s", exc)
+            continue
+        yield number, path, samples
+
+
+def sound_conditioning(engine: Engine, samples: np.ndarray, args: argparse.Namespace) -> torch.Tensor:
+    """The (77, D) conditioning of a whole sound ``samples`` (mono, 44.1 kHz): featurize, normalize,
+    mix with text."""
+    features = featurize(samples, args.feature, dim=engine.context_dim)
     text_cond = engine.text_conditioning(args.textprompt) if args.textprompt else None
     return condition(features, mode=args.normalize, text_cond=text_cond,
                      empty_cond=engine.text_conditioning(""), textstrength=args.textstrength)
@@ -187,40 +213,36 @@ def run_audio2img(args: argparse.Namespace) -> list[Path]:
     """One image set per sound in OUTDIR/<sound name>/FEATURE-NNNNN.png.
 
     With several sounds, a sound that cannot be read is reported, skipped and listed at the end;
-    the run fails only when no sound could be read."""
+    the run fails only when no sound could be read. Sounds are read one at a time."""
     sounds = list_sounds(args)
+    skipped: list[tuple[Path, str]] = []
+    loaded = readable_sounds(sounds, skipped)
+    # The first readable sound and the output folder are checked before the model loads, so
+    # that a wrong path fails at once.
+    first = next(loaded, None)
+    if first is None:
+        raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
+    outdir = ensure_output_dir(args.outdir)
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
                          precision=args.precision)
-    outdir = ensure_output_dir(args.outdir)
     params = run_parameters(args, engine)
     written: list[Path] = []
-    skipped: list[tuple[Path, str]] = []
     chunk: list[ImageSet] = []
     with tqdm(total=len(sounds), unit="sound", desc="rendering", dynamic_ncols=True) as bar:
-        for number, path in enumerate(sounds, 1):
-            try:
-                cond = sound_conditioning(engine, path, args)
-            except AudioError as exc:
-                if len(sounds) == 1:
-                    raise
-                skipped.append((path, str(exc)))
-                log.warning("skipping %s", exc)
-                bar.update(1)
-                continue
+        for number, path, samples in itertools.chain([first], loaded):
+            cond = sound_conditioning(engine, samples, args)
             folder = ensure_output_dir(outdir / path.stem)
             chunk.append(ImageSet(cond=cond, parameters={**params, "sound": str(path)}, folder=folder,
                                   prefix=args.feature, grid_folder=folder))
-            if len(chunk) == args.batch_size or number == len(sounds):
+            if len(chunk) == args.batch_size:
                 written += render_chunk(engine, chunk, args)
-                bar.update(len(chunk))
                 chunk = []
+                bar.update(number - bar.n)  # skipped sounds before this one count as done
         if chunk:
             written += render_chunk(engine, chunk, args)
-            bar.update(len(chunk))
+        bar.update(len(sounds) - bar.n)
     log.info("%d images from %d sounds in %s", len(written), len(sounds) - len(skipped), outdir)
     if skipped:
         log.warning("%d of %d sounds skipped:\n%s", len(skipped), len(sounds),
                     "\n".join(f"  {reason}" for _, reason in skipped))
-        if len(skipped) == len(sounds):
-            raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
     return written

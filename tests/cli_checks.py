@@ -1,0 +1,72 @@
+"""Helpers for the bad-input, fault and load tests of the command lines (not a test module).
+
+What "a clear error" means here: exit status 2, no traceback, and exactly one line on stderr
+besides progress bars, starting with ``PROG: error:``.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SR = 44100
+# The demo model at its smallest: every image and frame costs a fraction of a second on a CPU.
+DEMO = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "2"]
+TINY = ["--config", "tests/data/tiny-v1/config.yaml", "--ckpt", "tests/data/tiny-v1/model.safetensors",
+        "--H", "64", "--W", "64", "--ddim_steps", "2"]
+PROGS = {"audio2img": "audio2img.py", "audio2video": "audio2video.py", "txt2img": "txt2img.py",
+         "img2img": "img2img.py"}
+_PROGRESS = re.compile(r"^[\w ]+: +\d+%\|")
+
+
+def stderr_lines(err: str) -> list[str]:
+    """The lines a terminal would show for ``err``, without tqdm's progress bars."""
+    shown = (line.rsplit("\r", 1)[-1].strip() for line in err.split("\n"))
+    return [line for line in shown if line and not _PROGRESS.match(line)]
+
+
+def assert_one_line_error(status: int, err: str, tool: str, *words: str) -> str:
+    """Exit status 2 and exactly one line on stderr, ``PROG: error: ...`` holding every one of
+    ``words`` (case-insensitive). Returns the line."""
+    assert "Traceback" not in err, err
+    lines = stderr_lines(err)
+    assert status == 2, (status, err)
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith(f"{PROGS[tool]}: error: "), line
+    for word in words:
+        assert word.lower() in line.lower(), (word, line)
+    return line
+
+
+def write_sound(path: Path, seconds: float = 1.0, sr: int = SR, kind: str = "tone",
+                channels: int = 1, subtype: str = "PCM_16") -> Path:
+    """A sound file: a decaying tone, noise or silence, ``seconds`` long."""
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    if kind == "tone":
+        y = 0.5 * np.sin(2 * np.pi * 330 * t) * np.exp(-t % 1.0)
+    elif kind == "noise":
+        y = 0.3 * np.random.default_rng(len(str(path))).uniform(-1, 1, n)
+    else:
+        y = np.zeros(n)
+    sf.write(path, np.repeat(y[:, None], channels, axis=1).astype(np.float32), sr, subtype=subtype)
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path -> sha256), to prove nothing was changed or added."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    """The frames of a video as decoded by ffmpeg, (N, H, W, 3) uint8."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    width, height = next(reader)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
