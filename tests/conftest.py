@@ -1,4 +1,5 @@
 """Shared pytest fixtures: where the reference data and real recordings live."""
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +40,28 @@ def audio_dir() -> Path:
 def tiny_dir() -> Path:
     """The tiny SD-v1-shaped model: config, weights and golden tensors, copied into tests/data."""
     return DATA / "tiny-v1"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_dir) -> dict:
+    """The tiny model's state dict, keys laid out as in real SD v1 files."""
+    from safetensors.torch import load_file
+
+    return load_file(tiny_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def golden(tiny_dir) -> dict:
+    """The reference tensors computed with the original CompVis code (see ../shared/reference)."""
+    from safetensors.torch import load_file
+
+    return load_file(tiny_dir / "golden.safetensors")
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_dir) -> list[str]:
+    """The prompts the golden text conditionings were computed from."""
+    return json.loads((tiny_dir / "golden.json").read_text())["prompts"]
 
 
 ENTRY_POINTS = {

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import ldm.checkpoint
 from ldm.checkpoint import fit_state_dict, read_state_dict
@@ -18,21 +18,6 @@ from ldm.util import CheckpointError, UnsafeCheckpointError, load_model_from_con
 
 REPO_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TEXT = "cond_stage_model.transformer."
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tiny_dir):
-    return load_file(tiny_dir / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def golden(tiny_dir):
-    return load_file(tiny_dir / "golden.safetensors")
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_dir):
-    return json.loads((tiny_dir / "golden.json").read_text())["prompts"]
 
 
 def text_cond_error(model, golden, prompts):

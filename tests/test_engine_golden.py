@@ -17,11 +17,6 @@ SINGLE_PASS, SAMPLING = 1e-4, 2e-3  # tolerances of the reference README, relati
 
 
 @pytest.fixture(scope="module")
-def golden(tiny_dir):
-    return load_file(tiny_dir / "golden.safetensors")
-
-
-@pytest.fixture(scope="module")
 def meta(tiny_dir):
     return json.loads((tiny_dir / "golden.json").read_text())
 

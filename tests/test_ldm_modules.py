@@ -44,16 +44,6 @@ def randomize(module, seed=0):
 
 
 @pytest.fixture(scope="module")
-def golden(tiny_dir):
-    return load_file(tiny_dir / "golden.safetensors")
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_dir):
-    return json.loads((tiny_dir / "golden.json").read_text())["prompts"]
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tiny_dir):
     return load_file(tiny_dir / "model.safetensors")
 
