@@ -14,11 +14,7 @@ from sounddiffusion import cli  # noqa: E402
 
 def build_parser():
     parser = cli.make_parser("img2img.py", __doc__)
-    prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", default="a painting of a virus monster playing guitar",
-                         help="the prompt to render")
-    prompts.add_argument("--from-file", dest="from_file", metavar="FILE",
-                         help="render every prompt in this file, one per line")
+    cli.add_prompt_args(parser)
     parser.add_argument("--init-img", dest="init_img", required=True, metavar="IMG",
                         help="the image to start from (resized and center-cropped to HxW)")
     parser.add_argument("--strength", type=float, default=0.75,

@@ -14,11 +14,7 @@ from sounddiffusion import cli  # noqa: E402
 
 def build_parser():
     parser = cli.make_parser("txt2img.py", __doc__)
-    prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", default="a painting of a virus monster playing guitar",
-                         help="the prompt to render")
-    prompts.add_argument("--from-file", dest="from_file", metavar="FILE",
-                         help="render every prompt in this file, one per line")
+    cli.add_prompt_args(parser)
     cli.add_sampling_args(parser)
     cli.add_image_output_args(parser, default_outdir="outputs/txt2img-samples")
     cli.add_model_args(parser)

@@ -49,6 +49,15 @@ def make_parser(prog: str, description: str, epilog: str | None = None) -> argpa
     return parser
 
 
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """--prompt or --from-file, as CompVis's txt2img and img2img."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default="a painting of a virus monster playing guitar",
+                   help="the prompt to render")
+    g.add_argument("--from-file", dest="from_file", metavar="FILE",
+                   help="render every prompt in this file, one per line")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--config --ckpt --demo --device --precision."""
     g = parser.add_argument_group("model")

@@ -306,7 +306,7 @@ class Engine:
         """uint8 images (B, H, W, 3) -> latents (B, 4, H/8, W/8), the posterior mean scaled.
 
         The mean (not a sample) keeps img2img deterministic for a given seed."""
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        pixels = torch.tensor(images, device=self.device)  # a copy: inputs may be read-only
         pixels = pixels.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
         with self.autocast():
             posterior = self.model.encode_first_stage(pixels)
