@@ -74,3 +74,14 @@ def test_example_shell_scripts_are_valid_and_use_bundled_files(script):
         assert (REPO / referenced).exists(), referenced
     entry = re.search(r"python (\S+\.py)", text).group(1)
     assert (REPO / entry).exists()
+
+
+def test_txt2img_with_a_checkpoint_and_config(run_tool, tmp_path, tiny_dir):
+    """The path real weights take: --config and --ckpt through ldm.util.load_model_from_config."""
+    status, _, err = run_tool("txt2img", ["--config", tiny_dir / "config.yaml", "--ckpt", tiny_dir / "model.safetensors",
+                                          "--prompt", "a red juicy apple floating in outer space, like a planet",
+                                          "--plms", "--H", "64", "--W", "64", "--ddim_steps", "4",
+                                          "--outdir", tmp_path])
+    assert status == 0, err
+    params = read_png_parameters(tmp_path / "samples" / "sample-00000.png")
+    assert params["checkpoint"] == "model.safetensors" and len(params["checkpoint_hash"]) == 10
