@@ -188,11 +188,14 @@ def run_audio2video(args: argparse.Namespace) -> Path:
                 writer.submit(index, latent)
                 bar.update(1)
         writer.close()
-    except BaseException:
+    except BaseException as exc:
         try:
             writer.close()
         finally:
             render.close()
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"{render.frames_done} of {plan.n_frames} frames are saved; continue "
+                                    f"with the same command and --resume") from None
         raise
     return render.finish(args.audio)
 
