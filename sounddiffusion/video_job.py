@@ -141,6 +141,24 @@ class FrameWriter:
         self._raise_pending()
 
 
+def sample_frames(engine: Engine, plan: FramePlan, args: argparse.Namespace, writer: FrameWriter, *,
+                  start: int, stop: int, latent: torch.Tensor | None, progress: tqdm | None = None
+                  ) -> torch.Tensor | None:
+    """Samples frames ``start`` .. ``stop - 1`` and hands each latent to ``writer.submit``.
+
+    ``latent`` (1, 4, h, w) is frame ``start - 1``'s (None: frame ``start`` is txt2img). Returns
+    the last frame's latent. The render loop and scripts/benchmark.py both run frames through here."""
+    for index in range(start, stop):
+        cond, rms = frame_conditioning(engine, plan, index, args)
+        latent = next_latent(engine, latent, cond, rms, index, args)
+        if args.pixel_roundtrip:
+            latent = engine.encode_image(engine.decode(latent))
+        writer.submit(index, latent)
+        if progress is not None:
+            progress.update(1)
+    return latent
+
+
 def render_settings(args: argparse.Namespace, engine: Engine, plan: FramePlan) -> dict:
     """The settings a resumed render must share with the first run."""
     settings = {name: getattr(args, name) for name in FRAME_SETTINGS}
@@ -180,13 +198,8 @@ def run_audio2video(args: argparse.Namespace) -> Path:
     try:
         with tqdm(total=plan.n_frames, initial=start, unit="frame", desc="rendering",
                   dynamic_ncols=True) as bar:
-            for index in range(start, plan.n_frames):
-                cond, rms = frame_conditioning(engine, plan, index, args)
-                latent = next_latent(engine, latent, cond, rms, index, args)
-                if args.pixel_roundtrip:
-                    latent = engine.encode_image(engine.decode(latent))
-                writer.submit(index, latent)
-                bar.update(1)
+            sample_frames(engine, plan, args, writer, start=start, stop=plan.n_frames, latent=latent,
+                          progress=bar)
         writer.close()
     except BaseException as exc:
         try:
