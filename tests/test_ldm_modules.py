@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.attention import CrossAttention, set_attention_backend
@@ -15,24 +14,15 @@ from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, UNetModel
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.clip_tokenizer import SimpleTokenizer
+from ldm.checkpoint import fit_state_dict
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # max|ours - ref| / (1 + max|ref|) for one pass in float32
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # real checkpoints; transformers 5 drops text_model.
 
 
 def relative_error(ours, ref):
     return float((ours.float() - ref.float()).abs().max()) / (1 + float(ref.abs().max()))
-
-
-def as_model_state_dict(checkpoint):
-    """A checkpoint state dict in this model's layout: new text-tower names, no position_ids/EMA counters."""
-    return {
-        key.replace(TEXT_PREFIX, "cond_stage_model.transformer."): value
-        for key, value in checkpoint.items()
-        if not key.startswith("model_ema.") and not key.endswith("position_ids")
-    }
 
 
 def randomize(module, seed=0):
@@ -44,16 +34,19 @@ def randomize(module, seed=0):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_dir):
-    return load_file(tiny_dir / "model.safetensors")
+def checkpoint(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir, checkpoint):
-    """The tiny SD-v1-shaped model with the reference weights (float16 values, computed in float32)."""
+    """The tiny SD-v1-shaped model with the reference weights (float16 values, computed in float32).
+
+    Loaded with ``load_state_dict(strict=True)`` after the loader's key fitting (text-tower names of
+    the installed transformers, no stale position_ids or EMA counters)."""
     model = instantiate_from_config(OmegaConf.load(tiny_dir / "config.yaml").model)
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in as_model_state_dict(checkpoint).items()}
-    model.load_state_dict(state_dict, strict=True)
+    fitted = fit_state_dict(checkpoint, model.state_dict(), "model.safetensors")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in fitted.items()}, strict=True)
     return model.eval()
 
 
@@ -167,8 +160,10 @@ def test_full_size_v1_matches_real_checkpoint_layout(reference_dir):
             OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml").model
         )
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    expected = as_model_state_dict({**manifest["keys"], **manifest["optional"]})
-    assert shapes == expected
+    layout = {**manifest["keys"], **manifest["optional"]}
+    checkpoint = {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
+    fitted = fit_state_dict(checkpoint, model.state_dict(), "sd-v1-keys.json")
+    assert {key: list(value.shape) for key, value in fitted.items()} == shapes
 
     def millions(module):
         return sum(p.numel() for p in module.parameters()) / 1e6
