@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,6 +33,9 @@ AUDIO_EXTENSIONS = frozenset({
 })
 """Lower-case file name suffixes :func:`find_audio_files` treats as sound files."""
 
+BLOCK_SAMPLES = 1 << 16
+"""Samples per block when a sound is decoded piece by piece (about 1.5 s at 44.1 kHz)."""
+
 # A frame rate given as a float (29.97, 23.976, 30000/1001) is read as the nearest fraction with
 # a denominator up to this, so slice boundaries are exact integers rather than float roundings.
 _MAX_FPS_DENOMINATOR = 10000
@@ -52,6 +55,25 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     file is missing, a folder, unreadable, not audio or holds no samples, and
     :class:`ParameterError` when ``sr`` is not a positive integer.
     """
+    return np.concatenate(list(sound_blocks(path, sr)))
+
+
+def sound_length(path: str | Path, sr: int = SAMPLE_RATE) -> int:
+    """``len(load_audio(path, sr))``, found by decoding the file block by block without keeping it.
+
+    Raises what :func:`load_audio` raises; warns about non-finite samples as it does."""
+    return sum(len(block) for block in sound_blocks(path, sr))
+
+
+def sound_blocks(path: str | Path, sr: int = SAMPLE_RATE, *, warn_non_finite: bool = True
+                 ) -> Iterator[np.ndarray]:
+    """The samples of :func:`load_audio` as consecutive mono float32 blocks of up to about
+    :data:`BLOCK_SAMPLES`, decoded (and resampled) only as they are asked for: a sound of any
+    length takes the same memory. Their concatenation equals ``load_audio(path, sr)`` exactly.
+
+    The file is checked and opened at the first block; errors are those of :func:`load_audio`.
+    With ``warn_non_finite`` the count of non-finite samples made silent is logged at the end.
+    """
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise ParameterError(f"sample rate {sr!r}: use a positive whole number of samples per second")
     path = Path(path)
@@ -61,25 +83,54 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{path} is a folder, not an audio file: give the path of a sound file inside it")
     if path.stat().st_size == 0:
         raise AudioError(f"audio file {path} is empty (0 bytes): give a file that contains sound")
-    channels, file_sr = _decode(path, sr)
-    if channels.shape[0] == 0:
+    counts = {"samples": 0, "non_finite": 0}
+
+    def finite_blocks() -> Iterator[tuple[int, np.ndarray]]:
+        # Zeroed before resampling, so that no NaN reaches the filter.
+        for file_sr, block in _decoded_blocks(path, sr):
+            bad = ~np.isfinite(block)
+            if bad.any():
+                counts["non_finite"] += int(bad.sum())
+                block[bad] = 0
+            counts["samples"] += len(block)
+            yield file_sr, block
+
+    yield from _resampled(finite_blocks(), sr)
+    if counts["samples"] == 0:
         raise AudioError(f"audio file {path} holds no samples: give a file that contains sound")
-    y = _zero_non_finite(_mix_to_mono(channels), path)
-    if file_sr != sr:
-        y = _resample(y, file_sr, sr)
-    return np.ascontiguousarray(y, dtype=np.float32)
+    if counts["non_finite"] and warn_non_finite:
+        log.warning("%s: %d non-finite samples (NaN or inf) replaced with silence", path, counts["non_finite"])
 
 
-def _resample(y: np.ndarray, file_sr: int, sr: int) -> np.ndarray:
-    """``y`` at ``file_sr`` resampled to ``sr``: ceil(len(y) * sr / file_sr) samples.
+def _resampled(decoded: Iterable[tuple[int, np.ndarray]], sr: int) -> Iterator[np.ndarray]:
+    """The mono blocks of ``decoded`` ((file rate, block) pairs) at ``sr``.
 
-    The same samples as ``librosa.resample(res_type="soxr_hq")`` (soxr "HQ", length fixed up to
-    the ceiling), without librosa's extra passes that take seconds on a 10-minute file."""
-    length = -(-len(y) * sr // file_sr)
-    resampled = soxr.resample(y, file_sr, sr, quality="HQ")
-    if len(resampled) < length:
-        resampled = np.pad(resampled, (0, length - len(resampled)))
-    return resampled[:length]
+    Resampled with soxr "HQ" as a stream, which gives the very samples of one call on the whole
+    sound; the result is ceil(n * sr / file_sr) samples long for n samples in, cut or padded with
+    zeros at the end as ``librosa.resample(..., fix=True)`` does."""
+    stream, file_sr, n_in, n_out = None, sr, 0, 0
+    held = np.zeros(0, np.float32)
+    for file_sr, block in decoded:
+        if file_sr == sr:
+            yield block
+            continue
+        if stream is None:
+            stream = soxr.ResampleStream(file_sr, sr, 1, dtype="float32", quality="HQ")
+        n_in += len(block)
+        # Samples before ceil(n_in * sr / file_sr) belong to the result whatever follows; later
+        # ones wait, since the final length is known only at the end.
+        held = np.concatenate([held, stream.resample_chunk(block)])
+        ready = min(len(held), -(-n_in * sr // file_sr) - n_out)
+        if ready > 0:
+            n_out += ready
+            yield held[:ready]
+            held = held[ready:].copy()
+    if stream is not None:
+        rest = np.concatenate([held, stream.resample_chunk(np.zeros(0, np.float32), last=True)])
+        length = -(-n_in * sr // file_sr) - n_out
+        rest = np.pad(rest[:length], (0, max(0, length - len(rest))))
+        if len(rest):
+            yield rest
 
 
 def _mix_to_mono(channels: np.ndarray) -> np.ndarray:
@@ -94,52 +145,58 @@ def _mix_to_mono(channels: np.ndarray) -> np.ndarray:
     return y
 
 
-def _decode(path: Path, sr: int) -> tuple[np.ndarray, int]:
-    """Samples ``(n_samples, n_channels)`` float32 and their rate: libsndfile first, then ffmpeg
-    (which returns one channel at ``sr``)."""
+def _decoded_blocks(path: Path, sr: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(sample rate, mono float32 block) pairs of the file: libsndfile first, then ffmpeg (which
+    gives blocks at ``sr``)."""
     try:
-        with path.open("rb") as file:
-            samples, file_sr = soundfile.read(file, dtype="float32", always_2d=True)
-        return samples, file_sr
+        file = path.open("rb")
     except PermissionError:
         raise AudioError(f"cannot read audio file {path}: permission denied; "
                          f"make it readable (chmod +r) or copy it somewhere you can read") from None
     except OSError as exc:
         raise AudioError(f"cannot read audio file {path} ({exc.strerror or exc}): "
                          f"check the disk and the file") from None
-    except RuntimeError as exc:  # soundfile's errors; LibsndfileError carries libsndfile's own message
-        reason = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
-    samples = _decode_with_ffmpeg(path, sr)
-    if samples is None:
-        raise AudioError(f"{path} is not an audio file that can be decoded ({reason.strip().rstrip('.')}): "
-                         f"convert it to WAV, FLAC, OGG or MP3")
-    return samples[:, None], sr
+    with file:
+        try:
+            sound = soundfile.SoundFile(file)
+        except RuntimeError as exc:  # soundfile's errors; LibsndfileError carries libsndfile's own message
+            reason = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
+        else:
+            with sound:
+                try:
+                    for block in sound.blocks(BLOCK_SAMPLES, dtype="float32", always_2d=True):
+                        yield sound.samplerate, _mix_to_mono(block)
+                except (RuntimeError, OSError) as exc:
+                    raise AudioError(f"cannot decode audio file {path} to the end ({exc}): the file is "
+                                     f"damaged; convert or export it again") from None
+            return
+    yield from _ffmpeg_blocks(path, sr, reason.strip().rstrip("."))
 
 
-def _decode_with_ffmpeg(path: Path, sr: int) -> np.ndarray | None:
-    """Mono float32 samples at ``sr`` decoded by ffmpeg, or None when ffmpeg cannot decode the file."""
+def _ffmpeg_blocks(path: Path, sr: int, reason: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(sr, mono float32 block) pairs decoded by ffmpeg; AudioError when ffmpeg cannot decode the
+    file (``reason`` says why libsndfile could not either)."""
+    not_audio = AudioError(f"{path} is not an audio file that can be decoded ({reason}): "
+                           f"convert it to WAV, FLAC, OGG or MP3")
     try:
         import imageio_ffmpeg
 
         exe = imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError):
-        return None
+        raise not_audio from None
     command = [exe, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-map", "0:a:0",
                "-ac", "1", "-ar", str(sr), "-f", "f32le", "pipe:1"]
-    result = subprocess.run(command, capture_output=True, check=False)
-    if result.returncode != 0:
-        return None
-    return np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
-
-
-def _zero_non_finite(y: np.ndarray, path: Path) -> np.ndarray:
-    """``y`` with NaN and +-inf replaced by 0 (a warning names how many and the file)."""
-    bad = ~np.isfinite(y)
-    count = int(bad.sum())
-    if count:
-        log.warning("%s: %d non-finite samples (NaN or inf) replaced with silence", path, count)
-        y = np.where(bad, np.float32(0), y)
-    return y
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
+    try:
+        while data := process.stdout.read(4 * BLOCK_SAMPLES):
+            yield sr, np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4").astype(np.float32)
+        if process.wait() != 0:
+            raise not_audio
+    finally:
+        process.kill()
+        process.stdout.close()
+        process.wait()
 
 
 def _fps_fraction(fps: float | Fraction, sr: int) -> Fraction:
@@ -188,6 +245,28 @@ def iter_frame_slices(y: np.ndarray, fps: float | Fraction, sr: int = SAMPLE_RAT
     For long renders: a 10-minute video never holds all its slices at once."""
     for i in range(frame_count(len(y), fps, sr)):
         yield frame_slice(y, i, fps, sr)
+
+
+def stream_frame_slices(blocks: Iterable[np.ndarray], n_samples: int, fps: float | Fraction,
+                        sr: int = SAMPLE_RATE, start: int = 0) -> Iterator[np.ndarray]:
+    """Yield :func:`frame_slice` for frames ``start`` .. ``frame_count(n_samples) - 1`` of a sound of
+    ``n_samples`` samples that arrive as consecutive ``blocks`` (e.g. from :func:`sound_blocks`).
+
+    Only about one frame and one block are held at a time, so a sound of any length is sliced in
+    the same memory. Each slice is a new float32 array, the last zero-padded to full length."""
+    blocks = iter(blocks)
+    buffer, offset = np.zeros(0, np.float32), 0  # buffer holds samples [offset, offset + len(buffer))
+    for i in range(start, frame_count(n_samples, fps, sr)):
+        lo, hi = frame_bounds(i, fps, sr)
+        drop = min(max(lo - offset, 0), len(buffer))  # samples only earlier frames used
+        buffer, offset = buffer[drop:], offset + drop
+        while offset + len(buffer) < min(hi, n_samples) and (block := next(blocks, None)) is not None:
+            if not len(buffer) and offset < lo:  # blocks before ``start``'s frame are skipped
+                skip = min(lo - offset, len(block))
+                block, offset = block[skip:], offset + skip
+            buffer = np.concatenate([buffer, block])
+        piece = np.array(buffer[: hi - lo], dtype=np.float32)
+        yield np.pad(piece, (0, hi - lo - len(piece))) if len(piece) < hi - lo else piece
 
 
 def frame_slices(y: np.ndarray, fps: float | Fraction, sr: int = SAMPLE_RATE) -> list[np.ndarray]:

@@ -14,14 +14,15 @@ import hashlib
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import frame_count, frame_slice, load_audio, slice_rms
+from .audio import frame_count, slice_rms, sound_blocks, sound_length, stream_frame_slices
 from .conditioning import (blend_conditionings, condition, parse_prompt_file, prompt_weights_at,
                            start_end_schedule)
 from .engine import Engine, load_engine
@@ -46,31 +47,47 @@ def frame_seed(seed: int, index: int) -> int:
 class FramePlan:
     """What the loop needs besides the model: the sound, its slicing and the prompt schedule.
 
-    ``samples`` is mono float32 at 44.1 kHz; ``schedule`` a list of (seconds, prompt)."""
+    ``audio`` is the sound file and ``n_samples`` its length in mono 44.1 kHz samples;
+    ``schedule`` a list of (seconds, prompt). The samples are read from the file as the frames
+    advance (:meth:`audio_slice`), so memory stays the same whatever the length of the sound."""
 
-    samples: np.ndarray
+    audio: Path
+    n_samples: int
     fps: float
     n_frames: int
     schedule: list[tuple[float, str]]
+    _slices: Iterator[np.ndarray] | None = field(default=None, repr=False)
+    _next_index: int = field(default=0, repr=False)
 
     def time_of(self, index: int) -> float:
         return index / self.fps
 
+    def audio_slice(self, index: int) -> np.ndarray:
+        """Frame ``index``'s samples, as ``audio.frame_slice`` cuts them from the whole sound.
+
+        Read in order from the file; asking for another frame than the next one reads anew."""
+        if self._slices is None or index != self._next_index:
+            blocks = sound_blocks(self.audio, warn_non_finite=False)  # plan_frames has warned
+            self._slices = stream_frame_slices(blocks, self.n_samples, self.fps, start=index)
+        self._next_index = index + 1
+        return next(self._slices)
+
 
 def plan_frames(args: argparse.Namespace) -> FramePlan:
-    samples = load_audio(args.audio)
-    n_frames = frame_count(len(samples), args.fps)
+    n_samples = sound_length(args.audio)  # decodes the sound once without keeping it; errors show here
+    n_frames = frame_count(n_samples, args.fps)
     if args.prompt_file:
         schedule = parse_prompt_file(args.prompt_file)
     else:
         schedule = start_end_schedule(args.textprompt, args.textpromptend, (n_frames - 1) / args.fps)
-    return FramePlan(samples=samples, fps=args.fps, n_frames=n_frames, schedule=schedule)
+    return FramePlan(audio=Path(args.audio), n_samples=n_samples, fps=args.fps, n_frames=n_frames,
+                     schedule=schedule)
 
 
 def frame_conditioning(engine: Engine, plan: FramePlan, index: int,
                        args: argparse.Namespace) -> tuple[torch.Tensor, float]:
     """Slice ``index``'s (77, D) conditioning and its RMS loudness."""
-    audio_slice = frame_slice(plan.samples, index, plan.fps)
+    audio_slice = plan.audio_slice(index)
     features = featurize(audio_slice, args.feature, dim=engine.context_dim)
     weights = prompt_weights_at(plan.schedule, plan.time_of(index))
     text_cond = blend_conditionings(weights, engine.text_conditioning) if weights else None
@@ -162,7 +179,7 @@ def sample_frames(engine: Engine, plan: FramePlan, args: argparse.Namespace, wri
 def render_settings(args: argparse.Namespace, engine: Engine, plan: FramePlan) -> dict:
     """The settings a resumed render must share with the first run."""
     settings = {name: getattr(args, name) for name in FRAME_SETTINGS}
-    settings.update(audio=str(Path(args.audio).resolve()), audio_samples=len(plan.samples),
+    settings.update(audio=str(Path(args.audio).resolve()), audio_samples=plan.n_samples,
                     n_frames=plan.n_frames, schedule=plan.schedule, checkpoint=engine.checkpoint,
                     checkpoint_hash=engine.checkpoint_hash,
                     init_img=_file_digest(args.init_img) if args.init_img else None)
