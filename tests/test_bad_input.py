@@ -20,8 +20,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, stderr_lines, write_sound
+from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, write_sound
 from sounddiffusion import engine as engine_module
+from sounddiffusion.conditioning import NORMALIZE_MODES, condition
+from sounddiffusion.features import FEATURES, featurize
+from sounddiffusion.video import probe_video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -123,6 +126,75 @@ def test_unreadable_sound_file(run_tool, tmp_path, image, outdir, monkeypatch, t
     monkeypatch.setattr(builtins, "open", open_denied)
     assert_refused(run_tool, tool, command(tool, path, image, outdir, *DEMO), outdir,
                    str(path), "permission denied", "chmod")
+
+
+# Odd sounds that must work.
+
+class FiniteSpy:
+    """Wraps the engine's sampling and decoding to check that every conditioning that goes in and
+    every latent that comes out is finite; counts the calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("txt2img", "img2img"):
+            monkeypatch.setattr(engine_module.Engine, name, self._checked(getattr(engine_module.Engine, name)))
+
+    def _checked(self, method):
+        def wrapper(engine, *args, **kwargs):
+            cond = args[1] if method.__name__ == "img2img" else args[0]
+            assert torch.isfinite(cond).all()
+            latents = method(engine, *args, **kwargs)
+            assert torch.isfinite(latents).all()
+            self.calls += 1
+            return latents
+        return wrapper
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    return engine_module.load_engine(demo=True)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_silence_gives_finite_conditioning_in_every_mode(demo_engine, feature):
+    """All zeros, as a whole sound and as one 1/24 s video frame: finite features and
+    conditionings for every normalization, with and without a text prompt."""
+    empty, text = demo_engine.text_conditioning(""), demo_engine.text_conditioning("a quiet room")
+    for silence in (np.zeros(44100, np.float32), np.zeros(1837, np.float32)):
+        features = featurize(silence, feature, dim=demo_engine.context_dim)
+        assert np.isfinite(features).all()
+        for mode in NORMALIZE_MODES:
+            for text_cond in (None, text):
+                cond = condition(features, mode=mode, text_cond=text_cond, empty_cond=empty, textstrength=0.5)
+                assert torch.isfinite(cond).all(), (feature, mode, text_cond is None)
+
+
+@pytest.mark.parametrize("tool", ["audio2img", "audio2video"])
+@pytest.mark.parametrize("kind", ["silent", "shorter than a frame"])
+def test_silent_or_very_short_sound_renders(run_tool, tmp_path, image, monkeypatch, tool, kind):
+    """1 s of digital silence, or 200 samples (less than one 1/24 s frame): a picture, or a video
+    with every frame and the sound, and finite numbers everywhere on the way."""
+    if kind == "silent":
+        sound, frames = write_sound(tmp_path / "quiet.wav", 1.0, kind="silence"), 24
+    else:
+        sound, frames = tmp_path / "blip.wav", 1
+        sf.write(sound, 0.5 * np.sin(np.arange(200) / 3), 44100)
+    spy = FiniteSpy(monkeypatch)
+    outdir = tmp_path / "out"
+    argv = command(tool, sound, image, outdir, *DEMO, "--feature", "melspectrogram")
+    if tool == "audio2video":
+        argv[argv.index("--fps") + 1] = 24
+        argv += ["--strength", "0.5"]  # 1 of the 2 steps: every frame samples
+    status, _, err = run_tool(tool, argv)
+    assert status == 0, err
+    if tool == "audio2img":
+        assert spy.calls == 1
+        picture = np.asarray(Image.open(outdir / sound.stem / "melspectrogram-00000.png"))
+        assert picture.shape == (64, 64, 3)
+    else:
+        assert spy.calls == frames
+        info = probe_video(outdir / f"{sound.stem}.mp4")
+        assert info["frames"] == frames and info["has_audio"]
 
 
 # ------------------------------------------------------------------------------------------ numbers
