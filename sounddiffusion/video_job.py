@@ -40,7 +40,7 @@ FRAME_SETTINGS = ("fps", "strength", "feature", "normalize", "textprompt", "text
 
 def frame_seed(seed: int, index: int) -> int:
     """The seed of frame ``index``'s noise: independent streams per frame, derived from ``seed``."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1, np.uint64)[0]) >> 1
 
 
 @dataclass
