@@ -138,7 +138,7 @@ class FrameWriter:
                 if frame_png is not None and not frame_png.exists():
                     save_png(rgb, frame_png, None)
                 self.render.add_frame(rgb, {"latent": latent.float().cpu().numpy()},
-                                      {"frame": index, "frames_dir": frame_png and str(self.frames_dir)})
+                                      {"frame": index, "frames_dir": str(self.frames_dir) if self.frames_dir else None})
                 if self.preview_frames and (index + 1) % self.preview_frames == 0:
                     self.render.write_preview(self.audio_path)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
