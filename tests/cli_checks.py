@@ -70,3 +70,13 @@ def decoded_frames(path: Path) -> np.ndarray:
     reader = imageio_ffmpeg.read_frames(str(path))
     width, height = next(reader)["size"]
     return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+
+
+def frames_done(state: Path) -> int:
+    """Finished frames of a running video render, from the checkpoint in its state folder
+    (``NAME.mp4.render``); 0 while there is none."""
+    try:
+        with np.load(state / "checkpoint.npz") as saved:
+            return int(saved["__frame_index__"]) + 1
+    except (OSError, ValueError, KeyError, EOFError):
+        return 0

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_checks import DEMO, assert_one_line_error, decoded_frames, snapshot, stderr_lines, write_sound
+from cli_checks import DEMO, assert_one_line_error, decoded_frames, frames_done, snapshot, stderr_lines, write_sound
 from sounddiffusion import engine as engine_module
 from sounddiffusion import images, video
 from sounddiffusion.video import probe_video
@@ -276,15 +276,6 @@ def test_existing_video_is_never_replaced(run_tool, tmp_path, sound):
 
 # ------------------------------------------------------------------------------------------ signals
 
-def _frames_done(state: Path) -> int:
-    """Finished frames of a running render, from its checkpoint (0 while there is none)."""
-    try:
-        with np.load(state / "checkpoint.npz") as saved:
-            return int(saved["__frame_index__"]) + 1
-    except (OSError, ValueError, KeyError, EOFError):
-        return 0
-
-
 def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path, reference_video):
     """Three real renders, stopped mid-way by Ctrl-C (SIGINT to the process group, as a terminal
     sends it), SIGTERM and SIGKILL. The first two say in one line how to go on; none leaves a file
@@ -303,7 +294,7 @@ def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path, r
         deadline = time.monotonic() + 240
         while waiting and time.monotonic() < deadline:
             for name, process in list(waiting.items()):
-                done = _frames_done(outputs[name].with_name("song.mp4.render"))
+                done = frames_done(outputs[name].with_name("song.mp4.render"))
                 assert process.poll() is None, f"{name}: the render ended before it was stopped"
                 if done >= 5:  # a finished segment (4 frames) and a frame in PNGs
                     os.killpg(process.pid, signals[name])

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli_checks import write_sound
+from cli_checks import DEMO, frames_done, write_sound
 from sounddiffusion.audio import (BLOCK_SAMPLES, frame_count, frame_slice, load_audio, sound_blocks,
                                   sound_length, stream_frame_slices)
 from sounddiffusion.video import probe_video
@@ -92,20 +92,11 @@ def _resident_mib(pid: int) -> float | None:
     return int(rss[0]) / 1024 if rss else None
 
 
-def _frames_done(state: Path) -> int:
-    """Finished frames of a running render, from its checkpoint (0 while there is none)."""
-    try:
-        with np.load(state / "checkpoint.npz") as saved:
-            return int(saved["__frame_index__"]) + 1
-    except (OSError, ValueError, KeyError, EOFError):
-        return 0
-
-
 def _watch_memory(pid: int, state: Path, samples: list[tuple[int, float]]) -> threading.Thread:
     """Record (frames finished, resident MiB) of a render every 0.1 s until it ends."""
     def watch():
         while (rss := _resident_mib(pid)) is not None:
-            samples.append((_frames_done(state), rss))
+            samples.append((frames_done(state), rss))
             time.sleep(0.1)
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -160,7 +151,7 @@ def test_folder_of_500_sounds_renders_to_the_end(run_tool, tmp_path):
 
 
 def test_ten_minute_sound_makes_an_image(run_tool, tmp_path, ten_minutes):
-    status, _, err = run_tool("audio2img", ["--prompt", ten_minutes, "--outdir", tmp_path / "out", "--feature", "melspectrogram",
-                                            "--demo", "--H", "64", "--W", "64", "--ddim_steps", "2"])
+    status, _, err = run_tool("audio2img", ["--prompt", ten_minutes, "--outdir", tmp_path / "out",
+                                            "--feature", "melspectrogram", *DEMO])
     assert status == 0, err
     assert (tmp_path / "out" / "long" / "melspectrogram-00000.png").is_file()
