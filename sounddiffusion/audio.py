@@ -67,9 +67,9 @@ def sound_length(path: str | Path, sr: int = SAMPLE_RATE) -> int:
 
 def sound_blocks(path: str | Path, sr: int = SAMPLE_RATE, *, warn_non_finite: bool = True
                  ) -> Iterator[np.ndarray]:
-    """The samples of :func:`load_audio` as consecutive mono float32 blocks of up to about
-    :data:`BLOCK_SAMPLES`, decoded (and resampled) only as they are asked for: a sound of any
-    length takes the same memory. Their concatenation equals ``load_audio(path, sr)`` exactly.
+    """The samples of :func:`load_audio` as consecutive mono float32 blocks, each from about
+    :data:`BLOCK_SAMPLES` samples of the file, decoded (and resampled) only as they are asked for:
+    a sound of any length takes the same memory. Their concatenation is ``load_audio(path, sr)``.
 
     The file is checked and opened at the first block; errors are those of :func:`load_audio`.
     With ``warn_non_finite`` the count of non-finite samples made silent is logged at the end.
@@ -156,20 +156,20 @@ def _decoded_blocks(path: Path, sr: int) -> Iterator[tuple[int, np.ndarray]]:
     except OSError as exc:
         raise AudioError(f"cannot read audio file {path} ({exc.strerror or exc}): "
                          f"check the disk and the file") from None
+    decoded = 0  # samples libsndfile has given
     with file:
         try:
-            sound = soundfile.SoundFile(file)
+            with soundfile.SoundFile(file) as sound:
+                for block in sound.blocks(BLOCK_SAMPLES, dtype="float32", always_2d=True):
+                    decoded += len(block)
+                    yield sound.samplerate, _mix_to_mono(block)
+                return
         except RuntimeError as exc:  # soundfile's errors; LibsndfileError carries libsndfile's own message
             reason = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
-        else:
-            with sound:
-                try:
-                    for block in sound.blocks(BLOCK_SAMPLES, dtype="float32", always_2d=True):
-                        yield sound.samplerate, _mix_to_mono(block)
-                except (RuntimeError, OSError) as exc:
-                    raise AudioError(f"cannot decode audio file {path} to the end ({exc}): the file is "
-                                     f"damaged; convert or export it again") from None
-            return
+            if decoded:
+                raise AudioError(f"cannot decode audio file {path} after {decoded} samples ({reason}): "
+                                 f"the file is damaged; convert or export it again") from None
+    # libsndfile cannot read it (M4A, WebM, ...): ffmpeg may.
     yield from _ffmpeg_blocks(path, sr, reason.strip().rstrip("."))
 
 
