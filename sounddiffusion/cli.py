@@ -59,7 +59,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--config --ckpt --demo --device --precision."""
+    """--config --ckpt --demo --device --precision --compile."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=DEFAULT_CONFIG,
                    help="model config (CompVis YAML format)")
@@ -74,6 +74,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp16 on CUDA, float32 elsewhere; full: float32; autocast: "
                         "mixed precision as upstream; fp16/bf16: half-precision weights")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the UNet with torch.compile: faster steps once the first one has "
+                        "compiled it (minutes; on a CPU it needs a C++ compiler); pays off for videos")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True) -> None:

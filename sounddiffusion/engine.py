@@ -322,16 +322,17 @@ class Engine:
 
 
 def load_engine(*, config: str | Path | None = None, ckpt: str | None = None, demo: bool = False,
-                device: str = "auto", precision: str = "auto") -> Engine:
+                device: str = "auto", precision: str = "auto", compile: bool = False) -> Engine:
     """Build the model once for a command line run.
 
     ``demo`` uses ``configs/stable-diffusion/v1-demo.yaml`` with deterministic random weights and
     ignores ``config``/``ckpt``. Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`
-    and loaded through ``ldm.util.load_model_from_config`` (no download, strict key checks)."""
+    and loaded through ``ldm.util.load_model_from_config`` (no download, strict key checks).
+    ``compile``: see :func:`engine_for_model`."""
     from ldm.util import load_model_from_config
 
     target = pick_device(device)
-    dtype = weight_dtype(precision, target)
+    weight_dtype(precision, target)  # a bad --precision fails before the model loads
     if demo:
         model = build_demo_model(load_config(DEMO_CONFIG))
         name, fingerprint = "demo", f"demo-{DEMO_SEED}"
@@ -341,6 +342,19 @@ def load_engine(*, config: str | Path | None = None, ckpt: str | None = None, de
         log.info("loading %s", path)
         model = load_model_from_config(model_config, str(path), device="cpu")
         name, fingerprint = path.name, checkpoint_fingerprint(path)
+    return engine_for_model(model, device=str(target), precision=precision, checkpoint=name,
+                            checkpoint_hash=fingerprint, compile=compile)
+
+
+def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision: str = "auto",
+                     checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False
+                     ) -> Engine:
+    """An :class:`Engine` around an already built ``LatentDiffusion`` (e.g. the benchmark's).
+
+    The weights are cast for ``precision`` and moved to ``device`` (the model is changed in place).
+    ``compile``: run the UNet through ``torch.compile`` (the first frames are slow while it compiles)."""
+    target = pick_device(device)
+    dtype = weight_dtype(precision, target)
     model = model.eval().requires_grad_(False).to(dtype=dtype)
     try:
         model = model.to(target)
@@ -353,5 +367,14 @@ def load_engine(*, config: str | Path | None = None, ckpt: str | None = None, de
     for buffer_name, buffer in model.named_buffers(recurse=False):
         if buffer.is_floating_point():
             setattr(model, buffer_name, buffer.float())
-    return Engine(model=model, device=target, precision=precision, checkpoint=name,
-                  checkpoint_hash=fingerprint)
+    if target.type == "cpu" and dtype == torch.float32:
+        # oneDNN weight layouts made once instead of at every call (ldm.modules.prepack)
+        from ldm.modules.prepack import prepack_weights
+
+        prepack_weights(model.model.diffusion_model)
+        prepack_weights(model.first_stage_model)
+    if compile:
+        unet = model.model.diffusion_model
+        unet.forward = torch.compile(unet.forward, dynamic=False)
+    return Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
+                  checkpoint_hash=checkpoint_hash)

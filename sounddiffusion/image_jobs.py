@@ -148,7 +148,7 @@ def run_txt2img(args: argparse.Namespace) -> list[Path]:
     # Inputs and the output folder are checked before the model loads: mistakes show at once.
     prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision)
+                         precision=args.precision, compile=args.compile)
     return _render_prompts(engine, args, prompts, outdir)
 
 
@@ -156,7 +156,7 @@ def run_img2img(args: argparse.Namespace) -> list[Path]:
     init = load_init_image(args.init_img, args.W, args.H)
     prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision)
+                         precision=args.precision, compile=args.compile)
     return _render_prompts(engine, args, prompts, outdir, init_latent=engine.encode_image(init[None]))
 
 
@@ -224,7 +224,7 @@ def run_audio2img(args: argparse.Namespace) -> list[Path]:
         raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
     outdir = ensure_output_dir(args.outdir)
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision)
+                         precision=args.precision, compile=args.compile)
     params = run_parameters(args, engine)
     written: list[Path] = []
     chunk: list[ImageSet] = []

@@ -202,7 +202,7 @@ def run_audio2video(args: argparse.Namespace) -> Path:
     path = requested_output(args)
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
     engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision)
+                         precision=args.precision, compile=args.compile)
     preview_frames = max(1, round(args.preview_every * args.fps)) if args.preview_every > 0 else 0
     render = VideoRender.open(path, fps=args.fps, width=args.W, height=args.H,
                               settings=render_settings(args, engine, plan), resume=args.resume,

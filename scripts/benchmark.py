@@ -1,0 +1,695 @@
+#!/usr/bin/env python
+"""Speed of an audio2video frame, measured three ways in one run on the same weights and settings.
+
+1. this project: ``Engine`` + ``sounddiffusion.video_job.sample_frames`` (the render loop itself:
+   latent chain, cached text conditionings, decoding in the writer thread);
+2. the upstream flow: every frame decoded, written as PNG, read back and encoded again by the VAE,
+   the text conditionings recomputed every frame, DDIM, einsum attention, in ``--precision
+   autocast`` (bfloat16 on a CPU, float16 on CUDA) and ``full``;
+3. diffusers' ``StableDiffusionImg2ImgPipeline`` built from the same weights (converted here to
+   diffusers' layout), the conditioning passed as ``prompt_embeds``, DDIM, same steps, strength
+   and guidance; the previous frame's latents are its ``image`` (no re-encoding, as for us) and
+   every frame is decoded to a picture.
+
+Every way starts from the same picture and runs 1 warm-up frame, then the timed frames. The model
+is the full-size SD v1 architecture (configs/stable-diffusion/v1-inference.yaml) with random
+weights: nothing is downloaded, and the time of a frame does not depend on the values.
+
+    python scripts/benchmark.py --device cpu --quick     # 128x128, 20 steps x 0.5, 2 frames
+    python scripts/benchmark.py --device cpu             # 256x256, 50 steps x 0.5, 3 frames
+    python scripts/benchmark.py --device cuda            # 512x512 fp16, 50 steps x 0.5, 20 frames
+
+Prints a markdown table (also written to docs/benchmark-<mode>.md, or --out) whose last line is
+``ratio_vs_diffusers=X ratio_vs_upstream=Y``: their seconds per frame divided by ours (upstream
+in its faster precision). Needs diffusers (requirements-bench.txt) for way 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ldm.modules.attention import set_attention_backend  # noqa: E402
+from ldm.modules.diffusionmodules.openaimodel import attention_heads  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+SOUND = REPO / "examples" / "audio" / "chords.wav"
+PROMPT = "a neon city at night, synthwave"
+FPS = 12
+
+# (size, steps, strength, timed frames) of each mode; guidance 7.5 and batch 1 everywhere.
+MODES = {
+    "cpu": dict(size=256, steps=50, frames=3),
+    "cpu-quick": dict(size=128, steps=20, frames=2),
+    "cuda": dict(size=512, steps=50, frames=20),
+    "cuda-quick": dict(size=512, steps=50, frames=4),
+}
+WAYS = ("ours", "upstream-autocast", "upstream-full", "diffusers")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def build_weights(config_path: Path = FULL_CONFIG) -> tuple[torch.nn.Module, object]:
+    """The full-size SD v1 ``LatentDiffusion`` with the engine's deterministic random weights, on
+    the CPU in float32, and its config."""
+    from sounddiffusion.engine import build_demo_model, load_config
+
+    config = load_config(config_path)
+    return build_demo_model(config).eval().requires_grad_(False), config
+
+
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree over the same weight storage (no copy of the values).
+
+    Its Parameters are new objects, so casting or moving one tree leaves the other as it is."""
+    memo = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+# ----------------------------------------------------------------------------- CompVis -> diffusers
+
+UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
+VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _levels_with_attention(unet_params) -> list[bool]:
+    """For each level of ``channel_mult``: whether its blocks hold a transformer."""
+    return [2 ** level in unet_params["attention_resolutions"] for level in range(len(unet_params["channel_mult"]))]
+
+
+def diffusers_unet_config(unet_params) -> dict:
+    """``UNet2DConditionModel`` arguments for a CompVis ``UNetModel`` config (its ``params``)."""
+    p = dict(unet_params)
+    if not p.get("use_spatial_transformer"):
+        raise ValueError("only UNets with use_spatial_transformer (SD v1) convert to diffusers here")
+    channels = [p["model_channels"] * m for m in p["channel_mult"]]
+    attention = _levels_with_attention(p)
+    heads = [attention_heads(ch, p.get("num_heads", -1), p.get("num_head_channels", -1), p.get("legacy", True),
+                             True)[0] for ch in channels]
+    return dict(
+        sample_size=p.get("image_size", 32), in_channels=p["in_channels"], out_channels=p["out_channels"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        block_out_channels=tuple(channels), layers_per_block=p["num_res_blocks"],
+        cross_attention_dim=p["context_dim"], attention_head_dim=tuple(heads),
+        transformer_layers_per_block=p.get("transformer_depth", 1), use_linear_projection=False,
+        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5, act_fn="silu")
+
+
+def unet_key_map(unet_params) -> dict[str, str]:
+    """CompVis UNet module paths -> diffusers ``UNet2DConditionModel`` module paths."""
+    levels, per_level = len(unet_params["channel_mult"]), unet_params["num_res_blocks"]
+    attention = _levels_with_attention(unet_params)
+    names = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+             "middle_block.2": "mid_block.resnets.1"}
+    block = 1
+    for level in range(levels):
+        for j in range(per_level):
+            names[f"input_blocks.{block}.0"] = f"down_blocks.{level}.resnets.{j}"
+            names[f"input_blocks.{block}.1"] = f"down_blocks.{level}.attentions.{j}"
+            block += 1
+        if level != levels - 1:
+            names[f"input_blocks.{block}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+            block += 1
+    block = 0
+    for up in range(levels):  # up block 0 is the deepest level
+        has_attention = attention[levels - 1 - up]
+        for j in range(per_level + 1):
+            names[f"output_blocks.{block}.0"] = f"up_blocks.{up}.resnets.{j}"
+            if has_attention:
+                names[f"output_blocks.{block}.1"] = f"up_blocks.{up}.attentions.{j}"
+            if j == per_level and up != levels - 1:
+                names[f"output_blocks.{block}.{2 if has_attention else 1}.conv"] = f"up_blocks.{up}.upsamplers.0.conv"
+            block += 1
+    return names
+
+
+def vae_key_map(ddconfig) -> dict[str, str]:
+    """CompVis ``AutoencoderKL`` module paths -> diffusers ``AutoencoderKL`` module paths."""
+    if ddconfig.get("attn_resolutions"):
+        raise ValueError("autoencoders with attention outside the middle block do not convert to diffusers")
+    levels, per_level = len(ddconfig["ch_mult"]), ddconfig["num_res_blocks"]
+    names = {}
+    for side in ("encoder", "decoder"):
+        names.update({f"{side}.norm_out": f"{side}.conv_norm_out",
+                      f"{side}.mid.block_1": f"{side}.mid_block.resnets.0",
+                      f"{side}.mid.attn_1": f"{side}.mid_block.attentions.0",
+                      f"{side}.mid.block_2": f"{side}.mid_block.resnets.1"})
+    for level in range(levels):
+        for j in range(per_level):
+            names[f"encoder.down.{level}.block.{j}"] = f"encoder.down_blocks.{level}.resnets.{j}"
+        names[f"encoder.down.{level}.downsample.conv"] = f"encoder.down_blocks.{level}.downsamplers.0.conv"
+        up = levels - 1 - level  # diffusers numbers the decoder's blocks in the order they run
+        for j in range(per_level + 1):
+            names[f"decoder.up.{level}.block.{j}"] = f"decoder.up_blocks.{up}.resnets.{j}"
+        names[f"decoder.up.{level}.upsample.conv"] = f"decoder.up_blocks.{up}.upsamplers.0.conv"
+    return names
+
+
+def _rename(key: str, names: dict[str, str]) -> tuple[str, str]:
+    """(new key, the diffusers module path it was mapped to) for the longest matching module path."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in names:
+            return ".".join([names[prefix], *parts[cut:]]), names[prefix]
+    return key, ""
+
+
+def _rename_inside(key: str, module: str, inner: dict[str, str]) -> str:
+    rest = key[len(module) + 1:] if module else key
+    for old, new in inner.items():
+        if rest == old or rest.startswith(old + "."):
+            return f"{module}.{new}{rest[len(old):]}" if module else new + rest[len(old):]
+    return key
+
+
+def unet_to_diffusers(state_dict: dict[str, torch.Tensor], unet_params) -> dict[str, torch.Tensor]:
+    """A CompVis UNet state dict (keys without ``model.diffusion_model.``) in diffusers' layout.
+
+    The tensors are the same objects (no copy)."""
+    names, out = unet_key_map(unet_params), {}
+    for key, value in state_dict.items():
+        new, module = _rename(key, names)
+        if ".resnets." in module:
+            new = _rename_inside(new, module, UNET_RESNET)
+        out[new] = value
+    return out
+
+
+def vae_to_diffusers(state_dict: dict[str, torch.Tensor], ddconfig) -> dict[str, torch.Tensor]:
+    """A CompVis autoencoder state dict (keys without ``first_stage_model.``) in diffusers' layout.
+
+    The middle attention's 1x1 convolutions become linear layers: (C, C, 1, 1) -> (C, C) views."""
+    names, out = vae_key_map(ddconfig), {}
+    for key, value in state_dict.items():
+        new, module = _rename(key, names)
+        if ".resnets." in module:
+            new = _rename_inside(new, module, VAE_RESNET)
+        elif ".attentions." in module:
+            new = _rename_inside(new, module, VAE_ATTENTION)
+            if value.ndim == 4:
+                value = value.flatten(1)
+        out[new] = value
+    return out
+
+
+def diffusers_vae_config(first_stage_params, scale_factor: float) -> dict:
+    dd = first_stage_params["ddconfig"]
+    levels = len(dd["ch_mult"])
+    return dict(in_channels=dd["in_channels"], out_channels=dd["out_ch"],
+                down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]), layers_per_block=dd["num_res_blocks"],
+                latent_channels=dd["z_channels"], norm_num_groups=32, sample_size=dd["resolution"],
+                scaling_factor=scale_factor, force_upcast=False)
+
+
+def _load_assigned(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``module`` (built on the meta device) holding ``state_dict``'s tensors; every key must fit."""
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"no weights for {left[:5]}")
+    return module.eval().requires_grad_(False)
+
+
+def diffusers_unet(model, config):
+    """diffusers' ``UNet2DConditionModel`` over ``model``'s UNet weights (shared, not copied)."""
+    from diffusers import UNet2DConditionModel
+
+    params = config.model.params.unet_config.params
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_unet_config(params))
+    return _load_assigned(unet, unet_to_diffusers(model.model.diffusion_model.state_dict(), params))
+
+
+def diffusers_vae(model, config):
+    """diffusers' ``AutoencoderKL`` over ``model``'s autoencoder weights (shared, not copied)."""
+    from diffusers import AutoencoderKL
+
+    params = config.model.params.first_stage_config.params
+    with torch.device("meta"):
+        vae = AutoencoderKL(**diffusers_vae_config(params, float(model.scale_factor)))
+    return _load_assigned(vae, vae_to_diffusers(model.first_stage_model.state_dict(), params["ddconfig"]))
+
+
+def diffusers_ddim(model):
+    """diffusers' DDIM scheduler with the model's noise schedule and CompVis's timesteps (1, 21, ...)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
+                         beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class PeakMemory:
+    """Peak memory of the process while a way runs: resident set (VmHWM, reset through
+    /proc/self/clear_refs) on a CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.note = "max allocated" if device.type == "cuda" else "peak RSS"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.note = "peak RSS since start"  # the kernel keeps a lifetime peak only
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        status = Path("/proc/self/status")
+        if status.exists():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Result:
+    way: str
+    precision: str
+    seconds: list[float] = field(default_factory=list)  # per timed frame (ours: the block / frames)
+    peak_bytes: int = 0
+    cpu_seconds: float = 0.0  # process CPU time per timed frame
+
+    @property
+    def s_per_frame(self) -> float:
+        return sum(self.seconds) / len(self.seconds)
+
+
+class NullRender:
+    """Stands in for ``video.VideoRender`` behind the FrameWriter: takes the frames, keeps the last."""
+
+    def __init__(self):
+        self.frames = 0
+        self.last: np.ndarray | None = None
+
+    def add_frame(self, rgb, arrays, extra) -> None:
+        self.frames += 1
+        self.last = rgb
+
+    def write_preview(self, audio_path) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- the three ways
+
+@dataclass
+class Job:
+    """What every way renders: frames ``first`` .. ``first + warmup + frames - 1`` of SOUND.
+
+    The warm-up frames run every code path at the job's sizes (one-time costs: allocations,
+    oneDNN primitives and packed weights, compilation) with a single denoising step each."""
+
+    device: torch.device
+    size: int
+    steps: int
+    strength: float
+    scale: float
+    frames: int
+    seed: int
+    init_rgb: np.ndarray  # (size, size, 3) uint8: the picture before the first frame
+    warmup: int = 1
+    first: int = 1  # frame 0 would be txt2img in a render; every benchmarked frame is img2img
+
+    @property
+    def t_enc(self) -> int:
+        return int(self.strength * self.steps)
+
+    @property
+    def warmup_strength(self) -> float:
+        """The strength that makes ``int(strength * steps)`` one step."""
+        return 1.5 / self.steps
+
+    def indices(self):
+        """(warm-up frame indices, timed frame indices)."""
+        start = self.first + self.warmup
+        return range(self.first, start), range(start, start + self.frames)
+
+
+def audio2video_args(job: Job, strength: float):
+    """audio2video.py's own argument namespace for the job (its defaults for everything else)."""
+    import audio2video
+
+    argv = ["--path", str(SOUND), "--fps", str(FPS), "--strength", str(strength), "--ddim",
+            "--ddim_steps", str(job.steps), "--scale", str(job.scale), "--H", str(job.size),
+            "--W", str(job.size), "--textprompt", PROMPT, "--seed", str(job.seed), "--device", job.device.type]
+    return audio2video.build_parser().parse_args(argv)
+
+
+def run_ours(model, job: Job, compile: bool, memory: PeakMemory) -> Result:
+    """This project's loop: Engine + video_job.sample_frames with the real FrameWriter."""
+    from sounddiffusion.engine import engine_for_model
+    from sounddiffusion.video_job import FrameWriter, plan_frames, sample_frames
+
+    args = audio2video_args(job, job.strength)
+    engine = engine_for_model(sharing_copy(model), device=str(job.device), precision="auto", compile=compile)
+    plan = plan_frames(args)
+    warmup, timed = job.indices()
+    result = Result("this project (Engine + video_job.sample_frames)", _dtype_name(engine.dtype))
+
+    def block(indices, latent, args):
+        writer = FrameWriter(engine, NullRender(), frames_dir=None, preview_frames=0, audio_path=str(SOUND))
+        latent = sample_frames(engine, plan, args, writer, start=indices.start, stop=indices.stop, latent=latent)
+        writer.close()
+        synchronize(job.device)
+        return latent
+
+    latent = block(warmup, engine.encode_image(job.init_rgb[None]), audio2video_args(job, job.warmup_strength))
+    memory.reset()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    block(timed, latent, args)
+    elapsed = time.perf_counter() - t0
+    result.cpu_seconds = (time.process_time() - cpu0) / job.frames
+    result.seconds = [elapsed / job.frames] * job.frames
+    result.peak_bytes = memory.peak()
+    del engine
+    return result
+
+
+def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: Path) -> Result:
+    """The upstream flow, frame by frame as its img2img did it (see the module docstring)."""
+    from PIL import Image
+
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from sounddiffusion.audio import frame_slice, load_audio
+    from sounddiffusion.conditioning import condition
+    from sounddiffusion.features import featurize
+
+    args = audio2video_args(job, job.strength)
+    samples = load_audio(SOUND)
+    model = sharing_copy(model).to(job.device)
+    set_attention_backend(model, "einsum")
+    # As upstream loaded it: the UNet's weights require grad (only the autoencoder and CLIP are
+    # frozen), so within a frame's autocast region each weight is cast to half precision once
+    # and cached, not at every step.
+    model.model.requires_grad_(True)
+    sampler = DDIMSampler(model)
+    dtype = torch.float16 if job.device.type == "cuda" else torch.bfloat16
+    scope = (lambda: torch.autocast(job.device.type, dtype=dtype)) if precision == "autocast" else contextlib.nullcontext
+    torch.manual_seed(job.seed)
+    previous = workdir / "upstream-init.png"
+    Image.fromarray(job.init_rgb).save(previous)
+
+    def frame(index: int, t_enc: int) -> Path:
+        with torch.no_grad(), scope():
+            rgb = np.asarray(Image.open(previous).convert("RGB"), dtype=np.float32) / 255.0
+            image = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(job.device) * 2.0 - 1.0
+            init_latent = model.get_first_stage_encoding(model.encode_first_stage(image))
+            uc = model.get_learned_conditioning([""])
+            c_text = model.get_learned_conditioning([PROMPT])
+            features = featurize(frame_slice(samples, index, FPS), args.feature, dim=uc.shape[-1])
+            c = condition(features, mode=args.normalize, text_cond=c_text[0], empty_cond=uc[0],
+                          textstrength=args.textstrength)[None]
+            sampler.make_schedule(ddim_num_steps=job.steps, ddim_eta=0.0, verbose=False)
+            z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc], device=job.device))
+            latent = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=job.scale,
+                                    unconditional_conditioning=uc)
+            x = torch.clamp((model.decode_first_stage(latent) + 1.0) / 2.0, 0.0, 1.0)
+            picture = (255.0 * x[0].permute(1, 2, 0).float().cpu().numpy()).astype(np.uint8)
+        path = workdir / f"upstream-{precision}-{index:05d}.png"
+        Image.fromarray(picture).save(path)
+        return path
+
+    warmup, timed = job.indices()
+    for index in warmup:
+        previous = frame(index, 1)
+    synchronize(job.device)
+    result = Result(f"upstream flow (PNG round trip, text re-encoded, einsum)", precision_label(precision, job))
+    memory.reset()
+    cpu0 = time.process_time()
+    for index in timed:
+        t0 = time.perf_counter()
+        previous = frame(index, job.t_enc)
+        synchronize(job.device)
+        result.seconds.append(time.perf_counter() - t0)
+    result.cpu_seconds = (time.process_time() - cpu0) / job.frames
+    result.peak_bytes = memory.peak()
+    del model, sampler
+    return result
+
+
+def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
+    """diffusers' img2img pipeline over the same weights, the previous frame's latents as its image."""
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from sounddiffusion.engine import weight_dtype
+    from sounddiffusion.audio import frame_slice, load_audio
+    from sounddiffusion.conditioning import condition
+    from sounddiffusion.features import featurize
+
+    args = audio2video_args(job, job.strength)
+    samples = load_audio(SOUND)
+    dtype = weight_dtype("auto", job.device)
+    unet = diffusers_unet(model, config).to(job.device, dtype)
+    vae = diffusers_vae(model, config).to(job.device, dtype)
+    # The prompt is encoded once, with the same CLIP weights, as a diffusers user passing
+    # prompt_embeds would; the pipeline itself then needs neither text encoder nor tokenizer.
+    with torch.no_grad():
+        empty = model.get_learned_conditioning([""])[0].float()
+        text = model.get_learned_conditioning([PROMPT])[0].float()
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                          scheduler=diffusers_ddim(model), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    negative = empty[None].to(job.device, dtype)
+    with torch.no_grad():
+        pixels = torch.from_numpy(job.init_rgb).permute(2, 0, 1)[None].to(job.device, dtype) / 127.5 - 1.0
+        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+
+    def frame(index: int, latents: torch.Tensor, strength: float) -> tuple[torch.Tensor, np.ndarray]:
+        features = featurize(frame_slice(samples, index, FPS), args.feature, dim=empty.shape[-1])
+        cond = condition(features, mode=args.normalize, text_cond=text, empty_cond=empty,
+                         textstrength=args.textstrength)
+        generator = torch.Generator().manual_seed(job.seed + index)
+        latents = pipe(prompt_embeds=cond[None].to(job.device, dtype), negative_prompt_embeds=negative,
+                       image=latents, strength=strength, num_inference_steps=job.steps,
+                       guidance_scale=job.scale, eta=0.0, generator=generator, output_type="latent").images
+        with torch.no_grad():
+            decoded = vae.decode(latents / vae.config.scaling_factor).sample
+        picture = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+        return latents, picture
+
+    warmup, timed = job.indices()
+    for index in warmup:
+        latents, _ = frame(index, latents, job.warmup_strength)
+    synchronize(job.device)
+    result = Result(f"diffusers {diffusers.__version__} StableDiffusionImg2ImgPipeline", _dtype_name(dtype))
+    memory.reset()
+    cpu0 = time.process_time()
+    for index in timed:
+        t0 = time.perf_counter()
+        latents, _ = frame(index, latents, job.strength)
+        synchronize(job.device)
+        result.seconds.append(time.perf_counter() - t0)
+    result.cpu_seconds = (time.process_time() - cpu0) / job.frames
+    result.peak_bytes = memory.peak()
+    del pipe, unet, vae
+    return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "full (float32)", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+
+
+def precision_label(precision: str, job: Job) -> str:
+    if precision == "full":
+        return "full (float32)"
+    return "autocast (float16)" if job.device.type == "cuda" else "autocast (bfloat16)"
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine_description(device: torch.device) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text)
+    lines = [f"CPU: {cpu}, {os.cpu_count()} cores ({flags}); torch threads: {torch.get_num_threads()}",
+             f"Software: Python {platform.python_version()}, torch {torch.__version__}, "
+             f"{_diffusers_version()}, {platform.system()} {platform.release()}"]
+    if device.type == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
+    return lines
+
+
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+    except ImportError:
+        return "diffusers not installed"
+    return f"diffusers {diffusers.__version__}"
+
+
+def ratio_line(results: dict[str, Result]) -> str:
+    ours = results.get("ours")
+
+    def ratio(keys):
+        theirs = [results[k].s_per_frame for k in keys if k in results]
+        if ours is None or not theirs:
+            return "n/a"
+        return f"{min(theirs) / ours.s_per_frame:.2f}"
+
+    return (f"ratio_vs_diffusers={ratio(['diffusers'])} "
+            f"ratio_vs_upstream={ratio(['upstream-autocast', 'upstream-full'])}")
+
+
+def report(results: dict[str, Result], job: Job, mode: str, memory_note: str, command: str,
+           started: datetime.datetime, extra: list[str], model_name: str) -> str:
+    per_frame = job.t_enc
+    lines = [f"# audio2video frame speed: {mode}", "",
+             f"- Date: {started:%Y-%m-%d %H:%M} UTC",
+             f"- Command: `{command}`",
+             *[f"- {line}" for line in machine_description(job.device)],
+             f"- Work: {model_name} with random weights, {job.size}x{job.size}, "
+             f"{job.steps} steps x strength {job.strength} = {per_frame} denoising steps per frame "
+             f"(DDIM, eta 0), guidance {job.scale} (conditional and unconditional in one batch of 2), "
+             f"batch 1; {job.warmup} warm-up frame (1 denoising step) then {job.frames} timed frames "
+             f"per way; sound "
+             f"{SOUND.relative_to(REPO)} at {FPS} fps, fft features, prompt mixed in.",
+             *[f"- {line}" for line in extra],
+             "",
+             f"| way | precision | s/frame | frames/s | CPU s/frame | {memory_note} (GiB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for result in results.values():
+        lines.append(f"| {result.way} | {result.precision} | {result.s_per_frame:.2f} | "
+                     f"{1 / result.s_per_frame:.3f} | {result.cpu_seconds:.1f} | {result.peak_bytes / 2**30:.2f} |")
+    lines += ["", "s/frame: wall-clock seconds per timed frame (ours: the whole block of frames, including "
+              "its writer thread finishing, divided by their number). CPU s/frame: process CPU time "
+              "(all threads) per frame. Memory: the process's peak while the way ran; the weights "
+              "every way uses are resident throughout.", "", ratio_line(results)]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU: 128x128, 20 steps x 0.5, 2 frames (< 10 min on 2 cores); CUDA: 4 frames")
+    parser.add_argument("--frames", type=int, default=None, help="timed frames per way (default: by mode)")
+    parser.add_argument("--size", type=int, default=None, help="picture side in pixels (default: by mode)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps before strength (default: by mode)")
+    parser.add_argument("--strength", type=float, default=0.5)
+    parser.add_argument("--scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our UNet (as audio2video --compile)")
+    parser.add_argument("--config", default=str(FULL_CONFIG.relative_to(REPO)),
+                        help="model config, filled with random weights (smaller ones are for tests)")
+    parser.add_argument("--out", default=None, help="markdown file (default: docs/benchmark-<mode>.md)")
+    return parser.parse_args(argv)
+
+
+def init_picture(size: int, seed: int) -> np.ndarray:
+    """A smooth colourful (size, size, 3) uint8 picture to start every way from."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    channels = [0.5 + 0.5 * np.sin(2 * np.pi * (x * (k + 1) + y * (2 - k)) + phases[k]) for k in range(3)]
+    return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("transformers", "diffusers", "pytorch_lightning", "sounddiffusion"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmark.py: error: --device cuda, but PyTorch sees no CUDA GPU here", file=sys.stderr)
+        return 2
+    mode = args.device + ("-quick" if args.quick else "")
+    settings = MODES[mode]
+    ways = [w for w in args.ways.split(",") if w]
+    unknown = sorted(set(ways) - set(WAYS))
+    if unknown:
+        print(f"benchmark.py: error: unknown ways {unknown}: use {','.join(WAYS)}", file=sys.stderr)
+        return 2
+    size = args.size or settings["size"]
+    job = Job(device=torch.device(args.device), size=size, steps=args.steps or settings["steps"],
+              strength=args.strength, scale=args.scale, frames=args.frames or settings["frames"],
+              seed=args.seed, init_rgb=init_picture(size, args.seed))
+    memory = PeakMemory(job.device)
+    log.info("building the full-size model with random weights ...")
+    model, config = build_weights(REPO / args.config)
+    extra = [f"RSS after building the weights: {memory.peak() / 2**30:.2f} GiB"] if job.device.type == "cpu" else []
+    if args.compile:
+        extra.append("ours: UNet through torch.compile (compiled during the warm-up frame)")
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="sd-benchmark-") as workdir:
+        for way in ways:
+            log.info("running %s ...", way)
+            gc.collect()
+            if way == "ours":
+                results[way] = run_ours(model, job, args.compile, memory)
+            elif way.startswith("upstream-"):
+                results[way] = run_upstream(model, job, way.split("-", 1)[1], memory, Path(workdir))
+            else:
+                results[way] = run_diffusers(model, config, job, memory)
+            log.info("  %.2f s/frame", results[way].s_per_frame)
+            if job.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+    command = "python " + " ".join(shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *(argv or sys.argv[1:])])
+    model_name = "full-size SD v1" if Path(args.config).name == FULL_CONFIG.name else args.config
+    text = report(results, job, mode, memory.note, command, started, extra, f"{model_name} ({Path(args.config).name})")
+    out = Path(args.out) if args.out else REPO / "docs" / f"benchmark-{mode}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

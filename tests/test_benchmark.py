@@ -1,0 +1,110 @@
+"""scripts/benchmark.py: its CompVis -> diffusers conversion reproduces our model's outputs, and a
+run on the tiny model writes the table and the ratio line."""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.models.diffusion.ddim import make_ddim_schedule
+from ldm.util import load_model_from_config
+
+pytest.importorskip("diffusers", reason="diffusers is a benchmark-only dependency: pip install -r requirements-bench.txt")
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4  # relative to 1 + max|ours|, as the reference README's single-pass tolerance
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    config = OmegaConf.load(tiny_dir / "config.yaml")
+    model = load_model_from_config(config, str(tiny_dir / "model.safetensors"))
+    return model.eval(), config
+
+
+def assert_close(name, theirs, ours):
+    err = float((theirs.float() - ours.float()).abs().max()) / (1 + float(ours.abs().max()))
+    assert err <= TOL, f"{name}: relative difference {err:.2e} > {TOL:.0e}"
+
+
+@torch.no_grad()
+def test_diffusers_unet_predicts_our_noise(bench, tiny):
+    model, config = tiny
+    unet = bench.diffusers_unet(model, config)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=generator)
+    t = torch.tensor([10, 500])
+    context = torch.randn(2, 77, 32, generator=generator)
+    ours = model.apply_model(x, t, context)
+    assert_close("unet eps", unet(x, t, encoder_hidden_states=context).sample, ours)
+    # the conversion shares the weights: no second copy of the UNet
+    assert unet.conv_in.weight.data_ptr() == model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()
+
+
+@torch.no_grad()
+def test_diffusers_vae_encodes_and_decodes_as_ours(bench, tiny):
+    model, config = tiny
+    vae = bench.diffusers_vae(model, config)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ours = model.encode_first_stage(image)
+    theirs = vae.encode(image).latent_dist
+    assert_close("vae mean", theirs.mean, ours.mean)
+    assert_close("vae std", theirs.std, ours.std)
+    latent = model.scale_factor * ours.mean
+    assert_close("vae decode", vae.decode(latent / vae.config.scaling_factor).sample, model.decode_first_stage(latent))
+
+
+def test_diffusers_ddim_visits_our_timesteps(bench, tiny):
+    model, _ = tiny
+    scheduler = bench.diffusers_ddim(model)
+    scheduler.set_timesteps(50)
+    ours = make_ddim_schedule(model.alphas_cumprod, 50, verbose=False)
+    assert scheduler.timesteps.tolist() == ours.timesteps[::-1].tolist()
+    assert_close("alphas_cumprod", scheduler.alphas_cumprod, model.alphas_cumprod)
+
+
+def test_key_maps_cover_the_full_size_layout(bench):
+    """Every full-size SD v1 UNet and VAE key lands on a diffusers module path."""
+    config = OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml").model.params
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from ldm.util import instantiate_from_config
+
+    with torch.device("meta"):
+        ours_unet = instantiate_from_config(config.unet_config)
+        ours_vae = instantiate_from_config(config.first_stage_config)
+        unet = UNet2DConditionModel(**bench.diffusers_unet_config(config.unet_config.params))
+        vae = AutoencoderKL(**bench.diffusers_vae_config(config.first_stage_config.params, 0.18215))
+    for theirs, converted in ((unet, bench.unet_to_diffusers(ours_unet.state_dict(), config.unet_config.params)),
+                              (vae, bench.vae_to_diffusers(ours_vae.state_dict(), config.first_stage_config.params.ddconfig))):
+        expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+def test_tiny_run_writes_table_and_ratio_line(bench, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    status = bench.main(["--device", "cpu", "--quick", "--config", str(tiny_dir / "config.yaml"), "--size", "64",
+                         "--steps", "4", "--frames", "1", "--out", str(out)])
+    assert status == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| way")]
+    assert len(rows) == 5  # the separator and the four ways
+    for row in rows[1:]:
+        seconds = float(row.split("|")[3])
+        assert seconds > 0
+    last = text.strip().splitlines()[-1]
+    match = re.fullmatch(r"ratio_vs_diffusers=(\d+\.\d+) ratio_vs_upstream=(\d+\.\d+)", last)
+    assert match, last
+    assert all(float(x) > 0 for x in match.groups())
