@@ -11,9 +11,15 @@
    and guidance; the previous frame's latents are its ``image`` (no re-encoding, as for us) and
    every frame is decoded to a picture.
 
-Every way starts from the same picture and runs 1 warm-up frame, then the timed frames. The model
-is the full-size SD v1 architecture (configs/stable-diffusion/v1-inference.yaml) with random
-weights: nothing is downloaded, and the time of a frame does not depend on the values.
+Every way starts from the same picture and runs 1 warm-up frame (one denoising step, every code
+path at full size), then the timed frames. The model is the full-size SD v1 architecture
+(configs/stable-diffusion/v1-inference.yaml) with random weights: nothing is downloaded, and the
+time of a frame does not depend on the values.
+
+On a CPU without native bfloat16 (no AVX-512 BF16 / AMX), PyTorch runs autocast's bfloat16
+convolutions on a slow reference path: upstream-autocast then takes the better part of an hour per
+256x256 frame, many times its float32 speed, so it is left out unless named in --ways (e.g.
+``--ways upstream-autocast --frames 1``); the ratio is then against upstream in full precision.
 
     python scripts/benchmark.py --device cpu --quick     # 128x128, 20 steps x 0.5, 2 frames
     python scripts/benchmark.py --device cpu             # 256x256, 50 steps x 0.5, 3 frames
@@ -623,12 +629,25 @@ def parse_args(argv=None):
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
+    parser.add_argument("--ways", default=None,
+                        help=f"comma-separated subset of {','.join(WAYS)} (default: all; on a CPU without "
+                             f"native bfloat16 all but upstream-autocast, see the module text)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our UNet (as audio2video --compile)")
     parser.add_argument("--config", default=str(FULL_CONFIG.relative_to(REPO)),
                         help="model config, filled with random weights (smaller ones are for tests)")
     parser.add_argument("--out", default=None, help="markdown file (default: docs/benchmark-<mode>.md)")
     return parser.parse_args(argv)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether autocast's bfloat16 convolutions run on oneDNN here (AVX-512 BF16 / AMX CPUs)."""
+    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def default_ways(device: torch.device) -> list[str]:
+    """All ways; on a CPU without native bfloat16, all but upstream-autocast, whose convolutions
+    then run on PyTorch's slow reference path (one 256x256 frame takes the better part of an hour)."""
+    return [w for w in WAYS if w != "upstream-autocast" or native_bfloat16(device)]
 
 
 def init_picture(size: int, seed: int) -> np.ndarray:
@@ -651,7 +670,7 @@ def main(argv=None) -> int:
         return 2
     mode = args.device + ("-quick" if args.quick else "")
     settings = MODES[mode]
-    ways = [w for w in args.ways.split(",") if w]
+    ways = default_ways(torch.device(args.device)) if args.ways is None else [w for w in args.ways.split(",") if w]
     unknown = sorted(set(ways) - set(WAYS))
     if unknown:
         print(f"benchmark.py: error: unknown ways {unknown}: use {','.join(WAYS)}", file=sys.stderr)
@@ -664,6 +683,9 @@ def main(argv=None) -> int:
     log.info("building the full-size model with random weights ...")
     model, config = build_weights(REPO / args.config)
     extra = [f"RSS after building the weights: {memory.peak() / 2**30:.2f} GiB"] if job.device.type == "cpu" else []
+    if "upstream-autocast" not in ways and args.ways is None:
+        extra.append("upstream-autocast not run: this CPU has no native bfloat16 (see the module text "
+                     "of scripts/benchmark.py); ratio_vs_upstream is against upstream in full precision")
     if args.compile:
         extra.append("ours: UNet through torch.compile (compiled during the warm-up frame)")
     results: dict[str, Result] = {}
