@@ -73,3 +73,14 @@ def test_engine_packs_on_cpu_and_keeps_the_reference_outputs(tiny_dir):
         decoded = engine.model.decode_first_stage(0.18215 * golden["vae_mean"])
     for ours, ref in ((eps, golden["unet_eps"]), (decoded, golden["vae_decoded"])):
         assert float((ours - ref).abs().max()) <= 1e-4 * (1 + float(ref.abs().max()))
+
+
+def test_engine_does_not_pack_without_the_memory_for_it(tiny_dir, monkeypatch):
+    from omegaconf import OmegaConf
+    from ldm.util import load_model_from_config
+    from sounddiffusion import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    model = load_model_from_config(OmegaConf.load(tiny_dir / "config.yaml"), str(tiny_dir / "model.safetensors"))
+    engine = engine_module.engine_for_model(model, device="cpu", precision="full")
+    assert type(engine.model.model.diffusion_model.input_blocks[0][0]) is nn.Conv2d

@@ -85,6 +85,12 @@ class PrepackedLinear(nn.Linear):
 _PREPACKED = {nn.Conv2d: PrepackedConv2d, nn.Linear: PrepackedLinear}
 
 
+def prepack_bytes(module: nn.Module) -> int:
+    """How much memory the packed copies of ``module``'s layers will take, in bytes."""
+    return sum(layer.weight.numel() * layer.weight.element_size()
+               for layer in module.modules() if type(layer) in _PREPACKED or type(layer) in _PREPACKED.values())
+
+
 def prepack_weights(module: nn.Module) -> int:
     """Turns every plain ``nn.Conv2d`` and ``nn.Linear`` inside ``module`` into its pre-packed
     variant, in place (same parameters, same state dict). Returns how many layers changed;
