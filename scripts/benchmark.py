@@ -17,17 +17,20 @@ path at full size), then the timed frames. The model is the full-size SD v1 arch
 time of a frame does not depend on the values.
 
 On a CPU without native bfloat16 (no AVX-512 BF16 / AMX), PyTorch runs autocast's bfloat16
-convolutions on a slow reference path: upstream-autocast then takes the better part of an hour per
-256x256 frame, many times its float32 speed, so it is left out unless named in --ways (e.g.
-``--ways upstream-autocast --frames 1``); the ratio is then against upstream in full precision.
+convolutions on its reference path (``_slow_conv2d_forward``): with torch 2.13 on a 2-core AVX2
+CPU, one VAE decode of a 128x128 picture took 479 s in autocast (all of it in that function).
+A frame of upstream-autocast then takes hours, so by default it is not rendered there; the
+benchmark measures one UNet evaluation in autocast and in float32 instead, which shows which
+precision is upstream's faster one (the ratio is against that one). ``--ways upstream-autocast``
+renders its frames anyway.
 
     python scripts/benchmark.py --device cpu --quick     # 128x128, 20 steps x 0.5, 2 frames
     python scripts/benchmark.py --device cpu             # 256x256, 50 steps x 0.5, 3 frames
     python scripts/benchmark.py --device cuda            # 512x512 fp16, 50 steps x 0.5, 20 frames
 
-Prints a markdown table (also written to docs/benchmark-<mode>.md, or --out) whose last line is
-``ratio_vs_diffusers=X ratio_vs_upstream=Y``: their seconds per frame divided by ours (upstream
-in its faster precision). Needs diffusers (requirements-bench.txt) for way 3.
+Prints a markdown table, also written to outputs/benchmark-<mode>-<UTC time>.md (or --out), whose
+last line is ``ratio_vs_diffusers=X ratio_vs_upstream=Y``: their seconds per frame divided by ours
+(upstream in its faster precision). Needs diffusers (requirements-bench.txt) for way 3.
 """
 
 from __future__ import annotations
@@ -410,7 +413,6 @@ def run_ours(model, job: Job, compile: bool, memory: PeakMemory) -> Result:
     result.cpu_seconds = (time.process_time() - cpu0) / job.frames
     result.seconds = [elapsed / job.frames] * job.frames
     result.peak_bytes = memory.peak()
-    del engine
     return result
 
 
@@ -462,7 +464,7 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
     for index in warmup:
         previous = frame(index, 1)
     synchronize(job.device)
-    result = Result(f"upstream flow (PNG round trip, text re-encoded, einsum)", precision_label(precision, job))
+    result = Result("upstream flow (PNG round trip, text re-encoded, einsum)", precision_label(precision, job))
     memory.reset()
     cpu0 = time.process_time()
     for index in timed:
@@ -472,7 +474,6 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
         result.seconds.append(time.perf_counter() - t0)
     result.cpu_seconds = (time.process_time() - cpu0) / job.frames
     result.peak_bytes = memory.peak()
-    del model, sampler
     return result
 
 
@@ -532,8 +533,48 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
         result.seconds.append(time.perf_counter() - t0)
     result.cpu_seconds = (time.process_time() - cpu0) / job.frames
     result.peak_bytes = memory.peak()
-    del pipe, unet, vae
     return result
+
+
+def probe_unet_precisions(model, job: Job) -> tuple[float, float]:
+    """Seconds of one UNet evaluation as upstream ran it (einsum attention, conditional and
+    unconditional in one batch of 2, at the job's latent size): (autocast bfloat16, float32),
+    each timed after one untimed call."""
+    unet = sharing_copy(model).model.to(job.device)
+    set_attention_backend(unet, "einsum")
+    generator = torch.Generator().manual_seed(job.seed)
+    latent = job.size // 8
+    x = torch.randn(2, 4, latent, latent, generator=generator).to(job.device)
+    t = torch.full((2,), 500, device=job.device)
+    with torch.no_grad():
+        context = model.get_learned_conditioning(["", PROMPT]).to(job.device)
+
+    def seconds(scope) -> float:
+        with torch.no_grad(), scope():
+            unet(x, t, c_crossattn=[context])
+            t0 = time.perf_counter()
+            unet(x, t, c_crossattn=[context])
+            synchronize(job.device)
+            return time.perf_counter() - t0
+
+    return (seconds(lambda: torch.autocast(job.device.type, dtype=torch.bfloat16)),
+            seconds(contextlib.nullcontext))
+
+
+def autocast_probe_note(autocast_s: float, full_s: float, job: Job, full: Result | None) -> str:
+    """The report line that stands for upstream-autocast's row on a CPU without native bfloat16."""
+    bound = autocast_s * job.t_enc
+    note = (f"upstream-autocast not rendered: this CPU has no native bfloat16, so PyTorch runs its "
+            f"bfloat16 convolutions on the reference path (see scripts/benchmark.py). Measured instead: "
+            f"one UNet evaluation (batch 2, {job.size}x{job.size}) took {autocast_s:.2f} s in autocast "
+            f"(bfloat16) and {full_s:.2f} s in float32, so the {job.t_enc} evaluations of a frame alone "
+            f"take {bound:.1f} s in autocast")
+    if full is not None:
+        slower = bound > full.s_per_frame
+        note += (f", {'more' if slower else 'less'} than upstream-full's whole frame ({full.s_per_frame:.1f} s): "
+                 + ("upstream's faster precision is full" if slower
+                    else "render it with --ways upstream-autocast to compare"))
+    return note + "."
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -604,10 +645,10 @@ def report(results: dict[str, Result], job: Job, mode: str, memory_note: str, co
              f"{SOUND.relative_to(REPO)} at {FPS} fps, fft features, prompt mixed in.",
              *[f"- {line}" for line in extra],
              "",
-             f"| way | precision | s/frame | frames/s | CPU s/frame | {memory_note} (GiB) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             f"| way | precision | timed frames | s/frame | frames/s | CPU s/frame | {memory_note} (GiB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for result in results.values():
-        lines.append(f"| {result.way} | {result.precision} | {result.s_per_frame:.2f} | "
+        lines.append(f"| {result.way} | {result.precision} | {len(result.seconds)} | {result.s_per_frame:.2f} | "
                      f"{1 / result.s_per_frame:.3f} | {result.cpu_seconds:.1f} | {result.peak_bytes / 2**30:.2f} |")
     lines += ["", "s/frame: wall-clock seconds per timed frame (ours: the whole block of frames, including "
               "its writer thread finishing, divided by their number). CPU s/frame: process CPU time "
@@ -631,23 +672,17 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--ways", default=None,
                         help=f"comma-separated subset of {','.join(WAYS)} (default: all; on a CPU without "
-                             f"native bfloat16 all but upstream-autocast, see the module text)")
+                             f"native bfloat16, upstream-autocast is measured by one UNet evaluation)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our UNet (as audio2video --compile)")
     parser.add_argument("--config", default=str(FULL_CONFIG.relative_to(REPO)),
                         help="model config, filled with random weights (smaller ones are for tests)")
-    parser.add_argument("--out", default=None, help="markdown file (default: docs/benchmark-<mode>.md)")
+    parser.add_argument("--out", default=None, help="markdown file (default: outputs/benchmark-<mode>-<UTC time>.md)")
     return parser.parse_args(argv)
 
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether autocast's bfloat16 convolutions run on oneDNN here (AVX-512 BF16 / AMX CPUs)."""
     return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def default_ways(device: torch.device) -> list[str]:
-    """All ways; on a CPU without native bfloat16, all but upstream-autocast, whose convolutions
-    then run on PyTorch's slow reference path (one 256x256 frame takes the better part of an hour)."""
-    return [w for w in WAYS if w != "upstream-autocast" or native_bfloat16(device)]
 
 
 def init_picture(size: int, seed: int) -> np.ndarray:
@@ -670,7 +705,7 @@ def main(argv=None) -> int:
         return 2
     mode = args.device + ("-quick" if args.quick else "")
     settings = MODES[mode]
-    ways = default_ways(torch.device(args.device)) if args.ways is None else [w for w in args.ways.split(",") if w]
+    ways = list(WAYS) if args.ways is None else [w for w in args.ways.split(",") if w]
     unknown = sorted(set(ways) - set(WAYS))
     if unknown:
         print(f"benchmark.py: error: unknown ways {unknown}: use {','.join(WAYS)}", file=sys.stderr)
@@ -683,9 +718,9 @@ def main(argv=None) -> int:
     log.info("building the full-size model with random weights ...")
     model, config = build_weights(REPO / args.config)
     extra = [f"RSS after building the weights: {memory.peak() / 2**30:.2f} GiB"] if job.device.type == "cpu" else []
-    if "upstream-autocast" not in ways and args.ways is None:
-        extra.append("upstream-autocast not run: this CPU has no native bfloat16 (see the module text "
-                     "of scripts/benchmark.py); ratio_vs_upstream is against upstream in full precision")
+    probe_autocast = args.ways is None and not native_bfloat16(job.device)
+    if probe_autocast:
+        ways.remove("upstream-autocast")
     if args.compile:
         extra.append("ours: UNet through torch.compile (compiled during the warm-up frame)")
     results: dict[str, Result] = {}
@@ -703,10 +738,13 @@ def main(argv=None) -> int:
             if job.device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
+    if probe_autocast:
+        log.info("measuring one UNet evaluation of upstream-autocast ...")
+        extra.append(autocast_probe_note(*probe_unet_precisions(model, job), job, results.get("upstream-full")))
     command = "python " + " ".join(shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *(argv or sys.argv[1:])])
     model_name = "full-size SD v1" if Path(args.config).name == FULL_CONFIG.name else args.config
     text = report(results, job, mode, memory.note, command, started, extra, f"{model_name} ({Path(args.config).name})")
-    out = Path(args.out) if args.out else REPO / "docs" / f"benchmark-{mode}.md"
+    out = Path(args.out) if args.out else REPO / "outputs" / f"benchmark-{mode}-{started:%Y%m%d-%H%M%S}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text, end="")

@@ -79,6 +79,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "compiled it (minutes; on a CPU it needs a C++ compiler); pays off for videos")
 
 
+def engine_from_args(args: argparse.Namespace):
+    """The :class:`sounddiffusion.engine.Engine` for the flags of :func:`add_model_args`."""
+    from .engine import load_engine
+
+    return load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
+                       precision=args.precision, compile=args.compile)
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True) -> None:
     """Sampler, steps, guidance, seed and image geometry (txt2img's flags)."""
     g = parser.add_argument_group("sampling")
@@ -180,15 +188,25 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def configure_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s")
+    """Notes (what is loaded, what was written; debug details with ``--debug``) go to stdout,
+    warnings and errors to stderr, so that a failed run's stderr holds its one error line."""
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
+    notes = logging.StreamHandler(sys.stdout)
+    notes.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (notes, problems):
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[notes, problems])
     # Libraries' chatter is not for our users unless they debug.
     for name in ("transformers", "pytorch_lightning", "lightning", "numba", "PIL", "matplotlib"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def _user_message(exc: BaseException) -> str | None:
-    """The one-line message for an exception caused by the user's input or machine, else None."""
+def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """The one-line message for an exception caused by the user's input or machine, else None.
+
+    ``args``: the run's arguments, so that advice names only flags this command has."""
     from ldm.util import CheckpointError
 
     if isinstance(exc, (UserError, CheckpointError)):
@@ -198,8 +216,8 @@ def _user_message(exc: BaseException) -> str | None:
                                f"and run again (videos continue with --resume)"))
     oom = getattr(__import__("torch"), "OutOfMemoryError", ())
     if isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
-        return str(DeviceError("out of GPU memory: use a smaller --H/--W or --n_samples, or "
-                               "--precision fp16"))
+        smaller = ", ".join(["--H/--W", *(f"--{name}" for name in ("n_samples", "batch_size") if hasattr(args, name))])
+        return str(DeviceError(f"out of GPU memory: use a smaller {smaller}, or --precision fp16"))
     return None
 
 
@@ -225,7 +243,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         print(f"{parser.prog}: interrupted; {detail}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become exit codes
-        message = _user_message(exc)
+        message = _user_message(exc, args)
         if message is None or args.debug:
             raise
         first_line = " ".join(message.split())

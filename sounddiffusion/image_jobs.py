@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from .conditioning import condition
-from .engine import Engine, load_engine
+from .cli import engine_from_args
+from .engine import Engine
 from .errors import AudioError, PromptFileError
 from .features import featurize
 from .images import ensure_output_dir, load_init_image, make_grid, next_numbered_path, save_png
@@ -147,16 +148,14 @@ def _render_prompts(engine: Engine, args: argparse.Namespace, prompts: list[str]
 def run_txt2img(args: argparse.Namespace) -> list[Path]:
     # Inputs and the output folder are checked before the model loads: mistakes show at once.
     prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
-    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision, compile=args.compile)
+    engine = engine_from_args(args)
     return _render_prompts(engine, args, prompts, outdir)
 
 
 def run_img2img(args: argparse.Namespace) -> list[Path]:
     init = load_init_image(args.init_img, args.W, args.H)
     prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
-    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision, compile=args.compile)
+    engine = engine_from_args(args)
     return _render_prompts(engine, args, prompts, outdir, init_latent=engine.encode_image(init[None]))
 
 
@@ -223,8 +222,7 @@ def run_audio2img(args: argparse.Namespace) -> list[Path]:
     if first is None:
         raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
     outdir = ensure_output_dir(args.outdir)
-    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision, compile=args.compile)
+    engine = engine_from_args(args)
     params = run_parameters(args, engine)
     written: list[Path] = []
     chunk: list[ImageSet] = []

@@ -259,7 +259,13 @@ class VideoRender:
         self.close()
 
     def _create_state(self, record: dict) -> None:
-        """Make the state folder of a fresh render and store its settings."""
+        """Make the state folder of a fresh render and store its settings.
+
+        A state folder left by a render that stopped before finishing a frame holds nothing to
+        continue from, so it is replaced; one with finished frames is never touched."""
+        if self.state_dir.is_dir() and not self._has_finished_frames():
+            log.info("an earlier render of %s stopped before its first frame: starting again", self.output_path)
+            shutil.rmtree(self.state_dir)
         try:
             self.state_dir.mkdir()
         except FileExistsError as err:
@@ -275,6 +281,11 @@ class VideoRender:
             # A state folder without settings could never be resumed: leave nothing.
             shutil.rmtree(self.state_dir, ignore_errors=True)
             raise
+
+    def _has_finished_frames(self) -> bool:
+        """Whether the state folder holds a finished frame (a checkpoint or a segment)."""
+        return ((self.state_dir / _CHECKPOINT_FILE).exists()
+                or any(self.state_dir.glob("segment-*.mp4")))
 
     def _check_resumable(self, record: dict) -> None:
         """Refuse to resume a render that does not exist or was started with other settings."""

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .audio import frame_count, slice_rms, sound_blocks, sound_length, stream_frame_slices
 from .conditioning import (blend_conditionings, condition, parse_prompt_file, prompt_weights_at,
                            start_end_schedule)
-from .engine import Engine, load_engine
+from .cli import engine_from_args
+from .engine import Engine
 from .features import featurize
 from .images import ensure_output_dir, load_init_image, save_png
 from .video import VideoRender, unique_output_path
@@ -201,8 +202,7 @@ def run_audio2video(args: argparse.Namespace) -> Path:
     init_rgb = load_init_image(args.init_img, args.W, args.H) if args.init_img else None
     path = requested_output(args)
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
-    engine = load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                         precision=args.precision, compile=args.compile)
+    engine = engine_from_args(args)
     preview_frames = max(1, round(args.preview_every * args.fps)) if args.preview_every > 0 else 0
     render = VideoRender.open(path, fps=args.fps, width=args.W, height=args.H,
                               settings=render_settings(args, engine, plan), resume=args.resume,

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from sounddiffusion import video_job
+from sounddiffusion.engine import load_engine
 from sounddiffusion.video import probe_video
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--strength", "0.5", "--seed", "3"]
@@ -136,7 +137,7 @@ def test_prompt_file_interpolates(tmp_path):
     parser = __import__("audio2video").build_parser()
     args = parser.parse_args(["--path", str(sound), "--fps", "2", "--prompt_file", str(prompts),
                               "--normalize", "clip", "--textstrength", "1", *FAST])
-    engine = video_job.load_engine(demo=True, device="cpu")
+    engine = load_engine(demo=True, device="cpu")
     plan = video_job.plan_frames(args)
     red, blue = engine.text_conditioning("red"), engine.text_conditioning("blue")
     # textstrength 1 in clip mode: text only, so the conditioning is the blended prompt.
@@ -150,7 +151,7 @@ def test_textpromptend_reaches_the_end_prompt(tmp_path):
     parser = __import__("audio2video").build_parser()
     args = parser.parse_args(["--path", str(sound), "--fps", "2", "--textprompt", "dawn",
                               "--textpromptend", "dusk", "--textstrength", "1", *FAST])
-    engine = video_job.load_engine(demo=True, device="cpu")
+    engine = load_engine(demo=True, device="cpu")
     plan = video_job.plan_frames(args)
     first, _ = video_job.frame_conditioning(engine, plan, 0, args)
     last, _ = video_job.frame_conditioning(engine, plan, plan.n_frames - 1, args)

@@ -460,16 +460,21 @@ def test_mps_requested_without_mps(run_tool, sound, image, outdir, monkeypatch):
 
 def test_no_traceback_reaches_a_real_terminal(tmp_path, sound, image):
     """The same mistakes in real processes (all at once): one line on stderr, status 2, and
-    ``--debug`` shows the traceback instead."""
+    ``--debug`` shows the traceback instead. A mistake found while the model loads comes after
+    the "loading ..." note, which goes to stdout: stderr still holds the one line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as conftest sets it
+    data = (REPO / "tests" / "data" / "tiny-v1" / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     script = {"audio2img": "audio2img.py", "audio2video": "audio2video.py", "txt2img": "scripts/txt2img.py",
               "img2img": "scripts/img2img.py"}
     cases = [
         ("audio2video", ["--path", tmp_path / "missing.wav", "--demo"], "does not exist"),
         ("img2img", ["--init-img", sound, "--demo", "--fps", "3"], "unrecognized arguments"),
         ("txt2img", ["--H", "100", "--demo"], "multiple of 64"),
+        ("audio2video", ["--path", sound, "--config", "tests/data/tiny-v1/config.yaml",
+                         "--ckpt", tmp_path / "cut.safetensors", "--outdir", tmp_path / "loaded"], "truncated"),
     ]
-    runs = [subprocess.Popen([sys.executable, script[tool], *map(str, argv), "--outdir", tmp_path / "out"],
+    runs = [subprocess.Popen([sys.executable, script[tool], "--outdir", tmp_path / "out", *map(str, argv)],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for tool, argv, _ in cases]
     debug = subprocess.Popen([sys.executable, "audio2video.py", "--path", tmp_path / "missing.wav", "--debug"],
@@ -477,7 +482,11 @@ def test_no_traceback_reaches_a_real_terminal(tmp_path, sound, image):
     for (tool, _, words), process in zip(cases, runs):
         out, err = process.communicate(timeout=300)
         assert_one_line_error(process.returncode, err, tool, words)
-        assert out == ""
+        if words == "truncated":
+            assert out.startswith("loading ") and out.strip().endswith("cut.safetensors"), out
+        else:
+            assert out == ""
     _, err = debug.communicate(timeout=300)
     assert debug.returncode != 0 and "Traceback" in err and "AudioError" in err
     assert not (tmp_path / "out").exists()
+    assert [p for p in (tmp_path / "loaded").rglob("*") if p.is_file()] == []

@@ -200,7 +200,11 @@ def test_out_of_gpu_memory(run_tool, tmp_path, sound, monkeypatch, tool, where):
     argv = {"audio2video": ["--path", sound, *VIDEO], "audio2img": ["--prompt", sound, *DEMO],
             "txt2img": DEMO}[tool]
     status, _, err = run_tool(tool, [*argv, "--outdir", outdir])
-    assert_one_line_error(status, err, tool, "out of GPU memory", "--H/--W", "--precision fp16")
+    line = assert_one_line_error(status, err, tool, "out of GPU memory", "--H/--W", "--precision fp16")
+    # only flags the command has: audio2video renders one frame at a time
+    assert ("--n_samples" in line, "--batch_size" in line) == {"audio2video": (False, False),
+                                                               "audio2img": (True, True),
+                                                               "txt2img": (True, False)}[tool], line
     assert [p for p in outdir.rglob("*") if p.is_file() and p.suffix in (".png", ".mp4")] == []
 
 
@@ -362,6 +366,6 @@ def test_a_folder_of_only_bad_sounds_fails_before_the_model_loads(run_tool, tmp_
     def must_not_load(**kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sounddiffusion.image_jobs.load_engine", must_not_load)
+    monkeypatch.setattr("sounddiffusion.engine.load_engine", must_not_load)
     status, _, err = run_tool("audio2img", ["--input_folder", folder, "--outdir", tmp_path / "out", *DEMO])
     assert_one_line_error(status, err, "audio2img", "none of the 2 sounds could be read", "a.wav")

@@ -198,9 +198,27 @@ def test_fresh_render_refuses_an_unfinished_one(tmp_path):
     path = tmp_path / "song.mp4"
     with pytest.raises(OutputError, match="no unfinished render .* run without --resume"):
         VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True)
-    VideoRender.open(path, 8, SIZE, SIZE, SETTINGS).close()
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS) as render:
+        add_frames(render, 1)
     with pytest.raises(OutputError, match="add --resume to continue it, or delete .*mp4.render"):
         VideoRender.open(path, 8, SIZE, SIZE, SETTINGS)
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True) as render:
+        assert render.frames_done == 1  # the refused fresh start touched nothing
+
+
+def test_fresh_render_replaces_one_that_stopped_before_its_first_frame(tmp_path):
+    """A run that failed at frame 0 (bad model, out of memory) left no frame to continue from:
+    the next fresh run starts without asking the user to delete anything."""
+    path = tmp_path / "song.mp4"
+    VideoRender.open(path, 8, SIZE, SIZE, SETTINGS).close()
+    (path.parent / (path.name + ".render") / "frame-000000.png").write_bytes(b"half a picture")
+    with VideoRender.open(path, 8, SIZE, SIZE, {**SETTINGS, "strength": 0.9}) as render:
+        assert render.frames_done == 0
+        add_frames(render, 2)
+    stored = json.loads((path.parent / (path.name + ".render") / "settings.json").read_text())
+    assert stored["settings"]["strength"] == 0.9
+    np.testing.assert_array_equal(video.read_rgb(path.parent / (path.name + ".render") / "frame-000000.png"),
+                                  synthetic_frame(0))
 
 
 def test_unique_output_path(tmp_path):
