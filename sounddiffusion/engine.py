@@ -375,12 +375,14 @@ def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
 
 
 def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision: str = "auto",
-                     checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False
-                     ) -> Engine:
+                     checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False,
+                     channels_last: bool | None = None) -> Engine:
     """An :class:`Engine` around an already built ``LatentDiffusion`` (e.g. the benchmark's).
 
     The weights are cast for ``precision`` and moved to ``device`` (the model is changed in place).
-    ``compile``: run the UNet through ``torch.compile`` (the first frames are slow while it compiles)."""
+    ``compile``: run the UNet through ``torch.compile`` (the first frames are slow while it compiles).
+    ``channels_last``: keep the UNet's and VAE's convolution weights, and so their activations, in
+    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only."""
     target = pick_device(device)
     dtype = weight_dtype(precision, target)
     model = model.eval().requires_grad_(False).to(dtype=dtype)
@@ -396,6 +398,9 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
         if buffer.is_floating_point():
             setattr(model, buffer_name, buffer.float())
     unet = model.model.diffusion_model
+    if channels_last if channels_last is not None else target.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        model.first_stage_model.to(memory_format=torch.channels_last)
     if target.type == "cpu" and dtype == torch.float32:
         _prepack_for_cpu([model.first_stage_model] if compile else [unet, model.first_stage_model])
     if compile:

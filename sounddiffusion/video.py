@@ -8,6 +8,7 @@ A render of ``song.mp4`` owns the state folder ``song.mp4.render/`` beside it::
     segment-000000-000040.mp4         finished H.264 segments: frames [0, 40), [40, 80), ...
     frame-000080.png, ...             lossless copies of the frames of the unfinished segment
     checkpoint.npz                    the caller's resume data for the last finished frame
+    lock                              locked while a process renders into the folder
 
 Every file there is written under a temporary name and renamed when complete, and a frame
 counts as finished once its PNG and its checkpoint are on disk. So a kill at any moment
@@ -63,6 +64,7 @@ AUDIO_CODEC = ["-c:a", "aac", "-b:a", "192k"]
 
 _SETTINGS_FILE = "settings.json"
 _CHECKPOINT_FILE = "checkpoint.npz"
+_LOCK_FILE = "lock"
 _CONCAT_LIST = "segments.ffconcat"
 _SEGMENT_NAME = re.compile(r"segment-(\d{6})-(\d{6})\.mp4")
 _FRAME_NAME = re.compile(r"frame-(\d{6})\.png")
@@ -98,6 +100,40 @@ class Checkpoint(NamedTuple):
     extra: dict
 
 
+class _StateLock:
+    """An exclusive lock on a file, held by this process until :meth:`release` or its end
+    (the operating system lets go of it when the process dies, even by SIGKILL)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    @classmethod
+    def acquire(cls, path: Path) -> _StateLock:
+        """Lock ``path`` (created if missing); raises BlockingIOError when another holds it."""
+        handle = open(path, "a+b")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                handle.seek(0)
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                except OSError as err:
+                    raise BlockingIOError(*err.args) from err
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            handle.close()
+            raise
+        return cls(handle)
+
+    def release(self) -> None:
+        # Closing the file lets go of the lock on every system.
+        self._handle.close()
+
+
 class VideoRender:
     """A resumable render of RGB frames into an MP4 with sound; see the module docstring.
 
@@ -128,6 +164,7 @@ class VideoRender:
         self._encoded = 0
         self._segments: list[Path] = []
         self._encoder: _SegmentEncoder | None = None
+        self._lock: _StateLock | None = None
 
     @classmethod
     def open(cls, output_path: str | os.PathLike, fps: float | Fraction, width: int,
@@ -161,11 +198,15 @@ class VideoRender:
         render = cls(output_path, fps, width, height, segment_frames)
         record = {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
                   "settings": json.loads(json.dumps(settings))}
-        if resume:
-            render._check_resumable(record)
-            render._recover()
-        else:
-            render._create_state(record)
+        try:
+            if resume:
+                render._check_resumable(record)
+                render._recover()
+            else:
+                render._create_state(record)
+        except BaseException:
+            render.close()
+            raise
         return render
 
     @property
@@ -242,15 +283,20 @@ class VideoRender:
         temp = self._mux(audio_path)
         final = publish_file(temp, unique_output_path(self.output_path), retry=RESUME_HINT)
         self.preview_path.unlink(missing_ok=True)
+        self.close()  # Windows deletes no file that is open
         shutil.rmtree(self.state_dir, ignore_errors=True)
         log.info("wrote %s (%d frames)", final, self._frames_done)
         return final
 
     def close(self) -> None:
-        """Stop the encoder of the unfinished segment; the state stays for ``--resume``."""
+        """Stop the encoder of the unfinished segment and let go of the state folder; the
+        state stays for ``--resume``."""
         if self._encoder is not None:
             self._encoder.abort()
             self._encoder = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> VideoRender:
         return self
@@ -262,18 +308,25 @@ class VideoRender:
         """Make the state folder of a fresh render and store its settings.
 
         A state folder left by a render that stopped before finishing a frame holds nothing to
-        continue from, so it is replaced; one with finished frames is never touched."""
-        if self.state_dir.is_dir() and not self._has_finished_frames():
-            log.info("an earlier render of %s stopped before its first frame: starting again", self.output_path)
-            shutil.rmtree(self.state_dir)
+        continue from, so it is emptied and reused; one with finished frames, or one that another
+        process is rendering into, is never touched."""
         try:
-            self.state_dir.mkdir()
-        except FileExistsError as err:
-            raise OutputError(
-                f"an unfinished render of {self.output_path} exists: add --resume to continue "
-                f"it, or delete {self.state_dir} to start again") from err
+            self.state_dir.mkdir(exist_ok=True)
         except OSError as err:
             raise output_error(err, self.state_dir) from err
+        self._take_lock()
+        if self._has_finished_frames():
+            raise OutputError(
+                f"an unfinished render of {self.output_path} exists: add --resume to continue "
+                f"it, or delete {self.state_dir} to start again")
+        leftovers = [path for path in self.state_dir.iterdir() if path.name != _LOCK_FILE]
+        if leftovers:
+            log.info("an earlier render of %s stopped before its first frame: starting again", self.output_path)
+            for path in leftovers:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         text = json.dumps(record, indent=2, sort_keys=True).encode()
         try:
             write_atomically(self.state_dir / _SETTINGS_FILE, lambda f: f.write(text))
@@ -281,6 +334,17 @@ class VideoRender:
             # A state folder without settings could never be resumed: leave nothing.
             shutil.rmtree(self.state_dir, ignore_errors=True)
             raise
+
+    def _take_lock(self) -> None:
+        """Hold the state folder's lock until :meth:`close`, or raise :class:`OutputError`
+        when another process renders into it (two writers would mix their frames)."""
+        try:
+            self._lock = _StateLock.acquire(self.state_dir / _LOCK_FILE)
+        except BlockingIOError as err:
+            raise OutputError(f"another process is rendering {self.output_path} now ({self.state_dir} "
+                              f"is in use): wait for it to end, or choose another --output") from err
+        except OSError as err:
+            raise output_error(err, self.state_dir) from err
 
     def _has_finished_frames(self) -> bool:
         """Whether the state folder holds a finished frame (a checkpoint or a segment)."""
@@ -293,6 +357,7 @@ class VideoRender:
             raise OutputError(
                 f"there is no unfinished render of {self.output_path} to resume "
                 f"({self.state_dir} does not exist): run without --resume")
+        self._take_lock()
         try:
             stored = json.loads((self.state_dir / _SETTINGS_FILE).read_text())
         except (OSError, ValueError) as err:

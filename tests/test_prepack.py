@@ -59,14 +59,18 @@ def test_autograd_and_autocast_take_the_ordinary_path():
         assert packed(x).dtype == torch.bfloat16
 
 
-def test_engine_packs_on_cpu_and_keeps_the_reference_outputs(tiny_dir):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_engine_packs_on_cpu_and_keeps_the_reference_outputs(tiny_dir, channels_last):
+    """Also with the NHWC layout CUDA engines use (only the layout changes, not the numbers)."""
     from omegaconf import OmegaConf
     from ldm.util import load_model_from_config
 
     model = load_model_from_config(OmegaConf.load(tiny_dir / "config.yaml"), str(tiny_dir / "model.safetensors"))
-    engine = engine_for_model(model, device="cpu", precision="full")
+    engine = engine_for_model(model, device="cpu", precision="full", channels_last=channels_last)
     unet = engine.model.model.diffusion_model
     assert isinstance(unet.input_blocks[0][0], PrepackedConv2d)
+    for conv in (unet.input_blocks[0][0], engine.model.first_stage_model.decoder.conv_in):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     golden = load_file(tiny_dir / "golden.safetensors")
     with torch.inference_mode():
         eps = engine.model.apply_model(golden["unet_x"], golden["unet_t"], golden["text_cond"][:2])

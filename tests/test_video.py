@@ -221,6 +221,19 @@ def test_fresh_render_replaces_one_that_stopped_before_its_first_frame(tmp_path)
                                   synthetic_frame(0))
 
 
+def test_a_render_in_progress_is_left_alone(tmp_path):
+    """The same command started twice (two terminals): the second run neither restarts nor
+    resumes the render the first one is writing, which goes on undisturbed."""
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS) as first:
+        for resume in (False, True):
+            with pytest.raises(OutputError, match="another process is rendering .*song.mp4 now .* choose another --output"):
+                VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=resume)
+        add_frames(first, 2)
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True) as render:
+        assert render.frames_done == 2
+
+
 def test_unique_output_path(tmp_path):
     assert unique_output_path(tmp_path / "song.mp4") == tmp_path / "song.mp4"
     (tmp_path / "song.mp4").write_bytes(b"old")
