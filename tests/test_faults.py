@@ -206,6 +206,12 @@ def test_out_of_gpu_memory(run_tool, tmp_path, sound, monkeypatch, tool, where):
                                                                "audio2img": (True, True),
                                                                "txt2img": (True, False)}[tool], line
     assert [p for p in outdir.rglob("*") if p.is_file() and p.suffix in (".png", ".mp4")] == []
+    if tool == "audio2video":
+        # Nothing was finished, so the same command (memory freed, say) starts afresh by itself.
+        monkeypatch.undo()
+        status, _, err = run_tool(tool, [*argv, "--outdir", outdir])
+        assert status == 0, err
+        assert [p.name for p in outdir.iterdir()] == [f"{Path(sound).stem}.mp4"]
 
 
 # ------------------------------------------------------------------------------------------ videos
