@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, write_sound
+from malicious_pickles import PAYLOADS
 from sounddiffusion import engine as engine_module
 from sounddiffusion.conditioning import NORMALIZE_MODES, condition
 from sounddiffusion.features import FEATURES, featurize
@@ -316,23 +317,7 @@ def test_checkpoint_of_another_architecture(run_tool, sound, image, outdir):
                    "Is this checkpoint for this config?")
 
 
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class _RunsPython:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-@pytest.mark.parametrize("payload", [_RunsShell, _RunsPython])
+@pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
 @pytest.mark.parametrize("layout", ["zip", "legacy pickle"])
 def test_malicious_pickle_is_refused_and_nothing_runs(run_tool, tmp_path, tiny_state, sound, image, outdir,
                                                       payload, layout):

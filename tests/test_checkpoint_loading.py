@@ -1,10 +1,8 @@
 """Checkpoint reading (ldm.checkpoint) and strict loading (ldm.util.load_model_from_config):
 pickles that would run code are refused before anything runs, broken files give a clear
 CheckpointError, keys and shapes are checked strictly, and the real SD v1 layout loads fully."""
-import builtins
 import json
 import logging
-import os
 import pickle
 
 import pytest
@@ -15,6 +13,7 @@ from safetensors.torch import save_file
 import ldm.checkpoint
 from ldm.checkpoint import fit_state_dict, read_state_dict
 from ldm.util import CheckpointError, UnsafeCheckpointError, load_model_from_config
+from malicious_pickles import PAYLOADS
 
 REPO_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 TEXT = "cond_stage_model.transformer."
@@ -28,22 +27,6 @@ def text_cond_error(model, golden, prompts):
 
 
 # ------------------------------------------------------------------------------ code in pickles
-
-class RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class RunsExec:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
 
 class Recorder:
     """A class this test module defines: were the loader to import and call it, the marker appears."""
@@ -59,7 +42,7 @@ class Recorder:
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-@pytest.mark.parametrize("payload", [RunsShell, RunsExec], ids=["os.system", "builtins.exec"])
+@pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
 def test_pickle_that_would_run_code_is_refused_before_it_runs(payload, zip_format, tiny_sd, tiny_dir, tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
