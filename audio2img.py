@@ -31,8 +31,9 @@ def build_parser():
 
 def main(args):
     from sounddiffusion.image_jobs import run_audio2img
+    from sounddiffusion.settings import SoundImageSettings
 
-    run_audio2img(args)
+    run_audio2img(cli.settings_from_args(SoundImageSettings, args), cli.model_settings(args))
 
 
 if __name__ == "__main__":

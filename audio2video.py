@@ -53,8 +53,9 @@ def build_parser():
 
 def main(args):
     from sounddiffusion.video_job import run_audio2video
+    from sounddiffusion.settings import VideoSettings
 
-    run_audio2video(args)
+    run_audio2video(cli.settings_from_args(VideoSettings, args), cli.model_settings(args))
 
 
 if __name__ == "__main__":

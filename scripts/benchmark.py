@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.modules.attention import set_attention_backend  # noqa: E402
-from ldm.modules.diffusionmodules.openaimodel import attention_heads  # noqa: E402
+from sounddiffusion.diffusers_conversion import diffusers_ddim, diffusers_unet, diffusers_vae  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -81,7 +81,7 @@ WAYS = ("ours", "upstream-autocast", "upstream-full", "diffusers")
 def build_weights(config_path: Path = FULL_CONFIG) -> tuple[torch.nn.Module, object]:
     """The full-size SD v1 ``LatentDiffusion`` with the engine's deterministic random weights, on
     the CPU in float32, and its config."""
-    from sounddiffusion.engine import build_demo_model, load_config
+    from sounddiffusion.loading import build_demo_model, load_config
 
     config = load_config(config_path)
     return build_demo_model(config).eval().requires_grad_(False), config
@@ -94,186 +94,6 @@ def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
     memo = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in model.parameters()}
     memo.update({id(b): b for b in model.buffers()})
     return copy.deepcopy(model, memo)
-
-
-# ----------------------------------------------------------------------------- CompVis -> diffusers
-
-UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
-VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-
-
-def _levels_with_attention(unet_params) -> list[bool]:
-    """For each level of ``channel_mult``: whether its blocks hold a transformer."""
-    return [2 ** level in unet_params["attention_resolutions"] for level in range(len(unet_params["channel_mult"]))]
-
-
-def diffusers_unet_config(unet_params) -> dict:
-    """``UNet2DConditionModel`` arguments for a CompVis ``UNetModel`` config (its ``params``)."""
-    p = dict(unet_params)
-    if not p.get("use_spatial_transformer"):
-        raise ValueError("only UNets with use_spatial_transformer (SD v1) convert to diffusers here")
-    channels = [p["model_channels"] * m for m in p["channel_mult"]]
-    attention = _levels_with_attention(p)
-    heads = [attention_heads(ch, p.get("num_heads", -1), p.get("num_head_channels", -1), p.get("legacy", True),
-                             True)[0] for ch in channels]
-    return dict(
-        sample_size=p.get("image_size", 32), in_channels=p["in_channels"], out_channels=p["out_channels"],
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        block_out_channels=tuple(channels), layers_per_block=p["num_res_blocks"],
-        cross_attention_dim=p["context_dim"], attention_head_dim=tuple(heads),
-        transformer_layers_per_block=p.get("transformer_depth", 1), use_linear_projection=False,
-        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5, act_fn="silu")
-
-
-def unet_key_map(unet_params) -> dict[str, str]:
-    """CompVis UNet module paths -> diffusers ``UNet2DConditionModel`` module paths."""
-    levels, per_level = len(unet_params["channel_mult"]), unet_params["num_res_blocks"]
-    attention = _levels_with_attention(unet_params)
-    names = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-             "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
-             "middle_block.2": "mid_block.resnets.1"}
-    block = 1
-    for level in range(levels):
-        for j in range(per_level):
-            names[f"input_blocks.{block}.0"] = f"down_blocks.{level}.resnets.{j}"
-            names[f"input_blocks.{block}.1"] = f"down_blocks.{level}.attentions.{j}"
-            block += 1
-        if level != levels - 1:
-            names[f"input_blocks.{block}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
-            block += 1
-    block = 0
-    for up in range(levels):  # up block 0 is the deepest level
-        has_attention = attention[levels - 1 - up]
-        for j in range(per_level + 1):
-            names[f"output_blocks.{block}.0"] = f"up_blocks.{up}.resnets.{j}"
-            if has_attention:
-                names[f"output_blocks.{block}.1"] = f"up_blocks.{up}.attentions.{j}"
-            if j == per_level and up != levels - 1:
-                names[f"output_blocks.{block}.{2 if has_attention else 1}.conv"] = f"up_blocks.{up}.upsamplers.0.conv"
-            block += 1
-    return names
-
-
-def vae_key_map(ddconfig) -> dict[str, str]:
-    """CompVis ``AutoencoderKL`` module paths -> diffusers ``AutoencoderKL`` module paths."""
-    if ddconfig.get("attn_resolutions"):
-        raise ValueError("autoencoders with attention outside the middle block do not convert to diffusers")
-    levels, per_level = len(ddconfig["ch_mult"]), ddconfig["num_res_blocks"]
-    names = {}
-    for side in ("encoder", "decoder"):
-        names.update({f"{side}.norm_out": f"{side}.conv_norm_out",
-                      f"{side}.mid.block_1": f"{side}.mid_block.resnets.0",
-                      f"{side}.mid.attn_1": f"{side}.mid_block.attentions.0",
-                      f"{side}.mid.block_2": f"{side}.mid_block.resnets.1"})
-    for level in range(levels):
-        for j in range(per_level):
-            names[f"encoder.down.{level}.block.{j}"] = f"encoder.down_blocks.{level}.resnets.{j}"
-        names[f"encoder.down.{level}.downsample.conv"] = f"encoder.down_blocks.{level}.downsamplers.0.conv"
-        up = levels - 1 - level  # diffusers numbers the decoder's blocks in the order they run
-        for j in range(per_level + 1):
-            names[f"decoder.up.{level}.block.{j}"] = f"decoder.up_blocks.{up}.resnets.{j}"
-        names[f"decoder.up.{level}.upsample.conv"] = f"decoder.up_blocks.{up}.upsamplers.0.conv"
-    return names
-
-
-def _rename(key: str, names: dict[str, str]) -> tuple[str, str]:
-    """(new key, the diffusers module path it was mapped to) for the longest matching module path."""
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in names:
-            return ".".join([names[prefix], *parts[cut:]]), names[prefix]
-    return key, ""
-
-
-def _rename_inside(key: str, module: str, inner: dict[str, str]) -> str:
-    rest = key[len(module) + 1:] if module else key
-    for old, new in inner.items():
-        if rest == old or rest.startswith(old + "."):
-            return f"{module}.{new}{rest[len(old):]}" if module else new + rest[len(old):]
-    return key
-
-
-def unet_to_diffusers(state_dict: dict[str, torch.Tensor], unet_params) -> dict[str, torch.Tensor]:
-    """A CompVis UNet state dict (keys without ``model.diffusion_model.``) in diffusers' layout.
-
-    The tensors are the same objects (no copy)."""
-    names, out = unet_key_map(unet_params), {}
-    for key, value in state_dict.items():
-        new, module = _rename(key, names)
-        if ".resnets." in module:
-            new = _rename_inside(new, module, UNET_RESNET)
-        out[new] = value
-    return out
-
-
-def vae_to_diffusers(state_dict: dict[str, torch.Tensor], ddconfig) -> dict[str, torch.Tensor]:
-    """A CompVis autoencoder state dict (keys without ``first_stage_model.``) in diffusers' layout.
-
-    The middle attention's 1x1 convolutions become linear layers: (C, C, 1, 1) -> (C, C) views."""
-    names, out = vae_key_map(ddconfig), {}
-    for key, value in state_dict.items():
-        new, module = _rename(key, names)
-        if ".resnets." in module:
-            new = _rename_inside(new, module, VAE_RESNET)
-        elif ".attentions." in module:
-            new = _rename_inside(new, module, VAE_ATTENTION)
-            if value.ndim == 4:
-                value = value.flatten(1)
-        out[new] = value
-    return out
-
-
-def diffusers_vae_config(first_stage_params, scale_factor: float) -> dict:
-    dd = first_stage_params["ddconfig"]
-    levels = len(dd["ch_mult"])
-    return dict(in_channels=dd["in_channels"], out_channels=dd["out_ch"],
-                down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-                block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]), layers_per_block=dd["num_res_blocks"],
-                latent_channels=dd["z_channels"], norm_num_groups=32, sample_size=dd["resolution"],
-                scaling_factor=scale_factor, force_upcast=False)
-
-
-def _load_assigned(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """``module`` (built on the meta device) holding ``state_dict``'s tensors; every key must fit."""
-    module.load_state_dict(state_dict, strict=True, assign=True)
-    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"no weights for {left[:5]}")
-    return module.eval().requires_grad_(False)
-
-
-def diffusers_unet(model, config):
-    """diffusers' ``UNet2DConditionModel`` over ``model``'s UNet weights (shared, not copied)."""
-    from diffusers import UNet2DConditionModel
-
-    params = config.model.params.unet_config.params
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_config(params))
-    return _load_assigned(unet, unet_to_diffusers(model.model.diffusion_model.state_dict(), params))
-
-
-def diffusers_vae(model, config):
-    """diffusers' ``AutoencoderKL`` over ``model``'s autoencoder weights (shared, not copied)."""
-    from diffusers import AutoencoderKL
-
-    params = config.model.params.first_stage_config.params
-    with torch.device("meta"):
-        vae = AutoencoderKL(**diffusers_vae_config(params, float(model.scale_factor)))
-    return _load_assigned(vae, vae_to_diffusers(model.first_stage_model.state_dict(), params["ddconfig"]))
-
-
-def diffusers_ddim(model):
-    """diffusers' DDIM scheduler with the model's noise schedule and CompVis's timesteps (1, 21, ...)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
-                         beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -327,21 +147,6 @@ class Result:
         return sum(self.seconds) / len(self.seconds)
 
 
-class NullRender:
-    """Stands in for ``video.VideoRender`` behind the FrameWriter: takes the frames, keeps the last."""
-
-    def __init__(self):
-        self.frames = 0
-        self.last: np.ndarray | None = None
-
-    def add_frame(self, rgb, arrays, extra) -> None:
-        self.frames += 1
-        self.last = rgb
-
-    def write_preview(self, audio_path) -> None:
-        pass
-
-
 # ----------------------------------------------------------------------------- the three ways
 
 @dataclass
@@ -377,38 +182,44 @@ class Job:
         return range(self.first, start), range(start, start + self.frames)
 
 
-def audio2video_args(job: Job, strength: float):
-    """audio2video.py's own argument namespace for the job (its defaults for everything else)."""
-    import audio2video
+def video_settings(job: Job, strength: float):
+    """audio2video.py's settings for the job (its defaults for everything else)."""
+    from sounddiffusion.settings import VideoSettings
 
-    argv = ["--path", str(SOUND), "--fps", str(FPS), "--strength", str(strength), "--ddim",
-            "--ddim_steps", str(job.steps), "--scale", str(job.scale), "--H", str(job.size),
-            "--W", str(job.size), "--textprompt", PROMPT, "--seed", str(job.seed), "--device", job.device.type]
-    return audio2video.build_parser().parse_args(argv)
+    return VideoSettings(audio=str(SOUND), fps=FPS, strength=strength, ddim=True, ddim_steps=job.steps,
+                         scale=job.scale, H=job.size, W=job.size, textprompt=PROMPT, seed=job.seed)
 
 
-def run_ours(model, job: Job, compile: bool, memory: PeakMemory) -> Result:
-    """This project's loop: Engine + video_job.sample_frames with the real FrameWriter."""
-    from sounddiffusion.engine import engine_for_model
+def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path) -> Result:
+    """This project's loop as a user gets it: Engine + video_job.sample_frames with the real
+    FrameWriter into a real, resumable VideoRender (ffmpeg pipe, render state, no previews)."""
+    from sounddiffusion.loading import engine_for_model
+    from sounddiffusion.video import VideoRender
     from sounddiffusion.video_job import FrameWriter, plan_frames, sample_frames
 
-    args = audio2video_args(job, job.strength)
+    settings = video_settings(job, job.strength)
     engine = engine_for_model(sharing_copy(model), device=str(job.device), precision="auto", compile=compile)
-    plan = plan_frames(args)
+    plan = plan_frames(settings)
     warmup, timed = job.indices()
     result = Result("this project (Engine + video_job.sample_frames)", _dtype_name(engine.dtype))
 
-    def block(indices, latent, args):
-        writer = FrameWriter(engine, NullRender(), frames_dir=None, preview_frames=0, audio_path=str(SOUND))
-        latent = sample_frames(engine, plan, args, writer, start=indices.start, stop=indices.stop, latent=latent)
-        writer.close()
-        synchronize(job.device)
+    def block(indices, latent, settings, name):
+        render = VideoRender.open(workdir / f"ours-{name}.mp4", fps=plan.fps, width=job.size, height=job.size,
+                                  settings={})
+        writer = FrameWriter(engine, render, frames_dir=None, preview_frames=0, audio_path=str(SOUND))
+        try:
+            latent = sample_frames(engine, plan, settings, writer, start=indices.start, stop=indices.stop,
+                                   latent=latent)
+            writer.close()
+            synchronize(job.device)
+        finally:
+            render.close()
         return latent
 
-    latent = block(warmup, engine.encode_image(job.init_rgb[None]), audio2video_args(job, job.warmup_strength))
+    latent = block(warmup, engine.encode_image(job.init_rgb[None]), video_settings(job, job.warmup_strength), "warmup")
     memory.reset()
     cpu0, t0 = time.process_time(), time.perf_counter()
-    block(timed, latent, args)
+    block(timed, latent, settings, "timed")
     elapsed = time.perf_counter() - t0
     result.cpu_seconds = (time.process_time() - cpu0) / job.frames
     result.seconds = [elapsed / job.frames] * job.frames
@@ -425,7 +236,7 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
     from sounddiffusion.conditioning import condition
     from sounddiffusion.features import featurize
 
-    args = audio2video_args(job, job.strength)
+    settings = video_settings(job, job.strength)
     samples = load_audio(SOUND)
     model = sharing_copy(model).to(job.device)
     set_attention_backend(model, "einsum")
@@ -447,9 +258,9 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
             init_latent = model.get_first_stage_encoding(model.encode_first_stage(image))
             uc = model.get_learned_conditioning([""])
             c_text = model.get_learned_conditioning([PROMPT])
-            features = featurize(frame_slice(samples, index, FPS), args.feature, dim=uc.shape[-1])
-            c = condition(features, mode=args.normalize, text_cond=c_text[0], empty_cond=uc[0],
-                          textstrength=args.textstrength)[None]
+            features = featurize(frame_slice(samples, index, FPS), settings.feature, dim=uc.shape[-1])
+            c = condition(features, mode=settings.normalize, text_cond=c_text[0], empty_cond=uc[0],
+                          textstrength=settings.textstrength)[None]
             sampler.make_schedule(ddim_num_steps=job.steps, ddim_eta=0.0, verbose=False)
             z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc], device=job.device))
             latent = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=job.scale,
@@ -482,12 +293,12 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from sounddiffusion.engine import weight_dtype
+    from sounddiffusion.loading import weight_dtype
     from sounddiffusion.audio import frame_slice, load_audio
     from sounddiffusion.conditioning import condition
     from sounddiffusion.features import featurize
 
-    args = audio2video_args(job, job.strength)
+    settings = video_settings(job, job.strength)
     samples = load_audio(SOUND)
     dtype = weight_dtype("auto", job.device)
     unet = diffusers_unet(model, config).to(job.device, dtype)
@@ -507,9 +318,9 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
         latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
 
     def frame(index: int, latents: torch.Tensor, strength: float) -> tuple[torch.Tensor, np.ndarray]:
-        features = featurize(frame_slice(samples, index, FPS), args.feature, dim=empty.shape[-1])
-        cond = condition(features, mode=args.normalize, text_cond=text, empty_cond=empty,
-                         textstrength=args.textstrength)
+        features = featurize(frame_slice(samples, index, FPS), settings.feature, dim=empty.shape[-1])
+        cond = condition(features, mode=settings.normalize, text_cond=text, empty_cond=empty,
+                         textstrength=settings.textstrength)
         generator = torch.Generator().manual_seed(job.seed + index)
         latents = pipe(prompt_embeds=cond[None].to(job.device, dtype), negative_prompt_embeds=negative,
                        image=latents, strength=strength, num_inference_steps=job.steps,
@@ -729,7 +540,7 @@ def main(argv=None) -> int:
             log.info("running %s ...", way)
             gc.collect()
             if way == "ours":
-                results[way] = run_ours(model, job, args.compile, memory)
+                results[way] = run_ours(model, job, args.compile, memory, Path(workdir))
             elif way.startswith("upstream-"):
                 results[way] = run_upstream(model, job, way.split("-", 1)[1], memory, Path(workdir))
             else:

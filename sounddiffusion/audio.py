@@ -199,8 +199,12 @@ def _ffmpeg_blocks(path: Path, sr: int, reason: str) -> Iterator[tuple[int, np.n
         process.wait()
 
 
-def _fps_fraction(fps: float | Fraction, sr: int) -> Fraction:
-    """``fps`` as an exact fraction; :class:`ParameterError` unless 0 < fps <= sr."""
+def fps_fraction(fps: float | Fraction, sr: int = SAMPLE_RATE) -> Fraction:
+    """A frame rate as the exact fraction every part of a render uses (slicing, timing, ffmpeg).
+
+    Floats are read as the nearest fraction with a denominator up to 10000, so 29.97 is 2997/100
+    and 30000/1001 given as a float is 30000/1001 again. Raises :class:`ParameterError` unless
+    0 < fps <= sr."""
     try:
         rate = Fraction(fps).limit_denominator(_MAX_FPS_DENOMINATOR)
     except (TypeError, ValueError, OverflowError):
@@ -215,13 +219,13 @@ def _fps_fraction(fps: float | Fraction, sr: int) -> Fraction:
 
 def frame_count(n_samples: int, fps: float | Fraction, sr: int = SAMPLE_RATE) -> int:
     """How many video frames cover ``n_samples`` at ``fps``: ceil(n_samples * fps / sr), exactly."""
-    rate = _fps_fraction(fps, sr)
+    rate = fps_fraction(fps, sr)
     return -(-n_samples * rate.numerator // (sr * rate.denominator))
 
 
 def frame_bounds(i: int, fps: float | Fraction, sr: int = SAMPLE_RATE) -> tuple[int, int]:
     """Samples ``[start, end)`` of video frame ``i``: floor(i * sr / fps), floor((i + 1) * sr / fps)."""
-    rate = _fps_fraction(fps, sr)
+    rate = fps_fraction(fps, sr)
     step = sr * rate.denominator
     return i * step // rate.numerator, (i + 1) * step // rate.numerator
 

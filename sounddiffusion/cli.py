@@ -14,19 +14,14 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from .errors import DeviceError, OutputError, ParameterError, UserError
+from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS, PRECISIONS,
+                       JobSettings, ModelSettings, shown_path)
 
 log = logging.getLogger("sounddiffusion")
-
-DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
-DEFAULT_CKPT_DIR = "models/ldm/stable-diffusion-v1"
-PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-MAX_FPS = 120
-DEFAULT_SIZE = 512  # what SD v1 was trained on
-DEMO_SIZE = 256  # keeps the demo model quick on a CPU
+Settings = TypeVar("Settings", bound=JobSettings)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -61,11 +56,12 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--config --ckpt --demo --device --precision --compile."""
     g = parser.add_argument_group("model")
-    g.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="model config (CompVis YAML format)")
+    g.add_argument("--config", default=None,
+                   help=f"model config (CompVis YAML format); default: {shown_path(DEFAULT_CONFIG)} "
+                        f"in the installation")
     g.add_argument("--ckpt", default=None,
                    help=f"checkpoint (.ckpt or .safetensors); default: model.ckpt or "
-                        f"model.safetensors in {DEFAULT_CKPT_DIR}/")
+                        f"model.safetensors in {shown_path(CHECKPOINT_DIR)}/")
     g.add_argument("--demo", action="store_true",
                    help="use the small built-in demo model (random weights, abstract pictures) "
                         "to try the tools without downloading a checkpoint")
@@ -79,12 +75,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "compiled it (minutes; on a CPU it needs a C++ compiler); pays off for videos")
 
 
-def engine_from_args(args: argparse.Namespace):
-    """The :class:`sounddiffusion.engine.Engine` for the flags of :func:`add_model_args`."""
-    from .engine import load_engine
+def settings_from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """The settings dataclass ``cls`` filled from the flags of the same names."""
+    return cls(**{name: getattr(args, name) for name in cls.field_names() if hasattr(args, name)})
 
-    return load_engine(config=args.config, ckpt=args.ckpt, demo=args.demo, device=args.device,
-                       precision=args.precision, compile=args.compile)
+
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The :class:`~sounddiffusion.settings.ModelSettings` of the flags of :func:`add_model_args`."""
+    return settings_from_args(ModelSettings, args)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True) -> None:

@@ -8,7 +8,6 @@ images were batched.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 from collections.abc import Iterator
@@ -21,18 +20,15 @@ from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from .conditioning import condition
-from .cli import engine_from_args
 from .engine import Engine
 from .errors import AudioError, PromptFileError
 from .features import featurize
 from .images import ensure_output_dir, load_init_image, make_grid, next_numbered_path, save_png
+from .loading import load_engine
+from .settings import (AudioConditioningSettings, ImageSettings, ModelSettings, PromptImageSettings,
+                       SoundImageSettings)
 
 log = logging.getLogger(__name__)
-
-# Flags that do not change what an image looks like and are left out of its parameters.
-_NOT_PARAMETERS = {"debug", "outdir", "skip_grid", "skip_save", "n_rows", "batch_size",
-                   "input_folder", "from_file"}
-
 
 @dataclass
 class ImageSet:
@@ -48,56 +44,50 @@ class ImageSet:
     grid_folder: Path
 
 
-def run_parameters(args: argparse.Namespace, engine: Engine) -> dict:
-    """Everything needed to reproduce an image: the flags that matter plus the checkpoint."""
-    params = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_PARAMETERS}
-    params.update(checkpoint=engine.checkpoint, checkpoint_hash=engine.checkpoint_hash)
-    return params
+def run_parameters(settings: ImageSettings, model: ModelSettings, engine: Engine) -> dict:
+    """Everything needed to reproduce an image: the job's and the model's settings plus the checkpoint."""
+    return {**settings.parameters(), **model.parameters(), "checkpoint": engine.checkpoint,
+            "checkpoint_hash": engine.checkpoint_hash}
 
 
-def image_seed(args: argparse.Namespace, round_index: int, sample_index: int) -> int:
-    """The seed of one image; with --fixed_code every round reuses the first round's seeds."""
-    return args.seed + (0 if args.fixed_code else round_index * args.n_samples) + sample_index
-
-
-def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], args: argparse.Namespace,
+def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], settings: ImageSettings,
                   init_latent: torch.Tensor | None = None) -> np.ndarray:
     """One sampling call: conditionings (B, 77, D) and B seeds -> uint8 images (B, H, W, 3).
 
-    With ``init_latent`` (1, 4, h, w) this is img2img at ``args.strength``, else txt2img."""
-    sampler = "plms" if args.plms else "ddim"
-    shape = engine.latent_shape(1, args.H, args.W)
+    With ``init_latent`` (1, 4, h, w) this is img2img at ``settings.strength``, else txt2img."""
+    shape = engine.latent_shape(1, settings.H, settings.W)
     noise = torch.cat([engine.noise(shape, seed) for seed in seeds])
+    common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=settings.scale,
+                  eta=settings.ddim_eta, seed=seeds[0])
     if init_latent is None:
-        latents = engine.txt2img(conds, x_T=noise, sampler=sampler, steps=args.ddim_steps,
-                                 scale=args.scale, eta=args.ddim_eta, seed=seeds[0])
+        latents = engine.txt2img(conds, x_T=noise, **common)
     else:
         latents = engine.img2img(init_latent.expand(len(seeds), -1, -1, -1), conds, noise=noise,
-                                 strength=args.strength, sampler=sampler, steps=args.ddim_steps,
-                                 scale=args.scale, eta=args.ddim_eta, seed=seeds[0])
+                                 strength=settings.strength, **common)
     return engine.decode(latents)
 
 
-def render_chunk(engine: Engine, chunk: list[ImageSet], args: argparse.Namespace,
+def render_chunk(engine: Engine, chunk: list[ImageSet], settings: ImageSettings,
                  init_latent: torch.Tensor | None = None) -> list[Path]:
     """Sample ``n_iter x n_samples`` images for each set of ``chunk`` (one call per round) and save
     them, then each set's grid. Returns the paths written."""
     written: list[Path] = []
     per_set: list[list[np.ndarray]] = [[] for _ in chunk]
-    for round_index in range(args.n_iter):
-        seeds = [image_seed(args, round_index, j) for _ in chunk for j in range(args.n_samples)]
-        conds = torch.stack([s.cond for s in chunk for _ in range(args.n_samples)])
-        images = sample_images(engine, conds, seeds, args, init_latent)
+    n_samples = settings.n_samples
+    for round_index in range(settings.n_iter):
+        seeds = [settings.image_seed(round_index, j) for _ in chunk for j in range(settings.n_samples)]
+        conds = torch.stack([s.cond for s in chunk for _ in range(settings.n_samples)])
+        images = sample_images(engine, conds, seeds, settings, init_latent)
         for index, (image, seed) in enumerate(zip(images, seeds)):
-            image_set = chunk[index // args.n_samples]
-            per_set[index // args.n_samples].append(image)
-            if not args.skip_save:
+            image_set = chunk[index // settings.n_samples]
+            per_set[index // settings.n_samples].append(image)
+            if not settings.skip_save:
                 path = next_numbered_path(image_set.folder, image_set.prefix)
                 written.append(save_png(image, path, {**image_set.parameters, "seed": seed}))
-    if not args.skip_grid:
+    if not settings.skip_grid:
         for image_set, images in zip(chunk, per_set):
             if len(images) > 1:
-                grid = make_grid(images, args.n_rows or args.n_samples)
+                grid = make_grid(images, settings.n_rows or settings.n_samples)
                 path = next_numbered_path(image_set.grid_folder, "grid", digits=4)
                 written.append(save_png(grid, path, image_set.parameters))
     return written
@@ -120,53 +110,56 @@ def read_text_lines(path: str | Path, what: str, hint: str) -> list[str]:
                               f"(it should hold {hint})") from None
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(settings: PromptImageSettings) -> list[str]:
     """--prompt, or the non-empty lines of --from-file."""
-    if not args.from_file:
-        return [args.prompt]
-    lines = read_text_lines(args.from_file, "prompt list", "one prompt per line")
+    if not settings.from_file:
+        return [settings.prompt]
+    lines = read_text_lines(settings.from_file, "prompt list", "one prompt per line")
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise PromptFileError(f"prompt list {args.from_file} holds no prompt: write one prompt per line")
+        raise PromptFileError(f"prompt list {settings.from_file} holds no prompt: write one prompt per line")
     return prompts
 
 
-def _render_prompts(engine: Engine, args: argparse.Namespace, prompts: list[str], outdir: Path,
-                    init_latent: torch.Tensor | None = None) -> list[Path]:
+def _render_prompts(engine: Engine, settings: PromptImageSettings, model: ModelSettings,
+                    prompts: list[str], outdir: Path, init_latent: torch.Tensor | None = None) -> list[Path]:
     """Each prompt's images in OUTDIR/samples, grids in OUTDIR, as upstream."""
     samples = ensure_output_dir(outdir / "samples")
-    params = run_parameters(args, engine)
+    params = run_parameters(settings, model, engine)
     written: list[Path] = []
     for prompt in tqdm(prompts, unit="prompt", desc="rendering", dynamic_ncols=True):
         image_set = ImageSet(cond=engine.text_conditioning(prompt), parameters={**params, "prompt": prompt},
                              folder=samples, prefix="sample", grid_folder=outdir)
-        written += render_chunk(engine, [image_set], args, init_latent)
+        written += render_chunk(engine, [image_set], settings, init_latent)
     log.info("%d images in %s", len(written), outdir)
     return written
 
 
-def run_txt2img(args: argparse.Namespace) -> list[Path]:
+def run_txt2img(settings: PromptImageSettings, model: ModelSettings) -> list[Path]:
+    """CompVis's txt2img: OUTDIR/samples/sample-NNNNN.png per image, OUTDIR/grid-NNNN.png per prompt."""
     # Inputs and the output folder are checked before the model loads: mistakes show at once.
-    prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
-    engine = engine_from_args(args)
-    return _render_prompts(engine, args, prompts, outdir)
+    prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
+    engine = load_engine(model)
+    return _render_prompts(engine, settings, model, prompts, outdir)
 
 
-def run_img2img(args: argparse.Namespace) -> list[Path]:
-    init = load_init_image(args.init_img, args.W, args.H)
-    prompts, outdir = read_prompts(args), ensure_output_dir(args.outdir)
-    engine = engine_from_args(args)
-    return _render_prompts(engine, args, prompts, outdir, init_latent=engine.encode_image(init[None]))
+def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> list[Path]:
+    """CompVis's img2img from ``settings.init_img`` at ``settings.strength``; outputs as txt2img."""
+    init = load_init_image(settings.init_img, settings.W, settings.H)
+    prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
+    engine = load_engine(model)
+    return _render_prompts(engine, settings, model, prompts, outdir,
+                           init_latent=engine.encode_image(init[None]))
 
 
 # ----------------------------------------------------------------------------- audio2img
 
-def list_sounds(args: argparse.Namespace) -> list[Path]:
+def list_sounds(settings: SoundImageSettings) -> list[Path]:
     """The sound files of --prompt/--audio, --input_folder or --from-file."""
-    if args.audio:
-        return [Path(args.audio)]
-    if args.input_folder:
-        folder = Path(args.input_folder)
+    if settings.audio:
+        return [Path(settings.audio)]
+    if settings.input_folder:
+        folder = Path(settings.input_folder)
         if not folder.is_dir():
             raise AudioError(f"--input_folder {folder} is not a folder: give a folder of sound files")
         sounds = find_audio_files(folder)
@@ -174,10 +167,10 @@ def list_sounds(args: argparse.Namespace) -> list[Path]:
             raise AudioError(f"--input_folder {folder} holds no sound files "
                              f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))})")
         return sounds
-    lines = read_text_lines(args.from_file, "sound list", "one sound path per line")
+    lines = read_text_lines(settings.from_file, "sound list", "one sound path per line")
     sounds = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
     if not sounds:
-        raise PromptFileError(f"sound list {args.from_file} holds no path: write one sound path per line")
+        raise PromptFileError(f"sound list {settings.from_file} holds no path: write one sound path per line")
     return sounds
 
 
@@ -199,21 +192,21 @@ def readable_sounds(sounds: list[Path], skipped: list[tuple[Path, str]]
         yield number, path, samples
 
 
-def sound_conditioning(engine: Engine, samples: np.ndarray, args: argparse.Namespace) -> torch.Tensor:
+def sound_conditioning(engine: Engine, samples: np.ndarray, settings: AudioConditioningSettings) -> torch.Tensor:
     """The (77, D) conditioning of a whole sound ``samples`` (mono, 44.1 kHz): featurize, normalize,
     mix with text."""
-    features = featurize(samples, args.feature, dim=engine.context_dim)
-    text_cond = engine.text_conditioning(args.textprompt) if args.textprompt else None
-    return condition(features, mode=args.normalize, text_cond=text_cond,
-                     empty_cond=engine.text_conditioning(""), textstrength=args.textstrength)
+    features = featurize(samples, settings.feature, dim=engine.context_dim)
+    text_cond = engine.text_conditioning(settings.textprompt) if settings.textprompt else None
+    return condition(features, mode=settings.normalize, text_cond=text_cond,
+                     empty_cond=engine.text_conditioning(""), textstrength=settings.textstrength)
 
 
-def run_audio2img(args: argparse.Namespace) -> list[Path]:
+def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> list[Path]:
     """One image set per sound in OUTDIR/<sound name>/FEATURE-NNNNN.png.
 
     With several sounds, a sound that cannot be read is reported, skipped and listed at the end;
     the run fails only when no sound could be read. Sounds are read one at a time."""
-    sounds = list_sounds(args)
+    sounds = list_sounds(settings)
     skipped: list[tuple[Path, str]] = []
     loaded = readable_sounds(sounds, skipped)
     # The first readable sound and the output folder are checked before the model loads, so
@@ -221,23 +214,23 @@ def run_audio2img(args: argparse.Namespace) -> list[Path]:
     first = next(loaded, None)
     if first is None:
         raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
-    outdir = ensure_output_dir(args.outdir)
-    engine = engine_from_args(args)
-    params = run_parameters(args, engine)
+    outdir = ensure_output_dir(settings.outdir)
+    engine = load_engine(model)
+    params = run_parameters(settings, model, engine)
     written: list[Path] = []
     chunk: list[ImageSet] = []
     with tqdm(total=len(sounds), unit="sound", desc="rendering", dynamic_ncols=True) as bar:
         for number, path, samples in itertools.chain([first], loaded):
-            cond = sound_conditioning(engine, samples, args)
+            cond = sound_conditioning(engine, samples, settings)
             folder = ensure_output_dir(outdir / path.stem)
             chunk.append(ImageSet(cond=cond, parameters={**params, "sound": str(path)}, folder=folder,
-                                  prefix=args.feature, grid_folder=folder))
-            if len(chunk) == args.batch_size:
-                written += render_chunk(engine, chunk, args)
+                                  prefix=settings.feature, grid_folder=folder))
+            if len(chunk) == settings.batch_size:
+                written += render_chunk(engine, chunk, settings)
                 chunk = []
                 bar.update(number - bar.n)  # skipped sounds before this one count as done
         if chunk:
-            written += render_chunk(engine, chunk, args)
+            written += render_chunk(engine, chunk, settings)
         bar.update(len(sounds) - bar.n)
     log.info("%d images from %d sounds in %s", len(written), len(sounds) - len(skipped), outdir)
     if skipped:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from sounddiffusion import video_job
-from sounddiffusion.engine import load_engine
+from sounddiffusion.loading import load_engine
+from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.video import probe_video
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--strength", "0.5", "--seed", "3"]
@@ -99,10 +100,10 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
 
     real_next_latent = video_job.next_latent
 
-    def interrupted_at_frame_5(engine, previous, cond, rms, index, args):
-        if index == 5:
+    def interrupted_at_frame_5(engine, previous, cond, frame, loudness, settings):
+        if frame.index == 5:
             raise KeyboardInterrupt
-        return real_next_latent(engine, previous, cond, rms, index, args)
+        return real_next_latent(engine, previous, cond, frame, loudness, settings)
 
     monkeypatch.setattr(video_job, "next_latent", interrupted_at_frame_5)
     output = tmp_path / "parts" / "song.mp4"
@@ -134,27 +135,26 @@ def test_prompt_file_interpolates(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("0:00 red\n0:02: blue\n")
     sound = _tone_then_noise(tmp_path / "s.wav")
-    parser = __import__("audio2video").build_parser()
-    args = parser.parse_args(["--path", str(sound), "--fps", "2", "--prompt_file", str(prompts),
-                              "--normalize", "clip", "--textstrength", "1", *FAST])
-    engine = load_engine(demo=True, device="cpu")
-    plan = video_job.plan_frames(args)
+    settings = VideoSettings(audio=str(sound), fps=2, prompt_file=str(prompts), normalize="clip",
+                             textstrength=1.0, H=64, W=64)
+    engine = load_engine(ModelSettings(demo=True, device="cpu"))
+    plan = video_job.plan_frames(settings)
     red, blue = engine.text_conditioning("red"), engine.text_conditioning("blue")
     # textstrength 1 in clip mode: text only, so the conditioning is the blended prompt.
     for index, weight in ((0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75)):
-        cond, _ = video_job.frame_conditioning(engine, plan, index, args)
+        cond = video_job.frame_conditioning(engine, plan.audio_slice(index), plan.frame(index), settings)
         torch.testing.assert_close(cond, (1 - weight) * red + weight * blue, atol=1e-5, rtol=1e-5)
 
 
 def test_textpromptend_reaches_the_end_prompt(tmp_path):
     sound = _tone_then_noise(tmp_path / "s.wav")
-    parser = __import__("audio2video").build_parser()
-    args = parser.parse_args(["--path", str(sound), "--fps", "2", "--textprompt", "dawn",
-                              "--textpromptend", "dusk", "--textstrength", "1", *FAST])
-    engine = load_engine(demo=True, device="cpu")
-    plan = video_job.plan_frames(args)
-    first, _ = video_job.frame_conditioning(engine, plan, 0, args)
-    last, _ = video_job.frame_conditioning(engine, plan, plan.n_frames - 1, args)
+    settings = VideoSettings(audio=str(sound), fps=2, textprompt="dawn", textpromptend="dusk",
+                             textstrength=1.0, H=64, W=64)
+    engine = load_engine(ModelSettings(demo=True, device="cpu"))
+    plan = video_job.plan_frames(settings)
+    last_index = plan.n_frames - 1
+    first = video_job.frame_conditioning(engine, plan.audio_slice(0), plan.frame(0), settings)
+    last = video_job.frame_conditioning(engine, plan.audio_slice(last_index), plan.frame(last_index), settings)
     torch.testing.assert_close(first, engine.text_conditioning("dawn"))
     torch.testing.assert_close(last, engine.text_conditioning("dusk"))
 
@@ -172,8 +172,8 @@ def test_preview_is_playable(run_tool, tmp_path, monkeypatch):
 
 
 def _stop_after(real, frames):
-    def wrapped(engine, previous, cond, rms, index, args):
-        if index == frames:
+    def wrapped(engine, previous, cond, frame, loudness, settings):
+        if frame.index == frames:
             raise KeyboardInterrupt
-        return real(engine, previous, cond, rms, index, args)
+        return real(engine, previous, cond, frame, loudness, settings)
     return wrapped

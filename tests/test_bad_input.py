@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, write_sound
 from malicious_pickles import PAYLOADS
 from sounddiffusion import engine as engine_module
+from sounddiffusion import loading
+from sounddiffusion.settings import ModelSettings
 from sounddiffusion.conditioning import NORMALIZE_MODES, condition
 from sounddiffusion.features import FEATURES, featurize
 from sounddiffusion.video import probe_video
@@ -153,7 +155,7 @@ class FiniteSpy:
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    return engine_module.load_engine(demo=True)
+    return loading.load_engine(ModelSettings(demo=True))
 
 
 @pytest.mark.parametrize("feature", FEATURES)
@@ -255,7 +257,7 @@ def _tiny_args(ckpt, config="tests/data/tiny-v1/config.yaml"):
 
 @pytest.mark.parametrize("tool", ["audio2img", "audio2video", "txt2img", "img2img"])
 def test_no_checkpoint_says_where_how_and_demo(run_tool, tmp_path, sound, image, outdir, monkeypatch, tool):
-    monkeypatch.setattr(engine_module, "CHECKPOINT_DIR", tmp_path / "models" / "ldm" / "stable-diffusion-v1")
+    monkeypatch.setattr(loading, "CHECKPOINT_DIR", tmp_path / "models" / "ldm" / "stable-diffusion-v1")
     line = assert_refused(run_tool, tool, command(tool, sound, image, outdir, "--H", "64", "--W", "64"),
                           outdir, "no checkpoint in", "models/ldm/stable-diffusion-v1", "model.ckpt",
                           "model.safetensors", "download", "sd-v1-4.ckpt", "--demo")

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: its CompVis -> diffusers conversion reproduces our model's outputs, and a
+"""sounddiffusion.diffusers_conversion: the CompVis -> diffusers conversion reproduces our model's outputs, and a
 run on the tiny model writes the table and the ratio line."""
 import importlib.util
 import re
@@ -16,6 +16,13 @@ pytest.importorskip("diffusers", reason="diffusers is a benchmark-only dependenc
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # relative to 1 + max|ours|, as the reference README's single-pass tolerance
+
+
+@pytest.fixture(scope="module")
+def conversion():
+    from sounddiffusion import diffusers_conversion
+
+    return diffusers_conversion
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +47,9 @@ def assert_close(name, theirs, ours):
 
 
 @torch.no_grad()
-def test_diffusers_unet_predicts_our_noise(bench, tiny):
+def test_diffusers_unet_predicts_our_noise(conversion, tiny):
     model, config = tiny
-    unet = bench.diffusers_unet(model, config)
+    unet = conversion.diffusers_unet(model, config)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=generator)
     t = torch.tensor([10, 500])
@@ -54,9 +61,9 @@ def test_diffusers_unet_predicts_our_noise(bench, tiny):
 
 
 @torch.no_grad()
-def test_diffusers_vae_encodes_and_decodes_as_ours(bench, tiny):
+def test_diffusers_vae_encodes_and_decodes_as_ours(conversion, tiny):
     model, config = tiny
-    vae = bench.diffusers_vae(model, config)
+    vae = conversion.diffusers_vae(model, config)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ours = model.encode_first_stage(image)
     theirs = vae.encode(image).latent_dist
@@ -66,16 +73,16 @@ def test_diffusers_vae_encodes_and_decodes_as_ours(bench, tiny):
     assert_close("vae decode", vae.decode(latent / vae.config.scaling_factor).sample, model.decode_first_stage(latent))
 
 
-def test_diffusers_ddim_visits_our_timesteps(bench, tiny):
+def test_diffusers_ddim_visits_our_timesteps(conversion, tiny):
     model, _ = tiny
-    scheduler = bench.diffusers_ddim(model)
+    scheduler = conversion.diffusers_ddim(model)
     scheduler.set_timesteps(50)
     ours = make_ddim_schedule(model.alphas_cumprod, 50, verbose=False)
     assert scheduler.timesteps.tolist() == ours.timesteps[::-1].tolist()
     assert_close("alphas_cumprod", scheduler.alphas_cumprod, model.alphas_cumprod)
 
 
-def test_key_maps_cover_the_full_size_layout(bench):
+def test_key_maps_cover_the_full_size_layout(conversion):
     """Every full-size SD v1 UNet and VAE key lands on a diffusers module path."""
     config = OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml").model.params
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -84,10 +91,10 @@ def test_key_maps_cover_the_full_size_layout(bench):
     with torch.device("meta"):
         ours_unet = instantiate_from_config(config.unet_config)
         ours_vae = instantiate_from_config(config.first_stage_config)
-        unet = UNet2DConditionModel(**bench.diffusers_unet_config(config.unet_config.params))
-        vae = AutoencoderKL(**bench.diffusers_vae_config(config.first_stage_config.params, 0.18215))
-    for theirs, converted in ((unet, bench.unet_to_diffusers(ours_unet.state_dict(), config.unet_config.params)),
-                              (vae, bench.vae_to_diffusers(ours_vae.state_dict(), config.first_stage_config.params.ddconfig))):
+        unet = UNet2DConditionModel(**conversion.diffusers_unet_config(config.unet_config.params))
+        vae = AutoencoderKL(**conversion.diffusers_vae_config(config.first_stage_config.params, 0.18215))
+    for theirs, converted in ((unet, conversion.unet_to_diffusers(ours_unet.state_dict(), config.unet_config.params)),
+                              (vae, conversion.vae_to_diffusers(ours_vae.state_dict(), config.first_stage_config.params.ddconfig))):
         expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in converted.items()} == expected
 

@@ -369,9 +369,9 @@ def test_a_folder_of_only_bad_sounds_fails_before_the_model_loads(run_tool, tmp_
     (folder / "a.wav").write_text("no")
     (folder / "b.mp3").write_bytes(b"")
 
-    def must_not_load(**kwargs):
+    def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sounddiffusion.engine.load_engine", must_not_load)
+    monkeypatch.setattr("sounddiffusion.image_jobs.load_engine", must_not_load)
     status, _, err = run_tool("audio2img", ["--input_folder", folder, "--outdir", tmp_path / "out", *DEMO])
     assert_one_line_error(status, err, "audio2img", "none of the 2 sounds could be read", "a.wav")

@@ -166,3 +166,46 @@ def test_fft_needs_two_columns():
 def test_bad_samples(y):
     with pytest.raises(ParameterError):
         featurize(y, "fft", dim=64)
+
+
+# -- mel and MFCC features against librosa.feature called independently
+
+def _librosa_parameters(y: np.ndarray, dim: int) -> dict:
+    """The STFT parameters the README promises: hop len/77 + 1 and the smallest power-of-two n_fft,
+    at least 2048, whose bin spacing is no wider than the narrowest mel band spacing."""
+    import librosa
+
+    narrowest = np.diff(librosa.mel_frequencies(dim + 2, fmin=0.0, fmax=SAMPLE_RATE / 2)).min()
+    n_fft = 2048
+    while SAMPLE_RATE / n_fft > narrowest:
+        n_fft *= 2
+    return dict(sr=SAMPLE_RATE, n_fft=n_fft, hop_length=len(y) // 77 + 1, n_mels=dim, fmin=0.0,
+                fmax=SAMPLE_RATE / 2)
+
+
+def _real_slice(audio_dir) -> np.ndarray:
+    y = load_audio(audio_dir / "Toms_diner.wav")
+    return y[SAMPLE_RATE // 2: SAMPLE_RATE // 2 + SAMPLE_RATE // 6]  # one frame at 6 fps
+
+
+@pytest.mark.parametrize("dim", [64, 768])
+def test_melspectrogram_equals_librosa(audio_dir, dim):
+    import librosa
+
+    y = _real_slice(audio_dir)
+    power = librosa.feature.melspectrogram(y=y, power=2.0, **_librosa_parameters(y, dim))
+    db = librosa.power_to_db(power, ref=np.max(power), amin=1e-10, top_db=80.0)
+    expected = np.clip((db + 80.0) / 80.0, 0.0, 1.0).T
+    ours = melspectrogram_features(y, dim=dim)
+    assert_close(ours[: len(expected)], expected[:77])
+    assert not ours[len(expected):].any()  # rows past the slice's frames are zero
+
+
+@pytest.mark.parametrize("dim", [64, 768])
+def test_mfcc_equals_librosa(audio_dir, dim):
+    import librosa
+
+    y = _real_slice(audio_dir)
+    expected = librosa.feature.mfcc(y=y, n_mfcc=dim, **_librosa_parameters(y, dim)).T
+    ours = mfcc_features(y, dim=dim)
+    assert_close(ours[: len(expected)], expected[:77])

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ldm.modules.prepack import PrepackedConv2d, PrepackedLinear, prepack_supported, prepack_weights
-from sounddiffusion.engine import engine_for_model
+from sounddiffusion.loading import engine_for_model
 
 pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has no oneDNN packed-weight ops")
 
@@ -82,9 +82,9 @@ def test_engine_packs_on_cpu_and_keeps_the_reference_outputs(tiny_dir, channels_
 def test_engine_does_not_pack_without_the_memory_for_it(tiny_dir, monkeypatch):
     from omegaconf import OmegaConf
     from ldm.util import load_model_from_config
-    from sounddiffusion import engine as engine_module
+    from sounddiffusion import loading
 
-    monkeypatch.setattr(engine_module, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    monkeypatch.setattr(loading, "available_memory", lambda: 1 << 20)  # 1 MiB free
     model = load_model_from_config(OmegaConf.load(tiny_dir / "config.yaml"), str(tiny_dir / "model.safetensors"))
-    engine = engine_module.engine_for_model(model, device="cpu", precision="full")
+    engine = loading.engine_for_model(model, device="cpu", precision="full")
     assert type(engine.model.model.diffusion_model.input_blocks[0][0]) is nn.Conv2d

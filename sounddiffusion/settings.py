@@ -1,0 +1,179 @@
+"""Run settings as data: what each job needs, built by the entry points from their flags.
+
+The jobs and the frame loop take these frozen dataclasses and never see argparse. Field names
+are the command-line flags' names, so what a PNG or a video records (:meth:`JobSettings.parameters`)
+reads like the command that made it, and a flag added here is recorded in the metadata and
+checked by ``--resume`` without further code.
+
+Defaults that belong to the installation (the default config, where checkpoints go) resolve
+against this package's location, not the working directory.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+REPO = Path(__file__).resolve().parents[1]
+"""The installation: the folder that holds ``configs/``, ``models/`` and this package."""
+
+DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+DEMO_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-demo.yaml"
+CHECKPOINT_DIR = REPO / "models" / "ldm" / "stable-diffusion-v1"
+CHECKPOINT_NAMES = ("model.safetensors", "model.ckpt")
+DEFAULT_SIZE = 512  # what SD v1 was trained on
+DEMO_SIZE = 256  # keeps the demo model quick on a CPU
+PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+MAX_FPS = 120
+
+
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the installation when inside it (as users type it there), else as is."""
+    try:
+        return path.relative_to(REPO)
+    except ValueError:
+        return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """Base of every job's settings. ``OUTPUT_FIELDS`` name the fields that change where results
+    go or how they are shown, not what they look like; they stay out of :meth:`parameters`."""
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    def parameters(self) -> dict:
+        """The settings that decide what the results look like, by flag name (JSON-ready)."""
+        return {name: value for name, value in asdict(self).items() if name not in self.OUTPUT_FIELDS}
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings(JobSettings):
+    """Which model, where and in what precision (``--config --ckpt --demo --device --precision
+    --compile``). ``config`` None: the default config; ``ckpt`` None: the checkpoint in
+    :data:`CHECKPOINT_DIR`."""
+
+    config: str | None = None
+    ckpt: str | None = None
+    demo: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "compile"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings(JobSettings):
+    """Denoising steps, eta, classifier-free guidance scale, seed and picture size in pixels."""
+
+    ddim_steps: int = 50
+    ddim_eta: float = 0.0
+    scale: float = 7.5
+    seed: int = 42
+    H: int = DEFAULT_SIZE
+    W: int = DEFAULT_SIZE
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioConditioningSettings(JobSettings):
+    """How a sound becomes a conditioning: feature, normalization and the text mixed in."""
+
+    feature: str = "fft"
+    normalize: str = "clip"
+    textprompt: str = ""
+    textstrength: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSettings(SamplingSettings):
+    """An image job (txt2img, img2img, audio2img): sampler, rounds and where the PNGs go.
+
+    Image ``k`` of round ``r`` has the seed ``seed + r * n_samples + k`` (every round reuses
+    round 0's seeds with ``fixed_code``). ``strength`` and ``init_img`` are img2img's."""
+
+    plms: bool = False
+    n_iter: int = 1
+    n_samples: int = 1
+    n_rows: int = 0
+    fixed_code: bool = False
+    outdir: str = "outputs"
+    skip_grid: bool = False
+    skip_save: bool = False
+    strength: float | None = None
+    init_img: str | None = None
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"outdir", "skip_grid", "skip_save", "n_rows"})
+
+    @property
+    def sampler(self) -> str:
+        return "plms" if self.plms else "ddim"
+
+    def image_seed(self, round_index: int, sample_index: int) -> int:
+        """The seed of one image."""
+        return self.seed + (0 if self.fixed_code else round_index * self.n_samples) + sample_index
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptImageSettings(ImageSettings):
+    """txt2img / img2img: ``--prompt`` or the prompts of the ``--from-file`` list."""
+
+    prompt: str = "a painting of a virus monster playing guitar"
+    from_file: str | None = None
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = ImageSettings.OUTPUT_FIELDS | {"from_file"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoundImageSettings(ImageSettings, AudioConditioningSettings):
+    """audio2img: one sound (``audio``), a folder of them or a list; ``batch_size`` sounds per call."""
+
+    audio: str | None = None
+    input_folder: str | None = None
+    from_file: str | None = None
+    batch_size: int = 4
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = (ImageSettings.OUTPUT_FIELDS
+                                               | {"audio", "input_folder", "from_file", "batch_size"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoSettings(SamplingSettings, AudioConditioningSettings):
+    """audio2video: the sound, the frame rate, how frames chain, and the output.
+
+    ``strength``: how far each img2img frame departs from the previous one; ``rms_bend``: the
+    slice's loudness x F added to the noised latent; ``ddim``: DDIM instead of PLMS;
+    ``pixel_roundtrip``: decode and re-encode every frame, as upstream did."""
+
+    audio: str
+    fps: float = 12.0
+    strength: float = 0.5
+    textpromptend: str | None = None
+    prompt_file: str | None = None
+    init_img: str | None = None
+    rms_bend: float = 0.0
+    ddim: bool = False
+    pixel_roundtrip: bool = False
+    outdir: str = "outputs/audio2video"
+    output: str | None = None
+    save_frames: bool = False
+    preview_every: float = 0.0
+    resume: bool = False
+    ddim_steps: int = 25
+
+    # The sound and the init image are identified by content in the render's settings instead.
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"audio", "init_img", "prompt_file", "outdir", "output", "save_frames", "preview_every", "resume"})
+
+    @property
+    def sampler(self) -> str:
+        return "ddim" if self.ddim else "plms"
+
+    def requested_output(self) -> Path:
+        """``output``, or OUTDIR/<sound name>.mp4 (the render numbers it if the name is taken)."""
+        return Path(self.output) if self.output else Path(self.outdir) / (Path(self.audio).stem + ".mp4")
