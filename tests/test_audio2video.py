@@ -11,7 +11,7 @@ from PIL import Image
 
 from sounddiffusion import video_job
 from sounddiffusion.engine import load_engine
-from sounddiffusion.video import probe_video
+from sounddiffusion.ffmpeg import probe_video
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--strength", "0.5", "--seed", "3"]
 

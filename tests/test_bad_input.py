@@ -25,7 +25,7 @@ from malicious_pickles import PAYLOADS
 from sounddiffusion import engine as engine_module
 from sounddiffusion.conditioning import NORMALIZE_MODES, condition
 from sounddiffusion.features import FEATURES, featurize
-from sounddiffusion.video import probe_video
+from sounddiffusion.ffmpeg import probe_video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

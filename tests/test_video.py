@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from sounddiffusion import video
+from sounddiffusion import ffmpeg, render_state
 from sounddiffusion.errors import OutputError, ParameterError
-from sounddiffusion.video import VideoRender, probe_video, unique_output_path
+from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.files import unique_output_path
+from sounddiffusion.images import read_rgb
+from sounddiffusion.video import VideoRender
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -217,7 +220,7 @@ def test_fresh_render_replaces_one_that_stopped_before_its_first_frame(tmp_path)
         add_frames(render, 2)
     stored = json.loads((path.parent / (path.name + ".render") / "settings.json").read_text())
     assert stored["settings"]["strength"] == 0.9
-    np.testing.assert_array_equal(video.read_rgb(path.parent / (path.name + ".render") / "frame-000000.png"),
+    np.testing.assert_array_equal(read_rgb(path.parent / (path.name + ".render") / "frame-000000.png"),
                                   synthetic_frame(0))
 
 
@@ -259,7 +262,7 @@ def test_disk_full_loses_no_finished_frame(tmp_path, sound, monkeypatch):
 
     with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=5) as render:
         add_frames(render, 7)
-        monkeypatch.setattr(video.np, "savez", full_disk)
+        monkeypatch.setattr(render_state.np, "savez", full_disk)
         with pytest.raises(OutputError, match="disk full .* run again with --resume"):
             add_frames(render, 8)
         monkeypatch.undo()
@@ -274,7 +277,7 @@ def test_disk_full_loses_no_finished_frame(tmp_path, sound, monkeypatch):
 
 
 def test_encoder_failure_is_reported_and_recoverable(tmp_path, monkeypatch):
-    monkeypatch.setattr(video, "VIDEO_CODEC", ["-c:v", "no_such_encoder"])
+    monkeypatch.setattr(ffmpeg, "VIDEO_CODEC", ["-c:v", "no_such_encoder"])
     with VideoRender.open(tmp_path / "song.mp4", 8, SIZE, SIZE, SETTINGS) as render:
         # ffmpeg stops at once; a frame write or the segment's end notices, whichever is first.
         with pytest.raises(OutputError, match="(?s)ffmpeg failed while encoding .*no_such_encoder"):
@@ -301,7 +304,7 @@ def test_ffmpeg_failure_is_reported(tmp_path):
 def test_bad_frames_and_sizes_are_refused(tmp_path):
     with pytest.raises(ParameterError, match="even width and height"):
         VideoRender.open(tmp_path / "a.mp4", 8, 63, SIZE, SETTINGS)
-    with pytest.raises(ParameterError, match="fps must be positive"):
+    with pytest.raises(ParameterError, match="frame rate 0.0: use a positive number"):
         VideoRender.open(tmp_path / "a.mp4", 0.0, SIZE, SIZE, SETTINGS)
     with VideoRender.open(tmp_path / "a.mp4", 8, SIZE, SIZE, SETTINGS) as render:
         with pytest.raises(ValueError, match="uint8 frame"):
