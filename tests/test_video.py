@@ -16,6 +16,7 @@ import pytest
 import soundfile
 
 from sounddiffusion import ffmpeg, render_state
+from sounddiffusion.audio import SAMPLE_RATE, fps_fraction, frame_bounds, frame_count
 from sounddiffusion.errors import OutputError, ParameterError
 from sounddiffusion.ffmpeg import probe_video
 from sounddiffusion.files import unique_output_path
@@ -310,3 +311,58 @@ def test_bad_frames_and_sizes_are_refused(tmp_path):
         with pytest.raises(ValueError, match="uint8 frame"):
             render.add_frame(np.zeros((SIZE, SIZE, 3), np.float32))
         assert render.frames_done == 0
+
+
+@pytest.mark.parametrize("fps", [30000 / 1001, 29.97, 1 / 3])
+def test_audio_and_video_read_the_frame_rate_alike(tmp_path, fps):
+    """Frame N's first sound sample (audio.frame_bounds) is where the writer's video reaches
+    frame N: the same exact fraction on both sides, also for floats whose printed digits are
+    not the fraction (1/3, 30000/1001)."""
+    seconds = 0.5 if fps > 1 else 4.0
+    n_samples = round(seconds * SAMPLE_RATE)
+    count = frame_count(n_samples, fps)
+    with VideoRender.open(tmp_path / "song.mp4", fps, SIZE, SIZE, SETTINGS) as render:
+        assert render.fps == fps_fraction(fps)
+        stored = json.loads((render.state_dir / "settings.json").read_text())
+        assert Fraction(stored["fps"]) == fps_fraction(fps)
+        add_frames(render, count)
+        path = render.finish(None)
+    duration = Fraction(count) / render.fps  # what the writer cuts the video to
+    assert frame_bounds(count, fps)[0] == math.floor(duration * SAMPLE_RATE)
+    assert (count - 1) / render.fps < Fraction(n_samples, SAMPLE_RATE) <= duration
+    info = probe_video(path)
+    assert info["frames"] == count
+    assert info["video_duration"] == pytest.approx(float(duration), abs=0.01)
+
+
+def ffmpeg_tags(path: Path) -> dict[str, str]:
+    """The container tags ``ffmpeg -i`` prints for ``path`` (the first Metadata block)."""
+    header = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                            capture_output=True, text=True).stderr
+    block = header.split("Metadata:", 1)[1].split("Duration:", 1)[0]
+    pairs = (line.split(":", 1) for line in block.strip().splitlines())
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_settings_are_stored_in_the_mp4_comment(tmp_path, sound):
+    comment = json.dumps({**SETTINGS, "prompt": "a café at night", "fps": "30000/1001"},
+                         sort_keys=True, ensure_ascii=False)
+    with VideoRender.open(tmp_path / "song.mp4", 8, SIZE, SIZE, SETTINGS) as render:
+        add_frames(render, 3)
+        preview = render.write_preview(sound, metadata={"comment": comment})
+        assert json.loads(ffmpeg_tags(preview)["comment"]) == json.loads(comment)
+        path = render.finish(sound, metadata={"comment": comment})
+    tags = ffmpeg_tags(path)
+    assert tags["comment"] == comment
+    assert json.loads(tags["comment"]) == {**SETTINGS, "prompt": "a café at night",
+                                           "fps": "30000/1001"}
+    assert probe_video(path)["frames"] == 3
+    plain = render_uninterrupted(tmp_path / "plain.mp4", 8, 3, sound)
+    assert "comment" not in ffmpeg_tags(plain)
+
+
+def test_metadata_key_that_ffmpeg_would_misread_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="metadata key 'a=b'"):
+        ffmpeg.mux_segments([], tmp_path, Fraction(8), 1, None, output_path=tmp_path / "a.mp4",
+                            metadata={"a=b": "c"})
+    assert list(tmp_path.iterdir()) == []
