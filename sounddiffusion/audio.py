@@ -199,18 +199,26 @@ def _ffmpeg_blocks(path: Path, sr: int, reason: str) -> Iterator[tuple[int, np.n
         process.wait()
 
 
-def fps_fraction(fps: float | Fraction, sr: int = SAMPLE_RATE) -> Fraction:
-    """A frame rate as the exact fraction every part of a render uses (slicing, timing, ffmpeg).
+def fps_fraction(fps: float | Fraction) -> Fraction:
+    """Frames per second as an exact fraction, the one reading of a frame rate everywhere.
 
-    Floats are read as the nearest fraction with a denominator up to 10000, so 29.97 is 2997/100
-    and 30000/1001 given as a float is 30000/1001 again. Raises :class:`ParameterError` unless
-    0 < fps <= sr."""
+    A float (29.97, 7.5, 30000/1001) becomes the nearest fraction whose denominator is at most
+    10000 (2997/100, 15/2, 30000/1001), so frame boundaries and video timestamps are exact
+    integers rather than float roundings; ints and Fractions are kept as they are. Raises
+    :class:`ParameterError` unless ``fps`` is a number above 0.
+    """
     try:
         rate = Fraction(fps).limit_denominator(_MAX_FPS_DENOMINATOR)
     except (TypeError, ValueError, OverflowError):
         raise ParameterError(f"frame rate {fps!r}: use a positive number of frames per second") from None
     if rate <= 0:
         raise ParameterError(f"frame rate {fps!r}: use a positive number of frames per second")
+    return rate
+
+
+def _audio_frame_rate(fps: float | Fraction, sr: int) -> Fraction:
+    """:func:`fps_fraction`, and :class:`ParameterError` unless fps <= sr (a sample per frame)."""
+    rate = fps_fraction(fps)
     if rate > sr:
         raise ParameterError(f"frame rate {fps!r} is above the sample rate {sr}: a frame would hold "
                              f"less than one sample; use a lower frame rate")
@@ -219,13 +227,13 @@ def fps_fraction(fps: float | Fraction, sr: int = SAMPLE_RATE) -> Fraction:
 
 def frame_count(n_samples: int, fps: float | Fraction, sr: int = SAMPLE_RATE) -> int:
     """How many video frames cover ``n_samples`` at ``fps``: ceil(n_samples * fps / sr), exactly."""
-    rate = fps_fraction(fps, sr)
+    rate = _audio_frame_rate(fps, sr)
     return -(-n_samples * rate.numerator // (sr * rate.denominator))
 
 
 def frame_bounds(i: int, fps: float | Fraction, sr: int = SAMPLE_RATE) -> tuple[int, int]:
     """Samples ``[start, end)`` of video frame ``i``: floor(i * sr / fps), floor((i + 1) * sr / fps)."""
-    rate = fps_fraction(fps, sr)
+    rate = _audio_frame_rate(fps, sr)
     step = sr * rate.denominator
     return i * step // rate.numerator, (i + 1) * step // rate.numerator
 

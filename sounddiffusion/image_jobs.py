@@ -23,7 +23,8 @@ from .conditioning import condition
 from .engine import Engine
 from .errors import AudioError, PromptFileError
 from .features import featurize
-from .images import ensure_output_dir, load_init_image, make_grid, next_numbered_path, save_png
+from .files import ensure_output_dir, next_numbered_path
+from .images import load_init_image, make_grid, save_png
 from .loading import load_engine
 from .settings import (AudioConditioningSettings, ImageSettings, ModelSettings, PromptImageSettings,
                        SoundImageSettings)

@@ -10,6 +10,7 @@ the last finished latent to continue exactly as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -24,10 +25,11 @@ from .conditioning import blend_conditionings, condition
 from .engine import Engine
 from .features import featurize
 from .frame_plan import Frame, FramePlan, plan_frames
-from .images import ensure_output_dir, load_init_image, save_png
+from .files import ensure_output_dir, unique_output_path
+from .images import load_init_image, save_png
 from .loading import load_engine
 from .settings import ModelSettings, VideoSettings
-from .video import VideoRender, unique_output_path
+from .video import VideoRender
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,9 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
     engine = load_engine(model)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
+    recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
-                              settings=render_settings(settings, model, engine, plan), resume=settings.resume,
+                              settings=recorded, resume=settings.resume,
                               segment_frames=preview_frames or None)
     start, latent, frames_dir = _resume_point(render, engine, init_rgb)
     if settings.save_frames and frames_dir is None:
@@ -168,7 +171,8 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
             raise KeyboardInterrupt(f"{render.frames_done} of {plan.n_frames} frames are saved; continue "
                                     f"with the same command and --resume") from None
         raise
-    return render.finish(settings.audio)
+    # The MP4 carries the same settings as the resume check, as JSON in its comment tag.
+    return render.finish(settings.audio, metadata={"comment": json.dumps(recorded, sort_keys=True)})
 
 
 def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None

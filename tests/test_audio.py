@@ -10,8 +10,8 @@ import pytest
 import soundfile
 
 from sounddiffusion.audio import (
-    SAMPLE_RATE, find_audio_files, frame_bounds, frame_count, frame_slice, frame_slices, iter_frame_slices,
-    load_audio, slice_rms,
+    SAMPLE_RATE, find_audio_files, fps_fraction, frame_bounds, frame_count, frame_slice, frame_slices,
+    iter_frame_slices, load_audio, slice_rms,
 )
 from sounddiffusion.errors import AudioError, ParameterError
 
@@ -250,6 +250,25 @@ def test_bad_fps(fps):
 
 
 # -- RMS
+
+@pytest.mark.parametrize(("fps", "expected"), [
+    (29.97, Fraction(2997, 100)),
+    (30000 / 1001, Fraction(30000, 1001)),  # the float 29.97002997..., not its 17 printed digits
+    (7.5, Fraction(15, 2)),
+    (12, Fraction(12)),
+    (Fraction(30000, 1001), Fraction(30000, 1001)),
+    (1 / 3, Fraction(1, 3)),
+])
+def test_fps_fraction(fps, expected):
+    rate = fps_fraction(fps)
+    assert type(rate) is Fraction and rate == expected
+
+
+@pytest.mark.parametrize("fps", [0, -1, 0.0, float("nan"), float("inf"), "fast", None])
+def test_fps_fraction_refuses_what_is_no_frame_rate(fps):
+    with pytest.raises(ParameterError, match="use a positive number of frames per second"):
+        fps_fraction(fps)
+
 
 def test_slice_rms():
     assert slice_rms(np.zeros(441, np.float32)) == 0.0

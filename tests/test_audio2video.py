@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from sounddiffusion import video_job
+from sounddiffusion.ffmpeg import probe_video
 from sounddiffusion.loading import load_engine
 from sounddiffusion.settings import ModelSettings, VideoSettings
-from sounddiffusion.video import probe_video
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--strength", "0.5", "--seed", "3"]
 

@@ -27,7 +27,7 @@ from sounddiffusion import loading
 from sounddiffusion.settings import ModelSettings
 from sounddiffusion.conditioning import NORMALIZE_MODES, condition
 from sounddiffusion.features import FEATURES, featurize
-from sounddiffusion.video import probe_video
+from sounddiffusion.ffmpeg import probe_video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

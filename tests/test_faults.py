@@ -26,8 +26,8 @@ from PIL import Image
 
 from cli_checks import DEMO, assert_one_line_error, decoded_frames, frames_done, snapshot, stderr_lines, write_sound
 from sounddiffusion import engine as engine_module
-from sounddiffusion import images, video
-from sounddiffusion.video import probe_video
+from sounddiffusion import ffmpeg, images
+from sounddiffusion.ffmpeg import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
 # Segments of 4 frames (--preview_every 0.5 s at 8 fps): a stop leaves finished segments and PNGs.
@@ -256,7 +256,7 @@ def _ffmpeg_whose_mux_finds_the_disk_full(tmp_path) -> str:
 case "$*" in
   *concat*) echo "[mp4 @ 0x5581] Error writing trailer: No space left on device" >&2; exit 1;;
 esac
-exec {video.ffmpeg_exe()} "$@"
+exec {ffmpeg.ffmpeg_exe()} "$@"
 """)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return str(script)
@@ -266,7 +266,7 @@ def test_disk_full_while_joining_the_video_then_resume(run_tool, tmp_path, sound
                                                        reference_video):
     output = tmp_path / "out" / "song.mp4"
     fake_ffmpeg = _ffmpeg_whose_mux_finds_the_disk_full(tmp_path)
-    monkeypatch.setattr(video, "ffmpeg_exe", lambda: fake_ffmpeg)
+    monkeypatch.setattr(ffmpeg, "ffmpeg_exe", lambda: fake_ffmpeg)
     status, _, err = run_tool("audio2video", ["--path", sound, "--output", output, *VIDEO])
     assert_one_line_error(status, err, "audio2video", "disk full while writing the video", str(output),
                           "--resume")

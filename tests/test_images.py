@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sounddiffusion import images
+from sounddiffusion import files
 from sounddiffusion.errors import OutputError, UserError
-from sounddiffusion.images import (ensure_output_dir, load_init_image, make_grid,
-                                   next_numbered_path, read_png_parameters, save_png)
+from sounddiffusion.files import ensure_output_dir, next_numbered_path
+from sounddiffusion.images import load_init_image, make_grid, read_png_parameters, save_png
 
 PARAMETERS = {"prompt": "a café at night, 夜", "seed": 42, "scale": 7.5, "ddim_steps": 50,
               "checkpoint": "sd-v1-4.ckpt", "checkpoint_hash": "0123456789",
@@ -138,7 +138,7 @@ def test_disk_full_leaves_nothing_behind(tmp_path, monkeypatch):
             super().write(bytes(data)[:8])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(images.os, "fdopen", lambda fd, mode: FullDisk(fd, "wb"))
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(fd, "wb"))
     with pytest.raises(OutputError, match="disk full while writing .*a.png"):
         save_png(gradient(16, 16), tmp_path / "a.png", PARAMETERS)
     assert list(tmp_path.iterdir()) == []
@@ -148,7 +148,7 @@ def test_permission_denied_while_writing(tmp_path, monkeypatch):
     def refuse(folder, stem):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(images, "create_temp_file", refuse)
+    monkeypatch.setattr(files, "create_temp_file", refuse)
     with pytest.raises(OutputError, match="no permission to write"):
         save_png(gradient(8, 8), tmp_path / "a.png", None)
     with pytest.raises(OutputError, match=f"{tmp_path} is not writable"):

@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 import soundfile
 
-from sounddiffusion import video
+from sounddiffusion import ffmpeg, render_state
+from sounddiffusion.audio import SAMPLE_RATE, fps_fraction, frame_bounds, frame_count
 from sounddiffusion.errors import OutputError, ParameterError
-from sounddiffusion.video import VideoRender, probe_video, unique_output_path
+from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.files import unique_output_path
+from sounddiffusion.images import read_rgb
+from sounddiffusion.video import VideoRender
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -217,7 +221,7 @@ def test_fresh_render_replaces_one_that_stopped_before_its_first_frame(tmp_path)
         add_frames(render, 2)
     stored = json.loads((path.parent / (path.name + ".render") / "settings.json").read_text())
     assert stored["settings"]["strength"] == 0.9
-    np.testing.assert_array_equal(video.read_rgb(path.parent / (path.name + ".render") / "frame-000000.png"),
+    np.testing.assert_array_equal(read_rgb(path.parent / (path.name + ".render") / "frame-000000.png"),
                                   synthetic_frame(0))
 
 
@@ -259,7 +263,7 @@ def test_disk_full_loses_no_finished_frame(tmp_path, sound, monkeypatch):
 
     with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=5) as render:
         add_frames(render, 7)
-        monkeypatch.setattr(video.np, "savez", full_disk)
+        monkeypatch.setattr(render_state.np, "savez", full_disk)
         with pytest.raises(OutputError, match="disk full .* run again with --resume"):
             add_frames(render, 8)
         monkeypatch.undo()
@@ -274,7 +278,7 @@ def test_disk_full_loses_no_finished_frame(tmp_path, sound, monkeypatch):
 
 
 def test_encoder_failure_is_reported_and_recoverable(tmp_path, monkeypatch):
-    monkeypatch.setattr(video, "VIDEO_CODEC", ["-c:v", "no_such_encoder"])
+    monkeypatch.setattr(ffmpeg, "VIDEO_CODEC", ["-c:v", "no_such_encoder"])
     with VideoRender.open(tmp_path / "song.mp4", 8, SIZE, SIZE, SETTINGS) as render:
         # ffmpeg stops at once; a frame write or the segment's end notices, whichever is first.
         with pytest.raises(OutputError, match="(?s)ffmpeg failed while encoding .*no_such_encoder"):
@@ -301,9 +305,64 @@ def test_ffmpeg_failure_is_reported(tmp_path):
 def test_bad_frames_and_sizes_are_refused(tmp_path):
     with pytest.raises(ParameterError, match="even width and height"):
         VideoRender.open(tmp_path / "a.mp4", 8, 63, SIZE, SETTINGS)
-    with pytest.raises(ParameterError, match="fps must be positive"):
+    with pytest.raises(ParameterError, match="frame rate 0.0: use a positive number"):
         VideoRender.open(tmp_path / "a.mp4", 0.0, SIZE, SIZE, SETTINGS)
     with VideoRender.open(tmp_path / "a.mp4", 8, SIZE, SIZE, SETTINGS) as render:
         with pytest.raises(ValueError, match="uint8 frame"):
             render.add_frame(np.zeros((SIZE, SIZE, 3), np.float32))
         assert render.frames_done == 0
+
+
+@pytest.mark.parametrize("fps", [30000 / 1001, 29.97, 1 / 3])
+def test_audio_and_video_read_the_frame_rate_alike(tmp_path, fps):
+    """Frame N's first sound sample (audio.frame_bounds) is where the writer's video reaches
+    frame N: the same exact fraction on both sides, also for floats whose printed digits are
+    not the fraction (1/3, 30000/1001)."""
+    seconds = 0.5 if fps > 1 else 4.0
+    n_samples = round(seconds * SAMPLE_RATE)
+    count = frame_count(n_samples, fps)
+    with VideoRender.open(tmp_path / "song.mp4", fps, SIZE, SIZE, SETTINGS) as render:
+        assert render.fps == fps_fraction(fps)
+        stored = json.loads((render.state_dir / "settings.json").read_text())
+        assert Fraction(stored["fps"]) == fps_fraction(fps)
+        add_frames(render, count)
+        path = render.finish(None)
+    duration = Fraction(count) / render.fps  # what the writer cuts the video to
+    assert frame_bounds(count, fps)[0] == math.floor(duration * SAMPLE_RATE)
+    assert (count - 1) / render.fps < Fraction(n_samples, SAMPLE_RATE) <= duration
+    info = probe_video(path)
+    assert info["frames"] == count
+    assert info["video_duration"] == pytest.approx(float(duration), abs=0.01)
+
+
+def ffmpeg_tags(path: Path) -> dict[str, str]:
+    """The container tags ``ffmpeg -i`` prints for ``path`` (the first Metadata block)."""
+    header = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                            capture_output=True, text=True).stderr
+    block = header.split("Metadata:", 1)[1].split("Duration:", 1)[0]
+    pairs = (line.split(":", 1) for line in block.strip().splitlines())
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_settings_are_stored_in_the_mp4_comment(tmp_path, sound):
+    comment = json.dumps({**SETTINGS, "prompt": "a café at night", "fps": "30000/1001"},
+                         sort_keys=True, ensure_ascii=False)
+    with VideoRender.open(tmp_path / "song.mp4", 8, SIZE, SIZE, SETTINGS) as render:
+        add_frames(render, 3)
+        preview = render.write_preview(sound, metadata={"comment": comment})
+        assert json.loads(ffmpeg_tags(preview)["comment"]) == json.loads(comment)
+        path = render.finish(sound, metadata={"comment": comment})
+    tags = ffmpeg_tags(path)
+    assert tags["comment"] == comment
+    assert json.loads(tags["comment"]) == {**SETTINGS, "prompt": "a café at night",
+                                           "fps": "30000/1001"}
+    assert probe_video(path)["frames"] == 3
+    plain = render_uninterrupted(tmp_path / "plain.mp4", 8, 3, sound)
+    assert "comment" not in ffmpeg_tags(plain)
+
+
+def test_metadata_key_that_ffmpeg_would_misread_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="metadata key 'a=b'"):
+        ffmpeg.mux_segments([], tmp_path, Fraction(8), 1, None, output_path=tmp_path / "a.mp4",
+                            metadata={"a=b": "c"})
+    assert list(tmp_path.iterdir()) == []
