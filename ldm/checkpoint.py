@@ -42,7 +42,7 @@ import torch._utils
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from ldm.util import CheckpointError, UnsafeCheckpointError
+from ldm.errors import CheckpointError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,8 @@ def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_n
     are used). Text-tower keys are mapped to the model's layout; ``position_ids`` the model does not
     keep and, when the model has no EMA (``use_ema: False``), all ``model_ema.*`` entries are dropped.
     Raises CheckpointError naming both files when a model weight is missing or a tensor's shape
-    differs; keys the model does not know are dropped with a warning.
+    differs; keys the model does not know are dropped with a warning. The tensors come back in the dtypes
+    of ``model_state``.
     """
     model_has_text_model = any(k.startswith(_TEXT_WITH) for k in model_state)
     model_has_ema = any(k.startswith("model_ema.") for k in model_state)
@@ -325,4 +326,5 @@ def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_n
     if unexpected:
         logger.warning("%s: %d tensors the model built from %s does not use, ignored (%s)",
                        ckpt_name, len(unexpected), config_name, _few(unexpected, 5))
-    return fitted
+    # in the model's dtypes, so that load_state_dict(assign=True) keeps them (float16 files)
+    return {k: t.to(model_state[k].dtype).contiguous() for k, t in fitted.items()}

@@ -124,14 +124,22 @@ class LatentDiffusion(pl.LightningModule):
         alphas_cumprod[t] is alpha-bar_t = prod_{s<=t} (1 - beta_s); the posterior_* buffers are
         the mean coefficients and variance of q(x_{t-1} | x_t, x_0). Computed in float64.
         """
-        betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end)
+        self.num_timesteps = int(timesteps)
+        self.beta_schedule = beta_schedule
+        self.linear_start = linear_start
+        self.linear_end = linear_end
+        for name, values in self.computed_buffers().items():
+            self.register_buffer(name, values)
+
+    def computed_buffers(self) -> dict:
+        """The noise-schedule buffers, float32 (num_timesteps,) CPU tensors by name, computed in
+        float64 from the schedule settings (``ldm.util.fill_computed_buffers`` reads them too)."""
+        betas = make_beta_schedule(self.beta_schedule, self.num_timesteps, linear_start=self.linear_start,
+                                   linear_end=self.linear_end)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas, axis=0)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        self.num_timesteps = int(timesteps)
-        self.linear_start = linear_start
-        self.linear_end = linear_end
         schedule = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -147,8 +155,7 @@ class LatentDiffusion(pl.LightningModule):
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
         }
-        for name, values in schedule.items():
-            self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
+        return {name: torch.tensor(values, dtype=torch.float32, device="cpu") for name, values in schedule.items()}
 
     @contextmanager
     def ema_scope(self, context=None):

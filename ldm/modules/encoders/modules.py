@@ -1,4 +1,5 @@
 """The text encoder of Stable Diffusion v1: CLIP ViT-L/14's text transformer, frozen."""
+import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -51,6 +52,12 @@ class FrozenCLIPEmbedder(nn.Module):
         self.transformer.eval()
         for param in self.parameters():
             param.requires_grad = False
+
+    def computed_buffers(self) -> dict:
+        """``position_ids``, (1, positions) int64 on the CPU: a buffer transformers computes and
+        no longer stores (``ldm.util.fill_computed_buffers`` sets it after a meta-device build)."""
+        return {f"transformer.{name}": torch.arange(buffer.shape[-1], device="cpu").reshape(buffer.shape)
+                for name, buffer in self.transformer.named_buffers() if name.endswith("position_ids")}
 
     def tokenize(self, text):
         """text: list of B prompts -> (B, max_length) int64 token ids."""
