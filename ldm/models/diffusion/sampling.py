@@ -112,7 +112,7 @@ def output_to_eps(model, x, t, output):
     if parameterization == "eps":
         return output
     if parameterization == "v":
-        return model.predict_eps_from_z_and_v(x, t, output)
+        return model.predict_eps_from_z_and_v(x, t, output).to(output.dtype)
     raise ValueError(f"parameterization {parameterization!r}: the samplers handle 'eps' and 'v'")
 
 
