@@ -25,6 +25,10 @@ the pickle names, from its module and name alone and before anything is called o
   dropped with everything else that is not in the state dict).
 
 Only the state dict's tensors are returned; everything else the pickle held is discarded.
+
+Fitting keys to a model and telling SD v1 from SD 2.x files live in ``ldm.checkpoint_keys``
+(``fit_state_dict``, ``checkpoint_family_of_keys``, re-exported here); ``checkpoint_family(path)``
+answers the latter for a file while reading as little of it as possible.
 """
 import builtins
 import codecs
@@ -39,10 +43,14 @@ from pathlib import Path
 import torch
 import torch._tensor
 import torch._utils
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
-from ldm.util import CheckpointError, UnsafeCheckpointError
+from ldm.checkpoint_keys import SD_V1, SD_V2, checkpoint_family_of_keys, fit_state_dict
+from ldm.errors import CheckpointError, UnsafeCheckpointError
+
+__all__ = ["read_state_dict", "fit_state_dict", "checkpoint_family", "checkpoint_family_of_keys", "SD_V1", "SD_V2",
+           "RestrictedUnpickler", "PickledObject", "restricted_pickle"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,12 +247,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     Raises CheckpointError naming the file for a missing, unreadable, truncated or corrupt file or
     one without a state dict; UnsafeCheckpointError for a pickle that would run code.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path, or download the "
-                              f"weights there (see models/README)")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory: pass the .ckpt or .safetensors file in it")
+    path = _existing_file(path)
     try:
         kind = _sniff_format(path)
     except OSError as exc:
@@ -256,73 +259,37 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     return _state_dict_of(_load_torch(path, mmap=kind == _TORCH_ZIP), path)
 
 
-# ------------------------------------------------------------------------------------ key fitting
-
-_TEXT_WITH = "cond_stage_model.transformer.text_model."
-_TEXT_WITHOUT = "cond_stage_model.transformer."
-
-# Model keys a file may lack: values the config determines (the noise schedule), a buffer recent
-# transformers releases no longer keep, and the EMA counters.
-_SCHEDULE_BUFFERS = frozenset("""betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod
-    sqrt_one_minus_alphas_cumprod log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod
-    sqrt_recipm1_alphas_cumprod posterior_variance posterior_log_variance_clipped posterior_mean_coef1
-    posterior_mean_coef2""".split())
-_EMA_COUNTERS = frozenset({"model_ema.decay", "model_ema.num_updates"})
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path, or download the "
+                              f"weights there (see models/README)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory: pass the .ckpt or .safetensors file in it")
+    return path
 
 
-def _may_be_absent(key: str) -> bool:
-    return key in _SCHEDULE_BUFFERS or key in _EMA_COUNTERS or key.endswith("embeddings.position_ids")
+def checkpoint_family(path) -> str | None:
+    """"sd-v1", "sd-v2" or None (unknown) for a checkpoint file, from its keys and shapes only.
 
-
-def _text_key(key: str, model_has_text_model: bool) -> str:
-    """``key`` in the text-tower layout the model uses (with or without ``text_model.``)."""
-    if model_has_text_model and key.startswith(_TEXT_WITHOUT) and not key.startswith(_TEXT_WITH):
-        return _TEXT_WITH + key[len(_TEXT_WITHOUT):]
-    if not model_has_text_model and key.startswith(_TEXT_WITH):
-        return _TEXT_WITHOUT + key[len(_TEXT_WITH):]
-    return key
-
-
-def _few(items, n=3) -> str:
-    items = list(items)
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
-def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_name: str = "the config") -> dict:
-    """The checkpoint's tensors renamed and filtered to the model's keys, after strict checks.
-
-    state_dict: from ``read_state_dict``; model_state: ``model.state_dict()`` (only keys and shapes
-    are used). Text-tower keys are mapped to the model's layout; ``position_ids`` the model does not
-    keep and, when the model has no EMA (``use_ema: False``), all ``model_ema.*`` entries are dropped.
-    Raises CheckpointError naming both files when a model weight is missing or a tensor's shape
-    differs; keys the model does not know are dropped with a warning.
+    A safetensors file is answered from its header alone; a torch file through the same restricted,
+    memory-mapped load as ``read_state_dict`` (the tensors' bytes are not read). See
+    ``checkpoint_family_of_keys`` for the rules. Raises CheckpointError (UnsafeCheckpointError)
+    as ``read_state_dict`` does for a file that cannot be read.
     """
-    model_has_text_model = any(k.startswith(_TEXT_WITH) for k in model_state)
-    model_has_ema = any(k.startswith("model_ema.") for k in model_state)
-    fitted, unexpected, ema_dropped = {}, [], 0
-    for key, tensor in state_dict.items():
-        key = _text_key(key, model_has_text_model)
-        if key in model_state:
-            fitted[key] = tensor
-        elif key.startswith("model_ema.") and not model_has_ema:
-            ema_dropped += 1
-        elif not key.endswith("embeddings.position_ids"):
-            unexpected.append(key)
-    if ema_dropped:
-        logger.debug("%s: ignoring %d model_ema entries (the config has use_ema: False)", ckpt_name, ema_dropped)
-
-    missing = [k for k in model_state if k not in fitted and not _may_be_absent(k)]
-    reshaped = [f"{k}: file {tuple(t.shape)} vs model {tuple(model_state[k].shape)}"
-                for k, t in fitted.items() if t.shape != model_state[k].shape]
-    if missing or reshaped:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} weights missing ({_few(missing)})")
-        if reshaped:
-            problems.append(f"{len(reshaped)} of another shape ({_few(reshaped)})")
-        raise CheckpointError(f"{ckpt_name} does not fit {config_name}: {', '.join(problems)}. "
-                              f"Is this checkpoint for this config?")
-    if unexpected:
-        logger.warning("%s: %d tensors the model built from %s does not use, ignored (%s)",
-                       ckpt_name, len(unexpected), config_name, _few(unexpected, 5))
-    return fitted
+    path = _existing_file(path)
+    try:
+        kind = _sniff_format(path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror}): check its permissions") from None
+    if kind == _SAFETENSORS:
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}): download it again") from None
+        shapes = {k[len("state_dict."):] if k.startswith("state_dict.") else k: v for k, v in shapes.items()}
+    else:
+        shapes = {key: tuple(t.shape) for key, t in read_state_dict(path).items()}
+    return checkpoint_family_of_keys(shapes)

@@ -6,21 +6,18 @@ into a ready model (strict key checks, no arbitrary pickle code, see ``ldm.check
 """
 import importlib
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm import checkpoint
+from ldm.errors import CheckpointError, UnsafeCheckpointError
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "default_device", "get_obj_from_str",
+           "instantiate_from_config", "load_model_from_config", "fill_computed_buffers"]
+
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that cannot be used: missing, unreadable, or not fitting the config."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickled checkpoint that asks to call code able to run commands; refused before anything ran."""
 
 
 def get_obj_from_str(string, reload=False):
@@ -53,30 +50,29 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
-                 "xavier_uniform_", "xavier_normal_", "orthogonal_")
+def fill_computed_buffers(model: torch.nn.Module) -> None:
+    """Gives every buffer of ``model`` still on the meta device its computed value, on the CPU.
 
-
-@contextmanager
-def _random_init_skipped():
-    """While building a model whose every weight is then loaded, ``torch.nn.init``'s random fills
-    (called by the layers' reset_parameters) do nothing: for SD v1 they cost ~10 s on a CPU.
-
-    The weights hold uninitialized memory until loaded; load_model_from_config's strict check
-    guarantees each one is overwritten. Buffers computed in __init__ (noise schedule) are unaffected.
+    A model built under ``torch.device("meta")`` gets its weights from the checkpoint
+    (``load_state_dict(..., assign=True)``); buffers computed in ``__init__`` that the file may
+    not hold (the noise schedule, CLIP's position ids, EMA counters) are recomputed here by the
+    modules that own them: a module with such buffers has a ``computed_buffers()`` method
+    returning ``{dotted name below the module: CPU tensor}``. Values the file held are kept.
+    Raises CheckpointError naming what is still without a value afterwards.
     """
-    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
-
-    def unchanged(tensor, *args, **kwargs):
-        return tensor
-
-    try:
-        for name in _RANDOM_INITS:
-            setattr(torch.nn.init, name, unchanged)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
+    for module in model.modules():
+        compute = getattr(module, "computed_buffers", None)
+        if compute is None:
+            continue
+        for name, value in compute().items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if owner._buffers[leaf] is not None and owner._buffers[leaf].is_meta:
+                owner._buffers[leaf] = value
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise CheckpointError(f"{len(empty)} tensors of the model got no value ({', '.join(empty[:3])}): "
+                              f"the checkpoint lacks them and nothing computes them")
 
 
 def _read_config(config) -> tuple[DictConfig, str]:
@@ -100,17 +96,20 @@ def load_model_from_config(config, ckpt, device=None, verbose=False):
     (weights stored as float16 are cast). Raises CheckpointError (UnsafeCheckpointError for a
     pickle that would run code) when the file is unusable or does not fit the config.
     """
-    from ldm.checkpoint import fit_state_dict, read_state_dict
-
     config, config_name = _read_config(config)
     if "model" not in config:
         raise ValueError(f"{config_name} has no top-level 'model' section: it is not a CompVis model config")
     # Read the file first: a bad file should fail before seconds are spent building the model.
-    state_dict = read_state_dict(ckpt)
-    with _random_init_skipped():
+    state_dict = checkpoint.read_state_dict(ckpt)
+    # Built on the meta device: no memory and no random initialization for weights the file replaces.
+    with torch.device("meta"):
         model = instantiate_from_config(config.model)
-    state_dict = fit_state_dict(state_dict, model.state_dict(), ckpt_name=str(ckpt), config_name=config_name)
-    model.load_state_dict(state_dict, strict=False)  # fit_state_dict already checked every key and shape
+    state_dict = checkpoint.fit_state_dict(state_dict, model.state_dict(), ckpt_name=str(ckpt),
+                                           config_name=config_name)
+    # fit_state_dict checked every key and shape and cast to the model's dtypes; the file's tensors
+    # become the model's (no copy).
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    fill_computed_buffers(model)
     (logger.info if verbose else logger.debug)("loaded %d tensors from %s", len(state_dict), ckpt)
     del state_dict
     model.eval().requires_grad_(False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.models.diffusion.ddim import make_ddim_schedule
+from ldm.models.diffusion.sampling import make_ddim_schedule
 from ldm.util import load_model_from_config
 
 pytest.importorskip("diffusers", reason="diffusers is a benchmark-only dependency: pip install -r requirements-bench.txt")

@@ -242,3 +242,43 @@ def test_full_size_sd_v1_layout_lands_in_every_parameter(reference_dir, monkeypa
     assert float(got["alphas_cumprod"].min()) < 0  # the schedule buffers load too
     floating = {k for k, v in got.items() if v.is_floating_point() and not k.startswith("model_ema.")}
     assert len(floating) == len(weights) + 12  # every model weight came from the file (+ 12 schedule buffers)
+
+
+# ------------------------------------------------------------------------------ meta-device build
+
+def test_model_is_built_on_meta_and_computed_buffers_get_values(tiny_sd, tiny_dir, tmp_path, golden, prompts):
+    """A file without the schedule buffers and position_ids: the loaded model holds no meta tensor,
+    its schedule equals the reference one, position_ids is arange, torch.nn.init stays untouched."""
+    init_functions = dict(vars(torch.nn.init))
+    sd = {k: v for k, v in tiny_sd.items() if k != "alphas_cumprod" and not k.endswith("position_ids")
+          and k not in ("betas", "sqrt_alphas_cumprod")}
+    path = tmp_path / "no-buffers.safetensors"
+    save_file(sd, path)
+    model = load_model_from_config(tiny_dir / "config.yaml", path, device="cpu")
+    assert dict(vars(torch.nn.init)) == init_functions
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    torch.testing.assert_close(model.alphas_cumprod, golden["alphas_cumprod"].float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.sqrt_alphas_cumprod, golden["alphas_cumprod"].float().sqrt(), rtol=1e-6, atol=0)
+    position_ids = [t for n, t in model.named_buffers() if n.endswith("position_ids")]
+    assert len(position_ids) == 1 and torch.equal(position_ids[0].reshape(-1), torch.arange(77))
+    assert text_cond_error(model, golden, prompts) < 1e-4
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # float16 file, float32 model
+
+
+def test_schedule_stored_in_the_file_is_the_one_used(tiny_sd, tiny_dir, tmp_path):
+    """As upstream (load_state_dict after __init__), buffers the file holds win over computed ones."""
+    path = tmp_path / "odd-schedule.safetensors"
+    save_file({**tiny_sd, "betas": torch.full((1000,), 0.5)}, path)
+    model = load_model_from_config(tiny_dir / "config.yaml", path, device="cpu")
+    assert torch.equal(model.betas, torch.full((1000,), 0.5))
+
+
+def test_a_tensor_nothing_fills_is_a_checkpoint_error():
+    from ldm.util import fill_computed_buffers
+
+    with torch.device("meta"):
+        module = torch.nn.Linear(2, 2)
+    module.register_buffer("table", torch.zeros(3, device="meta"))
+    module.load_state_dict({"weight": torch.ones(2, 2), "bias": torch.ones(2)}, strict=False, assign=True)
+    with pytest.raises(CheckpointError, match="1 tensors of the model got no value \\(table\\)"):
+        fill_computed_buffers(module)

@@ -145,7 +145,7 @@ def test_guidance_is_one_batched_model_call_per_evaluation(sampler_class, evalua
 
 def test_guided_prediction_combines_uncond_and_cond(model):
     """[uncond; cond] order and eps_u + s (eps_c - eps_u), checked against two separate calls."""
-    from ldm.models.diffusion.ddim import guided_eps
+    from ldm.models.diffusion.sampling import guided_eps
 
     x, t = noise(5, batch=2), torch.tensor([11, 501])
     c, uc = conds(2)

@@ -130,25 +130,40 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on a context sequence.
 
-    GroupNorm (32 groups, eps 1e-6), 1x1 conv to n_heads*d_head channels, `depth` transformer
-    blocks over the H*W tokens, 1x1 conv back, plus the input (residual).
+    GroupNorm (32 groups, eps 1e-6), projection to n_heads*d_head channels, `depth` transformer
+    blocks over the H*W tokens, projection back, plus the input (residual). The projections
+    (`proj_in`, `proj_out`) are 1x1 convolutions (SD v1) or, with use_linear (SD 2.x's
+    `use_linear_in_transformer`), linear layers applied to the tokens.
     """
 
-    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None):
+    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, use_linear=False):
         super().__init__()
         inner_dim = n_heads * d_head
+        self.use_linear = use_linear
         self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim)
             for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x, context=None):
         """x: (B, C, H, W); context: (B, M, context_dim). Returns (B, C, H, W)."""
         b, _, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        tokens = self.norm(x)
+        if self.use_linear:
+            tokens = self.proj_in(tokens.flatten(2).transpose(1, 2))
+        else:
+            tokens = self.proj_in(tokens).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context=context)
+        if self.use_linear:
+            return self.proj_out(tokens).transpose(1, 2).reshape(b, -1, h, w) + x
         return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w)) + x

@@ -15,8 +15,9 @@ class LitEma(nn.Module):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay {decay} must be between 0 and 1")
-        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
-        self.register_buffer("num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int))
+        self._initial_counters = (decay, use_num_updates)
+        for name, value in self.computed_buffers().items():
+            self.register_buffer(name, value)
         self.m_name2s_name = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -24,6 +25,12 @@ class LitEma(nn.Module):
                 self.m_name2s_name[name] = s_name
                 self.register_buffer(s_name, p.detach().clone())
         self.collected_params = []
+
+    def computed_buffers(self) -> dict:
+        """The counters' initial values, ``decay`` and ``num_updates``, as CPU scalar tensors."""
+        decay, use_num_updates = self._initial_counters
+        return {"decay": torch.tensor(decay, dtype=torch.float32, device="cpu"),
+                "num_updates": torch.tensor(0 if use_num_updates else -1, dtype=torch.int, device="cpu")}
 
     @torch.no_grad()
     def copy_to(self, model):

@@ -52,6 +52,8 @@ class LatentDiffusion(pl.LightningModule):
     the DDPM noise schedule. scale_factor: latents are multiplied by it after encoding (0.18215
     for SD v1); with scale_by_std it is a buffer (`scale_factor` in the state dict) as upstream.
     use_ema: keep EMA weights in `model_ema` (swapped in by `ema_scope`).
+    parameterization: what the UNet predicts, "eps" (the noise) or "v" (SD 2.x 768-v models);
+    the samplers convert v to eps (``predict_eps_from_z_and_v``).
     The other arguments are CompVis training settings: they are recorded as attributes, and the
     keys only training reads (monitor, scheduler_config, loss_type, ignore_keys, ...) are ignored.
     """
@@ -81,8 +83,9 @@ class LatentDiffusion(pl.LightningModule):
         **ignored,
     ):
         super().__init__()
-        if parameterization != "eps":
-            raise ValueError(f"parameterization {parameterization!r} is not supported; SD v1 predicts 'eps'")
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization {parameterization!r} is not supported: use 'eps' (SD v1, SD 2.x "
+                             f"512) or 'v' (SD 2.x 768-v)")
         if ckpt_path is not None:
             raise ValueError(
                 f"ckpt_path={ckpt_path!r} in the model config is not supported; "
@@ -124,14 +127,22 @@ class LatentDiffusion(pl.LightningModule):
         alphas_cumprod[t] is alpha-bar_t = prod_{s<=t} (1 - beta_s); the posterior_* buffers are
         the mean coefficients and variance of q(x_{t-1} | x_t, x_0). Computed in float64.
         """
-        betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end)
+        self.num_timesteps = int(timesteps)
+        self.beta_schedule = beta_schedule
+        self.linear_start = linear_start
+        self.linear_end = linear_end
+        for name, values in self.computed_buffers().items():
+            self.register_buffer(name, values)
+
+    def computed_buffers(self) -> dict:
+        """The noise-schedule buffers, float32 (num_timesteps,) CPU tensors by name, computed in
+        float64 from the schedule settings (``ldm.util.fill_computed_buffers`` reads them too)."""
+        betas = make_beta_schedule(self.beta_schedule, self.num_timesteps, linear_start=self.linear_start,
+                                   linear_end=self.linear_end)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas, axis=0)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        self.num_timesteps = int(timesteps)
-        self.linear_start = linear_start
-        self.linear_end = linear_end
         schedule = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -147,8 +158,7 @@ class LatentDiffusion(pl.LightningModule):
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
         }
-        for name, values in schedule.items():
-            self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
+        return {name: torch.tensor(values, dtype=torch.float32, device="cpu") for name, values in schedule.items()}
 
     @contextmanager
     def ema_scope(self, context=None):
@@ -167,11 +177,11 @@ class LatentDiffusion(pl.LightningModule):
                     logger.info("%s: restored training weights", context)
 
     def get_learned_conditioning(self, c):
-        """c: list of B prompts -> (B, 77, D) text conditioning (D = 768 for SD v1)."""
+        """c: list of B prompts -> (B, 77, D) text conditioning (D = 768 for SD v1, 1024 for SD 2.x)."""
         return self.cond_stage_model.encode(c)
 
     def apply_model(self, x_noisy, t, cond):
-        """The UNet's noise prediction.
+        """The UNet's output: the noise prediction, or v for ``parameterization`` "v".
 
         x_noisy: (B, C, h, w) latents; t: (B,) int64 timesteps; cond: a (B, M, D) tensor, a list
         of them, or a dict {"c_crossattn": [tensor, ...]}. Returns (B, C, h, w).
@@ -190,6 +200,20 @@ class LatentDiffusion(pl.LightningModule):
             extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        """x_0 from a v-prediction: sqrt(alpha-bar_t) x_t - sqrt(1 - alpha-bar_t) v.
+
+        x_t, v: (B, C, h, w); t: (B,) int64. Returns (B, C, h, w)."""
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        """The noise from a v-prediction: sqrt(alpha-bar_t) v + sqrt(1 - alpha-bar_t) x_t.
+
+        x_t, v: (B, C, h, w); t: (B,) int64. Returns (B, C, h, w)."""
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
 
     def encode_first_stage(self, x):
         """x: (B, 3, H, W) image in [-1, 1] -> DiagonalGaussianDistribution over unscaled (B, 4, H/8, W/8)."""

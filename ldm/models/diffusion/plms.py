@@ -11,7 +11,7 @@ warm-up included.
 """
 from tqdm import tqdm
 
-from ldm.models.diffusion.ddim import DiffusionSampler, ddim_step, timestep_batch
+from ldm.models.diffusion.sampling import DiffusionSampler, ddim_step, timestep_batch
 
 
 def plms_eps(eps, old_eps):

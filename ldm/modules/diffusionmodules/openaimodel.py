@@ -150,11 +150,14 @@ class UNetModel(nn.Module):
     the way down (num_res_blocks + 1 on the way up, fed the skip activations), with an attention
     layer after each when the downsampling factor is in `attention_resolutions` (1, 2, 4, ...).
     With use_spatial_transformer the attention is a SpatialTransformer of `transformer_depth`
-    blocks over `context_dim`-wide context; otherwise a self-attention AttentionBlock.
+    blocks over `context_dim`-wide context (768 for SD v1, 1024 for SD 2.x), with linear instead of
+    1x1-convolution projections when use_linear_in_transformer (SD 2.x); otherwise a self-attention
+    AttentionBlock. Heads: `num_heads` of ch // num_heads channels, or heads of a fixed
+    `num_head_channels` (64 for SD 2.x), see attention_heads.
 
     image_size, use_checkpoint and use_fp16 are accepted for config compatibility: the network is
     size-agnostic, inference needs no gradient checkpointing, and it computes in the dtype of its
-    weights. Spatial sizes must be divisible by 2 ** (len(channel_mult) - 1).
+    weights (SD 2.x configs say use_fp16: True; the precision is the loader's choice here). Spatial sizes must be divisible by 2 ** (len(channel_mult) - 1).
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class UNetModel(nn.Module):
         use_spatial_transformer=False,
         transformer_depth=1,
         context_dim=None,
+        use_linear_in_transformer=False,
         legacy=True,
     ):
         super().__init__()
@@ -196,7 +200,8 @@ class UNetModel(nn.Module):
         def attention_layer(ch):
             heads, dim_head = attention_heads(ch, num_heads, num_head_channels, legacy, use_spatial_transformer)
             if use_spatial_transformer:
-                return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim)
+                return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
+                                          use_linear=use_linear_in_transformer)
             return AttentionBlock(ch, num_heads=heads, num_head_channels=dim_head)
 
         time_embed_dim = model_channels * 4

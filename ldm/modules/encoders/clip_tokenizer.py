@@ -99,14 +99,16 @@ class SimpleTokenizer:
             ids.extend(self.encoder[token] for token in self.bpe(symbols))
         return ids
 
-    def tokenize(self, texts, context_length=77):
+    def tokenize(self, texts, context_length=77, *, pad_token=None):
         """Fixed-length token ids for a batch of texts: (B, context_length) int64.
 
-        Each row is <|startoftext|>, the text's tokens, <|endoftext|>, then <|endoftext|> padding.
+        Each row is <|startoftext|>, the text's tokens, <|endoftext|>, then padding: ``pad_token``,
+        by default <|endoftext|> (OpenAI CLIP, SD v1); OpenCLIP (SD 2.x) pads with 0.
         Longer texts are cut so that <|endoftext|> stays the last token.
         """
+        pad_token = self.eot_token if pad_token is None else pad_token
         rows = []
         for text in texts:
             ids = [self.sot_token, *self.encode(text)[: context_length - 2], self.eot_token]
-            rows.append(ids + [self.eot_token] * (context_length - len(ids)))
+            rows.append(ids + [pad_token] * (context_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
