@@ -77,12 +77,16 @@ class Schedule:
                 values = self._keyframe_values(variables, n_frames)
             else:
                 values = _over_frames(self._expression.evaluate(variables), n_frames)
+        self._check_finite(np.arange(n_frames), values)
+        return values
+
+    def _check_finite(self, frames: np.ndarray, values: np.ndarray) -> None:
+        """ScheduleError naming the first of ``frames`` whose value is not a finite number."""
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise ScheduleError(f"{self._where()}: frame {bad[0]}: the value is {values[bad[0]]} "
+            raise ScheduleError(f"{self._where()}: frame {frames[bad[0]]}: the value is {values[bad[0]]} "
                                 f"(not a finite number); keep log and sqrt above 0 and divide by "
                                 f"non-zero values")
-        return values
 
     def _where(self) -> str:
         return f'{self.flag} "{_one_line(self.text)}"'
@@ -104,6 +108,7 @@ class Schedule:
             raise ScheduleError(f"{self._where()}: every keyframe lies after the last frame "
                                 f"{n_frames - 1}; start with a keyframe at frame 0")
         frames, values = np.concatenate(frames), np.concatenate(values)
+        self._check_finite(frames, values)  # before interpolation spreads a bad value
         result = np.interp(np.arange(n_frames, dtype=np.float64), frames, values)
         inside = frames < n_frames
         result[frames[inside]] = values[inside]  # set frames exactly, not through interp
