@@ -9,7 +9,7 @@ slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,
 ``onset``
     librosa's onset strength (mean over 128 mel bands of the rise in dB, 2048-sample window,
     512-sample hop; see :mod:`sounddiffusion.onset_stream`), the largest value whose hop lies in
-    the frame (hop ``k`` counts at sample ``512*k - 256``).
+    the frame (hop ``k`` at sample ``512*k``, its time in librosa).
 ``beat``
     1 on a frame holding a beat of :func:`librosa.beat.beat_track` (run on the median-over-bands
     onset envelope, as librosa does), falling linearly to 0 just before the next beat (after the
@@ -309,9 +309,9 @@ def _frame_features(slices, n_frames: int, starts: np.ndarray, n_samples: int, s
 
 
 def _hop_frames(n_hops: int, starts: np.ndarray) -> np.ndarray:
-    """The video frame of each onset hop: the frame holding sample ``512*k - 256`` (hop ``k``'s
-    value rises within half a hop of that sample)."""
-    positions = np.maximum(0, np.arange(n_hops, dtype=np.int64) * HOP - HOP // 2)
+    """The video frame of each onset hop: the frame holding sample ``512*k``, the hop's time in
+    librosa (``librosa.frames_to_time``)."""
+    positions = np.arange(n_hops, dtype=np.int64) * HOP
     return np.clip(np.searchsorted(starts, positions, side="right") - 1, 0, len(starts) - 2)
 
 
@@ -324,7 +324,7 @@ def _per_frame_max(hop_values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     np.maximum.at(result, frames, hop_values)
     empty = np.flatnonzero(np.bincount(frames, minlength=n_frames) == 0)
     if len(empty) and len(hop_values):
-        middle = (starts[empty] + starts[empty + 1]) / 2 + HOP / 2
+        middle = (starts[empty] + starts[empty + 1]) / 2
         result[empty] = hop_values[np.clip(np.round(middle / HOP).astype(np.int64), 0, len(hop_values) - 1)]
     return result
 
@@ -333,9 +333,29 @@ def _beats(onset_median: np.ndarray, starts: np.ndarray, sr: int) -> tuple[float
     """(tempo in beats per minute, increasing frames holding a beat) from librosa's tracker."""
     if not onset_median.any():
         return 0.0, np.zeros(0, dtype=np.int64)
-    tempo, hops = librosa.beat.beat_track(onset_envelope=onset_median, sr=sr, hop_length=HOP)
+    tempo = _tempo(onset_median, sr)
+    _, hops = librosa.beat.beat_track(onset_envelope=onset_median, sr=sr, hop_length=HOP, bpm=tempo)
     frames = np.unique(_hop_frames(len(onset_median), starts)[np.asarray(hops, dtype=np.int64)])
-    return float(np.atleast_1d(tempo)[0]), frames.astype(np.int64)
+    return tempo, frames.astype(np.int64)
+
+
+def _tempo(onset_median: np.ndarray, sr: int, chunk: int = 1024) -> float:
+    """librosa's global tempo estimate (:func:`librosa.feature.tempo`: the mean autocorrelation
+    tempogram over 8-s windows, weighted by a prior around 120 bpm), with the tempogram built
+    ``chunk`` columns at a time: librosa builds it whole, about 34 kB per hop (1.8 GB for
+    10 minutes). Each column sees only its own window, so the columns are librosa's."""
+    window = int(librosa.time_to_frames(8.0, sr=sr, hop_length=HOP))
+    n = len(onset_median)
+    total = None
+    for start in range(0, n, chunk):
+        lo, hi = max(0, start - window), min(n, start + chunk + window)
+        # with real values as margins, the kept columns are exactly librosa's
+        columns = librosa.feature.tempogram(onset_envelope=onset_median[lo:hi], sr=sr, hop_length=HOP,
+                                            win_length=window)
+        part = columns[:, start - lo: min(start + chunk, n) - lo].sum(axis=1)
+        total = part if total is None else total + part
+    mean = (total / n)[:, None]
+    return float(np.atleast_1d(librosa.feature.tempo(tg=mean, sr=sr, hop_length=HOP))[0])
 
 
 def _beat_envelope(beat_frames: np.ndarray, n_frames: int, period: float) -> np.ndarray:
