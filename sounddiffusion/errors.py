@@ -31,3 +31,10 @@ class PromptFileError(UserError):
 
 class DeviceError(UserError):
     """The requested device is unavailable or out of memory."""
+
+
+class ScheduleError(ParameterError):
+    """A per-frame schedule (a number, an expression or keyframes) cannot be read or evaluated.
+
+    The message is one line that names the flag, quotes the text and gives the 1-based column
+    (or the frame) and what was expected there."""

@@ -1,0 +1,194 @@
+"""Schedules: numbers, expressions and keyframes evaluated exactly; one-line errors; the CSV and plot."""
+import csv
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sounddiffusion.analysis import ENVELOPE_NAMES, Envelopes
+from sounddiffusion.errors import ParameterError, ScheduleError
+from sounddiffusion.schedule_report import plot_schedule, write_schedule_csv
+from sounddiffusion.schedules import clip_to_range, parse_schedule
+
+N = 40
+NAMES = (*ENVELOPE_NAMES, "bpm", "t", "s", "fps", "max_f")
+
+
+@pytest.fixture(scope="module")
+def variables() -> dict:
+    rng = np.random.default_rng(3)
+    values = {name: rng.random(N) for name in ENVELOPE_NAMES}
+    values["beat"] = np.where(np.arange(N) % 8 == 0, 1.0, 0.25)
+    t = np.arange(N, dtype=np.float64)
+    return {**values, "bpm": 120.0, "t": t, "s": t / 12, "fps": 12.0, "max_f": float(N)}
+
+
+def evaluate(text: str, variables: dict, n: int = N) -> np.ndarray:
+    return parse_schedule(text, flag="--strength", names=NAMES).evaluate(variables, n)
+
+
+@pytest.mark.parametrize("text", ["0.5", "-1e-3", " 7 ", "+2.", ".25", "1E2", "0"])
+def test_a_plain_number_is_exactly_float_of_the_text_on_every_frame(text, variables):
+    schedule = parse_schedule(text, flag="--scale", names=NAMES)
+    assert schedule.is_constant and schedule.constant == float(text) and not schedule.names_used
+    values = schedule.evaluate(variables, N)
+    assert values.dtype == np.float64 and values.shape == (N,)
+    assert values.tobytes() == np.full(N, float(text)).tobytes()
+
+
+def test_expressions_evaluate_exactly_as_numpy_written_out(variables):
+    v = variables
+    onset, beat, rms, t, s = v["onset"], v["beat"], v["rms"], v["t"], v["s"]
+    cases = {
+        "0.35 + 0.4*onset": 0.35 + 0.4 * onset,
+        "where(beat > 0.5, 0.8, 0.3)": np.where(beat > 0.5, 0.8, 0.3),
+        "clip(0.2 + rms*2, 0, 1)": np.minimum(np.maximum(0.2 + rms * 2, 0), 1),
+        "-onset**2 + 2**-1": -(onset ** 2) + 2 ** -1,
+        "1 - 2 - 3 + 8/2/2*3": np.full(N, 1 - 2 - 3 + 8 / 2 / 2 * 3),
+        "(onset >= 0.5) + (onset != rms) - (t < 3) + (t == 4) * (t <= 4)":
+            (onset >= 0.5) + (onset != rms).astype(float) - (t < 3) + (t == 4) * (t <= 4.0),
+        "max(onset, rms, 0.3) - min(low, high)": np.maximum(np.maximum(onset, rms), 0.3) - np.minimum(v["low"], v["high"]),
+        "sin(t/12)*cos(s) + tan(0.1*mid) + abs(onset - 0.5)":
+            np.sin(t / 12) * np.cos(s) + np.tan(0.1 * v["mid"]) + np.abs(onset - 0.5),
+        "sqrt(flux) + exp(-centroid) + log(1 + t) + floor(t/3) + ceil(t/3)":
+            np.sqrt(v["flux"]) + np.exp(-v["centroid"]) + np.log(1 + t) + np.floor(t / 3) + np.ceil(t / 3),
+        "pi*bpm/60 + e - s*fps/max_f": np.pi * 120.0 / 60 + np.e - s * 12.0 / N,
+        "-(-onset)": onset,
+    }
+    for text, expected in cases.items():
+        np.testing.assert_array_equal(evaluate(text, v), np.asarray(expected, dtype=np.float64), err_msg=text)
+
+
+def test_names_used_and_constant_flags():
+    schedule = parse_schedule("0.35 + 0.4*onset*sin(t*pi)", flag="--strength", names=NAMES)
+    assert schedule.names_used == {"onset", "t"}
+    assert not schedule.is_constant and schedule.constant is None
+    assert parse_schedule("2*3", flag="--scale", names=NAMES).evaluate({}, 3).tolist() == [6.0, 6.0, 6.0]
+
+
+def test_keyframes_interpolate_numbers_and_hold_expressions(variables):
+    t = variables["t"]
+    # number -> expression: linear from 0.4 to the expression's value at frame 24, then the expression
+    values = evaluate("0:(0.4), 24:(0.7 + 0.2*sin(t/12))", variables)
+    at_24 = 0.7 + 0.2 * np.sin(24 / 12)
+    np.testing.assert_allclose(values[:25], 0.4 + (at_24 - 0.4) * t[:25] / 24, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(values[24:], 0.7 + 0.2 * np.sin(t[24:] / 12))
+    # numbers only: the first value before the first keyframe, the last after the last
+    values = evaluate("10:(1), 20:(-3),", variables)
+    expected = np.interp(t, [10, 20], [1, -3])
+    np.testing.assert_array_equal(values, expected)
+    assert values[0] == 1 and values[15] == -1 and values[-1] == -3
+    # expression -> number: the expression up to the frame before, the number from its frame on
+    values = evaluate("0: t*onset, 10: 0, 30: 5", variables)
+    np.testing.assert_array_equal(values[:10], t[:10] * variables["onset"][:10])
+    np.testing.assert_array_equal(values[10:31], np.interp(t[10:31], [10, 30], [0, 5]))
+    # a keyframe past the last frame still pulls the line towards it
+    np.testing.assert_allclose(evaluate("0:(0), 100:(1)", variables), t / 100, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("text, column, expected", [
+    ("0.4 +* onset", 6, "expected a number, a name or '('"),
+    ("onset.__class__", 6, "attribute access is not allowed"),
+    ("__import__('os').system('ls')", 12, "unexpected character"),
+    ("eval(1)", 1, "'eval' is not a function"),
+    ("onset(2)", 1, "'onset' is a variable, not a function"),
+    ("0.5 + loudness", 7, "unknown name 'loudness'"),
+    ("sin(1, 2)", 1, "sin(x) takes 1 argument, got 2"),
+    ("clip(onset, 0)", 1, "clip(x, low, high) takes 3 arguments, got 2"),
+    ("max(onset)", 1, "takes at least 2 arguments"),
+    ("sin", 1, "sin is a function"),
+    ("(0.5 + onset", 13, "expected ')'"),
+    ("0.5 onset", 5, "expected an operator or the end"),
+    ("1 < onset < 2", 11, "comparisons cannot be chained"),
+    ("2^3", 2, "use ** for a power"),
+    ("onset = 1", 7, "use == to compare"),
+    ("", 1, "expected a number, a name or '('"),
+    ("1e999", 1, "too large"),
+    ("0:(0.4), 96:(0.7), 50:(1)", 20, "keyframe 50 does not come after keyframe 96"),
+    ("0:(0.4), 0:(1)", 10, "keyframe 0 does not come after keyframe 0"),
+    ("-5:(0.4)", 1, "frame number (a whole number, 0 or more)"),
+    ("1.5:(0.4)", 1, "frame number (a whole number, 0 or more)"),
+    ("0:(0.4) 10:(1)", 9, "expected ',' or the end"),
+    ("0:(0.4), 10", 12, "expected ':'"),
+    ("0:", 3, "expected a number, a name or '('"),
+    ("0.5\n+ [1]", 7, "unexpected character '['"),
+])
+def test_every_bad_schedule_is_one_line_naming_flag_and_column(text, column, expected):
+    with pytest.raises(ScheduleError) as caught:
+        parse_schedule(text, flag="--strength", names=NAMES)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f'--strength "{text.replace(chr(10), " ")}": column {column}: '), message
+    assert expected in message
+    assert isinstance(caught.value, ParameterError)
+
+
+def test_non_finite_values_name_the_first_bad_frame(variables):
+    with pytest.raises(ScheduleError, match=r'^--scale "log\(t\)": frame 0: the value is -inf'):
+        parse_schedule("log(t)", flag="--scale", names=NAMES).evaluate(variables, N)
+    with pytest.raises(ScheduleError, match=r"frame 3: the value is (inf|nan)"):
+        parse_schedule("0:(1), 3:(1/(t-3))", flag="--scale", names=NAMES).evaluate(variables, N)
+
+
+def test_clip_to_range_warns_once_with_the_count(caplog):
+    values = np.array([-0.5, 0.0, 0.2, 1.0, 1.5, 2.0, 0.7])
+    with caplog.at_level(logging.WARNING):
+        clipped = clip_to_range(values, low=0.0, high=1.0, flag="--strength")
+    np.testing.assert_array_equal(clipped, [0.0, 0.0, 0.2, 1.0, 1.0, 1.0, 0.7])
+    assert len(caplog.records) == 1
+    assert "--strength" in caplog.records[0].getMessage() and "3 of 7 frames" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        inside = clip_to_range(values, low=None, high=2.0, flag="--scale")
+    np.testing.assert_array_equal(inside, values)
+    assert not caplog.records
+
+
+def _toy_envelopes(n: int = 30) -> Envelopes:
+    rng = np.random.default_rng(1)
+    values = {name: rng.random(n) for name in ENVELOPE_NAMES}
+    peaks = np.stack([-rng.random(n), rng.random(n)], axis=1)
+    from fractions import Fraction
+    return Envelopes(Fraction(12), n, 120.0, np.arange(0, n, 6), values, peaks)
+
+
+def test_schedule_csv_has_one_row_per_frame_with_exact_values(tmp_path):
+    envelopes = _toy_envelopes()
+    strength = np.linspace(0.2, 0.8, envelopes.n_frames)
+    seed_jump = envelopes.values["beat"] > 0.5
+    path = write_schedule_csv(tmp_path / "song.schedule.csv", envelopes,
+                              {"strength": strength, "seed_jump": seed_jump})
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["frame", "time", *ENVELOPE_NAMES, "strength", "seed_jump"]
+    assert len(rows) == 1 + envelopes.n_frames
+    table = np.array(rows[1:], dtype=np.float64)
+    np.testing.assert_array_equal(table[:, 0], np.arange(envelopes.n_frames))
+    np.testing.assert_array_equal(table[:, 1], np.arange(envelopes.n_frames) / 12)
+    np.testing.assert_array_equal(table[:, 3], envelopes.values["onset"])
+    np.testing.assert_array_equal(table[:, -2], strength)
+    np.testing.assert_array_equal(table[:, -1], seed_jump.astype(float))
+    assert not [p for p in tmp_path.iterdir() if p.name != "song.schedule.csv"]  # no temporary left
+
+
+def test_schedule_plot_is_a_png_of_sensible_size(tmp_path):
+    envelopes = _toy_envelopes()
+    path = plot_schedule(tmp_path / "song.schedule.png", envelopes,
+                         {"strength": np.linspace(0.2, 0.8, envelopes.n_frames)}, title="toy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        width, height = image.size
+    assert 1000 <= width <= 2000 and 600 <= height <= 2000
+    assert path.stat().st_size > 20_000
+
+
+def test_no_python_eval_or_exec_runs(monkeypatch, variables):
+    import builtins
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("user text reached eval/exec")
+
+    monkeypatch.setattr(builtins, "eval", refuse)
+    monkeypatch.setattr(builtins, "exec", refuse)
+    assert evaluate("0:(0.4), 8:(where(beat > 0.5, 1, 0) + onset)", variables).shape == (N,)
