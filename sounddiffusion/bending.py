@@ -42,6 +42,12 @@ Seeded operators (``sparse_add``, ``noise``) draw their float32 random numbers o
 generator state gives the same numbers on every device. Nothing in :func:`apply` reads device data
 back to the host: amounts are Python floats, and every check is on them.
 
+Where: ``--bend OP=AMOUNT[@WHERE]`` (:func:`sounddiffusion.bending_specs.parse_bend`) bends the noised ``latent`` of each frame
+(the default), the latent before denoising step K (``step=K``, or a fraction such as ``step=0.8``,
+see ``step_index``), or a UNet block's output activations (``input_blocks.N``,
+``middle_block``, ``output_blocks.N``) through forward hooks (``BlockBender``), both in
+:mod:`sounddiffusion.bending_specs`.
+
 Where the research code differs: its ``soft_threshold`` gives NaN at x = 0 (0 here); its ``power``
 gives NaN for negative x and a fractional exponent (the sign is kept here); its ``gaussian_blob``
 is fixed at 64x64 (any size here, the same numbers at 64x64); its erosion/dilation (commented out
@@ -153,10 +159,6 @@ def _rescale(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
     return torch.where(span > 0, scaled, torch.zeros_like(x))
 
 
-def _clamp(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-    return torch.clamp(x, -abs(r), abs(r))
-
-
 # ----------------------------------------------------------------------------- channels
 
 def _groups_of_four(x: torch.Tensor, op: str) -> int:
@@ -233,25 +235,13 @@ def _erode(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
 
 
 _OPERATIONS = {
-    "add": lambda x, r, g: x + r,
-    "subtract": lambda x, r, g: x - r,
-    "multiply": lambda x, r, g: x * r,
+    "add": lambda x, r, g: x + r, "subtract": lambda x, r, g: x - r, "multiply": lambda x, r, g: x * r,
     "threshold": lambda x, r, g: torch.where(x.abs() >= r, x, torch.zeros_like(x)),
     "soft_threshold": lambda x, r, g: torch.sign(x) * torch.clamp_min(x.abs() - r, 0),
-    "invert": _invert,
-    "log": _log,
-    "power": _power,
-    "abs": lambda x, r, g: x.abs(),
-    "clamp": _clamp,
-    "rescale": _rescale,
-    "rotate_x": _rotate("rotate_x"),
-    "rotate_y": _rotate("rotate_y"),
-    "rotate_z": _rotate("rotate_z"),
-    "reflect": _reflect,
-    "sparse_add": _sparse_add,
-    "noise": _noise,
-    "gaussian_blob": _gaussian_blob,
-    "erode": _erode,
-    "dilate": _dilate,
+    "invert": _invert, "log": _log, "power": _power, "abs": lambda x, r, g: x.abs(),
+    "clamp": lambda x, r, g: torch.clamp(x, -abs(r), abs(r)), "rescale": _rescale,
+    "rotate_x": _rotate("rotate_x"), "rotate_y": _rotate("rotate_y"), "rotate_z": _rotate("rotate_z"),
+    "reflect": _reflect, "sparse_add": _sparse_add, "noise": _noise, "gaussian_blob": _gaussian_blob,
+    "erode": _erode, "dilate": _dilate,
 }
-assert set(_OPERATIONS) == set(OPERATORS)
+
