@@ -13,7 +13,7 @@ returns a new tensor of ``x``'s dtype and device; ``r`` below is the amount (a P
 | `multiply` | r * x | the gain | r = 1 |
 | `threshold` | x where abs(x) >= r, else 0 | the magnitude below which elements become 0 | r <= 0 |
 | `soft_threshold` | sign(x) * max(abs(x) - r, 0) | how far every magnitude shrinks towards 0 | r = 0 |
-| `invert` | 1/r - x | 1/r is the point x is mirrored about (times 2); r = 0 is an error | none |
+| `invert` | 1/r - x | x is mirrored about 1/(2r); r = 0 is an error | none |
 | `log` | log(abs(x)) / log(r) | the base (r > 0, r != 1, else an error); x = 0 gives -inf | none |
 | `power` | x ** r; sign(x) * abs(x) ** r when r is not a whole number | the exponent | r = 1 |
 | `abs` | abs(x) | ignored (the research code ignores it too) | none |
@@ -42,11 +42,10 @@ Seeded operators (``sparse_add``, ``noise``) draw their float32 random numbers o
 generator state gives the same numbers on every device. Nothing in :func:`apply` reads device data
 back to the host: amounts are Python floats, and every check is on them.
 
-Where: ``--bend OP=AMOUNT[@WHERE]`` (:func:`sounddiffusion.bending_specs.parse_bend`) bends the noised ``latent`` of each frame
-(the default), the latent before denoising step K (``step=K``, or a fraction such as ``step=0.8``,
-see ``step_index``), or a UNet block's output activations (``input_blocks.N``,
-``middle_block``, ``output_blocks.N``) through forward hooks (``BlockBender``), both in
-:mod:`sounddiffusion.bending_specs`.
+Where: ``--bend OP=AMOUNT[@WHERE]`` bends the noised ``latent`` of each frame (the default), the
+latent before denoising step K (``step=K``, or a fraction such as ``step=0.8``), or a UNet block's
+output activations (``input_blocks.N``, ``middle_block``, ``output_blocks.N``) through forward
+hooks: see :mod:`sounddiffusion.bending_specs`.
 
 Where the research code differs: its ``soft_threshold`` gives NaN at x = 0 (0 here); its ``power``
 gives NaN for negative x and a fractional exponent (the sign is kept here); its ``gaussian_blob``
