@@ -38,9 +38,11 @@ Identity amounts return ``x`` itself (no copy, no computation, no random draw), 
 quiet in silence leaves those frames bit for bit untouched. ``x`` is never modified in place.
 
 Seeded operators (``sparse_add``, ``noise``) draw their float32 random numbers on the CPU from
-``generator`` (torch's global CPU generator when None) and move them to ``x``'s device, so the same
-generator state gives the same numbers on every device. Nothing in :func:`apply` reads device data
-back to the host: amounts are Python floats, and every check is on them.
+``generator`` (torch's global CPU generator when None) and move them to ``x``'s device (to CUDA
+through pinned memory, without blocking), so the same generator state gives the same numbers on
+every device. Nothing in :func:`apply` reads device data back to the host or waits for the device:
+amounts are Python floats, every check is on them, and the other operators' constants are Python
+scalars or made on the device.
 
 Where: ``--bend OP=AMOUNT[@WHERE]`` bends the noised ``latent`` of each frame (the default), the
 latent before denoising step K (``step=K``, or a fraction such as ``step=0.8``), or a UNet block's
@@ -166,23 +168,17 @@ def _groups_of_four(x: torch.Tensor, op: str) -> int:
     return x.shape[1] // 4
 
 
-def _rotation_matrix(op: str, r: float) -> torch.Tensor:
-    """The research code's 4x4 rotation matrix (float64) for ``op`` by ``r`` radians."""
-    i, j = ROTATION_PLANES[op]
-    matrix = torch.eye(4, dtype=torch.float64)
-    matrix[i, i] = matrix[j, j] = math.cos(r)
-    matrix[i, j], matrix[j, i] = -math.sin(r), math.sin(r)
-    return matrix
-
-
 def _rotate(op: str):
+    i, j = ROTATION_PLANES[op]
+
     def rotate(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
         groups = _groups_of_four(x, op)
-        matrix = _rotation_matrix(op, r).to(torch.float32).to(x.device, x.dtype)
-        b, c, h, w = x.shape
-        head = x[:, :4 * groups].reshape(b, groups, 4, h, w)
-        rotated = torch.einsum("ij,bgjhw->bgihw", matrix, head).reshape(b, 4 * groups, h, w)
-        return torch.cat([rotated, x[:, 4 * groups:]], dim=1) if c > 4 * groups else rotated
+        cos, sin = math.cos(r), math.sin(r)
+        head = x[:, :4 * groups].unflatten(1, (groups, 4))
+        rotated = head.clone()
+        rotated[:, :, i] = cos * head[:, :, i] - sin * head[:, :, j]
+        rotated[:, :, j] = sin * head[:, :, i] + cos * head[:, :, j]
+        return torch.cat([rotated.flatten(1, 2), x[:, 4 * groups:]], dim=1)
     return rotate
 
 
@@ -191,37 +187,45 @@ def _reflect(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
     channel = math.floor(r + 0.5)
     if not 0 <= channel <= 3:
         raise ParameterError(f"bend reflect: the amount is the channel to flip, 0 to 3; got {r:g}")
-    signs = torch.ones(x.shape[1], dtype=x.dtype)
-    signs[channel:4 * groups:4] = -1
-    return x * signs.to(x.device)[None, :, None, None]
+    reflected = x.clone()
+    reflected[:, channel:4 * groups:4] = -x[:, channel:4 * groups:4]
+    return reflected
 
 
 # ----------------------------------------------------------------------------- seeded
 
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU ``values`` on ``device``; to CUDA through pinned memory, so the copy does not stall the host."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
 def _sparse_add(x: torch.Tensor, r: float, generator) -> torch.Tensor:
     mask = torch.rand(x.shape, generator=generator, dtype=torch.float32) < SPARSE_FRACTION
-    return x + mask.to(x.device, x.dtype) * r
+    return x + _to_device(mask.to(x.dtype), x.device) * r
 
 
 def _noise(x: torch.Tensor, r: float, generator) -> torch.Tensor:
     noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-    return x + noise.to(x.device, x.dtype) * r
+    return x + _to_device(noise.to(x.dtype), x.device) * r
 
 
 # ----------------------------------------------------------------------------- spatial
 
-def gaussian_bump(height: int, width: int) -> torch.Tensor:
-    """The ``gaussian_blob`` bump for amount 1, float64 (height, width): a normal density with
-    sigma 1.5 on a grid spanning [-5, 5] across each side, centred (the research code's at 64x64)."""
-    rows = torch.linspace(-BLOB_HALF_SPAN, BLOB_HALF_SPAN, height, dtype=torch.float64)[:, None]
-    cols = torch.linspace(-BLOB_HALF_SPAN, BLOB_HALF_SPAN, width, dtype=torch.float64)[None, :]
+def gaussian_bump(height: int, width: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``gaussian_blob`` bump for amount 1, float32 (height, width) on ``device``: a normal
+    density with sigma 1.5 on a grid spanning [-5, 5] across each side, centred (the research
+    code's at 64x64). Made on the device itself: nothing is copied from the host."""
+    span = dict(dtype=torch.float32, device=device)
+    rows = torch.linspace(-BLOB_HALF_SPAN, BLOB_HALF_SPAN, height, **span)[:, None]
+    cols = torch.linspace(-BLOB_HALF_SPAN, BLOB_HALF_SPAN, width, **span)[None, :]
     sigma2 = BLOB_SIGMA ** 2
-    return torch.exp(-0.5 * (rows ** 2 + cols ** 2) / sigma2) / (2 * math.pi * sigma2)
+    return torch.exp((rows ** 2 + cols ** 2) * (-0.5 / sigma2)) * (1 / (2 * math.pi * sigma2))
 
 
 def _gaussian_blob(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-    bump = (gaussian_bump(x.shape[2], x.shape[3]) * r).to(torch.float32)
-    return x + bump.to(x.device, x.dtype)
+    return x + (gaussian_bump(x.shape[2], x.shape[3], device=x.device) * r).to(x.dtype)
 
 
 def _dilate(x: torch.Tensor, r: float, _generator) -> torch.Tensor:

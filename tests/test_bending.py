@@ -214,3 +214,20 @@ def test_bad_operators_and_amounts_are_one_line_errors():
     with pytest.raises(ParameterError, match=r"^bend rotate_x: needs at least 4 channels, the tensor has 3$"):
         apply("rotate_x", latent((1, 3, 2, 2)), 0.5)
     assert torch.equal(apply("clamp", x, math.inf), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_every_operator_runs_without_a_host_sync_and_gives_the_cpu_numbers():
+    x = latent((2, 8, 16, 16))
+    amounts = {"log": 2.0, "reflect": 1.0, "invert": 2.0}
+    results = {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for op in OPERATORS:
+            results[op] = apply(op, x.cuda(), amounts.get(op, 0.8), generator=torch.Generator().manual_seed(4))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for op in OPERATORS:
+        want = apply(op, x, amounts.get(op, 0.8), generator=torch.Generator().manual_seed(4))
+        assert results[op].device.type == "cuda", op
+        assert torch.allclose(results[op].cpu(), want, rtol=1e-5, atol=1e-6, equal_nan=True), op
