@@ -220,11 +220,12 @@ def test_bad_operators_and_amounts_are_one_line_errors():
 def test_on_cuda_every_operator_runs_without_a_host_sync_and_gives_the_cpu_numbers():
     x = latent((2, 8, 16, 16))
     amounts = {"log": 2.0, "reflect": 1.0, "invert": 2.0}
-    results = {}
+    results, on_device = {}, x.cuda()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for op in OPERATORS:
-            results[op] = apply(op, x.cuda(), amounts.get(op, 0.8), generator=torch.Generator().manual_seed(4))
+            results[op] = apply(op, on_device, amounts.get(op, 0.8), generator=torch.Generator().manual_seed(4))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for op in OPERATORS:
