@@ -1,0 +1,182 @@
+"""``--bend`` specs: parsing and its one-line errors, step placement, and UNet block hooks."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sounddiffusion.bending_specs import BendSpec, BlockBender, check_block, parse_bend, step_index
+from sounddiffusion.errors import ParameterError
+
+PLACES = ("latent, step=K (an integer >= 0 or a fraction between 0 and 1), input_blocks.N, "
+          "middle_block or output_blocks.N")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("add=0.5*rms", BendSpec("add", "0.5*rms", "latent", None)),
+    (" multiply = 1+beat @ latent ", BendSpec("multiply", "1+beat", "latent", None)),
+    ("rotate_z=0.8*beat@step=0.5", BendSpec("rotate_z", "0.8*beat", "step", 0.5)),
+    ("noise=0.1@step=0", BendSpec("noise", "0.1", "step", 0.0)),
+    ("noise=0.1@step=25", BendSpec("noise", "0.1", "step", 25.0)),
+    ("dilate=3*onset@output_blocks.5", BendSpec("dilate", "3*onset", "output_blocks.5", None)),
+    ("clamp=2-rms@input_blocks.11", BendSpec("clamp", "2-rms", "input_blocks.11", None)),
+    ("reflect=2@middle_block", BendSpec("reflect", "2", "middle_block", None)),
+])
+def test_good_specs(text, want):
+    got = parse_bend(text)
+    assert got == want and got.text == text
+    assert got.is_block == (want.where not in ("latent", "step"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rotate_z", "--bend 'rotate_z': expected OP=AMOUNT[@WHERE], e.g. rotate_z=0.8*beat@step=0.5"),
+    ("spin=1", "--bend 'spin=1': unknown operator 'spin'; use one of add, multiply, subtract, threshold, "
+               "soft_threshold, invert, log, power, abs, clamp, rescale, rotate_x, rotate_y, rotate_z, "
+               "reflect, sparse_add, noise, gaussian_blob, erode, dilate"),
+    ("add=", "--bend 'add=': the amount is missing; give a number or an expression after 'add=', "
+             "e.g. add=0.5*rms"),
+    ("add=@step=2", "--bend 'add=@step=2': the amount is missing; give a number or an expression "
+                    "after 'add=', e.g. add=0.5*rms"),
+    ("add=1@step=-1", "--bend 'add=1@step=-1': step -1 is negative; use an integer step >= 0 or a "
+                      "fraction between 0 and 1 (e.g. step=0.8)"),
+    ("add=1@step=-0.5", "--bend 'add=1@step=-0.5': step -0.5 is negative; use an integer step >= 0 or a "
+                        "fraction between 0 and 1 (e.g. step=0.8)"),
+    ("add=1@step=1.5", "--bend 'add=1@step=1.5': step '1.5' is neither an integer >= 0 nor a fraction "
+                       "between 0 and 1; use e.g. step=3 or step=0.8"),
+    ("add=1@step=half", "--bend 'add=1@step=half': step 'half' is neither an integer >= 0 nor a fraction "
+                        "between 0 and 1; use e.g. step=3 or step=0.8"),
+    ("add=1@input_blocks.x", "--bend 'add=1@input_blocks.x': bad block 'input_blocks.x'; use "
+                             "input_blocks.N or output_blocks.N (N an integer >= 0) or middle_block"),
+    ("add=1@output_blocks", "--bend 'add=1@output_blocks': bad block 'output_blocks'; use "
+                            "input_blocks.N or output_blocks.N (N an integer >= 0) or middle_block"),
+    ("add=1@foo", f"--bend 'add=1@foo': unknown place 'foo' after '@'; use {PLACES}"),
+    ("add=1@", f"--bend 'add=1@': nothing after '@'; use {PLACES}"),
+])
+def test_bad_specs_are_one_line_errors(text, message):
+    with pytest.raises(ParameterError) as caught:
+        parse_bend(text)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("text, n_steps, want", [
+    ("add=1@step=0", 10, 0), ("add=1@step=3", 10, 3), ("add=1@step=10", 10, 10),
+    ("add=1@step=99", 10, 10), ("add=1@step=0.8", 10, 8), ("add=1@step=0.5", 7, 3),
+    ("add=1@step=0.29", 100, 29), ("add=1@step=0.99", 50, 49), ("add=1@step=0.5", 1, 0),
+])
+def test_step_index(text, n_steps, want):
+    assert step_index(parse_bend(text), n_steps) == want
+
+
+def test_step_index_of_a_bend_elsewhere_is_a_mistake():
+    with pytest.raises(ValueError, match="is not a step=K bend"):
+        step_index(parse_bend("add=1"), 10)
+
+
+# ----------------------------------------------------------------------------- UNet blocks
+
+@pytest.fixture(scope="module")
+def unet(tiny_dir):
+    from ldm.util import instantiate_from_config
+    from sounddiffusion.engine import init_demo_weights
+
+    config = OmegaConf.load(tiny_dir / "config.yaml")
+    model = instantiate_from_config(config.model.params.unet_config).eval()
+    init_demo_weights(model)  # fresh modules zero their output layers: random weights everywhere
+    return model
+
+
+def unet_inputs():
+    generator = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500]),
+            torch.randn(2, 77, 32, generator=generator))
+
+
+def block_names(unet):
+    return ([f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"]
+            + [f"output_blocks.{i}" for i in range(len(unet.output_blocks))])
+
+
+def run_with_probes(unet) -> tuple[dict, torch.Tensor]:
+    """The UNet's output and every block's output, seen by hooks registered last (after any bend)."""
+    seen, handles = {}, []
+    for name in block_names(unet):
+        block = unet.get_submodule(name)
+        handles.append(block.register_forward_hook(
+            lambda _m, _i, out, name=name: seen.__setitem__(name, out.clone())))
+    try:
+        with torch.no_grad():
+            out = unet(*unet_inputs())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, out
+
+
+def test_check_block_finds_blocks_and_lists_the_valid_range(unet):
+    assert check_block(parse_bend("add=1@input_blocks.2"), unet) is unet.input_blocks[2]
+    assert check_block(parse_bend("add=1@middle_block"), unet) is unet.middle_block
+    assert check_block(parse_bend("add=1@output_blocks.11"), unet) is unet.output_blocks[11]
+    with pytest.raises(ParameterError) as caught:
+        check_block(parse_bend("add=1@output_blocks.12"), unet)
+    assert str(caught.value) == ("--bend 'add=1@output_blocks.12': this model has no block output_blocks.12; "
+                                 "use input_blocks.0 to input_blocks.11, middle_block, "
+                                 "or output_blocks.0 to output_blocks.11")
+    with pytest.raises(ParameterError, match="this model has no block input_blocks.40"):
+        BlockBender(unet, [parse_bend("add=1@input_blocks.40")])
+
+
+def test_a_block_bend_changes_that_block_and_everything_after_and_nothing_before(unet):
+    names = block_names(unet)
+    before, plain = run_with_probes(unet)
+    specs = [parse_bend("noise=0.1@latent"), parse_bend("add=0.5@input_blocks.2")]
+    with BlockBender(unet, specs) as bender:
+        bender.set_amounts([0.1, 0.5])
+        after, bent = run_with_probes(unet)
+    position = names.index("input_blocks.2")
+    for name in names[:position]:
+        assert torch.equal(after[name], before[name]), name
+    assert torch.equal(after["input_blocks.2"], before["input_blocks.2"] + 0.5)
+    for name in names[position + 1:]:
+        assert not torch.allclose(after[name], before[name]), name
+    assert not torch.allclose(bent, plain)
+    # the hooks are gone after the context: the same numbers as before
+    assert all(not block._forward_hooks for block in map(unet.get_submodule, names))
+    again, out = run_with_probes(unet)
+    assert torch.equal(out, plain)
+
+
+def test_identity_amounts_leave_the_unet_untouched_and_amounts_change_per_call(unet):
+    _, plain = run_with_probes(unet)
+    specs = [parse_bend("multiply=1+beat@middle_block"), parse_bend("rotate_x=beat@output_blocks.3")]
+    with BlockBender(unet, specs) as bender:
+        bender.set_amounts([1.0, 0.0])
+        _, quiet = run_with_probes(unet)
+        bender.set_amounts([1.5, 0.3])
+        _, loud = run_with_probes(unet)
+    assert torch.equal(quiet, plain)
+    assert not torch.allclose(loud, plain)
+
+
+def test_seeded_block_bends_draw_from_the_callers_generators(unet):
+    asked = []
+
+    def generator_for(index):
+        asked.append(index)
+        return torch.Generator().manual_seed(100 + index)
+
+    specs = [parse_bend("add=1"), parse_bend("noise=0.5@output_blocks.0"), parse_bend("dilate=1@middle_block")]
+    outputs = []
+    for _ in range(2):
+        with BlockBender(unet, specs, generator_for) as bender:
+            bender.set_amounts([1.0, 0.5, 1.0])
+            outputs.append(run_with_probes(unet)[1])
+    assert asked == [1, 1]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_amounts_must_be_set_and_match_the_specs(unet):
+    specs = [parse_bend("add=1@middle_block")]
+    with BlockBender(unet, specs) as bender:
+        with pytest.raises(RuntimeError, match="set_amounts must be called before the UNet runs"):
+            run_with_probes(unet)
+        with pytest.raises(ValueError, match="2 amounts for 1 bends"):
+            bender.set_amounts([1.0, 2.0])
+    assert not unet.middle_block._forward_hooks
