@@ -108,9 +108,13 @@ class VideoStats:
         return {name: [float(v) for v in value] for name, value in arrays.items()
                 if isinstance(value, np.ndarray)}
 
-    def to_json(self) -> str:
-        """``{"summary": summary(), "per_frame": per_frame()}`` as JSON text."""
-        return json.dumps({"summary": self.summary(), "per_frame": self.per_frame()}, indent=2)
+    def to_json(self, *, plot: str | os.PathLike | None = None) -> str:
+        """``{"summary": summary(), "per_frame": per_frame()}`` as JSON text, with
+        ``"plot": path`` when a plot was written."""
+        document = {"summary": self.summary(), "per_frame": self.per_frame()}
+        if plot is not None:
+            document["plot"] = str(plot)
+        return json.dumps(document, indent=2)
 
 
 def video_stats(path: str | os.PathLike, *, progress: bool = False) -> VideoStats:
