@@ -37,10 +37,11 @@ def write_video(path: Path, frames, audio: Path | None = None) -> Path:
 def test_constant_video_has_no_drift_and_no_flicker(tmp_path):
     stats = video_stats(write_video(tmp_path / "still.mp4", [smooth_texture(120)] * 12))
     assert stats.frames == 12 and stats.fps == FPS and (stats.width, stats.height) == (SIZE, SIZE)
-    # H.264 (CRF 18, yuv420p) may change a static picture by a rounding step between frames.
+    # H.264 (CRF 18, yuv420p) may change a static picture by a rounding step between frames
+    # (measured: drift 0.08, hist_drift 0.12, flicker 0.03, flicker_hf 0).
     assert stats.drift.max() < 0.3
-    assert stats.hist_drift.max() < 1.0
-    assert stats.flicker.max() < 0.5 and stats.flicker_hf.max() < 0.2
+    assert stats.hist_drift.max() < 0.5
+    assert stats.flicker.max() < 0.2 and stats.flicker_hf.max() < 0.1
     assert stats.flicker[0] == 0 and stats.flicker_hf[0] == 0 and stats.flicker_hf[-1] == 0
     summary = stats.summary()
     assert summary["has_audio"] is False and summary["onset_correlation"] is None
@@ -54,25 +55,26 @@ def test_colour_ramp_drift_matches_ciede2000_of_the_colours(tmp_path):
     lab = rgb2lab(np.rint(np.array(colours))[None] / 255.0)[0]
     expected = deltaE_ciede2000(np.broadcast_to(lab[0], lab.shape), lab)
     assert expected[-1] > 30  # a strong drift, so the tolerance below means something
-    # yuv420p at limited range moves a flat colour by up to ~2 of 255 per channel: ~1 ΔE00.
-    np.testing.assert_allclose(stats.drift, expected, atol=1.2)
+    # yuv420p at limited range moves a flat colour by up to ~2 of 255 per channel: < 1 ΔE00
+    # (measured: 0.43 at most).
+    np.testing.assert_allclose(stats.drift, expected, atol=1.0)
     # A flat picture's distribution is one point: its EMD is the L1 distance of the Lab colours.
-    np.testing.assert_allclose(stats.hist_drift, np.abs(lab - lab[0]).sum(axis=1), atol=3.0)
-    assert stats.summary()["drift_final"] == pytest.approx(expected[-1], abs=1.2)
+    np.testing.assert_allclose(stats.hist_drift, np.abs(lab - lab[0]).sum(axis=1), atol=2.0)
+    assert stats.summary()["drift_final"] == pytest.approx(expected[-1], abs=1.0)
 
 
 def test_alternating_frames_flicker_at_high_frequency(tmp_path):
     frames = [smooth_texture(160 if k % 2 else 60) for k in range(10)]
     stats = video_stats(write_video(tmp_path / "alternate.mp4", frames))
-    assert stats.flicker[1:] == pytest.approx(100, abs=3)
-    assert stats.flicker_hf[1:-1] == pytest.approx(100, abs=3)
+    assert stats.flicker[1:] == pytest.approx(100, abs=1)
+    assert stats.flicker_hf[1:-1] == pytest.approx(100, abs=1)
 
 
 def test_steady_brightening_flickers_at_low_frequency_only(tmp_path):
     frames = [smooth_texture(60 + 6 * k) for k in range(12)]
     stats = video_stats(write_video(tmp_path / "fade.mp4", frames))
-    assert stats.flicker[1:] == pytest.approx(6, abs=1)
-    assert stats.flicker_hf.max() < 0.3
+    assert stats.flicker[1:] == pytest.approx(6, abs=0.5)
+    assert stats.flicker_hf.max() < 0.1
     assert stats.saturation[0] > stats.saturation[-1] > 0  # same spread on a brighter picture
 
 
