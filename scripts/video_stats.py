@@ -25,7 +25,7 @@ ROWS = [
     ("drift_mean", "mean colour change from frame 0 (CIEDE2000)", "< 5 barely visible"),
     ("drift_final", "... at the last frame", "< 5 barely visible"),
     ("drift_max", "... largest", "> 10 a colour cast"),
-    ("hist_drift_final", "colour distribution change from frame 0 (Lab EMD)", "low; > drift: contrast changed"),
+    ("hist_drift_final", "colour distribution change from frame 0 (Lab EMD)", "low; grows with contrast too"),
     ("flicker_mean", "mean luma change between frames (0..255)", "motion counts too"),
     ("flicker_max", "... largest", "big jumps = cuts or pops"),
     ("flicker_hf_mean", "change that reverses on the next frame (0..255)", "near 0; > 2 shimmer"),

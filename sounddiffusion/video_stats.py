@@ -11,7 +11,7 @@ previous two frames are kept, so a video of any length fits in memory. Per frame
                 Wasserstein) between frame k's histogram of L*, of a* and of b* and frame 0's,
                 summed over the three channels, in Lab units. A uniform shift of L* by 5 gives 5;
                 unlike ``drift`` it also grows when contrast builds up or washes out while the mean
-                stays. Computed from ``HIST_QUANTILES`` quantiles of each channel.
+                stays. Histograms with ``HIST_BIN`` (0.1) Lab-unit bins.
 ``flicker``     mean absolute change of luma (BT.709, 0..255) per pixel from frame k-1 to frame k;
                 0 for frame 0. Motion counts too: this is all frame-to-frame change.
 ``flicker_hf``  the high-frequency part of that change: the change that reverses on the next
@@ -50,11 +50,11 @@ from sounddiffusion.video import ffmpeg_exe
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 44100
-HIST_QUANTILES = 256
+HIST_BIN = 0.1  # Lab units
+_LAB_RANGES = ((0.0, 100.0), (-128.0, 128.0), (-128.0, 128.0))
 LAB_MAX_PIXELS = 256 * 256
 ONSET_HOP = 512
 _LUMA_709 = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
-_QUANTILE_LEVELS = (np.arange(HIST_QUANTILES) + 0.5) / HIST_QUANTILES
 _PROGRESS_SECONDS = 5.0
 
 
@@ -196,27 +196,40 @@ def _lab_pixels(rgb: np.ndarray) -> np.ndarray:
 
 
 def _lab_reference(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Frame 0's mean Lab colour (3,) and per-channel quantiles (HIST_QUANTILES, 3)."""
+    """Frame 0's mean Lab colour (3,) and the cumulative histograms of its channels."""
     lab = _lab_pixels(rgb)
-    return lab.mean(axis=0), np.quantile(lab, _QUANTILE_LEVELS, axis=0)
+    return lab.mean(axis=0), _cumulative_histograms(lab)
+
+
+def _cumulative_histograms(lab: np.ndarray) -> list[np.ndarray]:
+    """Per channel of (N, 3) Lab values: the share of pixels in each HIST_BIN-wide bin and
+    those below it (L* over 0..100, a* and b* over -128..128; values outside go to the ends)."""
+    cumulative = []
+    for channel, (low, high) in enumerate(_LAB_RANGES):
+        bins = int(round((high - low) / HIST_BIN))
+        index = np.clip(((lab[:, channel] - low) / HIST_BIN).astype(np.int64), 0, bins - 1)
+        cumulative.append(np.cumsum(np.bincount(index, minlength=bins)) / len(lab))
+    return cumulative
 
 
 def _colour_measures(rgb: np.ndarray, reference) -> tuple[float, float, float, float]:
     """(drift, hist_drift, saturation, clipped) of one frame against frame 0's reference."""
     from skimage.color import deltaE_ciede2000
 
-    mean_lab, quantiles = reference
+    mean_lab, reference_cumulative = reference
     lab = _lab_pixels(rgb)
     drift = float(deltaE_ciede2000(mean_lab, lab.mean(axis=0)))
-    # The 1-D earth mover's distance is the mean distance between matching quantiles.
-    hist_drift = float(np.abs(np.quantile(lab, _QUANTILE_LEVELS, axis=0) - quantiles).mean(axis=0).sum())
+    # The 1-D earth mover's distance is the area between the two cumulative histograms.
+    hist_drift = sum(float(np.abs(mine - theirs).sum()) * HIST_BIN for mine, theirs
+                     in zip(_cumulative_histograms(lab), reference_cumulative))
     return drift, hist_drift, saturation(rgb), clipped_share(rgb)
 
 
 def saturation(rgb: np.ndarray) -> float:
     """Mean HSV saturation (max - min) / max of an (H, W, 3) uint8 picture, 0..1 (0 for black)."""
-    top = rgb.max(axis=-1).astype(np.float32)
-    spread = top - rgb.min(axis=-1)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    top = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    spread = top - np.minimum(np.minimum(red, green), blue)
     return float(np.divide(spread, top, out=np.zeros_like(top), where=top > 0).mean())
 
 
