@@ -87,7 +87,8 @@ class VideoStats:
         reversing = self.flicker_hf[1:-1] if self.frames > 2 else np.zeros(1)
         return {
             "path": self.path, "frames": self.frames, "fps": self.fps,
-            "seconds": self.frames / self.fps, "width": self.width, "height": self.height,
+            "seconds": self.frames / self.fps if self.fps > 0 else None,
+            "width": self.width, "height": self.height,
             "drift_mean": float(self.drift.mean()), "drift_max": float(self.drift.max()),
             "drift_final": float(self.drift[-1]),
             "hist_drift_mean": float(self.hist_drift.mean()),
