@@ -1,0 +1,171 @@
+"""Colour matching, latent slerp, cross-fades, in-between weights, contrast and latent noise."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import deltaE_ciede2000, rgb2hsv, rgb2lab
+
+from sounddiffusion.coherence import (COLOR_SPACES, adjust_contrast, cross_fade, inbetween_weights,
+                                      latent_noise, match_colors, slerp)
+from sounddiffusion.errors import ParameterError
+
+
+def reference_picture(seed: int = 0) -> np.ndarray:
+    """A (48, 64, 3) uint8 picture with smooth colour gradients and some noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:48, 0:64]
+    picture = np.stack([60 + 2.5 * x, 40 + 3 * y, 200 - 1.5 * x - y], axis=-1)
+    return np.clip(picture + rng.normal(0, 6, picture.shape), 0, 255).astype(np.uint8)
+
+
+def colour_cast(rgb: np.ndarray) -> np.ndarray:
+    """The picture with a warm cast and more contrast, as a drifting render gets."""
+    values = rgb.astype(np.float64)
+    shifted = (values - 128) * 1.2 + 128 + np.array([30.0, 5.0, -25.0])
+    return np.clip(shifted, 0, 255).astype(np.uint8)
+
+
+def mean_lab(rgb: np.ndarray) -> np.ndarray:
+    return rgb2lab(rgb).reshape(-1, 3).mean(axis=0)
+
+
+@pytest.mark.parametrize("space", COLOR_SPACES)
+def test_strength_zero_is_bit_identical(space):
+    picture = colour_cast(reference_picture())
+    out = match_colors(picture, reference_picture(1), space=space, strength=0.0)
+    assert out.dtype == np.uint8 and np.array_equal(out, picture) and out is not picture
+
+
+@pytest.mark.parametrize("space", COLOR_SPACES)
+def test_full_strength_brings_the_mean_colour_back(space):
+    reference = reference_picture()
+    drifted = colour_cast(reference_picture(1))
+    before = deltaE_ciede2000(mean_lab(reference), mean_lab(drifted))
+    matched = match_colors(drifted, reference, space=space, strength=1.0)
+    after = deltaE_ciede2000(mean_lab(reference), mean_lab(matched))
+    half = deltaE_ciede2000(mean_lab(reference),
+                            mean_lab(match_colors(drifted, reference, space=space, strength=0.5)))
+    assert matched.shape == drifted.shape and matched.dtype == np.uint8
+    assert before > 10
+    assert after < 0.15 * before, (space, before, after)
+    assert after < half < before
+
+
+def test_rgb_matching_moves_each_channel_distribution_to_the_reference():
+    """Per channel, the earth mover's distance to the reference drops to rounding and ties
+    (the cast clips some values to 255, and equal values are all mapped alike)."""
+    reference = reference_picture()
+    drifted = colour_cast(reference_picture(1))
+    matched = match_colors(drifted, reference, space="rgb")
+
+    def emd(x, y, channel):
+        return np.abs(np.sort(x[..., channel], axis=None).astype(float)
+                      - np.sort(y[..., channel], axis=None)).mean()
+
+    for channel in range(3):
+        assert emd(drifted, reference, channel) > 5
+        assert emd(matched, reference, channel) < 1.5
+
+
+def test_hsv_hue_is_matched_around_the_red_wrap():
+    """Reds on both sides of hue 0 stay red: the hue circle is not cut through them."""
+    rng = np.random.default_rng(3)
+    hues = (rng.normal(0.0, 0.02, (32, 32)) % 1.0)  # reds around 0 and 1
+    from skimage.color import hsv2rgb
+
+    def red_picture(hue_shift):
+        hsv = np.stack([(hues + hue_shift) % 1.0, np.full_like(hues, 0.8), np.full_like(hues, 0.8)], -1)
+        return np.rint(hsv2rgb(hsv) * 255).astype(np.uint8)
+
+    reference, shifted = red_picture(0.0), red_picture(0.04)
+    matched_hue = rgb2hsv(match_colors(shifted, reference, space="hsv"))[..., 0]
+    circular_distance = np.minimum(matched_hue, 1 - matched_hue)
+    assert circular_distance.max() < 0.1  # no pixel sent towards green or cyan
+    mean_angle = np.angle(np.exp(2j * np.pi * matched_hue).mean()) / (2 * np.pi)
+    assert abs(mean_angle) < 0.01
+
+
+def test_match_colors_refuses_bad_arguments():
+    picture = reference_picture()
+    with pytest.raises(ParameterError, match="'xyz'"):
+        match_colors(picture, picture, space="xyz")
+    with pytest.raises(ParameterError, match="1.5"):
+        match_colors(picture, picture, space="lab", strength=1.5)
+    with pytest.raises(ValueError):
+        match_colors(picture.astype(np.float32), picture, space="lab")
+
+
+def test_slerp_endpoints_are_exact_and_the_norm_is_kept():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 4, 8, 8, generator=generator)
+    b = torch.randn(1, 4, 8, 8, generator=generator)
+    b = b * (a.norm() / b.norm())  # equal norms
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    for t in (0.25, 0.5, 0.75):
+        assert slerp(a, b, t).norm().item() == pytest.approx(a.norm().item(), rel=1e-5)
+    # Independent Gaussian latents are nearly orthogonal: lerp's middle is ~1/sqrt(2) as long.
+    assert torch.lerp(a, b, 0.5).norm().item() < 0.8 * a.norm().item()
+    # The angle from a grows linearly with t.
+    angle = lambda x, y: math.acos(float(torch.sum(x * y) / (x.norm() * y.norm())))
+    total = angle(a, b)
+    assert angle(a, slerp(a, b, 0.3)) == pytest.approx(0.3 * total, rel=1e-4)
+
+
+def test_slerp_of_nearly_parallel_latents_is_lerp_and_keeps_dtype():
+    a = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    b = a * 2
+    assert torch.allclose(slerp(a, b, 0.5), 1.5 * a)
+    half = slerp(a.half(), torch.randn(1, 4, 8, 8).half(), 0.5)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+
+
+def test_cross_fade_endpoints_and_middle():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = np.full((4, 4, 3), 201, np.uint8)
+    assert np.array_equal(cross_fade(a, b, 0.0), a) and np.array_equal(cross_fade(a, b, 1.0), b)
+    middle = cross_fade(a, b, 0.5)
+    assert middle.dtype == np.uint8 and (middle == 100).all()  # 100.5 rounds to even
+
+
+def test_inbetween_weights():
+    assert inbetween_weights(1) == []
+    assert inbetween_weights(3) == pytest.approx([1 / 3, 2 / 3])
+    assert inbetween_weights(4) == pytest.approx([0.25, 0.5, 0.75])
+    with pytest.raises(ParameterError, match="--cadence 0"):
+        inbetween_weights(0)
+
+
+def test_adjust_contrast_on_pictures_and_latents():
+    picture = reference_picture()
+    assert np.array_equal(adjust_contrast(picture, 1.0), picture)
+    softer = adjust_contrast(picture, 0.5)
+    assert softer.dtype == np.uint8
+    values, result = picture.astype(float), softer.astype(float)
+    np.testing.assert_allclose(result.mean(axis=(0, 1)), values.mean(axis=(0, 1)), atol=0.6)
+    np.testing.assert_allclose(result.std(axis=(0, 1)), 0.5 * values.std(axis=(0, 1)), rtol=0.02)
+
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) + 3
+    assert torch.equal(adjust_contrast(latent, 1.0), latent)
+    harder = adjust_contrast(latent, 1.5)
+    assert torch.allclose(harder.mean(dim=(-2, -1)), latent.mean(dim=(-2, -1)), atol=1e-5)
+    assert torch.allclose(harder.std(dim=(-2, -1)), 1.5 * latent.std(dim=(-2, -1)), rtol=1e-5)
+    with pytest.raises(ParameterError, match="--contrast -1"):
+        adjust_contrast(latent, -1)
+
+
+def test_latent_noise_is_seeded_and_zero_is_identity():
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    assert torch.equal(latent_noise(latent, 0.0, generator), latent)
+    assert torch.equal(generator.get_state(), state)  # nothing drawn
+
+    first = latent_noise(latent, 0.1, torch.Generator().manual_seed(9))
+    again = latent_noise(latent, 0.1, torch.Generator().manual_seed(9))
+    assert torch.equal(first, again)
+    expected = latent + 0.1 * torch.randn(latent.shape, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(first, expected)
+    assert (first - latent).std().item() == pytest.approx(0.1, rel=0.15)
+    with pytest.raises(ParameterError, match="--latent_noise -0.1"):
+        latent_noise(latent, -0.1, generator)
