@@ -73,7 +73,8 @@ class SoundWorker:
         from sounddiffusion.image_jobs import run_parameters
         from sounddiffusion.engine import load_engine
 
-        self.args = audio2img.build_parser().parse_args([*settings.audio2img_argv, "--outdir", settings.outdir])
+        self.args = audio2img.build_parser().parse_args(
+            [*settings.audio2img_argv, "--outdir", settings.outdir, "--input_folder", settings.outdir])
         fill_size_defaults(self.args)
         self.engine = load_engine(config=self.args.config, ckpt=self.args.ckpt, demo=self.args.demo,
                                   device=self.args.device, precision=self.args.precision)

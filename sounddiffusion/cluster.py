@@ -122,6 +122,8 @@ class WorkerHost:
             self._get()
         except UserError as exc:
             return str(exc), socket.gethostname()
+        except SystemExit as exc:  # e.g. argparse in make_worker: not a reason to restart
+            return f"the worker exited with status {exc.code}", socket.gethostname()
         return None, socket.gethostname()
 
     def process(self, item: Keyed) -> tuple[str, list[str], str | None, float]:
@@ -129,13 +131,13 @@ class WorkerHost:
         started = time.perf_counter()
         try:
             worker = self._get()
-        except Exception as exc:  # noqa: BLE001 - reported as this item's failure
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported as this item's failure
             return FAILED, [], f"the worker could not start: {exc}", time.perf_counter() - started
         try:
             outputs = [os.fspath(path) for path in worker.process(item)]
         except UserError as exc:
             return SKIPPED, [], str(exc), time.perf_counter() - started
-        except Exception as exc:  # noqa: BLE001 - one item's failure does not end the job
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one item's failure does not end the job
             log.exception("%s failed", item.key)
             return FAILED, [], f"{type(exc).__name__}: {exc}", time.perf_counter() - started
         return FINISHED, outputs, None, time.perf_counter() - started
