@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Throughput of an audio2img batch on Ray with 1 and 2 (or more) workers.
+
+The same job runs once per worker count: 64 short synthesized sounds (tones and sweeps, 1 s),
+one picture each, rendered by :func:`sounddiffusion.cluster.run_on_ray` with a worker that does
+for one sound what ``audio2img.py --input_folder`` does (same flags, same seeds, same PNG
+parameters). Every worker loads the model once and renders one warm-up picture before taking
+sounds. The pictures of every run are compared byte for byte: they must not depend on the
+number of workers.
+
+    OMP_NUM_THREADS=1 python scripts/benchmark_cluster.py                   # demo model, CPU, 64x64, 5 steps
+    python scripts/benchmark_cluster.py --device cuda --size 512 --steps 50 --workers 1,2,4 \\
+        --ckpt models/ldm/stable-diffusion-v1/model.ckpt --address auto   # one worker per GPU
+
+Prints a markdown table, also written to outputs/benchmark-cluster-<UTC time>.md (never
+overwritten): per worker count the wall time (Ray start, model loads and warm-up included),
+items/s, mean seconds per item inside a worker, and the scaling efficiency
+(items/s with N workers) / (N x items/s with 1 worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sounddiffusion.cluster import run_on_ray  # noqa: E402
+from sounddiffusion.manifest import Manifest, file_key  # noqa: E402
+
+log = logging.getLogger("benchmark_cluster")
+SAMPLE_RATE = 44100
+
+
+@dataclass(frozen=True)
+class SoundItem:
+    """One sound of the job: its manifest key and its path."""
+
+    key: str
+    path: str
+
+
+@dataclass(frozen=True)
+class MakeSoundWorker:
+    """Picklable settings of a worker: audio2img's flags (without the input) and the output folder."""
+
+    audio2img_argv: tuple[str, ...]
+    outdir: str
+
+    def __call__(self) -> "SoundWorker":
+        return SoundWorker(self)
+
+
+class SoundWorker:
+    """audio2img for one sound at a time (batch 1): OUTDIR/<sound name>/FEATURE-00000.png."""
+
+    def __init__(self, settings: MakeSoundWorker):
+        sys.path.insert(0, str(REPO))
+        import audio2img
+        from sounddiffusion.cli import fill_size_defaults
+        from sounddiffusion.image_jobs import run_parameters
+        from sounddiffusion.engine import load_engine
+
+        self.args = audio2img.build_parser().parse_args(
+            [*settings.audio2img_argv, "--outdir", settings.outdir, "--input_folder", settings.outdir])
+        fill_size_defaults(self.args)
+        self.engine = load_engine(config=self.args.config, ckpt=self.args.ckpt, demo=self.args.demo,
+                                  device=self.args.device, precision=self.args.precision)
+        self.parameters = run_parameters(self.args, self.engine)
+        self.outdir = Path(settings.outdir)
+        self._render(np.zeros(SAMPLE_RATE // 10, np.float32), folder=None)  # warm-up, not saved
+
+    def _render(self, samples: np.ndarray, folder: Path | None, sound: str = "") -> list[Path]:
+        from sounddiffusion.image_jobs import ImageSet, render_chunk, sound_conditioning
+
+        cond = sound_conditioning(self.engine, samples, self.args)
+        image_set = ImageSet(cond=cond, parameters={**self.parameters, "sound": sound}, folder=folder,
+                             prefix=self.args.feature, grid_folder=folder)
+        saved = self.args.skip_save
+        self.args.skip_save = folder is None
+        try:
+            return render_chunk(self.engine, [image_set], self.args)
+        finally:
+            self.args.skip_save = saved
+
+    def process(self, item: SoundItem) -> list[str]:
+        from sounddiffusion.audio import load_audio
+        from sounddiffusion.images import ensure_output_dir
+
+        samples = load_audio(item.path)
+        folder = ensure_output_dir(self.outdir / Path(item.path).stem)
+        return [str(p) for p in self._render(samples, folder, sound=item.path)]
+
+
+def synthesize_sounds(folder: Path, count: int, seconds: float = 1.0) -> list[Path]:
+    """``count`` WAVs of ``seconds``: tones and sweeps at different pitches, some with noise."""
+    import soundfile
+
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    paths = []
+    for i in range(count):
+        f0 = 110.0 * 2 ** (i / 12)
+        phase = 2 * np.pi * (f0 * t + (i % 3) * 0.5 * f0 * t ** 2)  # every third a pure tone
+        y = 0.5 * np.sin(phase) + 0.05 * (i % 4) * np.random.default_rng(i).standard_normal(t.size)
+        path = folder / f"sound-{i:03d}.wav"
+        soundfile.write(path, y.astype(np.float32), SAMPLE_RATE)
+        paths.append(path)
+    return paths
+
+
+def run_once(sounds: list[Path], workers: int, argv: tuple[str, ...], outdir: Path,
+             address: str | None) -> dict:
+    """One job with ``workers`` workers into ``outdir``: its figures."""
+    manifest = Manifest(outdir / "manifest.jsonl")
+    items = [SoundItem(key=file_key(path), path=str(path)) for path in sounds]
+    started = time.perf_counter()
+    summary = run_on_ray(items, MakeSoundWorker(argv, str(outdir)), address=address, workers=workers,
+                         manifest=manifest, desc=f"{workers} worker(s)", unit="sound")
+    wall = time.perf_counter() - started
+    if summary.failed or summary.skipped or summary.finished != len(sounds):
+        raise SystemExit(f"the job with {workers} workers did not make every picture:\n{summary.report('sound')}")
+    item_seconds = [e["seconds"] for e in manifest.entries() if e["seconds"] is not None]
+    return dict(workers=workers, wall=wall, items_per_s=len(sounds) / wall,
+                item_s=float(np.mean(item_seconds)), per_worker=summary.per_worker)
+
+
+def same_pictures(first: Path, other: Path) -> bool:
+    """True when both folders hold the same PNG names with the same bytes."""
+    names = sorted(p.relative_to(first) for p in first.rglob("*.png"))
+    return names == sorted(p.relative_to(other) for p in other.rglob("*.png")) and \
+        all((first / n).read_bytes() == (other / n).read_bytes() for n in names)
+
+
+def markdown(results: list[dict], context: dict) -> str:
+    base = results[0]["items_per_s"] / results[0]["workers"]
+    base_render = 1 / results[0]["item_s"]
+    rows = ["| workers | wall s | items/s | mean s/item in a worker | efficiency (wall) | "
+            "efficiency (rendering) | items per worker |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        eff_wall = r["items_per_s"] / (r["workers"] * base)
+        eff_render = (r["workers"] / r["item_s"]) / (r["workers"] * base_render)
+        counts = ", ".join(str(c) for _, c in sorted(r["per_worker"].items()))
+        rows.append(f"| {r['workers']} | {r['wall']:.1f} | {r['items_per_s']:.3f} | {r['item_s']:.3f} | "
+                    f"{eff_wall:.2f} | {eff_render:.2f} | {counts} |")
+    head = [f"# Ray batch benchmark, {context['date']}", "",
+            f"- machine: {context['machine']}", f"- command: `{context['command']}`",
+            f"- job: {context['items']} sounds of 1 s, audio2img {' '.join(context['argv'])}",
+            f"- pictures identical for every worker count: {context['identical']}", ""]
+    return "\n".join(head + rows) + "\n"
+
+
+def write_new(folder: Path, stem: str, text: str) -> Path:
+    """Write ``text`` to FOLDER/STEM.md, or STEM-2.md, ... (never overwriting)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = folder / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise SystemExit(f"no free name for {stem}.md in {folder}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--items", type=int, default=64, help="sounds in the job")
+    p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2,4")
+    p.add_argument("--size", type=int, default=64, help="picture width and height")
+    p.add_argument("--steps", type=int, default=5, help="DDIM steps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ckpt", default=None, help="a real checkpoint instead of the demo model")
+    p.add_argument("--address", default=None, help="a Ray cluster (auto, ray://HOST:PORT); default local")
+    p.add_argument("--out", type=Path, default=REPO / "outputs", help="folder of the markdown table")
+    return p
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args()
+    counts = [int(n) for n in args.workers.split(",")]
+    argv = ("--H", str(args.size), "--W", str(args.size), "--ddim_steps", str(args.steps),
+            "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--device", args.device,
+            *(("--ckpt", args.ckpt) if args.ckpt else ("--demo",)))
+    with tempfile.TemporaryDirectory(prefix="benchmark-cluster-") as tmp:
+        sounds = synthesize_sounds(Path(tmp), args.items)
+        results = []
+        for n in counts:
+            results.append(run_once(sounds, n, argv, Path(tmp) / f"out-{n}", args.address))
+            log.info("%d worker(s): %.1f s, %.3f items/s", n, results[-1]["wall"], results[-1]["items_per_s"])
+        identical = all(same_pictures(Path(tmp) / f"out-{counts[0]}", Path(tmp) / f"out-{n}") for n in counts[1:])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    context = dict(date=now.strftime("%Y-%m-%d %H:%M UTC"), items=args.items, argv=argv,
+                   identical="yes" if identical else "NO",
+                   machine=f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} "
+                           f"CPUs, {platform.system()} {platform.release()}, "
+                           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+                   command=" ".join(shlex.quote(a) for a in ["python", *sys.argv]))
+    text = markdown(results, context)
+    print(text)
+    print(f"written to {write_new(args.out, 'benchmark-cluster-' + now.strftime('%Y%m%dT%H%M%SZ'), text)}")
+    if not identical:
+        raise SystemExit("the pictures differ between worker counts")
+
+
+if __name__ == "__main__":
+    main()
