@@ -85,9 +85,10 @@ def grid_image(images, labels: list[str]):
 
 
 def main(args):
-    from sounddiffusion.engine import load_engine
+    from sounddiffusion.loading import load_engine
+    from sounddiffusion.settings import ModelSettings
 
-    engine = load_engine(demo=True, device="cpu")
+    engine = load_engine(ModelSettings(demo=True, device="cpu"))
     cond = engine.text_conditioning(args.prompt)[None]
     x_T = engine.noise(engine.latent_shape(1, args.size, args.size), args.seed)
     latent = engine.txt2img(cond, x_T=x_T, sampler="ddim", steps=args.steps, seed=args.seed)

@@ -66,7 +66,7 @@ def summary_table(summary: dict) -> str:
 
 
 def main(args):
-    from sounddiffusion.video import unique_output_path
+    from sounddiffusion.files import unique_output_path
     from sounddiffusion.video_stats import video_stats
 
     stats = video_stats(args.video, progress=not args.json)

@@ -56,7 +56,7 @@ import librosa
 import numpy as np
 import scipy.ndimage
 
-from .audio import (SAMPLE_RATE, _fps_fraction, frame_count, iter_frame_slices, slice_rms,
+from .audio import (SAMPLE_RATE, fps_fraction, frame_count, iter_frame_slices, slice_rms,
                     sound_blocks, sound_length, stream_frame_slices)
 from .errors import AudioError, ParameterError
 from .onset_stream import HOP, OnsetStream
@@ -222,7 +222,7 @@ def envelopes(audio: str | Path | np.ndarray, *, fps: float | Fraction, sr: int 
     only. ``smoothing`` changes :data:`DEFAULT_SMOOTHING` for the envelopes it names. Raises
     :class:`AudioError` for an unreadable file or no samples, :class:`ParameterError` for a bad
     ``fps``."""
-    rate = _fps_fraction(fps, sr)
+    rate = fps_fraction(fps)
     if isinstance(audio, (str, Path)):
         n_samples = sound_length(audio, sr)
         slices = stream_frame_slices(sound_blocks(audio, sr, warn_non_finite=False), n_samples, rate, sr)

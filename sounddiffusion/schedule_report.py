@@ -1,7 +1,7 @@
 """What the music and the schedules do, frame by frame: ``NAME.schedule.csv`` and the
 ``NAME.schedule.png`` plot (matplotlib, imported only when a plot is asked for).
 
-Both are written atomically (:func:`sounddiffusion.images.write_atomically`): a crash never
+Both are written atomically (:func:`sounddiffusion.files.write_atomically`): a crash never
 leaves half a file under the final name.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import ENVELOPE_NAMES, Envelopes
-from .images import write_atomically
+from .files import write_atomically
 
 # Colours of the envelope traces and the parameter panels (matplotlib's tab10, colour-blind safe order).
 _COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#8c564b", "#2ca02c", "#17becf", "#9467bd", "#e377c2")

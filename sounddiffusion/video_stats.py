@@ -45,7 +45,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.video import ffmpeg_exe
+from sounddiffusion.ffmpeg import ffmpeg_exe
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sounddiffusion.images import write_atomically
+from sounddiffusion.files import write_atomically
 from sounddiffusion.video_stats import VideoStats
 
 

@@ -75,7 +75,7 @@ def test_step_index_of_a_bend_elsewhere_is_a_mistake():
 @pytest.fixture(scope="module")
 def unet(tiny_dir):
     from ldm.util import instantiate_from_config
-    from sounddiffusion.engine import init_demo_weights
+    from sounddiffusion.loading import init_demo_weights
 
     config = OmegaConf.load(tiny_dir / "config.yaml")
     model = instantiate_from_config(config.model.params.unet_config).eval()
