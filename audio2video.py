@@ -19,21 +19,24 @@ def build_parser():
     parser.add_argument("--path", "--audio", dest="audio", required=True, metavar="AUDIO",
                         help="the sound file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("--fps", type=float, default=12, help="video frames per second (fractions allowed)")
-    parser.add_argument("--strength", type=float, default=0.5,
+    parser.add_argument("--strength", default="0.5",
                         help="how much each frame departs from the previous one: 0 keeps it, "
-                             "1.0 corresponds to full destruction of information in the previous image")
-    cli.add_audio_conditioning_args(parser)
+                             "1.0 corresponds to full destruction of information in the previous image"
+                             + cli.SCHEDULE_HELP)
+    cli.add_audio_conditioning_args(parser, scheduled=True)
     parser.add_argument("--textpromptend", default=None,
                         help="text the prompt moves to by the end of the video (linear interpolation)")
     parser.add_argument("--prompt_file", default=None, metavar="FILE",
                         help="timestamped prompts, one per line ('0:20 text', '12.5 text'), interpolated")
     parser.add_argument("--init-img", dest="init_img", default=None, metavar="IMG",
                         help="start from this image instead of txt2img (resized and center-cropped)")
-    parser.add_argument("--rms_bend", type=float, default=0.0,
+    parser.add_argument("--rms_bend", default="0", metavar="F",
                         help="add loudness (slice RMS) x F to the noised latent ('network bending'; "
-                             "0 = off, upstream used 0.8)")
+                             "0 = off, upstream used 0.8); the same as --bend \"add=F*rms\"" + cli.SCHEDULE_HELP)
     parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS for img2img")
-    cli.add_sampling_args(parser, plms_flag=False)
+    cli.add_music_reactive_args(parser)
+    cli.add_coherence_args(parser)
+    cli.add_sampling_args(parser, plms_flag=False, scheduled=True)
     parser.set_defaults(ddim_steps=25)
     out = parser.add_argument_group("output")
     out.add_argument("--outdir", default="outputs/audio2video", help="folder for the video")

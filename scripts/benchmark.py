@@ -195,7 +195,8 @@ def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path) 
     FrameWriter into a real, resumable VideoRender (ffmpeg pipe, render state, no previews)."""
     from sounddiffusion.loading import engine_for_model
     from sounddiffusion.video import VideoRender
-    from sounddiffusion.video_job import FrameWriter, plan_frames, sample_frames
+    from sounddiffusion.frame_writer import ChainState, FrameWriter
+    from sounddiffusion.video_job import plan_frames, sample_frames
 
     settings = video_settings(job, job.strength)
     engine = engine_for_model(sharing_copy(model), device=str(job.device), precision="auto", compile=compile)
@@ -203,23 +204,24 @@ def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path) 
     warmup, timed = job.indices()
     result = Result("this project (Engine + video_job.sample_frames)", _dtype_name(engine.dtype))
 
-    def block(indices, latent, settings, name):
+    def block(indices, chain, settings, name):
         render = VideoRender.open(workdir / f"ours-{name}.mp4", fps=plan.fps, width=job.size, height=job.size,
                                   settings={})
         writer = FrameWriter(engine, render, frames_dir=None, preview_frames=0, audio_path=str(SOUND))
         try:
-            latent = sample_frames(engine, plan, settings, writer, start=indices.start, stop=indices.stop,
-                                   latent=latent)
+            chain = sample_frames(engine, plan, settings, writer, start=indices.start, stop=indices.stop,
+                                  chain=chain)
             writer.close()
             synchronize(job.device)
         finally:
             render.close()
-        return latent
+        return chain
 
-    latent = block(warmup, engine.encode_image(job.init_rgb[None]), video_settings(job, job.warmup_strength), "warmup")
+    start = ChainState(job.first - 1, engine.encode_image(job.init_rgb[None]))
+    chain = block(warmup, start, video_settings(job, job.warmup_strength), "warmup")
     memory.reset()
     cpu0, t0 = time.process_time(), time.perf_counter()
-    block(timed, latent, settings, "timed")
+    block(timed, chain, settings, "timed")
     elapsed = time.perf_counter() - t0
     result.cpu_seconds = (time.process_time() - cpu0) / job.frames
     result.seconds = [elapsed / job.frames] * job.frames

@@ -21,6 +21,7 @@ from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, 
                        JobSettings, ModelSettings, shown_path)
 
 log = logging.getLogger("sounddiffusion")
+SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
 Settings = TypeVar("Settings", bound=JobSettings)
 
 
@@ -85,16 +86,18 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     return settings_from_args(ModelSettings, args)
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True) -> None:
-    """Sampler, steps, guidance, seed and image geometry (txt2img's flags)."""
+def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True, scheduled: bool = False) -> None:
+    """Sampler, steps, guidance, seed and image geometry (txt2img's flags). ``scheduled``: --scale
+    takes a schedule (audio2video)."""
     g = parser.add_argument_group("sampling")
     if plms_flag:
         g.add_argument("--plms", action="store_true", help="use the PLMS sampler (default: DDIM)")
     g.add_argument("--ddim_steps", type=int, default=50, help="number of denoising steps")
     g.add_argument("--ddim_eta", type=float, default=0.0,
                    help="DDIM eta (0 = deterministic DDIM; PLMS needs 0)")
-    g.add_argument("--scale", type=float, default=7.5,
-                   help="classifier-free guidance scale: how strongly the conditioning steers")
+    g.add_argument("--scale", type=str if scheduled else float, default="7.5" if scheduled else 7.5,
+                   help="classifier-free guidance scale: how strongly the conditioning steers"
+                        + (SCHEDULE_HELP if scheduled else ""))
     g.add_argument("--seed", type=int, default=42, help="random seed: same seed, same result")
     g.add_argument("--H", type=int, default=None,
                    help=f"image height in pixels (default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)")
@@ -117,8 +120,8 @@ def add_image_output_args(parser: argparse.ArgumentParser, default_outdir: str) 
                    help="use the same starting noise for every round")
 
 
-def add_audio_conditioning_args(parser: argparse.ArgumentParser) -> None:
-    """--feature --normalize --textprompt --textstrength."""
+def add_audio_conditioning_args(parser: argparse.ArgumentParser, *, scheduled: bool = False) -> None:
+    """--feature --normalize --textprompt --textstrength (a schedule with ``scheduled``)."""
     from .conditioning import NORMALIZE_MODES
     from .features import FEATURES
 
@@ -128,8 +131,60 @@ def add_audio_conditioning_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", default=NORMALIZE_MODES[0], choices=NORMALIZE_MODES,
                    help="how raw features are brought into the range of text embeddings")
     g.add_argument("--textprompt", default="", help="text mixed with the sound")
-    g.add_argument("--textstrength", type=float, default=0.5,
-                   help="weight of the text prompt in the mix (see README: --normalize)")
+    g.add_argument("--textstrength", type=str if scheduled else float, default="0.5" if scheduled else 0.5,
+                   help="weight of the text prompt in the mix (see README: --normalize)"
+                        + (SCHEDULE_HELP if scheduled else ""))
+
+
+def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
+    """audio2video's per-frame control: schedules, seed jumps, bends, envelope smoothing, reports."""
+    from .analysis import ENVELOPE_NAMES
+    from .bending import OPERATORS
+
+    g = parser.add_argument_group(
+        "music-reactive control",
+        "Per-frame numbers take a number or a schedule over the sound's envelopes "
+        f"({', '.join(ENVELOPE_NAMES)}, plus bpm, t, s, fps, max_f): an expression such as "
+        "\"0.35 + 0.4*onset\" or keyframes such as \"0:(0.4), 96:(0.7)\" (README: Music-reactive control)")
+    g.add_argument("--seed_jump", default=None, metavar="EXPR",
+                   help="frames where EXPR > 0.5 (e.g. \"beat\") take new img2img noise; between them the "
+                        "noise holds still (default: new noise every frame)")
+    g.add_argument("--bend", action="append", default=[], metavar="OP=AMOUNT[@WHERE]",
+                   help=f"network bending, repeatable, applied in order; OP one of {', '.join(OPERATORS)}; "
+                        "AMOUNT a number or schedule; WHERE latent (default), step=K, input_blocks.N, "
+                        "middle_block or output_blocks.N (README: Network bending)")
+    g.add_argument("--smoothing", default=None, metavar="SPEC",
+                   help="change the envelopes' smoothing, e.g. \"onset:release=0.3,gate=0.5;centroid:median=9\"")
+    g.add_argument("--snap_prompts", default="none", choices=("none", "beat"),
+                   help="move --prompt_file times to the nearest beat")
+    g.add_argument("--plot", action="store_true",
+                   help="also draw NAME.schedule.png: waveform, envelopes, beats, scheduled values")
+    g.add_argument("--dry_run", action="store_true",
+                   help="write NAME.schedule.csv (and the plot with --plot) and stop: no model, no video")
+
+
+def add_coherence_args(parser: argparse.ArgumentParser) -> None:
+    """audio2video's cures for colour drift, burn-in and slow renders."""
+    from .coherence import COLOR_SPACES
+
+    g = parser.add_argument_group("coherence and cadence")
+    g.add_argument("--color_coherence", default="none", choices=("none", *COLOR_SPACES),
+                   help="match each frame's colour histogram to frame 0's (or --init-img's) in this "
+                        "colour space before img2img")
+    g.add_argument("--color_coherence_every", type=int, default=1, metavar="N",
+                   help="match colours on every Nth frame only")
+    g.add_argument("--color_coherence_strength", default="1", metavar="F",
+                   help="blend of matched (1) and unmatched (0) colours" + SCHEDULE_HELP)
+    g.add_argument("--cadence", default="1", metavar="N",
+                   help="diffuse every Nth frame and interpolate the frames between" + SCHEDULE_HELP)
+    g.add_argument("--cadence_blend", default="latent", choices=("latent", "pixel"),
+                   help="in-between frames: slerp of the latents, or a cross-fade of the pictures")
+    g.add_argument("--latent_noise", default="0", metavar="F",
+                   help="seeded fresh noise x F added to the chained latent before each img2img step "
+                        "(against burn-in)" + SCHEDULE_HELP)
+    g.add_argument("--contrast", default="1", metavar="F",
+                   help="scale the chained latent's contrast by F before each img2img step "
+                        "(1 = unchanged; slightly below 1 against burn-in)" + SCHEDULE_HELP)
 
 
 def fill_size_defaults(args: argparse.Namespace) -> None:
@@ -156,7 +211,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if hasattr(args, "ddim_steps"):
         need(args.ddim_steps >= 1, f"--ddim_steps {args.ddim_steps}: use at least 1 step")
         need(args.ddim_steps <= 1000, f"--ddim_steps {args.ddim_steps}: use at most 1000 steps")
-    if hasattr(args, "scale"):
+    # Schedules (audio2video's per-frame numbers, text) are checked when the frames are planned.
+    if isinstance(getattr(args, "scale", None), (int, float)):
         need(args.scale >= 0, f"--scale {args.scale}: the guidance scale cannot be negative")
     if hasattr(args, "ddim_eta"):
         need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
@@ -164,19 +220,19 @@ def validate_args(args: argparse.Namespace) -> None:
         if uses_plms:
             need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
                                      f"needs eta 0; use DDIM for eta > 0")
-    for name in ("n_samples", "n_iter", "batch_size"):
+    for name in ("n_samples", "n_iter", "batch_size", "color_coherence_every"):
         value = getattr(args, name, None)
         if value is not None:
             need(value >= 1, f"--{name} {value}: use at least 1")
     if getattr(args, "n_rows", 0) < 0:
         need(False, f"--n_rows {args.n_rows}: use 0 (automatic) or more")
-    if hasattr(args, "strength"):
+    if isinstance(getattr(args, "strength", None), (int, float)):
         need(0.0 <= args.strength <= 1.0,
              f"--strength {args.strength} is outside [0, 1]: 0 keeps the previous image, "
              f"1 ignores it completely")
     if hasattr(args, "fps"):
         need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
-    if hasattr(args, "textstrength"):
+    if isinstance(getattr(args, "textstrength", None), (int, float)):
         if args.normalize == "text-range":
             need(args.textstrength > 0, f"--textstrength {args.textstrength}: --normalize text-range "
                                         f"divides by it; use a value > 0")

@@ -10,6 +10,8 @@ with ``D`` the model's context width (768 for SD v1); images leave as ``(B, H, W
 from __future__ import annotations
 
 import contextlib
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,15 @@ import torch
 from .errors import ParameterError
 
 LATENT_SCALE = 8  # the autoencoder's downsampling factor
+
+LatentHook = Callable[[torch.Tensor], torch.Tensor]
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _counted(hook: StepHook):
+    """The samplers' ``before_step(x, t)`` for ``hook(i, x)``: i counts the steps of this call."""
+    steps = itertools.count()
+    return lambda x, t: hook(next(steps), x)
 
 
 def step_generator(seed: int) -> torch.Generator:
@@ -97,35 +108,46 @@ class Engine:
     @torch.inference_mode()
     def txt2img(self, cond: torch.Tensor, *, x_T: torch.Tensor, sampler: str = "plms", steps: int = 50,
                 scale: float = 7.5, eta: float = 0.0, uncond: torch.Tensor | None = None,
-                seed: int = 0, verbose: bool = False) -> torch.Tensor:
+                seed: int = 0, verbose: bool = False, before_step: StepHook | None = None) -> torch.Tensor:
         """Sample latents ``(B, 4, h, w)`` from start noise ``x_T`` under conditioning ``cond`` (B, 77, D).
 
         ``uncond`` defaults to the empty prompt's conditioning (classifier-free guidance);
-        ``seed`` seeds the noise DDIM adds at each step when ``eta`` > 0."""
+        ``seed`` seeds the noise DDIM adds at each step when ``eta`` > 0; ``before_step(i, x) -> x``
+        sees the latent before step i (0-based) of the ``steps``."""
         cond = self._as_model_input(cond)
         uncond = self._uncond(cond, uncond)
+        x_T = x_T.to(self.device, self.dtype)
+        chosen = self.sampler(sampler)
         with self.autocast():
-            samples, _ = self.sampler(sampler).sample(
+            if before_step is not None:
+                # The same steps as sample(), through decode(), which takes a step hook.
+                chosen.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+                return chosen.decode(x_T, cond, steps, unconditional_guidance_scale=scale,
+                                     unconditional_conditioning=uncond, generator=step_generator(seed),
+                                     verbose=verbose, before_step=_counted(before_step))
+            samples, _ = chosen.sample(
                 S=steps, batch_size=cond.shape[0], shape=list(x_T.shape[1:]), conditioning=cond,
                 verbose=verbose, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                eta=eta, x_T=x_T.to(self.device, self.dtype), generator=step_generator(seed))
+                eta=eta, x_T=x_T, generator=step_generator(seed))
         return samples
 
     @torch.inference_mode()
     def img2img(self, init_latent: torch.Tensor, cond: torch.Tensor, *, noise: torch.Tensor,
                 strength: float, sampler: str = "plms", steps: int = 50, scale: float = 7.5,
-                eta: float = 0.0, uncond: torch.Tensor | None = None, latent_offset: float = 0.0,
-                seed: int = 0, verbose: bool = False) -> torch.Tensor:
+                eta: float = 0.0, uncond: torch.Tensor | None = None, seed: int = 0, verbose: bool = False,
+                bend_noised: LatentHook | None = None, before_step: StepHook | None = None) -> torch.Tensor:
         """Noise ``init_latent`` (B, 4, h, w) to ``strength`` and denoise it under ``cond``.
 
         As upstream, ``int(strength * steps)`` of the ``steps`` run: strength 0 returns the init
-        latent, strength 1 is txt2img from ``noise``. ``latent_offset`` is added to the noised
-        latent (upstream's "network bending" by loudness). ``seed`` seeds DDIM's per-step noise
-        when ``eta`` > 0."""
+        latent, strength 1 is txt2img from ``noise``. ``bend_noised(z) -> z`` changes the noised
+        latent before the first step (upstream's "network bending" by loudness);
+        ``before_step(i, x) -> x`` sees the latent before each step i of the ``int(strength *
+        steps)`` that run. ``seed`` seeds DDIM's per-step noise when ``eta`` > 0."""
         t_enc = int(strength * steps)
         if t_enc >= steps:
-            return self.txt2img(cond, x_T=noise + latent_offset, sampler=sampler, steps=steps,
-                                scale=scale, eta=eta, uncond=uncond, seed=seed, verbose=verbose)
+            x_T = bend_noised(noise) if bend_noised is not None else noise
+            return self.txt2img(cond, x_T=x_T, sampler=sampler, steps=steps, scale=scale, eta=eta,
+                                uncond=uncond, seed=seed, verbose=verbose, before_step=before_step)
         init_latent = init_latent.to(self.device, self.dtype)
         if t_enc == 0:
             return init_latent
@@ -136,11 +158,11 @@ class Engine:
             chosen.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
             t = torch.full((init_latent.shape[0],), t_enc, device=self.device, dtype=torch.long)
             z_enc = chosen.stochastic_encode(init_latent, t, noise=noise.to(self.device, self.dtype))
-            if latent_offset:
-                z_enc = z_enc + latent_offset
+            if bend_noised is not None:
+                z_enc = bend_noised(z_enc)
             return chosen.decode(z_enc, cond, t_enc, unconditional_guidance_scale=scale,
                                  unconditional_conditioning=uncond, generator=step_generator(seed),
-                                 verbose=verbose)
+                                 verbose=verbose, before_step=_counted(before_step) if before_step else None)
 
     def _uncond(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         if uncond is None:

@@ -146,17 +146,37 @@ class SoundImageSettings(ImageSettings, AudioConditioningSettings):
 class VideoSettings(SamplingSettings, AudioConditioningSettings):
     """audio2video: the sound, the frame rate, how frames chain, and the output.
 
+    The per-frame numbers (``strength``, ``scale``, ``textstrength``, ``rms_bend``, ``latent_noise``,
+    ``contrast``, ``cadence``, ``color_coherence_strength``) are schedule texts: a number, or an
+    expression or keyframes over the sound's envelopes (:mod:`sounddiffusion.frame_schedules`).
     ``strength``: how far each img2img frame departs from the previous one; ``rms_bend``: the
-    slice's loudness x F added to the noised latent; ``ddim``: DDIM instead of PLMS;
-    ``pixel_roundtrip``: decode and re-encode every frame, as upstream did."""
+    slice's loudness x F added to the noised latent; ``seed_jump``: frames where it is > 0.5 take
+    new img2img noise (held in between); ``bend``: network-bending specs, applied in order;
+    ``ddim``: DDIM instead of PLMS; ``pixel_roundtrip``: decode and re-encode every frame, as
+    upstream did; ``color_coherence``: match each frame's colours to frame 0's (or the init
+    image's) in this colour space before img2img, every ``color_coherence_every`` frames;
+    ``cadence``: diffuse every Nth frame and make the ones between from their neighbours."""
 
     audio: str
     fps: float = 12.0
-    strength: float = 0.5
+    strength: str = "0.5"
+    scale: str = "7.5"
+    textstrength: str = "0.5"
     textpromptend: str | None = None
     prompt_file: str | None = None
+    snap_prompts: str = "none"
     init_img: str | None = None
-    rms_bend: float = 0.0
+    rms_bend: str = "0"
+    seed_jump: str | None = None
+    bend: tuple[str, ...] = ()
+    smoothing: str | None = None
+    color_coherence: str = "none"
+    color_coherence_every: int = 1
+    color_coherence_strength: str = "1"
+    cadence: str = "1"
+    cadence_blend: str = "latent"
+    latent_noise: str = "0"
+    contrast: str = "1"
     ddim: bool = False
     pixel_roundtrip: bool = False
     outdir: str = "outputs/audio2video"
@@ -164,11 +184,23 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
     save_frames: bool = False
     preview_every: float = 0.0
     resume: bool = False
+    plot: bool = False
+    dry_run: bool = False
     ddim_steps: int = 25
 
     # The sound and the init image are identified by content in the render's settings instead.
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"audio", "init_img", "prompt_file", "outdir", "output", "save_frames", "preview_every", "resume"})
+        {"audio", "init_img", "prompt_file", "outdir", "output", "save_frames", "preview_every", "resume",
+         "plot", "dry_run"})
+
+    def __post_init__(self):
+        # Numbers given in code (not from the command line) are kept as the text of the number.
+        for name in ("strength", "scale", "textstrength", "rms_bend", "color_coherence_strength", "cadence",
+                     "latent_noise", "contrast"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                object.__setattr__(self, name, repr(float(value)) if isinstance(value, float) else str(value))
+        object.__setattr__(self, "bend", tuple(self.bend))
 
     @property
     def sampler(self) -> str:
@@ -177,3 +209,8 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
     def requested_output(self) -> Path:
         """``output``, or OUTDIR/<sound name>.mp4 (the render numbers it if the name is taken)."""
         return Path(self.output) if self.output else Path(self.outdir) / (Path(self.audio).stem + ".mp4")
+
+    def report_path(self, suffix: str) -> Path:
+        """``NAME.schedule.csv`` / ``.png`` next to the requested output."""
+        path = self.requested_output()
+        return path.with_name(f"{path.stem}.schedule{suffix}")

@@ -1,19 +1,22 @@
 """The frame loop behind audio2video.py.
 
-Frame 0 is txt2img from the first slice's conditioning (or img2img from ``--init-img``); frame i
-is img2img from frame i-1's latent under slice i's conditioning. The chain stays in latent space
-on the device; decoding and writing frame i runs in a worker thread while frame i+1 samples.
-Each frame's noise comes from a seed derived from ``(--seed, i)``, so a resumed render needs only
-the last finished latent to continue exactly as an uninterrupted one.
+Frame 0 is txt2img from the first slice's conditioning (or img2img from ``--init-img``); every
+next diffused frame is img2img from the previous diffused frame's latent under its own slice's
+conditioning and numbers (:class:`~sounddiffusion.frame_plan.FramePlan`). With ``--cadence N``
+only every Nth frame is diffused and the frames between are interpolated from their two diffused
+neighbours (latents by slerp, or pictures cross-faded). The chain stays in latent space on the
+device; decoding and writing frame i runs in a worker thread while frame i+1 samples
+(:mod:`sounddiffusion.frame_writer`). Everything random comes from seeds derived from
+``(--seed, frame)``, so a resumed render needs only the chain's last latent (and the colour
+reference) to continue exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import queue
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,18 @@ import torch
 from tqdm import tqdm
 
 from .audio import slice_rms
+from .bending_specs import BlockBender
+from .coherence import slerp
 from .conditioning import blend_conditionings, condition
 from .engine import Engine
 from .features import featurize
-from .frame_plan import Frame, FramePlan, plan_frames
 from .files import ensure_output_dir, unique_output_path
-from .images import load_init_image, save_png
+from .frame_chain import (FrameBends, bend, block_specs, frame_bends, prepare_previous, steps_of_frame,
+                          stream_generator)
+from .frame_plan import Frame, FramePlan, plan_frames
+from .frame_schedules import report_columns
+from .frame_writer import ChainState, FrameWriter, PixelBlend
+from .images import load_init_image
 from .loading import load_engine
 from .settings import ModelSettings, VideoSettings
 from .video import VideoRender
@@ -45,86 +54,89 @@ def frame_conditioning(engine: Engine, audio_slice: np.ndarray, frame: Frame,
 
 
 def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tensor, frame: Frame,
-                loudness: float, settings: VideoSettings) -> torch.Tensor:
-    """Frame ``frame``'s latent (1, 4, h, w): txt2img without a previous latent, else img2img.
-
-    ``loudness`` is the RMS of the frame's slice (its bend is ``loudness * frame.rms_bend``)."""
+                bends: FrameBends, settings: VideoSettings) -> torch.Tensor:
+    """Frame ``frame``'s latent (1, 4, h, w): txt2img without a previous latent, else img2img,
+    with the frame's bends on the noised latent and before their steps."""
     noise = engine.noise(engine.latent_shape(1, settings.H, settings.W), frame.noise_seed)
     common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=frame.scale,
                   eta=settings.ddim_eta, seed=frame.noise_seed + 1)
+    before_step = None
+    if bends.steps:
+        def before_step(step: int, x: torch.Tensor) -> torch.Tensor:
+            return bend(x, bends.steps.get(step, []), settings.seed, frame.index)
     if previous is None:
-        return engine.txt2img(cond[None], x_T=noise, **common)
-    return engine.img2img(previous, cond[None], noise=noise, strength=frame.strength,
-                          latent_offset=loudness * frame.rms_bend, **common)
+        return engine.txt2img(cond[None], x_T=noise, before_step=before_step, **common)
+    bend_noised = None
+    if bends.noised:
+        def bend_noised(z: torch.Tensor) -> torch.Tensor:
+            return bend(z, bends.noised, settings.seed, frame.index)
+    return engine.img2img(previous, cond[None], noise=noise, strength=frame.strength, bend_noised=bend_noised,
+                          before_step=before_step, **common)
 
 
-class FrameWriter:
-    """Decodes latents and hands the frames to the video in a worker thread.
+def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: ChainState, frame: Frame,
+            blocks: BlockBender | None) -> torch.Tensor:
+    """Sample ``frame`` from the chain: its conditioning, the previous latent prepared (colour,
+    contrast, noise), img2img with its bends, final bends, ``--pixel_roundtrip``."""
+    audio_slice = plan.audio_slice(frame.index)
+    cond = frame_conditioning(engine, audio_slice, frame, settings)
+    first = chain.latent is None
+    previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
+                                                   settings.color_coherence, settings.seed)
+    n_steps = steps_of_frame(frame, settings.ddim_steps, first=first)
+    bends = frame_bends(plan, frame, slice_rms(audio_slice), n_steps, first=first)
+    if blocks is not None:
+        blocks.set_amounts(frame.bend_amounts)
+    latent = next_latent(engine, previous, cond, frame, bends, settings)
+    latent = bend(latent, bends.final, settings.seed, frame.index)
+    if settings.pixel_roundtrip:
+        latent = engine.encode_image(engine.decode(latent))
+    return latent
 
-    ``submit(index, latent)`` returns at once; the worker decodes, writes the frame (and its PNG
-    with --save_frames), records the latent as the render's resume point and, every
-    ``preview_frames`` frames, writes a preview with ``audio_path``'s sound. Errors in the worker
-    are raised again in the caller at the next ``submit`` or at ``close``."""
 
-    def __init__(self, engine: Engine, render: VideoRender, *, frames_dir: Path | None,
-                 preview_frames: int, audio_path: str):
-        self.engine, self.render, self.frames_dir = engine, render, frames_dir
-        self.preview_frames, self.audio_path = preview_frames, audio_path
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="frame-writer", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue
-            index, latent = item
-            try:
-                rgb = self.engine.decode(latent)[0]
-                frame_png = self.frames_dir / f"frame-{index:06d}.png" if self.frames_dir else None
-                # A resumed render may redo a frame whose PNG was saved: it is the same picture.
-                if frame_png is not None and not frame_png.exists():
-                    save_png(rgb, frame_png, None)
-                self.render.add_frame(rgb, {"latent": latent.float().cpu().numpy()},
-                                      {"frame": index, "frames_dir": str(self.frames_dir) if self.frames_dir else None})
-                if self.preview_frames and (index + 1) % self.preview_frames == 0:
-                    self.render.write_preview(self.audio_path)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                self._error = exc
-
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def submit(self, index: int, latent: torch.Tensor) -> None:
-        self._raise_pending()
-        self._queue.put((index, latent))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_pending()
+def inbetween(chain: ChainState, target: tuple[int, torch.Tensor], index: int, blend: str
+              ) -> torch.Tensor | PixelBlend:
+    """Frame ``index`` between the chain's last diffused frame and ``target`` (index, latent)."""
+    t = (index - chain.index) / (target[0] - chain.index)
+    if blend == "pixel":
+        return PixelBlend(chain.index, chain.latent, target[0], target[1], t)
+    return slerp(chain.latent, target[1], t)
 
 
 def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writer: FrameWriter, *,
-                  start: int, stop: int, latent: torch.Tensor | None, progress: tqdm | None = None
-                  ) -> torch.Tensor | None:
-    """Samples frames ``start`` .. ``stop - 1`` and hands each latent to ``writer.submit``.
+                  start: int, stop: int, chain: ChainState, progress: tqdm | None = None) -> ChainState:
+    """Samples frames ``start`` .. ``stop - 1`` and hands each to ``writer.submit``.
 
-    ``latent`` (1, 4, h, w) is frame ``start - 1``'s (None: frame ``start`` is txt2img). Returns
-    the last frame's latent. The render loop and scripts/benchmark.py both run frames through here."""
-    for index in range(start, stop):
-        frame = plan.frame(index)
-        audio_slice = plan.audio_slice(index)
-        cond = frame_conditioning(engine, audio_slice, frame, settings)
-        latent = next_latent(engine, latent, cond, frame, slice_rms(audio_slice), settings)
-        if settings.pixel_roundtrip:
-            latent = engine.encode_image(engine.decode(latent))
-        writer.submit(index, latent)
-        if progress is not None:
-            progress.update(1)
-    return latent
+    ``chain`` is the state after frame ``start - 1`` (``ChainState()``: frame ``start`` is txt2img).
+    Returns the state after the last frame. The render loop and scripts/benchmark.py both run
+    frames through here."""
+    specs = block_specs(plan)
+    current = [start]
+    blocks = (BlockBender(engine.model.model.diffusion_model, plan.bends,
+                          generator_for=lambda i: stream_generator(settings.seed, current[0], i + 1))
+              if specs else None)
+    ahead: tuple[int, torch.Tensor] | None = None  # a diffused frame sampled before its in-betweens
+    with blocks if blocks is not None else contextlib.nullcontext():
+        for index in range(start, stop):
+            frame = plan.frame(index)
+            if frame.diffused:
+                current[0] = index
+                latent = ahead[1] if ahead and ahead[0] == index else diffuse(engine, plan, settings, chain, frame,
+                                                                            blocks)
+                reference = chain.reference
+                if reference is None and settings.color_coherence != "none":
+                    reference = engine.decode(latent)[0]  # frame 0's colours are what the video keeps
+                chain = ChainState(index, latent, reference)
+                writer.submit(index, latent, chain)
+            else:
+                target = plan.next_diffused(index)
+                if ahead is None or ahead[0] != target:
+                    current[0] = target
+                    ahead = (target, diffuse(engine, plan, settings, chain, plan.frame(target), blocks))
+                writer.submit(index, inbetween(chain, ahead, index, settings.cadence_blend), chain)
+            if progress is not None:
+                progress.update(1)
+    return chain
 
 
 def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engine, plan: FramePlan) -> dict:
@@ -139,9 +151,31 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
+    """NAME.schedule.csv (when the sound was analysed) and, with ``--plot``, NAME.schedule.png,
+    next to the requested output; each run writes them anew."""
+    from .schedule_report import plot_schedule, write_schedule_csv
+
+    if plan.envelopes is None:
+        return []
+    columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules, plan.noise_seeds)
+    ensure_output_dir(settings.requested_output().parent)
+    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, overwrite=True)]
+    if settings.plot:
+        written.append(plot_schedule(settings.report_path(".png"), plan.envelopes, columns,
+                                     title=Path(settings.audio).name, overwrite=True))
+    for path in written:
+        log.info("wrote %s", path)
+    return written
+
+
 def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
-    """Render the video of ``settings.audio``; returns the path of the finished MP4."""
-    plan = plan_frames(settings)
+    """Render the video of ``settings.audio``; returns the path of the finished MP4 (with
+    ``dry_run``: of the schedule CSV, written without loading the model)."""
+    plan = plan_frames(settings, analyse=settings.plot or settings.dry_run)
+    reports = write_reports(settings, plan) if plan.envelopes is not None else []
+    if settings.dry_run:
+        return reports[0]
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
@@ -151,15 +185,15 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
                               settings=recorded, resume=settings.resume,
                               segment_frames=preview_frames or None)
-    start, latent, frames_dir = _resume_point(render, engine, init_rgb)
+    start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings)
     if settings.save_frames and frames_dir is None:
         frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
     writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
-                         audio_path=settings.audio)
+                         audio_path=settings.audio, frame_parameters=recorded, fps=float(plan.fps))
     try:
         with tqdm(total=plan.n_frames, initial=start, unit="frame", desc="rendering",
                   dynamic_ncols=True) as bar:
-            sample_frames(engine, plan, settings, writer, start=start, stop=plan.n_frames, latent=latent,
+            sample_frames(engine, plan, settings, writer, start=start, stop=plan.n_frames, chain=chain,
                           progress=bar)
         writer.close()
     except BaseException as exc:
@@ -175,15 +209,16 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
     return render.finish(settings.audio, metadata={"comment": json.dumps(recorded, sort_keys=True)})
 
 
-def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None
-                  ) -> tuple[int, torch.Tensor | None, Path | None]:
-    """The first frame to render, the latent it starts from and the --save_frames folder in use."""
+def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None, settings: VideoSettings
+                  ) -> tuple[int, ChainState, Path | None]:
+    """The first frame to render, the chain it continues and the --save_frames folder in use."""
     saved = render.load_checkpoint()
     if saved is not None:
         last_index, arrays, extra = saved
         log.info("resuming after frame %d", last_index)
         frames_dir = Path(extra["frames_dir"]) if extra.get("frames_dir") else None
-        return last_index + 1, torch.from_numpy(arrays["latent"]).to(engine.device, engine.dtype), frames_dir
+        return last_index + 1, ChainState.from_resume_data(arrays, extra, engine), frames_dir
     if init_rgb is not None:
-        return 0, engine.encode_image(init_rgb[None]), None
-    return 0, None, None
+        reference = init_rgb if settings.color_coherence != "none" else None
+        return 0, ChainState(-1, engine.encode_image(init_rgb[None]), reference), None
+    return 0, ChainState(), None

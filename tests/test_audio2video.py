@@ -100,10 +100,10 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
 
     real_next_latent = video_job.next_latent
 
-    def interrupted_at_frame_5(engine, previous, cond, frame, loudness, settings):
+    def interrupted_at_frame_5(engine, previous, cond, frame, bends, settings):
         if frame.index == 5:
             raise KeyboardInterrupt
-        return real_next_latent(engine, previous, cond, frame, loudness, settings)
+        return real_next_latent(engine, previous, cond, frame, bends, settings)
 
     monkeypatch.setattr(video_job, "next_latent", interrupted_at_frame_5)
     output = tmp_path / "parts" / "song.mp4"
@@ -172,8 +172,8 @@ def test_preview_is_playable(run_tool, tmp_path, monkeypatch):
 
 
 def _stop_after(real, frames):
-    def wrapped(engine, previous, cond, frame, loudness, settings):
+    def wrapped(engine, previous, cond, frame, bends, settings):
         if frame.index == frames:
             raise KeyboardInterrupt
-        return real(engine, previous, cond, frame, loudness, settings)
+        return real(engine, previous, cond, frame, bends, settings)
     return wrapped

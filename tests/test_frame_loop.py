@@ -13,6 +13,7 @@ from PIL import Image
 from sounddiffusion import video_job
 from sounddiffusion.audio import SAMPLE_RATE, frame_bounds
 from sounddiffusion.frame_plan import plan_frames
+from sounddiffusion.frame_writer import ChainState
 from sounddiffusion.images import load_init_image
 from sounddiffusion.loading import engine_for_model, load_config, load_engine
 from sounddiffusion.settings import ModelSettings, VideoSettings
@@ -26,7 +27,7 @@ class Captured:
     def __init__(self):
         self.latents: dict[int, torch.Tensor] = {}
 
-    def submit(self, index, latent):
+    def submit(self, index, latent, chain):
         self.latents[index] = latent.clone()
 
 
@@ -52,7 +53,8 @@ def settings(song_path, **changes) -> VideoSettings:
 
 def render(engine, video, frames, latent=None) -> Captured:
     captured = Captured()
-    video_job.sample_frames(engine, plan_frames(video), video, captured, start=0, stop=frames, latent=latent)
+    video_job.sample_frames(engine, plan_frames(video), video, captured, start=0, stop=frames,
+                            chain=ChainState(-1, latent))
     return captured
 
 
@@ -87,7 +89,7 @@ def test_rms_bend_adds_loudness_times_f(engine, song):
         cond = video_job.frame_conditioning(engine, plan.audio_slice(index), frame, video)
         noise = engine.noise(engine.latent_shape(1, SIZE, SIZE), frame.noise_seed)
         expected = engine.img2img(bent[index - 1], cond[None], noise=noise, strength=0.5, sampler="plms", steps=4,
-                                  scale=7.5, seed=frame.noise_seed + 1, latent_offset=rms * bend)
+                                  scale=7.5, seed=frame.noise_seed + 1, bend_noised=lambda z: z + rms * bend)
         torch.testing.assert_close(bent[index], expected, rtol=0, atol=0)
     assert not torch.equal(bent[5], plain[5])
 
@@ -96,8 +98,8 @@ def test_pixel_roundtrip_reencodes_every_frame(engine, song, monkeypatch):
     raw = {}
     real_next_latent = video_job.next_latent
 
-    def recording(engine, previous, cond, frame, loudness, settings):
-        raw[frame.index] = real_next_latent(engine, previous, cond, frame, loudness, settings)
+    def recording(engine, previous, cond, frame, bends, settings):
+        raw[frame.index] = real_next_latent(engine, previous, cond, frame, bends, settings)
         return raw[frame.index]
 
     monkeypatch.setattr(video_job, "next_latent", recording)

@@ -248,18 +248,19 @@ class DiffusionSampler:
 
     @torch.no_grad()
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               use_original_steps=False, *, generator=None, verbose=True):
+               use_original_steps=False, *, generator=None, verbose=True, before_step=None):
         """``t_start`` steps from schedule index t_start - 1 down to 0, starting at x_latent (B, C, H, W)
         (usually ``stochastic_encode(x0, t_start)``). t_start = 0 returns x_latent unchanged.
         With eta > 0 in make_schedule each step adds noise, drawn with ``generator``.
-        ``verbose`` shows a progress bar of the steps."""
+        ``verbose`` shows a progress bar of the steps. ``before_step(x, t) -> x`` is called with
+        the latent before each step (e.g. to bend it)."""
         schedule = self._current(use_original_steps).to(x_latent.device)
         if not 0 <= t_start <= len(schedule):
             raise ValueError(f"t_start={t_start}: must lie in 0..{len(schedule)} for this schedule")
         logger.debug("%s: decoding with %d of %d steps", self.name, t_start, len(schedule))
         eps_fn = make_eps_fn(self.model, cond, unconditional_guidance_scale, unconditional_conditioning)
         return self._loop(eps_fn, x_latent, schedule, t_start - 1, step_noise=make_step_noise(schedule, generator),
-                          desc="Decoding image", verbose=verbose)
+                          before_step=before_step, desc="Decoding image", verbose=verbose)
 
     # -- txt2img
 
