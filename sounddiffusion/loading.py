@@ -177,6 +177,16 @@ def load_engine(settings: ModelSettings) -> Engine:
                             checkpoint_hash=fingerprint, compile=settings.compile)
 
 
+def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
+    """The UNet of the config ``settings`` would load, built on the meta device (no memory, no
+    weights): for checking block names (``--bend ...@output_blocks.N``) before the model loads."""
+    from ldm.util import instantiate_from_config
+
+    config = load_config(DEMO_CONFIG if settings.demo else settings.config or DEFAULT_CONFIG)
+    with torch.device("meta"):
+        return instantiate_from_config(config.model.params.unet_config)
+
+
 def available_memory() -> int | None:
     """Bytes of memory the system can still give (Linux MemAvailable), None where unknown."""
     try:

@@ -201,6 +201,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
             if not isinstance(value, str):
                 object.__setattr__(self, name, repr(float(value)) if isinstance(value, float) else str(value))
         object.__setattr__(self, "bend", tuple(self.bend))
+        object.__setattr__(self, "fps", float(self.fps))
 
     @property
     def sampler(self) -> str:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import slice_rms
-from .bending_specs import BlockBender
+from .bending_specs import BlockBender, check_block
 from .coherence import slerp
 from .conditioning import blend_conditionings, condition
 from .engine import Engine
@@ -36,7 +36,7 @@ from .frame_plan import Frame, FramePlan, plan_frames
 from .frame_schedules import report_columns
 from .frame_writer import ChainState, FrameWriter, PixelBlend
 from .images import load_init_image
-from .loading import load_engine
+from .loading import load_engine, unet_skeleton
 from .settings import ModelSettings, VideoSettings
 from .video import VideoRender
 
@@ -179,6 +179,8 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
+    for spec in block_specs(plan):  # block names against the model's layout, before it loads
+        check_block(spec, unet_skeleton(model))
     engine = load_engine(model)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)

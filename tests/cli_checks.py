@@ -80,3 +80,24 @@ def frames_done(state: Path) -> int:
             return int(saved["__frame_index__"]) + 1
     except (OSError, ValueError, KeyError, EOFError):
         return 0
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    """Every frame of the video at ``path`` as (n, H, W, 3) uint8, decoded by ffmpeg."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    width, height = next(reader)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+
+
+def click_track(path: Path, seconds: float = 3.0, bpm: float = 120.0) -> Path:
+    """A quiet tone with a loud click on every beat, at 44.1 kHz: sharp onsets and beats."""
+    t = np.arange(int(seconds * SR)) / SR
+    y = 0.05 * np.sin(2 * np.pi * 220 * t)
+    for start in np.arange(0.25, seconds, 60.0 / bpm):
+        i = int(start * SR)
+        n = min(len(y) - i, SR // 20)
+        y[i:i + n] += 0.8 * np.exp(-np.arange(n) / (SR / 200)) * np.sin(2 * np.pi * 1500 * t[:n])
+    sf.write(path, y.astype(np.float32), SR, subtype="FLOAT")
+    return path

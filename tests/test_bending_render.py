@@ -1,0 +1,85 @@
+"""--bend in real renders on the demo model: --rms_bend is an add of loudness x F, identity amounts
+leave every frame alone, bends change frames where they act, bad specs are one line before the
+model loads. (The operators themselves: tests/test_bending.py; resuming a bent render:
+tests/test_music_reactive.py.)"""
+
+import numpy as np
+import pytest
+
+from PIL import Image
+
+from cli_checks import DEMO, assert_one_line_error, click_track
+from sounddiffusion import video_job
+
+FAST = [*DEMO, "--fps", "8", "--seed", "5", "--strength", "0.6"]
+
+
+@pytest.fixture(scope="module")
+def clicks(tmp_path_factory):
+    return click_track(tmp_path_factory.mktemp("clicks") / "clicks.wav", seconds=1.5)
+
+
+@pytest.fixture(scope="module")
+def render(clicks, tmp_path_factory):
+    """``render(*flags)`` -> the frames of that render as saved losslessly by --save_frames (cached
+    per flags; H.264's look-ahead makes a decoded frame depend on later ones)."""
+    from conftest import ENTRY_POINTS  # noqa: F401 - the entry point module is loaded by run_tool
+    import importlib.util
+
+    from sounddiffusion import cli
+
+    spec = importlib.util.spec_from_file_location("entry_audio2video_bend", ENTRY_POINTS["audio2video"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder, done = tmp_path_factory.mktemp("bends"), {}
+
+    def run(*flags):
+        if flags not in done:
+            output = folder / f"{len(done)}.mp4"
+            argv = [str(a) for a in ("--path", clicks, *FAST, "--output", output, "--save_frames", *flags)]
+            assert cli.run(module.main, module.build_parser(), argv) == 0
+            pngs = sorted(output.with_name(f"{output.stem}-frames").glob("frame-*.png"))
+            done[flags] = np.stack([np.asarray(Image.open(png)) for png in pngs])
+        return done[flags]
+
+    return run
+
+
+def test_rms_bend_is_an_add_of_loudness(render):
+    bent = render("--rms_bend", "0.8")
+    assert np.array_equal(bent, render("--bend", "add=0.8*rms"))
+    assert not np.array_equal(bent, render())
+
+
+@pytest.mark.parametrize("flags", [("--bend", "multiply=1"), ("--bend", "add=0"), ("--bend", "rotate_x=0"),
+                                   ("--bend", "noise=0@step=1"), ("--bend", "dilate=0@output_blocks.1"),
+                                   ("--bend", "add=0*onset@middle_block")])
+def test_identity_amounts_leave_every_frame_alone(render, flags):
+    assert np.array_equal(render(*flags), render())
+
+
+@pytest.mark.parametrize("flags", [("--bend", "rotate_z=0.8*beat@step=0.5"), ("--bend", "add=0.5"),
+                                   ("--bend", "noise=0.3@input_blocks.1"), ("--bend", "invert=1@step=99")])
+def test_bends_change_the_frames(render, clicks, flags):
+    from sounddiffusion.frame_plan import plan_frames
+    from sounddiffusion.settings import VideoSettings
+
+    frames, plain = render(*flags), render()
+    changed = [not np.array_equal(a, b) for a, b in zip(frames, plain)]
+    amounts = plan_frames(VideoSettings(audio=str(clicks), fps=8, bend=(flags[1],))).bend_amounts[0]
+    # the chain carries a change on: frames before the first bent one stay as they were
+    first_bent = int(np.flatnonzero(amounts)[0]) if "add=" not in flags[1] else 1  # add acts from frame 1
+    assert changed.index(True) == first_bent
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("explode=1", ["--bend", "explode", "add", "rotate_z"]),
+    ("add=1@input_blocks.99", ["--bend", "input_blocks.99", "input_blocks.0 to input_blocks."]),
+    ("add=1@step=-2", ["--bend", "step"]),
+    ("add=0.4 +* onset", ["--bend", "column"]),
+    ("add", ["--bend", "="]),
+])
+def test_bad_bend_is_one_line_before_the_model_loads(run_tool, clicks, tmp_path, monkeypatch, spec, words):
+    monkeypatch.setattr(video_job, "load_engine", lambda *a: pytest.fail("the model was loaded"))
+    status, _, err = run_tool("audio2video", ["--path", clicks, "--bend", spec, "--outdir", tmp_path, *FAST])
+    assert_one_line_error(status, err, "audio2video", *words)
