@@ -108,11 +108,12 @@ def _picked_config_note(config: Path, family: str | None, checkpoint: Path) -> s
     """The one line that says which config was picked for ``checkpoint``, and how to choose another."""
     shown = shown_path(config)
     if family is None:
-        return (f"config {shown}: the model family of {checkpoint.name} cannot be told from its keys; "
+        return (f"config {shown}: the model family of {shown_path(checkpoint)} cannot be told from its keys; "
                 f"pass --config for another")
-    why = f"{checkpoint.name} is {FAMILY_NAMES[family]}"
+    why = f"{shown_path(checkpoint)} is {FAMILY_NAMES[family]}"
     if config == V2_V_CONFIG:
-        return f"config {shown} ({why}, v-prediction as its name says 768); pass --config {shown_path(V2_CONFIG)} if it is not a 768-v model"
+        return (f"config {shown} ({why}, v-prediction as its name says 768); "
+                f"pass --config {shown_path(V2_CONFIG)} if it is not a 768-v model")
     if config == V2_CONFIG:
         return f"config {shown} ({why}); for a 768-v model pass --config {shown_path(V2_V_CONFIG)}"
     return f"config {shown} ({why}); pass --config for another"
@@ -135,8 +136,8 @@ def model_config_for(checkpoint: Path, config: str | Path | None):
     builds = config_family(model_config)
     if family and builds and family != builds:
         fitting = shown_path(config_for_family(family, checkpoint.name))
-        raise ModelError(f"{checkpoint.name} is an {FAMILY_NAMES[family]} checkpoint but {config} builds "
-                         f"{FAMILY_NAMES[builds]}: pass --config {fitting} (or leave out --config)")
+        raise ModelError(f"{shown_path(checkpoint)} is an {FAMILY_NAMES[family]} checkpoint but {config} "
+                         f"builds {FAMILY_NAMES[builds]}: pass --config {fitting} (or leave out --config)")
     return model_config
 
 
