@@ -260,8 +260,8 @@ def load_engine(settings: ModelSettings) -> Engine:
         name, fingerprint = "demo", f"demo-{DEMO_SEED}"
     else:
         path = resolve_checkpoint(settings.ckpt)
-        model_config = model_config_for(path, settings.config)
         log.info("loading %s", path)
+        model_config = model_config_for(path, settings.config)
         model = load_model_from_config(model_config, str(path), device="cpu")
         name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
