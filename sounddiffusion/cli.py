@@ -18,7 +18,7 @@ from typing import Callable, Sequence, TypeVar
 
 from .errors import DeviceError, OutputError, ParameterError, UserError
 from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS, PRECISIONS,
-                       JobSettings, ModelSettings, shown_path)
+                       V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, JobSettings, ModelSettings, shown_path)
 
 log = logging.getLogger("sounddiffusion")
 SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
@@ -58,11 +58,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--config --ckpt --demo --device --precision --compile."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=None,
-                   help=f"model config (CompVis YAML format); default: {shown_path(DEFAULT_CONFIG)} "
-                        f"in the installation")
+                   help=f"model config (CompVis YAML format); default: picked from the checkpoint's "
+                        f"keys: {shown_path(DEFAULT_CONFIG)} for SD v1, {shown_path(V2_CONFIG)} for "
+                        f"SD 2.x ({V2_V_CONFIG.name} when the file name contains 768)")
     g.add_argument("--ckpt", default=None,
                    help=f"checkpoint (.ckpt or .safetensors); default: model.ckpt or "
-                        f"model.safetensors in {shown_path(CHECKPOINT_DIR)}/")
+                        f"model.safetensors in {shown_path(CHECKPOINT_DIR)}/, else the one file in "
+                        f"{shown_path(V2_CHECKPOINT_DIR)}/")
     g.add_argument("--demo", action="store_true",
                    help="use the small built-in demo model (random weights, abstract pictures) "
                         "to try the tools without downloading a checkpoint")

@@ -1,5 +1,6 @@
 """Turning model settings into a ready :class:`~sounddiffusion.engine.Engine`: checkpoint and config
-resolution, ``--demo``, device and precision, CPU weight pre-packing, ``torch.compile``.
+resolution (the config picked from the checkpoint's family when ``--config`` is not given),
+``--demo``, device and precision, CPU weight pre-packing, ``torch.compile``.
 
 Every entry point goes through :func:`load_engine`; scripts that build a model themselves (the
 benchmark) wrap it with :func:`engine_for_model`.
@@ -13,22 +14,29 @@ from pathlib import Path
 
 import torch
 
+from ldm.checkpoint_keys import SD_V1, SD_V2
+
 from .engine import Engine
 from .errors import DeviceError, ModelError, ParameterError
-from .settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG, ModelSettings,
-                       shown_path)
+from .settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG, V2_CHECKPOINT_DIR,
+                       V2_CONFIG, V2_V_CONFIG, ModelSettings, shown_path)
 
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 20221024
 DEMO_CROSS_ATTENTION_GAIN = 4.0
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+FAMILY_NAMES = {SD_V1: "SD v1", SD_V2: "SD 2.x"}
 
 
 # ----------------------------------------------------------------------------- resolution
 
 def resolve_checkpoint(ckpt: str | None) -> Path:
     """The checkpoint file to load: ``ckpt`` if given, else the first of ``CHECKPOINT_NAMES``
-    that exists in ``models/ldm/stable-diffusion-v1/``. Raises ModelError telling where to get one."""
+    that exists in ``models/ldm/stable-diffusion-v1/``, else the one ``.safetensors``/``.ckpt`` file
+    in ``models/ldm/stable-diffusion-v2/`` (SD 2.x files keep their own names there, so that a
+    "768" in the name still selects the v-prediction config). Raises ModelError telling where to
+    get one, or to pick one with --ckpt when the v2 folder holds several."""
     folder = shown_path(CHECKPOINT_DIR)
     download = ("download Stable Diffusion v1.4 (sd-v1-4.ckpt) or v1.5 "
                 "(v1-5-pruned-emaonly.safetensors), see README 'Getting the weights'")
@@ -46,9 +54,91 @@ def resolve_checkpoint(ckpt: str | None) -> Path:
     for name in CHECKPOINT_NAMES:
         if (CHECKPOINT_DIR / name).is_file():
             return CHECKPOINT_DIR / name
+    v2_file = _v2_folder_checkpoint()
+    if v2_file is not None:
+        return v2_file
     raise ModelError(
         f"no checkpoint in {folder}/: {download}, and save it there as model.ckpt or "
-        f"model.safetensors (or pass --ckpt PATH). {try_demo}")
+        f"model.safetensors (SD 2.x: in {shown_path(V2_CHECKPOINT_DIR)}/), or pass --ckpt PATH. {try_demo}")
+
+
+def _v2_folder_checkpoint() -> Path | None:
+    """The one checkpoint file in ``V2_CHECKPOINT_DIR`` (None when there is none)."""
+    if not V2_CHECKPOINT_DIR.is_dir():
+        return None
+    files = sorted(p for p in V2_CHECKPOINT_DIR.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise ModelError(f"{shown_path(V2_CHECKPOINT_DIR)}/ holds {len(files)} checkpoints ({names}): "
+                         f"pick one with --ckpt")
+    return files[0] if files else None
+
+
+def config_for_family(family: str | None, checkpoint_name: str) -> Path:
+    """The config for a checkpoint of ``family`` ("sd-v1", "sd-v2" or None) named ``checkpoint_name``.
+
+    SD 2.x: ``v2-inference-v.yaml`` (v-prediction) when the name contains "768" (the 768-v and 512
+    base files have the same keys, only the name tells them apart), else ``v2-inference.yaml``;
+    SD v1 and unknown files: ``v1-inference.yaml``."""
+    if family == SD_V2:
+        return V2_V_CONFIG if "768" in checkpoint_name else V2_CONFIG
+    return DEFAULT_CONFIG
+
+
+def default_config_for(checkpoint_path: str | Path) -> Path:
+    """The config ``--config`` defaults to for the checkpoint file at ``checkpoint_path``: its family
+    read from its keys (``ldm.checkpoint.checkpoint_family``), then :func:`config_for_family`."""
+    from ldm.checkpoint import checkpoint_family
+
+    path = Path(checkpoint_path)
+    return config_for_family(checkpoint_family(path), path.name)
+
+
+def config_family(config) -> str | None:
+    """"sd-v1", "sd-v2" or None for a loaded config, from its text encoder (OpenCLIP: SD 2.x)."""
+    target = str(config.model.get("params", {}).get("cond_stage_config", {}).get("target", ""))
+    if target.endswith(".FrozenOpenCLIPEmbedder"):
+        return SD_V2
+    if target.endswith(".FrozenCLIPEmbedder"):
+        return SD_V1
+    return None
+
+
+def _picked_config_note(config: Path, family: str | None, checkpoint: Path) -> str:
+    """The one line that says which config was picked for ``checkpoint``, and how to choose another."""
+    shown = shown_path(config)
+    if family is None:
+        return (f"config {shown}: the model family of {shown_path(checkpoint)} cannot be told from its keys; "
+                f"pass --config for another")
+    why = f"{shown_path(checkpoint)} is {FAMILY_NAMES[family]}"
+    if config == V2_V_CONFIG:
+        return (f"config {shown} ({why}, v-prediction as its name says 768); "
+                f"pass --config {shown_path(V2_CONFIG)} if it is not a 768-v model")
+    if config == V2_CONFIG:
+        return f"config {shown} ({why}); for a 768-v model pass --config {shown_path(V2_V_CONFIG)}"
+    return f"config {shown} ({why}); pass --config for another"
+
+
+def model_config_for(checkpoint: Path, config: str | Path | None):
+    """The loaded config to build ``checkpoint``'s model from.
+
+    ``config`` None: :func:`config_for_family` of the file's family, named in a log line. Given: it
+    must build the file's family; otherwise ModelError says which family the file is and which config
+    to pass. Raises CheckpointError for a file whose keys cannot be read."""
+    from ldm.checkpoint import checkpoint_family
+
+    family = checkpoint_family(checkpoint)
+    if config is None:
+        chosen = config_for_family(family, checkpoint.name)
+        log.info("%s", _picked_config_note(chosen, family, checkpoint))
+        return load_config(chosen)
+    model_config = load_config(config)
+    builds = config_family(model_config)
+    if family and builds and family != builds:
+        fitting = shown_path(config_for_family(family, checkpoint.name))
+        raise ModelError(f"{shown_path(checkpoint)} is an {FAMILY_NAMES[family]} checkpoint but {config} "
+                         f"builds {FAMILY_NAMES[builds]}: pass --config {fitting} (or leave out --config)")
+    return model_config
 
 
 def load_config(path: str | Path):
@@ -157,8 +247,9 @@ def load_engine(settings: ModelSettings) -> Engine:
     """Build the model of ``settings`` once for a run.
 
     ``demo`` builds ``configs/stable-diffusion/v1-demo.yaml`` (``config``/``ckpt`` must then be
-    unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint` and loaded through
-    ``ldm.util.load_model_from_config`` (no download, strict key checks). ``compile``: see
+    unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`, its config picked
+    or checked by :func:`model_config_for`, and loaded through ``ldm.util.load_model_from_config``
+    (no download, strict key checks). ``compile``: see
     :func:`engine_for_model`."""
     from ldm.util import load_model_from_config
 
@@ -169,8 +260,8 @@ def load_engine(settings: ModelSettings) -> Engine:
         name, fingerprint = "demo", f"demo-{DEMO_SEED}"
     else:
         path = resolve_checkpoint(settings.ckpt)
-        model_config = load_config(settings.config or DEFAULT_CONFIG)
         log.info("loading %s", path)
+        model_config = model_config_for(path, settings.config)
         model = load_model_from_config(model_config, str(path), device="cpu")
         name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,

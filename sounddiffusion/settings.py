@@ -18,9 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 """The installation: the folder that holds ``configs/``, ``models/`` and this package."""
 
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+V2_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"  # SD 2.x 512 base (eps)
+V2_V_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference-v.yaml"  # SD 2.x 768-v (v-prediction)
 DEMO_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-demo.yaml"
 CHECKPOINT_DIR = REPO / "models" / "ldm" / "stable-diffusion-v1"
 CHECKPOINT_NAMES = ("model.safetensors", "model.ckpt")
+V2_CHECKPOINT_DIR = REPO / "models" / "ldm" / "stable-diffusion-v2"
+"""SD 2.x files keep their own names there (a "768" in the name selects the v-prediction config)."""
 DEFAULT_SIZE = 512  # what SD v1 was trained on
 DEMO_SIZE = 256  # keeps the demo model quick on a CPU
 PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")

@@ -258,6 +258,7 @@ def _tiny_args(ckpt, config="tests/data/tiny-v1/config.yaml"):
 @pytest.mark.parametrize("tool", ["audio2img", "audio2video", "txt2img", "img2img"])
 def test_no_checkpoint_says_where_how_and_demo(run_tool, tmp_path, sound, image, outdir, monkeypatch, tool):
     monkeypatch.setattr(loading, "CHECKPOINT_DIR", tmp_path / "models" / "ldm" / "stable-diffusion-v1")
+    monkeypatch.setattr(loading, "V2_CHECKPOINT_DIR", tmp_path / "models" / "ldm" / "stable-diffusion-v2")
     line = assert_refused(run_tool, tool, command(tool, sound, image, outdir, "--H", "64", "--W", "64"),
                           outdir, "no checkpoint in", "models/ldm/stable-diffusion-v1", "model.ckpt",
                           "model.safetensors", "download", "sd-v1-4.ckpt", "--demo")
