@@ -44,16 +44,15 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
+from sounddiffusion.audio import SAMPLE_RATE
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.ffmpeg import ffmpeg_exe
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 44100
 HIST_BIN = 0.1  # Lab units
 _LAB_RANGES = ((0.0, 100.0), (-128.0, 128.0), (-128.0, 128.0))
 LAB_MAX_PIXELS = 256 * 256
-ONSET_HOP = 512
 _LUMA_709 = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
 _PROGRESS_SECONDS = 5.0
 
@@ -268,30 +267,19 @@ def decode_audio(path: str | os.PathLike, *, sr: int = SAMPLE_RATE) -> np.ndarra
 
 def onset_per_frame(samples: np.ndarray, fps: float, n_frames: int, *,
                     sr: int = SAMPLE_RATE) -> np.ndarray:
-    """The onset strength of each video frame's stretch of sound, shape (n_frames,), >= 0.
+    """The onset envelope of each video frame's stretch of sound, shape (n_frames,), in [0, 1].
 
-    ``samples``: mono float audio at ``sr`` Hz. librosa's onset envelope (spectral flux, hop
-    ONSET_HOP samples) is reduced to frames: frame k (time [k/fps, (k+1)/fps)) gets the largest
-    envelope value in its stretch, or the envelope at its centre when the stretch holds none
-    (fps above sr / ONSET_HOP). Sound shorter than the video counts as silence.
-    """
-    import librosa
+    ``samples``: mono float audio at ``sr`` Hz; frame k covers [k/fps, (k+1)/fps). This is the
+    ``onset`` envelope audio2video's schedules read (:func:`sounddiffusion.analysis.envelopes`), so
+    the correlation measures how a video follows what its schedules could see. Sound shorter
+    than the video counts as silence."""
+    from .analysis import envelopes
 
     samples = np.asarray(samples, dtype=np.float32)
     needed = int(math.ceil(n_frames * sr / fps))
     if len(samples) < needed:
         samples = np.concatenate([samples, np.zeros(needed - len(samples), np.float32)])
-    envelope = librosa.onset.onset_strength(y=samples, sr=sr, hop_length=ONSET_HOP)
-    times = np.arange(len(envelope)) * ONSET_HOP / sr
-    owner = np.floor(times * fps).astype(np.int64)
-    per_frame = np.full(n_frames, -np.inf)
-    inside = owner < n_frames
-    np.maximum.at(per_frame, owner[inside], envelope[inside])
-    empty = ~np.isfinite(per_frame)
-    if empty.any():
-        centres = (np.flatnonzero(empty) + 0.5) / fps
-        per_frame[empty] = np.interp(centres, times, envelope)
-    return per_frame
+    return envelopes(samples, fps=fps, sr=sr).values["onset"][:n_frames]
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
