@@ -139,13 +139,15 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
-    """Render the video of ``settings.audio``; returns the path of the finished MP4."""
+def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: Engine | None = None) -> Path:
+    """Render the video of ``settings.audio``; returns the path of the finished MP4.
+
+    ``engine``: ``model`` already loaded (batch jobs render many songs with one load)."""
     plan = plan_frames(settings)
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
-    engine = load_engine(model)
+    engine = engine or load_engine(model)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
