@@ -2,8 +2,8 @@
 
 - The argparse groups that several scripts share are defined here, once.
 - :func:`validate_args` checks the numbers users pass, naming the offending value.
-- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2,
-  ``--debug`` shows the full traceback instead.
+- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2
+  (a batch job that skipped some inputs: status 3), ``--debug`` shows the full traceback instead.
 """
 
 from __future__ import annotations
