@@ -3,6 +3,7 @@
 
     python audio2img.py --prompt examples/audio/bell.wav --feature fft --demo
     python audio2img.py --input_folder my_sounds/ --textprompt "a forest at dawn" --textstrength 0.3
+    python audio2img.py --input_folder library/ --ray --ray_workers 2    # on Ray, resumable
 """
 
 from sounddiffusion import cli
@@ -26,14 +27,22 @@ def build_parser():
     cli.add_sampling_args(parser)
     cli.add_image_output_args(parser, default_outdir="outputs/audio2img-samples")
     cli.add_model_args(parser)
+    cli.add_ray_args(parser, "sound")
     return parser
 
 
 def main(args):
-    from sounddiffusion.image_jobs import run_audio2img
     from sounddiffusion.settings import SoundImageSettings
 
-    run_audio2img(cli.settings_from_args(SoundImageSettings, args), cli.model_settings(args))
+    settings = cli.settings_from_args(SoundImageSettings, args)
+    if settings.ray is not None:
+        from sounddiffusion.batch_jobs import run_audio2img_batch
+
+        run_audio2img_batch(settings, cli.model_settings(args))
+    else:
+        from sounddiffusion.image_jobs import run_audio2img
+
+        run_audio2img(settings, cli.model_settings(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ each conditioned on its own slice of the sound (PLMS by default).
 
     python audio2video.py --demo --path examples/audio/chords.wav --fps 8
     python audio2video.py --path song.mp3 --fps 12 --strength 0.5 --textprompt "a neon city at night"
+    python audio2video.py --input_folder album/ --ray       # one video per song, on Ray workers
 """
 
 from sounddiffusion import cli
@@ -16,8 +17,14 @@ def build_parser():
         "audio2video.py", __doc__,
         epilog="The video goes to OUTDIR/<sound name>.mp4 (numbered if it exists) and appears "
                "only when complete; an interrupted render continues with --resume.")
-    parser.add_argument("--path", "--audio", dest="audio", required=True, metavar="AUDIO",
+    songs = parser.add_argument_group("sound (give one of these)")
+    source = songs.add_mutually_exclusive_group(required=True)
+    source.add_argument("--path", "--audio", dest="audio", metavar="AUDIO",
                         help="the sound file (wav, flac, ogg, mp3, ...)")
+    source.add_argument("--input_folder", metavar="DIR",
+                        help="every sound file in this folder, one video each (OUTDIR/<song name>.mp4, "
+                             "each as --path SONG gives it); OUTDIR/manifest.jsonl records the "
+                             "finished ones, so the same command again continues")
     parser.add_argument("--fps", type=float, default=12, help="video frames per second (fractions allowed)")
     parser.add_argument("--strength", default="0.5",
                         help="how much each frame departs from the previous one: 0 keeps it, "
@@ -51,14 +58,22 @@ def build_parser():
                      help="decode and re-encode every frame between steps, as upstream did "
                           "(slower; slightly different pictures)")
     cli.add_model_args(parser)
+    cli.add_ray_args(parser, "song")
     return parser
 
 
 def main(args):
-    from sounddiffusion.video_job import run_audio2video
     from sounddiffusion.settings import VideoSettings
 
-    run_audio2video(cli.settings_from_args(VideoSettings, args), cli.model_settings(args))
+    settings = cli.settings_from_args(VideoSettings, args)
+    if settings.input_folder or settings.ray is not None:
+        from sounddiffusion.batch_jobs import run_audio2video_batch
+
+        run_audio2video_batch(settings, cli.model_settings(args))
+    else:
+        from sounddiffusion.video_job import run_audio2video
+
+        run_audio2video(settings, cli.model_settings(args))
 
 
 if __name__ == "__main__":

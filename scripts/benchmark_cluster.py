@@ -2,9 +2,9 @@
 """Throughput of an audio2img batch on Ray with 1 and 2 (or more) workers.
 
 The same job runs once per worker count: 64 short synthesized sounds (tones and sweeps, 1 s),
-one picture each, rendered by :func:`sounddiffusion.cluster.run_on_ray` with a worker that does
-for one sound what ``audio2img.py --input_folder`` does (same flags, same seeds, same PNG
-parameters). Every worker loads the model once and renders one warm-up picture before taking
+one picture each, rendered by :func:`sounddiffusion.cluster.run_on_ray` with the worker of
+``audio2img.py --input_folder ... --ray`` (:class:`sounddiffusion.batch_jobs.SoundWorker`: same
+flags, same seeds, same PNG parameters). Every worker loads the model once before taking
 sounds. The pictures of every run are compared byte for byte: they must not depend on the
 number of workers.
 
@@ -29,7 +29,6 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,71 +36,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sounddiffusion.batch_jobs import MakeSoundWorker, file_items  # noqa: E402
 from sounddiffusion.cluster import run_on_ray  # noqa: E402
-from sounddiffusion.manifest import Manifest, file_key  # noqa: E402
+from sounddiffusion.manifest import Manifest  # noqa: E402
+from sounddiffusion.settings import ModelSettings, SoundImageSettings  # noqa: E402
 
 log = logging.getLogger("benchmark_cluster")
 SAMPLE_RATE = 44100
-
-
-@dataclass(frozen=True)
-class SoundItem:
-    """One sound of the job: its manifest key and its path."""
-
-    key: str
-    path: str
-
-
-@dataclass(frozen=True)
-class MakeSoundWorker:
-    """Picklable settings of a worker: audio2img's flags (without the input) and the output folder."""
-
-    audio2img_argv: tuple[str, ...]
-    outdir: str
-
-    def __call__(self) -> "SoundWorker":
-        return SoundWorker(self)
-
-
-class SoundWorker:
-    """audio2img for one sound at a time (batch 1): OUTDIR/<sound name>/FEATURE-00000.png."""
-
-    def __init__(self, settings: MakeSoundWorker):
-        sys.path.insert(0, str(REPO))
-        import audio2img
-        from sounddiffusion.cli import fill_size_defaults
-        from sounddiffusion.image_jobs import run_parameters
-        from sounddiffusion.engine import load_engine
-
-        self.args = audio2img.build_parser().parse_args(
-            [*settings.audio2img_argv, "--outdir", settings.outdir, "--input_folder", settings.outdir])
-        fill_size_defaults(self.args)
-        self.engine = load_engine(config=self.args.config, ckpt=self.args.ckpt, demo=self.args.demo,
-                                  device=self.args.device, precision=self.args.precision)
-        self.parameters = run_parameters(self.args, self.engine)
-        self.outdir = Path(settings.outdir)
-        self._render(np.zeros(SAMPLE_RATE // 10, np.float32), folder=None)  # warm-up, not saved
-
-    def _render(self, samples: np.ndarray, folder: Path | None, sound: str = "") -> list[Path]:
-        from sounddiffusion.image_jobs import ImageSet, render_chunk, sound_conditioning
-
-        cond = sound_conditioning(self.engine, samples, self.args)
-        image_set = ImageSet(cond=cond, parameters={**self.parameters, "sound": sound}, folder=folder,
-                             prefix=self.args.feature, grid_folder=folder)
-        saved = self.args.skip_save
-        self.args.skip_save = folder is None
-        try:
-            return render_chunk(self.engine, [image_set], self.args)
-        finally:
-            self.args.skip_save = saved
-
-    def process(self, item: SoundItem) -> list[str]:
-        from sounddiffusion.audio import load_audio
-        from sounddiffusion.images import ensure_output_dir
-
-        samples = load_audio(item.path)
-        folder = ensure_output_dir(self.outdir / Path(item.path).stem)
-        return [str(p) for p in self._render(samples, folder, sound=item.path)]
 
 
 def synthesize_sounds(folder: Path, count: int, seconds: float = 1.0) -> list[Path]:
@@ -120,14 +61,23 @@ def synthesize_sounds(folder: Path, count: int, seconds: float = 1.0) -> list[Pa
     return paths
 
 
-def run_once(sounds: list[Path], workers: int, argv: tuple[str, ...], outdir: Path,
-             address: str | None) -> dict:
-    """One job with ``workers`` workers into ``outdir``: its figures."""
+def job_settings(args: argparse.Namespace, folder: Path, outdir: Path) -> tuple[SoundImageSettings, ModelSettings]:
+    """The settings of ``audio2img.py --input_folder FOLDER --outdir OUTDIR`` with the benchmark's flags."""
+    settings = SoundImageSettings(input_folder=str(folder), outdir=str(outdir), H=args.size, W=args.size,
+                                  ddim_steps=args.steps, n_samples=1, n_iter=1, skip_grid=True)
+    model = ModelSettings(ckpt=args.ckpt, demo=not args.ckpt, device=args.device)
+    return settings, model
+
+
+def run_once(args: argparse.Namespace, sounds: list[Path], workers: int, outdir: Path) -> dict:
+    """One job with ``workers`` workers into ``outdir``, through the batch worker of
+    ``audio2img.py --ray``: its figures."""
+    settings, model = job_settings(args, sounds[0].parent, outdir)
     manifest = Manifest(outdir / "manifest.jsonl")
-    items = [SoundItem(key=file_key(path), path=str(path)) for path in sounds]
     started = time.perf_counter()
-    summary = run_on_ray(items, MakeSoundWorker(argv, str(outdir)), address=address, workers=workers,
-                         manifest=manifest, desc=f"{workers} worker(s)", unit="sound")
+    summary = run_on_ray(file_items(sounds, settings, model), MakeSoundWorker(settings, model),
+                         address=args.address, workers=workers, manifest=manifest,
+                         desc=f"{workers} worker(s)", unit="sound")
     wall = time.perf_counter() - started
     if summary.failed or summary.skipped or summary.finished != len(sounds):
         raise SystemExit(f"the job with {workers} workers did not make every picture:\n{summary.report('sound')}")
@@ -196,10 +146,11 @@ def main() -> None:
             "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--device", args.device,
             *(("--ckpt", args.ckpt) if args.ckpt else ("--demo",)))
     with tempfile.TemporaryDirectory(prefix="benchmark-cluster-") as tmp:
-        sounds = synthesize_sounds(Path(tmp), args.items)
+        (Path(tmp) / "sounds").mkdir()
+        sounds = synthesize_sounds(Path(tmp) / "sounds", args.items)
         results = []
         for n in counts:
-            results.append(run_once(sounds, n, argv, Path(tmp) / f"out-{n}", args.address))
+            results.append(run_once(args, sounds, n, Path(tmp) / f"out-{n}"))
             log.info("%d worker(s): %.1f s, %.3f items/s", n, results[-1]["wall"], results[-1]["items_per_s"])
         identical = all(same_pictures(Path(tmp) / f"out-{counts[0]}", Path(tmp) / f"out-{n}") for n in counts[1:])
     now = datetime.datetime.now(datetime.timezone.utc)

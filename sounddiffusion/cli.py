@@ -2,8 +2,8 @@
 
 - The argparse groups that several scripts share are defined here, once.
 - :func:`validate_args` checks the numbers users pass, naming the offending value.
-- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2,
-  ``--debug`` shows the full traceback instead.
+- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2
+  (a batch job that skipped some inputs: status 3), ``--debug`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Callable, Sequence, TypeVar
 
-from .errors import DeviceError, OutputError, ParameterError, UserError
+from .errors import DeviceError, OutputError, ParameterError, SomeInputsSkipped, UserError
 from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS, PRECISIONS,
                        V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, JobSettings, ModelSettings, shown_path)
 
@@ -189,6 +189,19 @@ def add_coherence_args(parser: argparse.ArgumentParser) -> None:
                         "(1 = unchanged; slightly below 1 against burn-in)" + SCHEDULE_HELP)
 
 
+def add_ray_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--ray [ADDRESS] --ray_workers N: run a batch job on Ray; ``what`` names the items ("sound")."""
+    g = parser.add_argument_group("cluster (Ray; pip install -r requirements-cluster.txt)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"make the {what}s on Ray workers, each loading the model once: without "
+                        f"ADDRESS a local Ray instance on this machine, else a running cluster "
+                        f"('auto', 'ray://HOST:PORT'; OUTDIR must be a path every node sees). "
+                        f"OUTDIR/manifest.jsonl records every finished {what}: the same command "
+                        f"again continues")
+    g.add_argument("--ray_workers", type=int, default=None, metavar="N",
+                   help="Ray workers (default: one per GPU of the cluster, else one)")
+
+
 def fill_size_defaults(args: argparse.Namespace) -> None:
     """Unset --H/--W become 512 (256 with --demo)."""
     for name in ("H", "W"):
@@ -222,6 +235,9 @@ def validate_args(args: argparse.Namespace) -> None:
         if uses_plms:
             need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
                                      f"needs eta 0; use DDIM for eta > 0")
+    if getattr(args, "ray_workers", None) is not None:
+        need(args.ray is not None, f"--ray_workers {args.ray_workers}: give --ray too")
+        need(args.ray_workers >= 1, f"--ray_workers {args.ray_workers}: use at least 1")
     for name in ("n_samples", "n_iter", "batch_size", "color_coherence_every"):
         value = getattr(args, name, None)
         if value is not None:
@@ -282,7 +298,9 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     """Parse arguments, run ``main(args)`` and turn user mistakes into exit status 2.
 
     Returns the process exit status: 0 on success (and after --help), 2 for a user mistake (one
-    line on stderr), 130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
+    line on stderr), 3 when a batch job finished but skipped or failed some inputs
+    (:class:`~sounddiffusion.errors.SomeInputsSkipped`), 130 on Ctrl-C. With ``--debug`` the
+    traceback of any error is shown.
     """
     try:
         args = parser.parse_args(argv)
@@ -298,6 +316,9 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         detail = " ".join(str(exc).split()) or "finished outputs are kept"
         print(f"{parser.prog}: interrupted; {detail}", file=sys.stderr)
         return 130
+    except SomeInputsSkipped as exc:
+        print(f"{parser.prog}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 3
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become exit codes
         message = _user_message(exc, args)
         if message is None or args.debug:

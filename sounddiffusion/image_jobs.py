@@ -68,10 +68,25 @@ def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], setting
     return engine.decode(latents)
 
 
+def fixed_image_path(image_set: ImageSet, image_index: int) -> Path:
+    """``folder/PREFIX-NNNNN.png`` for image ``image_index`` (``round * n_samples + sample``) of
+    ``image_set``: the name a first run into an empty folder gives it."""
+    return image_set.folder / f"{image_set.prefix}-{image_index:05d}.png"
+
+
+def fixed_grid_path(image_set: ImageSet) -> Path:
+    """``grid_folder/grid-0000.png``: the grid's name in a first run into an empty folder."""
+    return image_set.grid_folder / "grid-0000.png"
+
+
 def render_chunk(engine: Engine, chunk: list[ImageSet], settings: ImageSettings,
-                 init_latent: torch.Tensor | None = None) -> list[Path]:
+                 init_latent: torch.Tensor | None = None, *, fixed_names: bool = False) -> list[Path]:
     """Sample ``n_iter x n_samples`` images for each set of ``chunk`` (one call per round) and save
-    them, then each set's grid. Returns the paths written."""
+    them, then each set's grid. Returns the paths written.
+
+    Images are numbered after those already in their folder, or with ``fixed_names`` named by
+    their index in the set (:func:`fixed_image_path`, :func:`fixed_grid_path`), so that making
+    a set again gives the same names (batch jobs that retry an item)."""
     written: list[Path] = []
     per_set: list[list[np.ndarray]] = [[] for _ in chunk]
     n_samples = settings.n_samples
@@ -80,16 +95,18 @@ def render_chunk(engine: Engine, chunk: list[ImageSet], settings: ImageSettings,
         conds = torch.stack([s.cond for s in chunk for _ in range(settings.n_samples)])
         images = sample_images(engine, conds, seeds, settings, init_latent)
         for index, (image, seed) in enumerate(zip(images, seeds)):
-            image_set = chunk[index // settings.n_samples]
-            per_set[index // settings.n_samples].append(image)
+            image_set = chunk[index // n_samples]
+            per_set[index // n_samples].append(image)
             if not settings.skip_save:
-                path = next_numbered_path(image_set.folder, image_set.prefix)
+                path = (fixed_image_path(image_set, round_index * n_samples + index % n_samples)
+                        if fixed_names else next_numbered_path(image_set.folder, image_set.prefix))
                 written.append(save_png(image, path, {**image_set.parameters, "seed": seed}))
     if not settings.skip_grid:
         for image_set, images in zip(chunk, per_set):
             if len(images) > 1:
                 grid = make_grid(images, settings.n_rows or settings.n_samples)
-                path = next_numbered_path(image_set.grid_folder, "grid", digits=4)
+                path = (fixed_grid_path(image_set) if fixed_names
+                        else next_numbered_path(image_set.grid_folder, "grid", digits=4))
                 written.append(save_png(grid, path, image_set.parameters))
     return written
 
@@ -202,6 +219,19 @@ def sound_conditioning(engine: Engine, samples: np.ndarray, settings: AudioCondi
                      empty_cond=engine.text_conditioning(""), textstrength=settings.textstrength)
 
 
+def sound_image_set(engine: Engine, path: Path, samples: np.ndarray, settings: SoundImageSettings,
+                    params: dict, outdir: Path) -> ImageSet:
+    """The :class:`ImageSet` of one sound: its conditioning, its PNG parameters (``params`` of
+    :func:`run_parameters` plus the sound's path as listed) and its folder OUTDIR/<sound name>.
+
+    The per-sound step of :func:`run_audio2img` and of the batch workers
+    (:mod:`sounddiffusion.batch_jobs`), so both make the same pictures and metadata."""
+    folder = ensure_output_dir(outdir / path.stem)
+    return ImageSet(cond=sound_conditioning(engine, samples, settings),
+                    parameters={**params, "sound": str(path)}, folder=folder,
+                    prefix=settings.feature, grid_folder=folder)
+
+
 def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> list[Path]:
     """One image set per sound in OUTDIR/<sound name>/FEATURE-NNNNN.png.
 
@@ -222,10 +252,7 @@ def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> list[Pa
     chunk: list[ImageSet] = []
     with tqdm(total=len(sounds), unit="sound", desc="rendering", dynamic_ncols=True) as bar:
         for number, path, samples in itertools.chain([first], loaded):
-            cond = sound_conditioning(engine, samples, settings)
-            folder = ensure_output_dir(outdir / path.stem)
-            chunk.append(ImageSet(cond=cond, parameters={**params, "sound": str(path)}, folder=folder,
-                                  prefix=settings.feature, grid_folder=folder))
+            chunk.append(sound_image_set(engine, path, samples, settings, params, outdir))
             if len(chunk) == settings.batch_size:
                 written += render_chunk(engine, chunk, settings)
                 chunk = []

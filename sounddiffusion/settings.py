@@ -95,6 +95,18 @@ class AudioConditioningSettings(JobSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClusterSettings(JobSettings):
+    """Where a batch job runs: ``ray`` None in this process, ``"local"`` a local Ray instance,
+    else a Ray cluster address (``auto``, ``ray://HOST:PORT``); ``ray_workers`` None: one worker
+    per GPU, else one. Neither changes the pictures."""
+
+    ray: str | None = None
+    ray_workers: int | None = None
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"ray", "ray_workers"})
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImageSettings(SamplingSettings):
     """An image job (txt2img, img2img, audio2img): sampler, rounds and where the PNGs go.
 
@@ -134,7 +146,7 @@ class PromptImageSettings(ImageSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SoundImageSettings(ImageSettings, AudioConditioningSettings):
+class SoundImageSettings(ImageSettings, AudioConditioningSettings, ClusterSettings):
     """audio2img: one sound (``audio``), a folder of them or a list; ``batch_size`` sounds per call."""
 
     audio: str | None = None
@@ -142,12 +154,12 @@ class SoundImageSettings(ImageSettings, AudioConditioningSettings):
     from_file: str | None = None
     batch_size: int = 4
 
-    OUTPUT_FIELDS: ClassVar[frozenset[str]] = (ImageSettings.OUTPUT_FIELDS
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = (ImageSettings.OUTPUT_FIELDS | ClusterSettings.OUTPUT_FIELDS
                                                | {"audio", "input_folder", "from_file", "batch_size"})
 
 
 @dataclass(frozen=True, kw_only=True)
-class VideoSettings(SamplingSettings, AudioConditioningSettings):
+class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings):
     """audio2video: the sound, the frame rate, how frames chain, and the output.
 
     The per-frame numbers (``strength``, ``scale``, ``textstrength``, ``rms_bend``, ``latent_noise``,
@@ -159,9 +171,12 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
     ``ddim``: DDIM instead of PLMS; ``pixel_roundtrip``: decode and re-encode every frame, as
     upstream did; ``color_coherence``: match each frame's colours to frame 0's (or the init
     image's) in this colour space before img2img, every ``color_coherence_every`` frames;
-    ``cadence``: diffuse every Nth frame and make the ones between from their neighbours."""
+    ``cadence``: diffuse every Nth frame and make the ones between from their neighbours.
+    ``input_folder``: a folder of songs, one video each (then ``audio`` is None until a song is
+    picked)."""
 
-    audio: str
+    audio: str | None = None
+    input_folder: str | None = None
     fps: float = 12.0
     strength: str = "0.5"
     scale: str = "7.5"
@@ -195,7 +210,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
     # The sound and the init image are identified by content in the render's settings instead.
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"audio", "init_img", "prompt_file", "outdir", "output", "save_frames", "preview_every", "resume",
-         "plot", "dry_run"})
+         "plot", "dry_run", "input_folder", *ClusterSettings.OUTPUT_FIELDS})
 
     def __post_init__(self):
         # Numbers given in code (not from the command line) are kept as the text of the number.

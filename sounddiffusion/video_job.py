@@ -169,9 +169,11 @@ def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
     return written
 
 
-def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
+def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: Engine | None = None) -> Path:
     """Render the video of ``settings.audio``; returns the path of the finished MP4 (with
-    ``dry_run``: of the schedule CSV, written without loading the model)."""
+    ``dry_run``: of the schedule CSV, written without loading the model).
+
+    ``engine``: ``model`` already loaded (batch jobs render many songs with one load)."""
     plan = plan_frames(settings, analyse=settings.plot or settings.dry_run)
     reports = write_reports(settings, plan) if plan.envelopes is not None else []
     if settings.dry_run:
@@ -179,9 +181,10 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
-    for spec in block_specs(plan):  # block names against the model's layout, before it loads
-        check_block(spec, unet_skeleton(model))
-    engine = load_engine(model)
+    if engine is None:
+        for spec in block_specs(plan):  # block names against the model's layout, before it loads
+            check_block(spec, unet_skeleton(model))
+        engine = load_engine(model)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
