@@ -137,13 +137,12 @@ def evaluate_schedules(schedules: VideoSchedules, settings: VideoSettings,
 
 
 def report_columns(values: Mapping[str, np.ndarray], jumps: np.ndarray, amounts: np.ndarray,
-                   schedules: VideoSchedules, noise_seeds: np.ndarray) -> dict[str, np.ndarray]:
+                   schedules: VideoSchedules) -> dict[str, np.ndarray]:
     """The scheduled values as used, by column name, for NAME.schedule.csv and its plot: the flags
     that are scheduled (not constant), the seed jumps, and every bend's amount."""
     columns = {name: values[name] for name, schedule in schedules.values.items() if not schedule.is_constant}
     if schedules.seed_jump is not None:
         columns["seed_jump"] = jumps.astype(np.float64)
-        columns["noise_seed"] = noise_seeds.astype(np.float64)
     for (spec, _), row in zip(schedules.bends, amounts):
         columns[f"bend {spec.text or spec.op}"] = row
     return columns

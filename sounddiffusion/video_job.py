@@ -158,7 +158,7 @@ def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
 
     if plan.envelopes is None:
         return []
-    columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules, plan.noise_seeds)
+    columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules)
     ensure_output_dir(settings.requested_output().parent)
     written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, overwrite=True)]
     if settings.plot:

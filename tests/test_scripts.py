@@ -102,3 +102,13 @@ def test_txt2img_with_a_checkpoint_and_config(run_tool, tmp_path, tiny_dir):
     assert status == 0, err
     params = read_png_parameters(tmp_path / "samples" / "sample-00000.png")
     assert params["checkpoint"] == "model.safetensors" and len(params["checkpoint_hash"]) == 10
+
+
+def test_default_config_is_found_from_another_folder(tmp_path, tiny_dir):
+    """The default config belongs to the installation, not to the working folder: run from
+    elsewhere, a checkpoint is checked against it (the tiny one does not fit the full-size config)."""
+    status = subprocess.run([sys.executable, str(REPO / "scripts" / "txt2img.py"), "--ckpt",
+                             str(tiny_dir / "model.safetensors"), "--H", "64", "--W", "64", "--outdir", "out"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 2, status.stderr
+    assert "does not fit" in status.stderr and "is missing" not in status.stderr, status.stderr
