@@ -262,7 +262,7 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
             c_text = model.get_learned_conditioning([PROMPT])
             features = featurize(frame_slice(samples, index, FPS), settings.feature, dim=uc.shape[-1])
             c = condition(features, mode=settings.normalize, text_cond=c_text[0], empty_cond=uc[0],
-                          textstrength=settings.textstrength)[None]
+                          textstrength=float(settings.textstrength))[None]
             sampler.make_schedule(ddim_num_steps=job.steps, ddim_eta=0.0, verbose=False)
             z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc], device=job.device))
             latent = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=job.scale,
@@ -322,7 +322,7 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
     def frame(index: int, latents: torch.Tensor, strength: float) -> tuple[torch.Tensor, np.ndarray]:
         features = featurize(frame_slice(samples, index, FPS), settings.feature, dim=empty.shape[-1])
         cond = condition(features, mode=settings.normalize, text_cond=text, empty_cond=empty,
-                         textstrength=settings.textstrength)
+                         textstrength=float(settings.textstrength))
         generator = torch.Generator().manual_seed(job.seed + index)
         latents = pipe(prompt_embeds=cond[None].to(job.device, dtype), negative_prompt_embeds=negative,
                        image=latents, strength=strength, num_inference_steps=job.steps,

@@ -3,7 +3,7 @@
 - :func:`match_colors` (``--color_coherence lab|hsv|rgb``): the previous picture's per-channel
   histograms are matched to a reference picture's before the next img2img step, as Deforum's
   ``maintain_colors`` does, blended by a strength.
-- :func:`slerp`, :func:`cross_fade`, :func:`inbetween_weights` (``--cadence N``,
+- :func:`slerp`, :func:`cross_fade` (``--cadence N``,
   ``--cadence_blend latent|pixel``): the frames between two diffused frames.
 - :func:`adjust_contrast` (``--contrast F``) and :func:`latent_noise` (``--latent_noise F``):
   anti-burn steps applied to the chained picture or latent before the next img2img step.
@@ -127,18 +127,6 @@ def cross_fade(rgb_a: np.ndarray, rgb_b: np.ndarray, t: float) -> np.ndarray:
         raise ValueError(f"cross_fade needs equal shapes, got {rgb_a.shape} and {rgb_b.shape}")
     mixed = (1.0 - t) * rgb_a.astype(np.float64) + t * rgb_b.astype(np.float64)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-
-
-def inbetween_weights(cadence: int) -> list[float]:
-    """The t of the frames between two diffused frames ``cadence`` frames apart.
-
-    ``cadence`` 1: [] (every frame is diffused); 3: [1/3, 2/3]. Raises :class:`ParameterError`
-    when ``cadence`` is below 1.
-    """
-    if cadence < 1 or int(cadence) != cadence:
-        raise ParameterError(f"--cadence {cadence}: use a whole number of at least 1 "
-                             f"(1 diffuses every frame)")
-    return [i / cadence for i in range(1, int(cadence))]
 
 
 def adjust_contrast(x, factor: float):

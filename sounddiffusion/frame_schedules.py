@@ -78,11 +78,6 @@ class VideoSchedules:
         """Whether a schedule reads an envelope (the sound must then be analysed)."""
         return any(schedule.names_used & NEEDS_ANALYSIS for schedule in self.all())
 
-    def is_music_reactive(self) -> bool:
-        """Whether anything changes over the frames (a non-constant schedule, a seed jump, a bend)."""
-        return (any(not s.is_constant for s in self.values.values()) or self.seed_jump is not None
-                or bool(self.bends))
-
 
 def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
     """Parse every scheduled flag and bend of ``settings``; constants must lie in their range.

@@ -85,15 +85,6 @@ def config_for_family(family: str | None, checkpoint_name: str) -> Path:
     return DEFAULT_CONFIG
 
 
-def default_config_for(checkpoint_path: str | Path) -> Path:
-    """The config ``--config`` defaults to for the checkpoint file at ``checkpoint_path``: its family
-    read from its keys (``ldm.checkpoint.checkpoint_family``), then :func:`config_for_family`."""
-    from ldm.checkpoint import checkpoint_family
-
-    path = Path(checkpoint_path)
-    return config_for_family(checkpoint_family(path), path.name)
-
-
 def config_family(config) -> str | None:
     """"sd-v1", "sd-v2" or None for a loaded config, from its text encoder (OpenCLIP: SD 2.x)."""
     target = str(config.model.get("params", {}).get("cond_stage_config", {}).get("target", ""))

@@ -6,8 +6,7 @@ import pytest
 import torch
 from skimage.color import deltaE_ciede2000, rgb2hsv, rgb2lab
 
-from sounddiffusion.coherence import (COLOR_SPACES, adjust_contrast, cross_fade, inbetween_weights,
-                                      latent_noise, match_colors, slerp)
+from sounddiffusion.coherence import COLOR_SPACES, adjust_contrast, cross_fade, latent_noise, match_colors, slerp
 from sounddiffusion.errors import ParameterError
 
 
@@ -126,14 +125,6 @@ def test_cross_fade_endpoints_and_middle():
     assert np.array_equal(cross_fade(a, b, 0.0), a) and np.array_equal(cross_fade(a, b, 1.0), b)
     middle = cross_fade(a, b, 0.5)
     assert middle.dtype == np.uint8 and (middle == 100).all()  # 100.5 rounds to even
-
-
-def test_inbetween_weights():
-    assert inbetween_weights(1) == []
-    assert inbetween_weights(3) == pytest.approx([1 / 3, 2 / 3])
-    assert inbetween_weights(4) == pytest.approx([0.25, 0.5, 0.75])
-    with pytest.raises(ParameterError, match="--cadence 0"):
-        inbetween_weights(0)
 
 
 def test_adjust_contrast_on_pictures_and_latents():

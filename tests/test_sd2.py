@@ -16,10 +16,12 @@ from safetensors.torch import save_file
 
 from cli_checks import assert_one_line_error
 from conftest import DATA, REPO
+from sounddiffusion.frame_writer import ChainState
 from sounddiffusion import loading, video_job
 from sounddiffusion.audio import slice_rms
 from sounddiffusion.ffmpeg import probe_video
-from sounddiffusion.loading import config_for_family, default_config_for, load_engine
+from ldm.checkpoint import checkpoint_family
+from sounddiffusion.loading import config_for_family, load_engine
 from sounddiffusion.settings import DEFAULT_CONFIG, V2_CONFIG, V2_V_CONFIG, ModelSettings, VideoSettings
 
 TINY_V2, TINY_V2_V = DATA / "tiny-v2", DATA / "tiny-v2-v"
@@ -47,7 +49,8 @@ V1_KEY = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weigh
     ("vae.safetensors", "first_stage_model.encoder.conv_in.weight", DEFAULT_CONFIG),  # unknown: v1, as before
 ])
 def test_default_config_follows_the_family_and_the_name(tmp_path, name, key, expected):
-    assert default_config_for(_fake_checkpoint(tmp_path / name, key)) == expected
+    path = _fake_checkpoint(tmp_path / name, key)
+    assert config_for_family(checkpoint_family(path), path.name) == expected
     assert expected.is_file()
 
 
@@ -175,12 +178,9 @@ def test_conditioning_width_comes_from_the_model(v_engine, tmp_path):
 def _first_img2img_frame(engine, settings, *, ddim):
     """Frame 0 by DDIM, then frame 1 (img2img from it) by DDIM or PLMS: (frame 0, frame 1) latents."""
     plan = video_job.plan_frames(settings)
-    frame0, frame1 = plan.frame(0), plan.frame(1)
-    start = video_job.next_latent(engine, None, video_job.frame_conditioning(engine, plan.audio_slice(0), frame0, settings),
-                                  frame0, 0.0, replace(settings, ddim=True))
-    cond = video_job.frame_conditioning(engine, plan.audio_slice(1), frame1, settings)
-    return start, video_job.next_latent(engine, start, cond, frame1, slice_rms(plan.audio_slice(1)),
-                                        replace(settings, ddim=ddim))
+    start = video_job.diffuse(engine, plan, replace(settings, ddim=True), ChainState(), plan.frame(0), None)
+    return start, video_job.diffuse(engine, plan, replace(settings, ddim=ddim), ChainState(0, start), plan.frame(1),
+                                    None)
 
 
 def _update_cosine(a, b, start):
@@ -228,10 +228,10 @@ def test_audio2video_on_v_model_end_to_end_and_resume(run_tool, tmp_path, monkey
 
     real_next_latent = video_job.next_latent
 
-    def interrupted_at_frame_4(engine, previous, cond, frame, loudness, settings):
+    def interrupted_at_frame_4(engine, previous, cond, frame, bends, settings):
         if frame.index == 4:
             raise KeyboardInterrupt
-        return real_next_latent(engine, previous, cond, frame, loudness, settings)
+        return real_next_latent(engine, previous, cond, frame, bends, settings)
 
     monkeypatch.setattr(video_job, "next_latent", interrupted_at_frame_4)
     output = tmp_path / "parts" / "song.mp4"
