@@ -27,6 +27,13 @@ renders its frames anyway.
     python scripts/benchmark.py --device cpu --quick     # 128x128, 20 steps x 0.5, 2 frames
     python scripts/benchmark.py --device cpu             # 256x256, 50 steps x 0.5, 3 frames
     python scripts/benchmark.py --device cuda            # 512x512 fp16, 50 steps x 0.5, 20 frames
+    python scripts/benchmark.py --device cuda --quick    # the same work, 4 frames per way (< 3 min)
+    python scripts/benchmark.py --device cuda --ways ours --cuda_graphs   # ours with CUDA graphs
+
+``--device cuda --quick`` keeps the full mode's work per frame (512x512, 25 denoising steps) and
+times 4 frames per way: on one H200 (2026-11-29) building the model took about 30 s and 10
+frames per way of all four ways about 130 s in all, of which about 50 s were timed frames, so 4
+frames should take about 100 s with the building (estimated, not yet run in this form).
 
 Prints a markdown table, also written to outputs/benchmark-<mode>-<UTC time>.md (or --out), whose
 last line is ``ratio_vs_diffusers=X ratio_vs_upstream=Y``: their seconds per frame divided by ours
@@ -141,6 +148,7 @@ class Result:
     seconds: list[float] = field(default_factory=list)  # per timed frame (ours: the block / frames)
     peak_bytes: int = 0
     cpu_seconds: float = 0.0  # process CPU time per timed frame
+    warmup_seconds: float = 0.0  # from the way's start (weights cast/moved/converted) to its timed frames
 
     @property
     def s_per_frame(self) -> float:
@@ -190,7 +198,7 @@ def video_settings(job: Job, strength: float):
                          scale=job.scale, H=job.size, W=job.size, textprompt=PROMPT, seed=job.seed)
 
 
-def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path) -> Result:
+def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path, cuda_graphs: bool = False) -> Result:
     """This project's loop as a user gets it: Engine + video_job.sample_frames with the real
     FrameWriter into a real, resumable VideoRender (ffmpeg pipe, render state, no previews)."""
     from sounddiffusion.loading import engine_for_model
@@ -198,8 +206,10 @@ def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path) 
     from sounddiffusion.frame_writer import ChainState, FrameWriter
     from sounddiffusion.video_job import plan_frames, sample_frames
 
+    started = time.perf_counter()
     settings = video_settings(job, job.strength)
-    engine = engine_for_model(sharing_copy(model), device=str(job.device), precision="auto", compile=compile)
+    engine = engine_for_model(sharing_copy(model), device=str(job.device), precision="auto", compile=compile,
+                              cuda_graphs=cuda_graphs)
     plan = plan_frames(settings)
     warmup, timed = job.indices()
     result = Result("this project (Engine + video_job.sample_frames)", _dtype_name(engine.dtype))
@@ -219,6 +229,7 @@ def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path) 
 
     start = ChainState(job.first - 1, engine.encode_image(job.init_rgb[None]))
     chain = block(warmup, start, video_settings(job, job.warmup_strength), "warmup")
+    result.warmup_seconds = time.perf_counter() - started
     memory.reset()
     cpu0, t0 = time.process_time(), time.perf_counter()
     block(timed, chain, settings, "timed")
@@ -238,6 +249,7 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
     from sounddiffusion.conditioning import condition
     from sounddiffusion.features import featurize
 
+    started = time.perf_counter()
     settings = video_settings(job, job.strength)
     samples = load_audio(SOUND)
     model = sharing_copy(model).to(job.device)
@@ -277,7 +289,8 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
     for index in warmup:
         previous = frame(index, 1)
     synchronize(job.device)
-    result = Result("upstream flow (PNG round trip, text re-encoded, einsum)", precision_label(precision, job))
+    result = Result("upstream flow (PNG round trip, text re-encoded, einsum)", precision_label(precision, job),
+                    warmup_seconds=time.perf_counter() - started)
     memory.reset()
     cpu0 = time.process_time()
     for index in timed:
@@ -300,6 +313,7 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
     from sounddiffusion.conditioning import condition
     from sounddiffusion.features import featurize
 
+    started = time.perf_counter()
     settings = video_settings(job, job.strength)
     samples = load_audio(SOUND)
     dtype = weight_dtype("auto", job.device)
@@ -336,7 +350,8 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
     for index in warmup:
         latents, _ = frame(index, latents, job.warmup_strength)
     synchronize(job.device)
-    result = Result(f"diffusers {diffusers.__version__} StableDiffusionImg2ImgPipeline", _dtype_name(dtype))
+    result = Result(f"diffusers {diffusers.__version__} StableDiffusionImg2ImgPipeline", _dtype_name(dtype),
+                    warmup_seconds=time.perf_counter() - started)
     memory.reset()
     cpu0 = time.process_time()
     for index in timed:
@@ -458,15 +473,18 @@ def report(results: dict[str, Result], job: Job, mode: str, memory_note: str, co
              f"{SOUND.relative_to(REPO)} at {FPS} fps, fft features, prompt mixed in.",
              *[f"- {line}" for line in extra],
              "",
-             f"| way | precision | timed frames | s/frame | frames/s | CPU s/frame | {memory_note} (GiB) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"| way | precision | timed frames | s/frame | frames/s | CPU s/frame | {memory_note} (GiB) | warm-up (s) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for result in results.values():
         lines.append(f"| {result.way} | {result.precision} | {len(result.seconds)} | {result.s_per_frame:.2f} | "
-                     f"{1 / result.s_per_frame:.3f} | {result.cpu_seconds:.1f} | {result.peak_bytes / 2**30:.2f} |")
+                     f"{1 / result.s_per_frame:.3f} | {result.cpu_seconds:.1f} | {result.peak_bytes / 2**30:.2f} | "
+                     f"{result.warmup_seconds:.1f} |")
     lines += ["", "s/frame: wall-clock seconds per timed frame (ours: the whole block of frames, including "
               "its writer thread finishing, divided by their number). CPU s/frame: process CPU time "
               "(all threads) per frame. Memory: the process's peak while the way ran; the weights "
-              "every way uses are resident throughout.", "", ratio_line(results)]
+              "every way uses are resident throughout. Warm-up: wall-clock seconds from the way's "
+              "start (its copy of the weights cast and moved, converted for diffusers) to the end of its "
+              "warm-up frame (one-time costs: allocations, kernel choices, compilation, graph capture).", "", ratio_line(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -476,7 +494,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true",
-                        help="CPU: 128x128, 20 steps x 0.5, 2 frames (< 10 min on 2 cores); CUDA: 4 frames")
+                        help="CPU: 128x128, 20 steps x 0.5, 2 frames (< 10 min on 2 cores); CUDA: the full "
+                             "mode's 512x512, 50 steps x 0.5, 4 frames per way (about 2 min on an H200)")
     parser.add_argument("--frames", type=int, default=None, help="timed frames per way (default: by mode)")
     parser.add_argument("--size", type=int, default=None, help="picture side in pixels (default: by mode)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps before strength (default: by mode)")
@@ -487,6 +506,8 @@ def parse_args(argv=None):
                         help=f"comma-separated subset of {','.join(WAYS)} (default: all; on a CPU without "
                              f"native bfloat16, upstream-autocast is measured by one UNet evaluation)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our UNet (as audio2video --compile)")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="CUDA only: replay our UNet calls from CUDA graphs (as audio2video --cuda_graphs)")
     parser.add_argument("--config", default=str(FULL_CONFIG.relative_to(REPO)),
                         help="model config, filled with random weights (smaller ones are for tests)")
     parser.add_argument("--out", default=None, help="markdown file (default: outputs/benchmark-<mode>-<UTC time>.md)")
@@ -516,6 +537,9 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmark.py: error: --device cuda, but PyTorch sees no CUDA GPU here", file=sys.stderr)
         return 2
+    if args.cuda_graphs and args.device != "cuda":
+        print("benchmark.py: error: --cuda_graphs needs --device cuda", file=sys.stderr)
+        return 2
     mode = args.device + ("-quick" if args.quick else "")
     settings = MODES[mode]
     ways = list(WAYS) if args.ways is None else [w for w in args.ways.split(",") if w]
@@ -536,18 +560,20 @@ def main(argv=None) -> int:
         ways.remove("upstream-autocast")
     if args.compile:
         extra.append("ours: UNet through torch.compile (compiled during the warm-up frame)")
+    if args.cuda_graphs:
+        extra.append("ours: UNet calls replayed from CUDA graphs (--cuda_graphs; captured during the warm-up frame)")
     results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="sd-benchmark-") as workdir:
         for way in ways:
             log.info("running %s ...", way)
             gc.collect()
             if way == "ours":
-                results[way] = run_ours(model, job, args.compile, memory, Path(workdir))
+                results[way] = run_ours(model, job, args.compile, memory, Path(workdir), args.cuda_graphs)
             elif way.startswith("upstream-"):
                 results[way] = run_upstream(model, job, way.split("-", 1)[1], memory, Path(workdir))
             else:
                 results[way] = run_diffusers(model, config, job, memory)
-            log.info("  %.2f s/frame", results[way].s_per_frame)
+            log.info("  warm-up %.1f s, then %.2f s/frame", results[way].warmup_seconds, results[way].s_per_frame)
             if job.device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()

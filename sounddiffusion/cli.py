@@ -55,7 +55,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--config --ckpt --demo --device --precision --compile."""
+    """--config --ckpt --demo --device --precision --compile --cuda_graphs."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=None,
                    help=f"model config (CompVis YAML format); default: picked from the checkpoint's "
@@ -76,6 +76,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="compile the UNet with torch.compile: faster steps once the first one has "
                         "compiled it (minutes; on a CPU it needs a C++ compiler); pays off for videos")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="CUDA only: replay each UNet call from a captured CUDA graph (one per picture "
+                        "size) instead of launching its kernels one by one; experimental, off by default")
 
 
 def settings_from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:

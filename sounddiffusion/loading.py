@@ -186,6 +186,13 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     raise ParameterError(f"--precision {precision}: use one of auto, full, autocast, fp16, bf16")
 
 
+def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:
+    """Raises ParameterError when ``--cuda_graphs`` is asked for on a device other than CUDA."""
+    if cuda_graphs and device.type != "cuda":
+        raise ParameterError(f"--cuda_graphs needs a CUDA GPU, but the model runs on {device.type}: "
+                             f"leave --cuda_graphs out")
+
+
 def checkpoint_fingerprint(path: Path) -> str:
     """A short, fast hash of a checkpoint file (sha256 of its size, first and last MiB), 10 hex digits.
 
@@ -240,12 +247,12 @@ def load_engine(settings: ModelSettings) -> Engine:
     ``demo`` builds ``configs/stable-diffusion/v1-demo.yaml`` (``config``/``ckpt`` must then be
     unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`, its config picked
     or checked by :func:`model_config_for`, and loaded through ``ldm.util.load_model_from_config``
-    (no download, strict key checks). ``compile``: see
-    :func:`engine_for_model`."""
+    (no download, strict key checks). ``compile``, ``cuda_graphs``: see :func:`engine_for_model`."""
     from ldm.util import load_model_from_config
 
     target = pick_device(settings.device)
     weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
+    check_cuda_graphs(settings.cuda_graphs, target)
     if settings.demo:
         model = build_demo_model(load_config(DEMO_CONFIG))
         name, fingerprint = "demo", f"demo-{DEMO_SEED}"
@@ -256,7 +263,8 @@ def load_engine(settings: ModelSettings) -> Engine:
         model = load_model_from_config(model_config, str(path), device="cpu")
         name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
-                            checkpoint_hash=fingerprint, compile=settings.compile)
+                            checkpoint_hash=fingerprint, compile=settings.compile,
+                            cuda_graphs=settings.cuda_graphs)
 
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
@@ -299,15 +307,18 @@ def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
 
 def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision: str = "auto",
                      checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False,
-                     channels_last: bool | None = None) -> Engine:
+                     cuda_graphs: bool = False, channels_last: bool | None = None) -> Engine:
     """An :class:`Engine` around an already built ``LatentDiffusion`` (e.g. the benchmark's).
 
     The weights are cast for ``precision`` and moved to ``device`` (the model is changed in place).
     ``compile``: run the UNet through ``torch.compile`` (the first frames are slow while it compiles).
+    ``cuda_graphs``: replay the UNet's calls from CUDA graphs, one captured per picture size
+    (:mod:`sounddiffusion.cuda_graphs`; CUDA only, ParameterError elsewhere).
     ``channels_last``: keep the UNet's and VAE's convolution weights, and so their activations, in
     NHWC layout, which tensor-core convolutions prefer; None: on CUDA only."""
     target = pick_device(device)
     dtype = weight_dtype(precision, target)
+    check_cuda_graphs(cuda_graphs, target)
     model = model.eval().requires_grad_(False).to(dtype=dtype)
     try:
         model = model.to(target)
@@ -329,5 +340,9 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     if compile:
         options = {"freezing": True} if target.type == "cpu" else None
         unet.forward = torch.compile(unet.forward, dynamic=False, options=options)
+    if cuda_graphs:
+        from .cuda_graphs import use_static_calls
+
+        use_static_calls(unet)
     return Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
                   checkpoint_hash=checkpoint_hash)

@@ -59,8 +59,8 @@ class JobSettings:
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings(JobSettings):
     """Which model, where and in what precision (``--config --ckpt --demo --device --precision
-    --compile``). ``config`` None: the default config; ``ckpt`` None: the checkpoint in
-    :data:`CHECKPOINT_DIR`."""
+    --compile --cuda_graphs``). ``config`` None: the default config; ``ckpt`` None: the checkpoint
+    in :data:`CHECKPOINT_DIR`. ``cuda_graphs``: replay the UNet from CUDA graphs (CUDA only)."""
 
     config: str | None = None
     ckpt: str | None = None
@@ -68,8 +68,9 @@ class ModelSettings(JobSettings):
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    cuda_graphs: bool = False
 
-    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "compile"})
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "compile", "cuda_graphs"})
 
 
 @dataclass(frozen=True, kw_only=True)

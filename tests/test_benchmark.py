@@ -114,8 +114,10 @@ def test_tiny_run_writes_table_and_ratio_line(bench, tiny_dir, tmp_path, capsys)
     if probed:
         assert re.search(r"one UNet evaluation \(batch 2, 64x64\) took \d+\.\d+ s in autocast", text), text
     for row in rows[1:]:
-        frames, seconds = int(row.split("|")[3]), float(row.split("|")[4])
-        assert frames == 1 and seconds > 0
+        cells = row.split("|")
+        frames, seconds, warmup = int(cells[3]), float(cells[4]), float(cells[8])
+        assert frames == 1 and seconds > 0 and warmup > 0
+    assert re.search(r"^- Command: `python scripts/benchmark.py --device cpu --quick ", text, re.M), text
     last = text.strip().splitlines()[-1]
     match = re.fullmatch(r"ratio_vs_diffusers=(\d+\.\d+) ratio_vs_upstream=(\d+\.\d+)", last)
     assert match, last
