@@ -4,6 +4,10 @@
 - :func:`validate_args` checks the numbers users pass, naming the offending value.
 - :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2,
   ``--debug`` shows the full traceback instead.
+
+Exit statuses: 0 done; 2 a user mistake (one line on stderr, nothing rendered);
+:data:`EXIT_SKIPPED` (3) a batch finished but skipped some inputs (each one named on stderr);
+130 interrupted (Ctrl-C or SIGTERM; finished outputs are kept).
 """
 
 from __future__ import annotations
@@ -23,9 +27,26 @@ from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, 
 log = logging.getLogger("sounddiffusion")
 Settings = TypeVar("Settings", bound=JobSettings)
 
+EXIT_USER_ERROR = 2
+EXIT_SKIPPED = 3
+"""A batch run (a folder or list of sounds) that wrote its results but skipped some inputs."""
+EXIT_INTERRUPTED = 130
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks."""
+    """Shows defaults and keeps the description's line breaks.
+
+    "(default: X)" is added only where it tells something: not when the help text already speaks
+    of its default, and not for the defaults None, False and "" (an unset option, an off switch,
+    no text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default == ""
+                or default is argparse.SUPPRESS or action.required):
+            return text
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -145,6 +166,12 @@ def validate_args(args: argparse.Namespace) -> None:
         if not ok:
             raise ParameterError(message)
 
+    if getattr(args, "demo", False):
+        flags = [f"--{name}" for name in ("ckpt", "config") if getattr(args, name, None)]
+        given = " and ".join(f"{flag} {getattr(args, flag[2:])}" for flag in flags)
+        need(not flags, f"--demo uses the built-in demo model and cannot load {given}: leave out --demo "
+                        f"to use {'them' if len(flags) > 1 else 'it'}, or leave out {' and '.join(flags)}")
+
     for name in ("H", "W"):
         value = getattr(args, name, None)
         if value is not None:
@@ -162,8 +189,9 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
         uses_plms = getattr(args, "plms", False) or (hasattr(args, "ddim") and not args.ddim)
         if uses_plms:
+            ddim = "add --ddim" if hasattr(args, "ddim") else "leave out --plms"
             need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
-                                     f"needs eta 0; use DDIM for eta > 0")
+                                     f"needs eta 0; {ddim} to sample with DDIM for eta > 0")
     for name in ("n_samples", "n_iter", "batch_size"):
         value = getattr(args, name, None)
         if value is not None:
@@ -171,9 +199,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if getattr(args, "n_rows", 0) < 0:
         need(False, f"--n_rows {args.n_rows}: use 0 (automatic) or more")
     if hasattr(args, "strength"):
+        # audio2video chains frames (it has --fps); img2img starts from --init-img.
+        start = "the previous frame" if hasattr(args, "fps") else "the init image"
         need(0.0 <= args.strength <= 1.0,
-             f"--strength {args.strength} is outside [0, 1]: 0 keeps the previous image, "
-             f"1 ignores it completely")
+             f"--strength {args.strength} is outside [0, 1]: 0 keeps {start}, 1 ignores it completely")
     if hasattr(args, "fps"):
         need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
     if hasattr(args, "textstrength"):
@@ -210,8 +239,9 @@ def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(exc, (UserError, CheckpointError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        again = "run again with --resume" if hasattr(args, "resume") else "run again"
         return str(OutputError(f"the disk is full ({exc.filename or 'while writing'}): free some space "
-                               f"and run again (videos continue with --resume)"))
+                               f"and {again}"))
     oom = getattr(__import__("torch"), "OutOfMemoryError", ())
     if isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
         smaller = ", ".join(["--H/--W", *(f"--{name}" for name in ("n_samples", "batch_size") if hasattr(args, name))])
@@ -219,12 +249,13 @@ def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
     return None
 
 
-def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run ``main(args)`` and turn user mistakes into exit status 2.
 
-    Returns the process exit status: 0 on success (and after --help), 2 for a user mistake (one
-    line on stderr), 130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
+    Returns the process exit status: what ``main`` returns (None counts as 0; a batch that skipped
+    inputs returns :data:`EXIT_SKIPPED`), 0 after --help, 2 for a user mistake (one line on
+    stderr), 130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
     """
     try:
         args = parser.parse_args(argv)
@@ -234,20 +265,20 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     fill_size_defaults(args)
     try:
         validate_args(args)
-        main(args)
+        status = main(args)
     except KeyboardInterrupt as exc:
         # A job may say what was kept and how to go on (audio2video: --resume).
         detail = " ".join(str(exc).split()) or "finished outputs are kept"
         print(f"{parser.prog}: interrupted; {detail}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become exit codes
         message = _user_message(exc, args)
         if message is None or args.debug:
             raise
         first_line = " ".join(message.split())
         print(f"{parser.prog}: error: {first_line}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USER_ERROR
+    return status if isinstance(status, int) else 0
 
 
 def main_entry(build_parser: Callable[[], argparse.ArgumentParser],

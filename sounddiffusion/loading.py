@@ -30,25 +30,23 @@ def resolve_checkpoint(ckpt: str | None) -> Path:
     """The checkpoint file to load: ``ckpt`` if given, else the first of ``CHECKPOINT_NAMES``
     that exists in ``models/ldm/stable-diffusion-v1/``. Raises ModelError telling where to get one."""
     folder = shown_path(CHECKPOINT_DIR)
-    download = ("download Stable Diffusion v1.4 (sd-v1-4.ckpt) or v1.5 "
-                "(v1-5-pruned-emaonly.safetensors), see README 'Getting the weights'")
-    try_demo = "To try the tools first without weights, add --demo"
+    # One piece of advice each, fact first; the download itself is README 'Getting the weights'.
+    try_demo = "or add --demo to try the tools without weights"
     if ckpt:
         path = Path(ckpt)
         if path.is_dir():
             raise ModelError(f"checkpoint {path} is a folder: pass the .ckpt or .safetensors file in it "
-                             f"with --ckpt. {try_demo}")
+                             f"with --ckpt, {try_demo}")
         if not path.is_file():
-            raise ModelError(f"checkpoint {path} does not exist: check the path, or {download}, and pass "
-                             f"it with --ckpt or save it in {folder}/ as model.ckpt or model.safetensors. "
-                             f"{try_demo}")
+            raise ModelError(f"checkpoint {path} does not exist: check the --ckpt path (to download one "
+                             f"see README 'Getting the weights'), {try_demo}")
         return path
     for name in CHECKPOINT_NAMES:
         if (CHECKPOINT_DIR / name).is_file():
             return CHECKPOINT_DIR / name
     raise ModelError(
-        f"no checkpoint in {folder}/: {download}, and save it there as model.ckpt or "
-        f"model.safetensors (or pass --ckpt PATH). {try_demo}")
+        f"no checkpoint in {folder}/: download sd-v1-4.ckpt or v1-5-pruned-emaonly.safetensors (README "
+        f"'Getting the weights') into it as model.ckpt or model.safetensors, or pass --ckpt PATH, {try_demo}")
 
 
 def load_config(path: str | Path):
