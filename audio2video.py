@@ -9,6 +9,7 @@ each conditioned on its own slice of the sound (PLMS by default).
 """
 
 from sounddiffusion import cli
+from sounddiffusion.settings import DEFAULT_CRF
 
 
 def build_parser():
@@ -39,7 +40,12 @@ def build_parser():
     out.add_argument("--outdir", default="outputs/audio2video", help="folder for the video")
     out.add_argument("--output", default=None, metavar="FILE.mp4",
                      help="the video's file name (default: OUTDIR/<sound name>.mp4)")
-    out.add_argument("--save_frames", action="store_true", help="also save every frame as PNG")
+    out.add_argument("--crf", type=int, default=DEFAULT_CRF, metavar="N",
+                     help="the MP4's H.264 quality, 0-51: lower is closer to the frames and larger "
+                          "(0 lossless in luma, 10 near-lossless, 23 libx264's own default)")
+    out.add_argument("--save_frames", action="store_true",
+                     help="also save every frame as PNG, with its settings, frame number and time, in "
+                          "a folder beside the video (NAME-frames/)")
     out.add_argument("--preview_every", type=float, default=0, metavar="SECONDS",
                      help="write a playable in-progress video every SECONDS of video (0 = never)")
     out.add_argument("--resume", action="store_true",

@@ -21,7 +21,7 @@ import sys
 from typing import Callable, Sequence, TypeVar
 
 from .errors import DeviceError, OutputError, ParameterError, UserError
-from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS, PRECISIONS,
+from .settings import (CHECKPOINT_DIR, CRF_RANGE, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS, PRECISIONS,
                        JobSettings, ModelSettings, shown_path)
 
 log = logging.getLogger("sounddiffusion")
@@ -203,6 +203,10 @@ def validate_args(args: argparse.Namespace) -> None:
         start = "the previous frame" if hasattr(args, "fps") else "the init image"
         need(0.0 <= args.strength <= 1.0,
              f"--strength {args.strength} is outside [0, 1]: 0 keeps {start}, 1 ignores it completely")
+    if hasattr(args, "crf"):
+        low, high = CRF_RANGE
+        need(low <= args.crf <= high, f"--crf {args.crf}: use {low} (best, largest file) to {high} "
+                                      f"(worst, smallest); 18 looks like the frames at a modest size")
     if hasattr(args, "fps"):
         need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
     if hasattr(args, "textstrength"):

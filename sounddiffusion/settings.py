@@ -26,6 +26,9 @@ DEMO_SIZE = 256  # keeps the demo model quick on a CPU
 PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 MAX_FPS = 120
+# The MP4's H.264 quality (libx264's constant rate factor): 0 best and largest .. 51 worst and smallest.
+DEFAULT_CRF = 18
+CRF_RANGE = (0, 51)
 
 
 def shown_path(path: Path) -> Path:
@@ -148,7 +151,9 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
 
     ``strength``: how far each img2img frame departs from the previous one; ``rms_bend``: the
     slice's loudness x F added to the noised latent; ``ddim``: DDIM instead of PLMS;
-    ``pixel_roundtrip``: decode and re-encode every frame, as upstream did."""
+    ``pixel_roundtrip``: decode and re-encode every frame, as upstream did; ``crf``: the MP4's
+    H.264 quality (0 best and largest .. 51; :data:`DEFAULT_CRF`). ``crf`` changes the video's pixels,
+    so it is recorded and a resume must keep it (segments of one video share one quality)."""
 
     audio: str
     fps: float = 12.0
@@ -162,6 +167,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings):
     outdir: str = "outputs/audio2video"
     output: str | None = None
     save_frames: bool = False
+    crf: int = DEFAULT_CRF
     preview_every: float = 0.0
     resume: bool = False
     ddim_steps: int = 25

@@ -64,12 +64,17 @@ class FrameWriter:
     ``submit(index, latent)`` returns at once; the worker decodes, writes the frame (and its PNG
     with --save_frames), records the latent as the render's resume point and, every
     ``preview_frames`` frames, writes a preview with ``audio_path``'s sound. Errors in the worker
-    are raised again in the caller at the next ``submit`` or at ``close``."""
+    are raised again in the caller at the next ``submit`` or at ``close``.
+
+    Saved frames carry ``png_parameters`` (the render's settings, as audio2img's PNGs carry
+    theirs) plus ``frame`` (the index) and ``time`` (its start in seconds: index / the render's
+    fps) in their ``parameters`` chunk."""
 
     def __init__(self, engine: Engine, render: VideoRender, *, frames_dir: Path | None,
-                 preview_frames: int, audio_path: str):
+                 preview_frames: int, audio_path: str, png_parameters: dict | None = None):
         self.engine, self.render, self.frames_dir = engine, render, frames_dir
         self.preview_frames, self.audio_path = preview_frames, audio_path
+        self.png_parameters = png_parameters or {}
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="frame-writer", daemon=True)
@@ -85,7 +90,8 @@ class FrameWriter:
                 frame_png = self.frames_dir / f"frame-{index:06d}.png" if self.frames_dir else None
                 # A resumed render may redo a frame whose PNG was saved: it is the same picture.
                 if frame_png is not None and not frame_png.exists():
-                    save_png(rgb, frame_png, None)
+                    save_png(rgb, frame_png, {**self.png_parameters, "frame": index,
+                                              "time": round(float(index / self.render.fps), 6)})
                 self.render.add_frame(rgb, {"latent": latent.float().cpu().numpy()},
                                       {"frame": index, "frames_dir": str(self.frames_dir) if self.frames_dir else None})
                 if self.preview_frames and (index + 1) % self.preview_frames == 0:
@@ -150,12 +156,12 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings) -> Path:
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
                               settings=recorded, resume=settings.resume,
-                              segment_frames=preview_frames or None)
+                              segment_frames=preview_frames or None, crf=settings.crf)
     start, latent, frames_dir = _resume_point(render, engine, init_rgb)
     if settings.save_frames and frames_dir is None:
         frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
     writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
-                         audio_path=settings.audio)
+                         audio_path=settings.audio, png_parameters=recorded)
     try:
         with tqdm(total=plan.n_frames, initial=start, unit="frame", desc="rendering",
                   dynamic_ncols=True) as bar:
