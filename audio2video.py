@@ -41,13 +41,14 @@ def build_parser():
     out.add_argument("--output", default=None, metavar="FILE.mp4",
                      help="the video's file name (default: OUTDIR/<sound name>.mp4)")
     out.add_argument("--crf", type=int, default=DEFAULT_CRF, metavar="N",
-                     help="the MP4's H.264 quality, 0-51: lower is closer to the frames and larger "
-                          "(0 lossless in luma, 10 near-lossless, 23 libx264's own default)")
+                     help="H.264 quality of the MP4, 0-51: lower keeps more detail in a larger file "
+                          "(see README)")
     out.add_argument("--save_frames", action="store_true",
                      help="also save every frame as PNG, with its settings, frame number and time, in "
                           "a folder beside the video (NAME-frames/)")
     out.add_argument("--preview_every", type=float, default=0, metavar="SECONDS",
-                     help="write a playable in-progress video every SECONDS of video (0 = never)")
+                     help="write a playable in-progress video, NAME.preview.mp4, every SECONDS of video "
+                          "(0 = never); it is removed when the render finishes")
     out.add_argument("--resume", action="store_true",
                      help="continue an interrupted render of the same output from its last frame")
     out.add_argument("--pixel_roundtrip", action="store_true",
