@@ -149,7 +149,7 @@ def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_n
         for k in reshaped:
             logger.debug("%s: %s: file %s vs model %s", ckpt_name, k, tuple(fitted[k].shape),
                          tuple(model_state[k].shape))
-        problems = [f"{len(missing)} weights missing"] if missing else []
+        problems = [f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing"] if missing else []
         if reshaped:
             problems.append(f"{len(reshaped)} of another shape such as "
                             f"{_shape_example(reshaped, fitted, model_state)}")
