@@ -94,13 +94,13 @@ def _few(items, n=3) -> str:
 
 def _shape_example(reshaped: list, fitted: dict, model_state: dict) -> str:
     """The most telling of the ``reshaped`` keys in a few words: the cross-attention context width
-    ("context width 768 vs 1024", file vs model) when it differs, else the first key's shapes."""
+    when it differs ("the context width, file 768 vs model 1024"), else the first key's shapes."""
     for key in reshaped:
-        if key.endswith(".attn2.to_k.weight") and len(fitted[key].shape) == 2:
-            return f"context width {fitted[key].shape[1]} vs {model_state[key].shape[1]}"
+        file_shape, model_shape = fitted[key].shape, model_state[key].shape
+        if key.endswith(".attn2.to_k.weight") and len(file_shape) == 2 and file_shape[1] != model_shape[1]:
+            return f"the context width, file {file_shape[1]} vs model {model_shape[1]}"
     key = reshaped[0]
-    short = key.removeprefix("model.diffusion_model.")
-    return f"{short} {tuple(fitted[key].shape)} vs {tuple(model_state[key].shape)}"
+    return f"{key}: file {tuple(fitted[key].shape)} vs model {tuple(model_state[key].shape)}"
 
 
 def _family_hint(state_dict: dict, model_state: dict) -> str:
@@ -150,6 +150,8 @@ def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_n
             logger.debug("%s: %s: file %s vs model %s", ckpt_name, k, tuple(fitted[k].shape),
                          tuple(model_state[k].shape))
         problems = [f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing"] if missing else []
+        if missing and not reshaped:  # which part is missing (e.g. model_ema.*) is the telling fact
+            problems[0] += f" such as {missing[0]}"
         if reshaped:
             problems.append(f"{len(reshaped)} of another shape such as "
                             f"{_shape_example(reshaped, fitted, model_state)}")

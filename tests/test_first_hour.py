@@ -90,7 +90,7 @@ def test_checkpoint_of_another_architecture_is_one_short_line(run_tool, tmp_path
     argv[argv.index("--config") + 1] = "configs/stable-diffusion/v1-demo.yaml"
     line = refused(run_tool, "audio2video", argv, "tests/data/tiny-v1/model.safetensors",
                    "does not fit configs/stable-diffusion/v1-demo.yaml", "weights missing",
-                   "of another shape such as context width 32 vs", "--config")
+                   "of another shape such as the context width, file 32 vs model", "--config")
     assert line.index("does not fit") < 100
     assert re.search(r": \d+ weights missing, \d+ of another shape", line), line
 
@@ -104,7 +104,8 @@ def test_mismatch_lists_every_key_at_debug_level(caplog):
     with pytest.raises(CheckpointError) as error:
         fit_state_dict(file, model, "old.ckpt", "v1.yaml")
     assert str(error.value).startswith("old.ckpt does not fit v1.yaml: 1 weight missing, 2 of another shape "
-                                       "such as context width 32 vs 48; pass the config made for this")
+                                       "such as the context width, file 32 vs model 48; pass the config "
+                                       "made for this")
     assert "model.diffusion_model.c.weight" in caplog.text  # the missing one
     assert "model.diffusion_model.b.weight: file (5,) vs model (3,)" in caplog.text
 
