@@ -13,7 +13,10 @@ def build_parser():
     parser = cli.make_parser(
         "audio2img.py", __doc__,
         epilog="Images go to OUTDIR/<sound name>/FEATURE-NNNNN.png, numbered after existing ones; "
-               "each PNG carries its generation parameters in a 'parameters' text chunk.")
+               "each PNG carries its generation parameters in a 'parameters' text chunk. Every file "
+               "written is listed. Sounds of a folder or list that cannot be read are skipped and "
+               f"named; the run then ends with exit status {cli.EXIT_SKIPPED} (2: a mistake, nothing "
+               "rendered).")
     sounds = parser.add_argument_group("sounds (give one of these)")
     source = sounds.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", "--audio", dest="audio", metavar="AUDIO_PATH",
@@ -38,11 +41,12 @@ def main(args):
     if settings.ray is not None:
         from sounddiffusion.batch_jobs import run_audio2img_batch
 
-        run_audio2img_batch(settings, cli.model_settings(args))
-    else:
-        from sounddiffusion.image_jobs import run_audio2img
+        summary = run_audio2img_batch(settings, cli.model_settings(args))
+        return cli.EXIT_SKIPPED if summary.problems else 0
+    from sounddiffusion.image_jobs import run_audio2img
 
-        run_audio2img(settings, cli.model_settings(args))
+    written = run_audio2img(settings, cli.model_settings(args))
+    return cli.EXIT_SKIPPED if written.skipped else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ each conditioned on its own slice of the sound (PLMS by default).
 """
 
 from sounddiffusion import cli
+from sounddiffusion.settings import DEFAULT_CRF
 
 
 def build_parser():
@@ -49,9 +50,15 @@ def build_parser():
     out.add_argument("--outdir", default="outputs/audio2video", help="folder for the video")
     out.add_argument("--output", default=None, metavar="FILE.mp4",
                      help="the video's file name (default: OUTDIR/<sound name>.mp4)")
-    out.add_argument("--save_frames", action="store_true", help="also save every frame as PNG")
+    out.add_argument("--crf", type=int, default=DEFAULT_CRF, metavar="N",
+                     help="H.264 quality of the MP4, 0-51: lower keeps more detail in a larger file "
+                          "(see README)")
+    out.add_argument("--save_frames", action="store_true",
+                     help="also save every frame as PNG, with its settings, frame number and time, in "
+                          "a folder beside the video (NAME-frames/)")
     out.add_argument("--preview_every", type=float, default=0, metavar="SECONDS",
-                     help="write a playable in-progress video every SECONDS of video (0 = never)")
+                     help="write a playable in-progress video, NAME.preview.mp4, every SECONDS of video "
+                          "(0 = never); it is removed when the render finishes")
     out.add_argument("--resume", action="store_true",
                      help="continue an interrupted render of the same output from its last frame")
     out.add_argument("--pixel_roundtrip", action="store_true",
@@ -69,11 +76,12 @@ def main(args):
     if settings.input_folder or settings.ray is not None:
         from sounddiffusion.batch_jobs import run_audio2video_batch
 
-        run_audio2video_batch(settings, cli.model_settings(args))
-    else:
-        from sounddiffusion.video_job import run_audio2video
+        summary = run_audio2video_batch(settings, cli.model_settings(args))
+        return cli.EXIT_SKIPPED if summary.problems else 0
+    from sounddiffusion.video_job import run_audio2video
 
-        run_audio2video(settings, cli.model_settings(args))
+    run_audio2video(settings, cli.model_settings(args))
+    return 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,17 @@ def _few(items, n=3) -> str:
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
+def _shape_example(reshaped: list, fitted: dict, model_state: dict) -> str:
+    """The most telling of the ``reshaped`` keys in a few words: the cross-attention context width
+    when it differs ("the context width, file 768 vs model 1024"), else the first key's shapes."""
+    for key in reshaped:
+        file_shape, model_shape = fitted[key].shape, model_state[key].shape
+        if key.endswith(".attn2.to_k.weight") and len(file_shape) == 2 and file_shape[1] != model_shape[1]:
+            return f"the context width, file {file_shape[1]} vs model {model_shape[1]}"
+    key = reshaped[0]
+    return f"{key}: file {tuple(fitted[key].shape)} vs model {tuple(model_state[key].shape)}"
+
+
 def _family_hint(state_dict: dict, model_state: dict) -> str:
     """' (the file is SD 2.x, the config builds SD v1)' when the families differ, else ''."""
     names = {SD_V1: "SD v1", SD_V2: "SD 2.x"}
@@ -111,7 +122,8 @@ def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_n
     OpenCLIP's ``attn_mask`` and image tower and, when the model has no EMA (``use_ema: False``),
     all ``model_ema.*`` entries are dropped.
     Raises CheckpointError naming both files (and both families when they differ) when a model
-    weight is missing or a tensor's shape differs; keys the model does not know are dropped with a
+    weight is missing or a tensor's shape differs, in one line with the counts and one example
+    (every key is logged at debug level); keys the model does not know are dropped with a
     warning. The tensors come back in the dtypes of ``model_state``.
     """
     model_has_text_model = any(k.startswith(_TEXT_WITH) for k in model_state)
@@ -129,16 +141,23 @@ def fit_state_dict(state_dict: dict, model_state: dict, ckpt_name: str, config_n
         logger.debug("%s: ignoring %d model_ema entries (the config has use_ema: False)", ckpt_name, ema_dropped)
 
     missing = [k for k in model_state if k not in fitted and not _may_be_absent(k)]
-    reshaped = [f"{k}: file {tuple(t.shape)} vs model {tuple(model_state[k].shape)}"
-                for k, t in fitted.items() if t.shape != model_state[k].shape]
+    reshaped = [k for k, t in fitted.items() if t.shape != model_state[k].shape]
     if missing or reshaped:
-        problems = []
+        # One line for the user; every key for --debug.
         if missing:
-            problems.append(f"{len(missing)} weights missing ({_few(missing)})")
+            logger.debug("%s: %d weights of %s missing: %s", ckpt_name, len(missing), config_name, ", ".join(missing))
+        for k in reshaped:
+            logger.debug("%s: %s: file %s vs model %s", ckpt_name, k, tuple(fitted[k].shape),
+                         tuple(model_state[k].shape))
+        problems = [f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing"] if missing else []
+        if missing and not reshaped:  # which part is missing (e.g. model_ema.*) is the telling fact
+            problems[0] += f" such as {missing[0]}"
         if reshaped:
-            problems.append(f"{len(reshaped)} of another shape ({_few(reshaped)})")
+            problems.append(f"{len(reshaped)} of another shape such as "
+                            f"{_shape_example(reshaped, fitted, model_state)}")
         raise CheckpointError(f"{ckpt_name} does not fit {config_name}{_family_hint(state_dict, model_state)}: "
-                              f"{', '.join(problems)}. Is this checkpoint for this config?")
+                              f"{', '.join(problems)}; pass the config made for this checkpoint with --config "
+                              f"(--debug lists every weight)")
     if unexpected:
         logger.warning("%s: %d tensors the model built from %s does not use, ignored (%s)",
                        ckpt_name, len(unexpected), config_name, _few(unexpected, 5))

@@ -13,4 +13,4 @@ EXTRA=(--demo)               # remove --demo once models/ldm/stable-diffusion-v1
 
 python audio2img.py --input_folder "$SOUNDS" --feature "$FEATURE" \
   --textprompt "$TEXT" --textstrength "$TEXTSTRENGTH" --seed "$SEED" \
-  --n_samples 1 --n_iter 1 --plms --outdir outputs/audio2img "${EXTRA[@]}"
+  --n_samples 1 --n_iter 1 --plms "${EXTRA[@]}"   # writes to outputs/audio2img-samples/<sound name>/

@@ -14,6 +14,6 @@ for strength in "${STRENGTHS[@]}"; do
   for fps in "${FPSS[@]}"; do
     python audio2video.py --path "$SOUND" --fps "$fps" --strength "$strength" \
       --textprompt "$TEXT" --seed 42 \
-      --output "outputs/sweep/bell-s${strength}-fps${fps}.mp4" "${EXTRA[@]}"
+      --output "outputs/audio2video/bell-s${strength}-fps${fps}.mp4" "${EXTRA[@]}"
   done
 done

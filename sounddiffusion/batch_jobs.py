@@ -16,8 +16,7 @@ inside its Ray actor. Seeds follow the item, never the worker.
 
 A job's manifest, OUTDIR/manifest.jsonl, records every finished, skipped (unreadable) or failed
 item; the same command again makes only what is missing. When some items were skipped or
-failed, the job raises :class:`~sounddiffusion.errors.SomeInputsSkipped` after everything is
-written (exit status 3).
+failed, the job says so at the end and its summary lists them (the tools then exit with status 3).
 
 Retries and names: Ray runs an item again when its worker process died while making it, so an
 item must be safe to make twice. audio2img on Ray names its pictures by their index in the
@@ -46,7 +45,7 @@ from tqdm import tqdm
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from .cluster import ClusterSummary, Worker, run_on_ray
 from .engine import Engine
-from .errors import AudioError, OutputError, ParameterError, SomeInputsSkipped, UserError
+from .errors import AudioError, OutputError, ParameterError, UserError
 from .files import ensure_output_dir
 from .image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sounds, render_chunk,
                          run_parameters, sound_image_set)
@@ -135,7 +134,7 @@ def clear_earlier_try(image_set: ImageSet, settings: SoundImageSettings) -> None
 def run_audio2img_batch(settings: SoundImageSettings, model: ModelSettings) -> ClusterSummary:
     """audio2img's sounds (--input_folder, --from-file, --audio) on Ray (``settings.ray``).
 
-    Raises SomeInputsSkipped (after writing everything) when sounds were skipped or failed."""
+    Returns the job's summary; its ``problems`` are the sounds skipped or failed."""
     sounds = list_sounds(settings)
     refuse_same_names(sounds, "sound", "OUTDIR/<sound name>/")
     outdir = ensure_output_dir(settings.outdir)
@@ -193,7 +192,7 @@ def list_songs(settings: VideoSettings) -> list[Path]:
 def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> ClusterSummary:
     """One video per song of --input_folder (or --path), on Ray with ``settings.ray``, else here.
 
-    Raises SomeInputsSkipped (after writing everything) when songs were skipped or failed."""
+    Returns the job's summary; its ``problems`` are the songs skipped or failed."""
     if settings.output:
         raise ParameterError(f"--output {settings.output} names one video: with --input_folder "
                              f"each song's video goes to OUTDIR/<song name>.mp4; give --outdir")
@@ -228,19 +227,18 @@ def refuse_same_names(paths: Sequence[Path], what: str, where: str) -> None:
 
 def run_items(items: list[FileItem], make_worker: Callable[[], Worker], settings: ClusterSettings, *,
               manifest: Manifest, unit: str) -> ClusterSummary:
-    """Make ``items`` on Ray (``settings.ray``: "local" or an address) or in this process, log the
-    summary, and raise SomeInputsSkipped when some were skipped or failed."""
+    """Make ``items`` on Ray (``settings.ray``: "local" or an address) or in this process and log
+    the summary (a warning when some were skipped or failed: the caller's exit status says so)."""
     if settings.ray is not None:
         address = None if settings.ray == "local" else settings.ray
         summary = run_on_ray(items, make_worker, address=address, workers=settings.ray_workers,
                              manifest=manifest, desc="rendering", unit=unit)
     else:
         summary = run_in_process(items, make_worker, manifest=manifest, unit=unit)
-    problems = summary.skipped + summary.skipped_earlier + summary.failed
-    (log.warning if problems else log.info)("%s\nmanifest: %s", summary.report(unit), manifest.path)
-    if problems:
-        raise SomeInputsSkipped(f"{len(problems)} of {summary.total} {unit}s skipped or failed (listed "
-                                f"above and in {manifest.path}); failed ones run again with the same command")
+    (log.warning if summary.problems else log.info)("%s\nmanifest: %s", summary.report(unit), manifest.path)
+    if summary.problems:
+        log.warning("%d of %d %ss skipped or failed (listed above and in %s); failed ones run again "
+                    "with the same command", len(summary.problems), summary.total, unit, manifest.path)
     return summary
 
 

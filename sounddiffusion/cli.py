@@ -2,8 +2,12 @@
 
 - The argparse groups that several scripts share are defined here, once.
 - :func:`validate_args` checks the numbers users pass, naming the offending value.
-- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2
-  (a batch job that skipped some inputs: status 3), ``--debug`` shows the full traceback instead.
+- :func:`run` wraps an entry point: user mistakes become one line on stderr and exit status 2,
+  ``--debug`` shows the full traceback instead.
+
+Exit statuses: 0 done; 2 a user mistake (one line on stderr, nothing rendered);
+:data:`EXIT_SKIPPED` (3) a batch finished but skipped some inputs (each one named on stderr);
+130 interrupted (Ctrl-C or SIGTERM; finished outputs are kept).
 """
 
 from __future__ import annotations
@@ -16,17 +20,35 @@ import signal
 import sys
 from typing import Callable, Sequence, TypeVar
 
-from .errors import DeviceError, OutputError, ParameterError, SomeInputsSkipped, UserError
-from .settings import (CHECKPOINT_DIR, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS, PRECISIONS,
-                       V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, JobSettings, ModelSettings, shown_path)
+from .errors import DeviceError, OutputError, ParameterError, UserError
+from .settings import (CHECKPOINT_DIR, CRF_RANGE, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS,
+                       PRECISIONS, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, JobSettings, ModelSettings,
+                       shown_path)
 
 log = logging.getLogger("sounddiffusion")
 SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
 Settings = TypeVar("Settings", bound=JobSettings)
 
+EXIT_USER_ERROR = 2
+EXIT_SKIPPED = 3
+"""A batch run (a folder or list of sounds) that wrote its results but skipped some inputs."""
+EXIT_INTERRUPTED = 130
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks."""
+    """Shows defaults and keeps the description's line breaks.
+
+    "(default: X)" is added only where it tells something: not when the help text already speaks
+    of its default, and not for the defaults None, False and "" (an unset option, an off switch,
+    no text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default == ""
+                or default is argparse.SUPPRESS or action.required):
+            return text
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -218,6 +240,12 @@ def validate_args(args: argparse.Namespace) -> None:
         if not ok:
             raise ParameterError(message)
 
+    if getattr(args, "demo", False):
+        flags = [f"--{name}" for name in ("ckpt", "config") if getattr(args, name, None)]
+        given = " and ".join(f"{flag} {getattr(args, flag[2:])}" for flag in flags)
+        need(not flags, f"--demo uses the built-in demo model and cannot load {given}: leave out --demo "
+                        f"to use {'them' if len(flags) > 1 else 'it'}, or leave out {' and '.join(flags)}")
+
     for name in ("H", "W"):
         value = getattr(args, name, None)
         if value is not None:
@@ -236,8 +264,9 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
         uses_plms = getattr(args, "plms", False) or (hasattr(args, "ddim") and not args.ddim)
         if uses_plms:
+            ddim = "add --ddim" if hasattr(args, "ddim") else "leave out --plms"
             need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
-                                     f"needs eta 0; use DDIM for eta > 0")
+                                     f"needs eta 0; {ddim} to sample with DDIM for eta > 0")
     if getattr(args, "ray_workers", None) is not None:
         need(args.ray is not None, f"--ray_workers {args.ray_workers}: give --ray too")
         need(args.ray_workers >= 1, f"--ray_workers {args.ray_workers}: use at least 1")
@@ -247,10 +276,15 @@ def validate_args(args: argparse.Namespace) -> None:
             need(value >= 1, f"--{name} {value}: use at least 1")
     if getattr(args, "n_rows", 0) < 0:
         need(False, f"--n_rows {args.n_rows}: use 0 (automatic) or more")
+    # audio2video's --strength is a schedule, checked when its frames are planned.
     if isinstance(getattr(args, "strength", None), (int, float)):
+        start = "the init image"
         need(0.0 <= args.strength <= 1.0,
-             f"--strength {args.strength} is outside [0, 1]: 0 keeps the previous image, "
-             f"1 ignores it completely")
+             f"--strength {args.strength} is outside [0, 1]: 0 keeps {start}, 1 ignores it completely")
+    if hasattr(args, "crf"):
+        low, high = CRF_RANGE
+        need(low <= args.crf <= high, f"--crf {args.crf}: use {low} (best, largest file) to {high} "
+                                      f"(worst, smallest); 18 looks like the frames at a modest size")
     if hasattr(args, "fps"):
         need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
     if isinstance(getattr(args, "textstrength", None), (int, float)):
@@ -287,8 +321,9 @@ def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(exc, (UserError, CheckpointError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        again = "run again with --resume" if hasattr(args, "resume") else "run again"
         return str(OutputError(f"the disk is full ({exc.filename or 'while writing'}): free some space "
-                               f"and run again (videos continue with --resume)"))
+                               f"and {again}"))
     oom = getattr(__import__("torch"), "OutOfMemoryError", ())
     if isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
         smaller = ", ".join(["--H/--W", *(f"--{name}" for name in ("n_samples", "batch_size") if hasattr(args, name))])
@@ -296,14 +331,13 @@ def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
     return None
 
 
-def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run ``main(args)`` and turn user mistakes into exit status 2.
 
-    Returns the process exit status: 0 on success (and after --help), 2 for a user mistake (one
-    line on stderr), 3 when a batch job finished but skipped or failed some inputs
-    (:class:`~sounddiffusion.errors.SomeInputsSkipped`), 130 on Ctrl-C. With ``--debug`` the
-    traceback of any error is shown.
+    Returns the process exit status: what ``main`` returns (None counts as 0; a batch that skipped
+    inputs returns :data:`EXIT_SKIPPED`), 0 after --help, 2 for a user mistake (one line on
+    stderr), 130 on Ctrl-C. With ``--debug`` the traceback of any error is shown.
     """
     try:
         args = parser.parse_args(argv)
@@ -313,23 +347,20 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     fill_size_defaults(args)
     try:
         validate_args(args)
-        main(args)
+        status = main(args)
     except KeyboardInterrupt as exc:
         # A job may say what was kept and how to go on (audio2video: --resume).
         detail = " ".join(str(exc).split()) or "finished outputs are kept"
         print(f"{parser.prog}: interrupted; {detail}", file=sys.stderr)
-        return 130
-    except SomeInputsSkipped as exc:
-        print(f"{parser.prog}: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 3
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the boundary where errors become exit codes
         message = _user_message(exc, args)
         if message is None or args.debug:
             raise
         first_line = " ".join(message.split())
         print(f"{parser.prog}: error: {first_line}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USER_ERROR
+    return status if isinstance(status, int) else 0
 
 
 def main_entry(build_parser: Callable[[], argparse.ArgumentParser],

@@ -80,6 +80,11 @@ class ClusterSummary:
         """Items finished now per second of wall time (0 when nothing ran)."""
         return self.finished / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, reason) of every item that is not made: skipped now or before, or failed."""
+        return self.skipped + self.skipped_earlier + self.failed
+
     def report(self, unit: str = "item") -> str:
         """Lines for the end of a job: counts, per-worker counts, skipped and failed items."""
         lines = [f"{self.finished} {unit}s made in {self.seconds:.1f} s "

@@ -1,8 +1,7 @@
 """Exceptions for mistakes a user can fix.
 
-Every entry point turns a :class:`UserError` into one line on stderr and exit status 2
-(:class:`SomeInputsSkipped`: exit status 3). The message must say what is wrong and what to do
-about it.
+Every entry point turns a :class:`UserError` into one line on stderr and exit status 2.
+The message must say what is wrong and what to do about it.
 """
 
 
@@ -40,9 +39,3 @@ class ScheduleError(ParameterError):
     The message is one line that names the flag, quotes the text and gives the 1-based column
     (or the frame) and what was expected there."""
 
-
-class SomeInputsSkipped(UserError):
-    """A batch job finished, but some of its inputs were skipped (unreadable) or failed.
-
-    Raised after every output is written and the skipped inputs are listed; entry points turn
-    it into its one line on stderr and exit status 3."""

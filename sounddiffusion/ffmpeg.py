@@ -2,8 +2,8 @@
 
 ffmpeg comes from ``imageio_ffmpeg.get_ffmpeg_exe()``, so users need no system ffmpeg.
 
-Video: H.264 (libx264, CRF 18, preset medium, no B-frames), yuv420p, BT.709 limited range,
-in MP4. Sound: AAC 192 kb/s. :func:`mux_segments` joins segments without re-encoding; the
+Video: H.264 (libx264, CRF 18 unless chosen, preset medium, no B-frames), yuv420p, BT.709
+limited range, in MP4. Sound: AAC 192 kb/s. :func:`mux_segments` joins segments without re-encoding; the
 video lasts ``frames / fps`` seconds and the sound is cut to that length.
 
 Every file is made under a temporary name (:func:`sounddiffusion.files.create_temp_file`) in
@@ -24,12 +24,15 @@ import numpy as np
 
 from sounddiffusion.errors import OutputError, ParameterError
 from sounddiffusion.files import create_temp_file, publish_file, write_atomically
+from sounddiffusion.settings import CRF_RANGE, DEFAULT_CRF
 
 log = logging.getLogger(__name__)
 
 # No B-frames: their decoding delay differs between short and long segments, which would
 # leave jumps in the joined video's timestamps (a wrong track length, frames shown twice).
-VIDEO_CODEC = ["-c:v", "libx264", "-preset", "medium", "-crf", "18", "-bf", "0"]
+# The quality is added as "-crf N" (settings.DEFAULT_CRF = 18 looks like the frames to most eyes
+# at a modest size; 0 is the best and largest, 51 the worst).
+VIDEO_CODEC = ["-c:v", "libx264", "-preset", "medium", "-bf", "0"]
 # Convert RGB with the BT.709 matrix and say so in the stream, so players show the same colours.
 VIDEO_FILTER = ("scale=out_color_matrix=bt709:out_range=tv,"
                 "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv,"
@@ -53,9 +56,13 @@ class SegmentEncoder:
     """
 
     def __init__(self, folder: Path, start: int, fps: Fraction, width: int, height: int, *,
-                 retry: str = "run again"):
+                 crf: int = DEFAULT_CRF, retry: str = "run again"):
         """Start ffmpeg for the segment whose first frame is number ``start``, writing into
-        ``folder``; frames are (height, width, 3) uint8 at ``fps`` frames per second."""
+        ``folder``; frames are (height, width, 3) uint8 at ``fps`` frames per second, encoded at
+        quality ``crf`` (see :data:`CRF_RANGE`; lower is better and larger)."""
+        if not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
+            raise ParameterError(f"--crf {crf}: use {CRF_RANGE[0]} (best, largest) to {CRF_RANGE[1]} "
+                                 f"(worst, smallest); {DEFAULT_CRF} is the default")
         self.start = start
         self.frame_count = 0
         self.retry = retry
@@ -66,7 +73,7 @@ class SegmentEncoder:
         command = [ffmpeg_exe(), "-hide_banner", "-loglevel", "warning", "-y",
                    "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                    "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
-                   "-an", "-vf", VIDEO_FILTER, *VIDEO_CODEC, "-f", "mp4", str(self.temp)]
+                   "-an", "-vf", VIDEO_FILTER, *VIDEO_CODEC, "-crf", str(crf), "-f", "mp4", str(self.temp)]
         try:
             with open(self.log_path, "wb") as log_file:
                 self.process = subprocess.Popen(command, stdin=subprocess.PIPE,

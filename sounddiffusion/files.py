@@ -57,18 +57,37 @@ def ensure_output_dir(path: str | os.PathLike) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(
-            f"cannot create output folder {folder} ({err.strerror or err}): "
-            "choose another folder or create it yourself") from err
+        raise _folder_error(folder, err, f"cannot create output folder {folder} ({err.strerror or err}): "
+                                         "choose another folder or create it yourself") from err
     try:
         fd, probe = create_temp_file(folder, ".write-test")
     except OSError as err:
-        raise OutputError(
-            f"output folder {folder} is not writable ({err.strerror or err}): "
-            "choose another folder or fix its permissions") from err
+        raise _folder_error(folder, err, f"output folder {folder} is not writable ({err.strerror or err}): "
+                                         "choose another folder or fix its permissions") from err
     os.close(fd)
     probe.unlink()
     return folder
+
+
+def _folder_error(folder: Path, err: OSError, otherwise: str) -> OutputError:
+    """Why no file can be made in ``folder``: a read-only or a virtual file system, else ``otherwise``.
+
+    A virtual file system (``/proc``, ``/sys``: no disk blocks behind it) refuses new files with
+    "No such file or directory" or "Permission denied", which would send a user looking for a
+    missing folder or a permission; it is named as what it is."""
+    if err.errno == errno.EROFS:
+        return OutputError(f"output folder {folder} is on a read-only file system: choose another folder")
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    statvfs = getattr(os, "statvfs", None)  # POSIX only
+    if existing is not None and statvfs is not None:
+        try:
+            virtual = statvfs(existing).f_blocks == 0
+        except OSError:
+            virtual = False
+        if virtual:
+            return OutputError(f"output folder {folder} is on a virtual file system ({existing}: kernel "
+                               f"views, not disk space) that cannot hold files: choose another folder")
+    return OutputError(otherwise)
 
 
 def create_temp_file(folder: str | os.PathLike, stem: str) -> tuple[int, Path]:

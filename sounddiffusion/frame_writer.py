@@ -95,7 +95,8 @@ class FrameWriter:
                 frame_png = self.frames_dir / f"frame-{index:06d}.png" if self.frames_dir else None
                 # A resumed render may redo a frame whose PNG was saved: it is the same picture.
                 if frame_png is not None and not frame_png.exists():
-                    save_png(rgb, frame_png, {**self.frame_parameters, "frame": index, "time": index / self.fps})
+                    save_png(rgb, frame_png,
+                             {**self.frame_parameters, "frame": index, "time": round(index / self.fps, 6)})
                 arrays, extra = chain.resume_data()
                 self.render.add_frame(rgb, arrays, {**extra, "frame": index,
                                                     "frames_dir": str(self.frames_dir) if self.frames_dir else None})

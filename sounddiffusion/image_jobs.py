@@ -3,7 +3,9 @@
 Each job turns its inputs into a list of (77, D) conditionings, samples them in batches with one
 loaded :class:`~sounddiffusion.engine.Engine` and writes PNGs that carry their parameters.
 Seeds are per image (``seed + round * n_samples + sample``), so results do not depend on how
-images were batched.
+images were batched. Each file written is named in a note as it appears; a job returns an
+:class:`ImagesWritten` (images, grids and the inputs it skipped) and never exits: the entry point
+turns skipped inputs into its exit status.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,31 @@ from .settings import (AudioConditioningSettings, ImageSettings, ModelSettings, 
                        SoundImageSettings)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImagesWritten:
+    """What a job wrote: image and grid paths in the order written, and the inputs it skipped as
+    (path, reason)."""
+
+    images: list[Path] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def add(self, other: ImagesWritten) -> None:
+        self.images += other.images
+        self.grids += other.grids
+        self.skipped += other.skipped
+
+    def summary(self, inputs: int, what: str, outdir: Path) -> str:
+        """"6 images and 2 grids from 2 sounds in OUTDIR" (``what``: "sound" or "prompt")."""
+        return (f"{_count(len(self.images), 'image')} and {_count(len(self.grids), 'grid')} from "
+                f"{_count(inputs, what)} in {outdir}")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
 
 @dataclass
 class ImageSet:
@@ -80,14 +107,14 @@ def fixed_grid_path(image_set: ImageSet) -> Path:
 
 
 def render_chunk(engine: Engine, chunk: list[ImageSet], settings: ImageSettings,
-                 init_latent: torch.Tensor | None = None, *, fixed_names: bool = False) -> list[Path]:
+                 init_latent: torch.Tensor | None = None, *, fixed_names: bool = False) -> ImagesWritten:
     """Sample ``n_iter x n_samples`` images for each set of ``chunk`` (one call per round) and save
-    them, then each set's grid. Returns the paths written.
+    them, then each set's grid. Returns the paths written; each is named in a note.
 
     Images are numbered after those already in their folder, or with ``fixed_names`` named by
     their index in the set (:func:`fixed_image_path`, :func:`fixed_grid_path`), so that making
     a set again gives the same names (batch jobs that retry an item)."""
-    written: list[Path] = []
+    written = ImagesWritten()
     per_set: list[list[np.ndarray]] = [[] for _ in chunk]
     n_samples = settings.n_samples
     for round_index in range(settings.n_iter):
@@ -100,14 +127,16 @@ def render_chunk(engine: Engine, chunk: list[ImageSet], settings: ImageSettings,
             if not settings.skip_save:
                 path = (fixed_image_path(image_set, round_index * n_samples + index % n_samples)
                         if fixed_names else next_numbered_path(image_set.folder, image_set.prefix))
-                written.append(save_png(image, path, {**image_set.parameters, "seed": seed}))
+                written.images.append(save_png(image, path, {**image_set.parameters, "seed": seed}))
+                log.info("wrote %s", path)
     if not settings.skip_grid:
         for image_set, images in zip(chunk, per_set):
             if len(images) > 1:
                 grid = make_grid(images, settings.n_rows or settings.n_samples)
                 path = (fixed_grid_path(image_set) if fixed_names
                         else next_numbered_path(image_set.grid_folder, "grid", digits=4))
-                written.append(save_png(grid, path, image_set.parameters))
+                written.grids.append(save_png(grid, path, image_set.parameters))
+                log.info("wrote %s", path)
     return written
 
 
@@ -140,20 +169,20 @@ def read_prompts(settings: PromptImageSettings) -> list[str]:
 
 
 def _render_prompts(engine: Engine, settings: PromptImageSettings, model: ModelSettings,
-                    prompts: list[str], outdir: Path, init_latent: torch.Tensor | None = None) -> list[Path]:
+                    prompts: list[str], outdir: Path, init_latent: torch.Tensor | None = None) -> ImagesWritten:
     """Each prompt's images in OUTDIR/samples, grids in OUTDIR, as upstream."""
     samples = ensure_output_dir(outdir / "samples")
     params = run_parameters(settings, model, engine)
-    written: list[Path] = []
+    written = ImagesWritten()
     for prompt in tqdm(prompts, unit="prompt", desc="rendering", dynamic_ncols=True):
         image_set = ImageSet(cond=engine.text_conditioning(prompt), parameters={**params, "prompt": prompt},
                              folder=samples, prefix="sample", grid_folder=outdir)
-        written += render_chunk(engine, [image_set], settings, init_latent)
-    log.info("%d images in %s", len(written), outdir)
+        written.add(render_chunk(engine, [image_set], settings, init_latent))
+    log.info("%s", written.summary(len(prompts), "prompt", outdir))
     return written
 
 
-def run_txt2img(settings: PromptImageSettings, model: ModelSettings) -> list[Path]:
+def run_txt2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWritten:
     """CompVis's txt2img: OUTDIR/samples/sample-NNNNN.png per image, OUTDIR/grid-NNNN.png per prompt."""
     # Inputs and the output folder are checked before the model loads: mistakes show at once.
     prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
@@ -161,7 +190,7 @@ def run_txt2img(settings: PromptImageSettings, model: ModelSettings) -> list[Pat
     return _render_prompts(engine, settings, model, prompts, outdir)
 
 
-def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> list[Path]:
+def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWritten:
     """CompVis's img2img from ``settings.init_img`` at ``settings.strength``; outputs as txt2img."""
     init = load_init_image(settings.init_img, settings.W, settings.H)
     prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
@@ -232,13 +261,15 @@ def sound_image_set(engine: Engine, path: Path, samples: np.ndarray, settings: S
                     prefix=settings.feature, grid_folder=folder)
 
 
-def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> list[Path]:
+def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> ImagesWritten:
     """One image set per sound in OUTDIR/<sound name>/FEATURE-NNNNN.png.
 
-    With several sounds, a sound that cannot be read is reported, skipped and listed at the end;
-    the run fails only when no sound could be read. Sounds are read one at a time."""
+    With several sounds, a sound that cannot be read is reported, skipped and listed at the end
+    (and in the result's ``skipped``); the run fails only when no sound could be read. Sounds are
+    read one at a time."""
     sounds = list_sounds(settings)
-    skipped: list[tuple[Path, str]] = []
+    written = ImagesWritten()
+    skipped = written.skipped
     loaded = readable_sounds(sounds, skipped)
     # The first readable sound and the output folder are checked before the model loads, so
     # that a wrong path fails at once.
@@ -248,19 +279,18 @@ def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> list[Pa
     outdir = ensure_output_dir(settings.outdir)
     engine = load_engine(model)
     params = run_parameters(settings, model, engine)
-    written: list[Path] = []
     chunk: list[ImageSet] = []
     with tqdm(total=len(sounds), unit="sound", desc="rendering", dynamic_ncols=True) as bar:
         for number, path, samples in itertools.chain([first], loaded):
             chunk.append(sound_image_set(engine, path, samples, settings, params, outdir))
             if len(chunk) == settings.batch_size:
-                written += render_chunk(engine, chunk, settings)
+                written.add(render_chunk(engine, chunk, settings))
                 chunk = []
                 bar.update(number - bar.n)  # skipped sounds before this one count as done
         if chunk:
-            written += render_chunk(engine, chunk, settings)
+            written.add(render_chunk(engine, chunk, settings))
         bar.update(len(sounds) - bar.n)
-    log.info("%d images from %d sounds in %s", len(written), len(sounds) - len(skipped), outdir)
+    log.info("%s", written.summary(len(sounds) - len(skipped), "sound", outdir))
     if skipped:
         log.warning("%d of %d sounds skipped:\n%s", len(skipped), len(sounds),
                     "\n".join(f"  {reason}" for _, reason in skipped))

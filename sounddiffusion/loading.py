@@ -38,18 +38,16 @@ def resolve_checkpoint(ckpt: str | None) -> Path:
     "768" in the name still selects the v-prediction config). Raises ModelError telling where to
     get one, or to pick one with --ckpt when the v2 folder holds several."""
     folder = shown_path(CHECKPOINT_DIR)
-    download = ("download Stable Diffusion v1.4 (sd-v1-4.ckpt) or v1.5 "
-                "(v1-5-pruned-emaonly.safetensors), see README 'Getting the weights'")
-    try_demo = "To try the tools first without weights, add --demo"
+    # One piece of advice each, fact first; the download itself is README 'Getting the weights'.
+    try_demo = "or add --demo to try the tools without weights"
     if ckpt:
         path = Path(ckpt)
         if path.is_dir():
             raise ModelError(f"checkpoint {path} is a folder: pass the .ckpt or .safetensors file in it "
-                             f"with --ckpt. {try_demo}")
+                             f"with --ckpt, {try_demo}")
         if not path.is_file():
-            raise ModelError(f"checkpoint {path} does not exist: check the path, or {download}, and pass "
-                             f"it with --ckpt or save it in {folder}/ as model.ckpt or model.safetensors. "
-                             f"{try_demo}")
+            raise ModelError(f"checkpoint {path} does not exist: check the --ckpt path (to download one "
+                             f"see README 'Getting the weights'), {try_demo}")
         return path
     for name in CHECKPOINT_NAMES:
         if (CHECKPOINT_DIR / name).is_file():
@@ -58,8 +56,8 @@ def resolve_checkpoint(ckpt: str | None) -> Path:
     if v2_file is not None:
         return v2_file
     raise ModelError(
-        f"no checkpoint in {folder}/: {download}, and save it there as model.ckpt or "
-        f"model.safetensors (SD 2.x: in {shown_path(V2_CHECKPOINT_DIR)}/), or pass --ckpt PATH. {try_demo}")
+        f"no checkpoint in {folder}/ (SD 2.x: {shown_path(V2_CHECKPOINT_DIR)}/): download one (README 'Getting "
+        f"the weights') into it as model.ckpt or model.safetensors, or pass --ckpt PATH, {try_demo}")
 
 
 def _v2_folder_checkpoint() -> Path | None:

@@ -30,6 +30,9 @@ DEMO_SIZE = 256  # keeps the demo model quick on a CPU
 PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 MAX_FPS = 120
+# The MP4's H.264 quality (libx264's constant rate factor): 0 best and largest .. 51 worst and smallest.
+DEFAULT_CRF = 18
+CRF_RANGE = (0, 51)
 
 
 def shown_path(path: Path) -> Path:
@@ -174,7 +177,8 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     image's) in this colour space before img2img, every ``color_coherence_every`` frames;
     ``cadence``: diffuse every Nth frame and make the ones between from their neighbours.
     ``input_folder``: a folder of songs, one video each (then ``audio`` is None until a song is
-    picked)."""
+    picked). ``crf``: the MP4's H.264 quality (0 best and largest .. 51; :data:`DEFAULT_CRF`); it
+    changes the video's pixels, so it is recorded and a resume must keep it."""
 
     audio: str | None = None
     input_folder: str | None = None
@@ -202,6 +206,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     outdir: str = "outputs/audio2video"
     output: str | None = None
     save_frames: bool = False
+    crf: int = DEFAULT_CRF
     preview_every: float = 0.0
     resume: bool = False
     plot: bool = False

@@ -14,8 +14,8 @@ continues from :meth:`VideoRender.load_checkpoint`. Frames are encoded by a chil
 :meth:`VideoRender.finish` joins the segments without re-encoding, adds the sound as AAC, gives
 the MP4 its final name only when it is complete and removes the state folder.
 
-Video: H.264 (libx264, CRF 18, preset medium, no B-frames), yuv420p, BT.709 limited range,
-in MP4. Sound: AAC 192 kb/s. The video lasts ``frames / fps`` seconds and the sound is cut to
+Video: H.264 (libx264, CRF 18 or the ``crf`` chosen, preset medium, no B-frames), yuv420p,
+BT.709 limited range, in MP4. Sound: AAC 192 kb/s. The video lasts ``frames / fps`` seconds and the sound is cut to
 that length, so a caller that renders ``ceil(sound duration * fps)`` frames gets a video as
 long as the sound within one frame.
 """
@@ -35,6 +35,7 @@ from sounddiffusion.errors import OutputError, ParameterError
 from sounddiffusion.ffmpeg import SegmentEncoder, mux_segments
 from sounddiffusion.files import ensure_output_dir, publish_file, unique_output_path
 from sounddiffusion.render_state import RESUME_HINT, STATE_FORMAT, Checkpoint, RenderState
+from sounddiffusion.settings import DEFAULT_CRF
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ class VideoRender:
     """
 
     def __init__(self, output_path: Path, fps: Fraction, width: int, height: int,
-                 segment_frames: int):
+                 segment_frames: int, crf: int = DEFAULT_CRF):
         """Internal: use :meth:`open`."""
         self.output_path = output_path
+        self.crf = crf
         self.fps = fps
         self.width = width
         self.height = height
@@ -77,7 +79,7 @@ class VideoRender:
     @classmethod
     def open(cls, output_path: str | os.PathLike, fps: float | Fraction, width: int,
              height: int, settings: Mapping, resume: bool = False,
-             segment_frames: int | None = None) -> VideoRender:
+             segment_frames: int | None = None, crf: int = DEFAULT_CRF) -> VideoRender:
         """Start a render of ``output_path`` or, with ``resume=True``, continue an unfinished one.
 
         ``fps``: frames per second, a float (7.5, 29.97: read by
@@ -88,6 +90,8 @@ class VideoRender:
         a resume with other settings, fps or size is refused with :class:`ParameterError`.
         ``segment_frames``: frames per encoded segment, by default ``DEFAULT_SEGMENT_SECONDS``
         of video; choose ``fps * preview interval`` so that segment ends meet preview points.
+        ``crf``: the H.264 quality (0 best .. 51 worst); segments of one video must share it, so
+        put it in ``settings`` too for the resume check.
 
         The final file is named at :meth:`finish` by :func:`unique_output_path`, so an existing
         ``output_path`` is never overwritten; the state folder and preview are named after
@@ -104,7 +108,7 @@ class VideoRender:
         if segment_frames < 1:
             raise ValueError(f"segment_frames must be at least 1, got {segment_frames}")
         ensure_output_dir(output_path.parent)
-        render = cls(output_path, fps, width, height, segment_frames)
+        render = cls(output_path, fps, width, height, segment_frames, crf)
         record = {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
                   "settings": json.loads(json.dumps(settings))}
         try:
@@ -206,7 +210,7 @@ class VideoRender:
         """The encoder of the unfinished segment; a new one is first fed the segment's PNGs."""
         if self._encoder is None:
             encoder = SegmentEncoder(self.state_dir, self._encoded, self.fps, self.width,
-                                     self.height, retry=RESUME_HINT)
+                                     self.height, crf=self.crf, retry=RESUME_HINT)
             try:
                 for index in range(self._encoded, self._frames_done):
                     encoder.write(self._state.read_frame(index))

@@ -189,7 +189,7 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
                               settings=recorded, resume=settings.resume,
-                              segment_frames=preview_frames or None)
+                              segment_frames=preview_frames or None, crf=settings.crf)
     start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings)
     if settings.save_frames and frames_dir is None:
         frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))

@@ -312,12 +312,12 @@ def test_broken_checkpoint(run_tool, tmp_path, tiny_state, sound, image, outdir,
 
 
 def test_checkpoint_of_another_architecture(run_tool, sound, image, outdir):
-    """The tiny model's weights with the demo model's config: names the keys and both files."""
+    """The tiny model's weights with the demo model's config: names both files and the counts."""
     argv = command("audio2video", sound, image, outdir,
                    *_tiny_args("tests/data/tiny-v1/model.safetensors", "configs/stable-diffusion/v1-demo.yaml"))
     assert_refused(run_tool, "audio2video", argv, outdir, "tests/data/tiny-v1/model.safetensors",
                    "does not fit configs/stable-diffusion/v1-demo.yaml", "of another shape",
-                   "Is this checkpoint for this config?")
+                   "pass the config made for this checkpoint with --config")
 
 
 @pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())

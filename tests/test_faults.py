@@ -343,7 +343,7 @@ def test_bad_sounds_in_a_folder_are_skipped_and_listed(run_tool, tmp_path, caplo
     caplog.set_level(logging.INFO)
     status, _, err = run_tool("audio2img", ["--input_folder", folder, "--outdir", outdir, "--batch_size", 2,
                                             *DEMO])
-    assert status == 0, err
+    assert status == 3, err  # done, but some sounds were skipped
     assert "Traceback" not in err
     assert sorted(p.parent.name for p in outdir.rglob("*.png")) == ["a-first", "c-middle", "e-last"]
     summary = caplog.records[-1].getMessage()
@@ -358,7 +358,7 @@ def test_missing_sound_in_a_list_is_skipped_and_listed(run_tool, tmp_path, caplo
     listing.write_text(f"{tmp_path / 'gone.wav'}\n{good}\n")
     caplog.set_level(logging.INFO)
     status, _, err = run_tool("audio2img", ["--from-file", listing, "--outdir", tmp_path / "out", *DEMO])
-    assert status == 0, err
+    assert status == 3, err
     assert [p.parent.name for p in (tmp_path / "out").rglob("*.png")] == ["good"]
     assert "1 of 2 sounds skipped" in caplog.text and "gone.wav does not exist" in caplog.text
 
