@@ -10,12 +10,12 @@ number of workers.
 
     OMP_NUM_THREADS=1 python scripts/benchmark_cluster.py                   # demo model, CPU, 64x64, 5 steps
     python scripts/benchmark_cluster.py --device cuda --size 512 --steps 50 --workers 1,2,4 \\
-        --ckpt models/ldm/stable-diffusion-v1/model.ckpt --address auto   # one worker per GPU
+        --batch_size 4 --ckpt models/ldm/stable-diffusion-v1/model.ckpt --address auto   # one worker per GPU
 
 Prints a markdown table, also written to outputs/benchmark-cluster-<UTC time>.md (never
 overwritten): per worker count the wall time (Ray start, model loads and warm-up included),
-items/s, mean seconds per item inside a worker, and the scaling efficiency
-(items/s with N workers) / (N x items/s with 1 worker).
+items/s, mean seconds per item inside a worker (a batch's time shared by its sounds), and the
+scaling efficiency (items/s with N workers) / (N x items/s with 1 worker).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def synthesize_sounds(folder: Path, count: int, seconds: float = 1.0) -> list[Pa
 def job_settings(args: argparse.Namespace, folder: Path, outdir: Path) -> tuple[SoundImageSettings, ModelSettings]:
     """The settings of ``audio2img.py --input_folder FOLDER --outdir OUTDIR`` with the benchmark's flags."""
     settings = SoundImageSettings(input_folder=str(folder), outdir=str(outdir), H=args.size, W=args.size,
-                                  ddim_steps=args.steps, n_samples=1, n_iter=1, skip_grid=True)
+                                  ddim_steps=args.steps, n_samples=1, n_iter=1, skip_grid=True,
+                                  batch_size=args.batch_size)
     model = ModelSettings(ckpt=args.ckpt, demo=not args.ckpt, device=args.device)
     return settings, model
 
@@ -77,7 +78,7 @@ def run_once(args: argparse.Namespace, sounds: list[Path], workers: int, outdir:
     started = time.perf_counter()
     summary = run_on_ray(file_items(sounds, settings, model), MakeSoundWorker(settings, model),
                          address=args.address, workers=workers, manifest=manifest,
-                         desc=f"{workers} worker(s)", unit="sound")
+                         desc=f"{workers} worker(s)", unit="sound", batch_size=settings.batch_size)
     wall = time.perf_counter() - started
     if summary.failed or summary.skipped or summary.finished != len(sounds):
         raise SystemExit(f"the job with {workers} workers did not make every picture:\n{summary.report('sound')}")
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2,4")
     p.add_argument("--size", type=int, default=64, help="picture width and height")
     p.add_argument("--steps", type=int, default=5, help="DDIM steps")
+    p.add_argument("--batch_size", type=int, default=1, help="sounds per sampling call inside a worker")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ckpt", default=None, help="a real checkpoint instead of the demo model")
     p.add_argument("--address", default=None, help="a Ray cluster (auto, ray://HOST:PORT); default local")
@@ -143,7 +145,8 @@ def main() -> None:
     args = build_parser().parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     argv = ("--H", str(args.size), "--W", str(args.size), "--ddim_steps", str(args.steps),
-            "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--device", args.device,
+            "--n_samples", "1", "--n_iter", "1", "--batch_size", str(args.batch_size), "--skip_grid",
+            "--device", args.device,
             *(("--ckpt", args.ckpt) if args.ckpt else ("--demo",)))
     with tempfile.TemporaryDirectory(prefix="benchmark-cluster-") as tmp:
         (Path(tmp) / "sounds").mkdir()

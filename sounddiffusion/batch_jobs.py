@@ -4,9 +4,11 @@
 here. The job lists its items (one per sound or song, keyed by :func:`~sounddiffusion.manifest.file_key`
 with a digest of the settings), and a worker makes each item exactly as a single run would:
 
-- :class:`SoundWorker` renders one sound through the same functions as
-  :func:`~sounddiffusion.image_jobs.run_audio2img` (``sound_image_set`` + ``render_chunk``): the
-  same pictures, the same PNG parameters, in OUTDIR/<sound name>/.
+- :class:`SoundWorker` renders ``--batch_size`` sounds at a time through the same functions as
+  :func:`~sounddiffusion.image_jobs.run_audio2img` (``sound_image_set`` + one ``render_chunk``
+  call): the same pictures, the same PNG parameters, in OUTDIR/<sound name>/. Each sound of a
+  batch keeps its own result (an unreadable one is skipped, the others are made) and its own
+  manifest entry.
 - :class:`SongWorker` renders one song with :func:`~sounddiffusion.video_job.run_audio2video`,
   ``settings.audio`` replaced by the song: OUTDIR/<song name>.mp4 with the same MP4 metadata.
 
@@ -43,7 +45,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
-from .cluster import ClusterSummary, Worker, run_on_ray
+from .cluster import ClusterSummary, Worker, make_batch, record_result, run_on_ray, takes_batches
 from .engine import Engine
 from .errors import AudioError, OutputError, ParameterError, UserError
 from .files import ensure_output_dir
@@ -51,7 +53,7 @@ from .image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sound
                          run_parameters, sound_image_set)
 from .images import read_png_parameters
 from .loading import load_engine
-from .manifest import FAILED, FINISHED, SKIPPED, Manifest, file_key, settings_digest
+from .manifest import Manifest, file_key, settings_digest
 from .render_state import RenderState
 from .settings import ClusterSettings, JobSettings, ModelSettings, SoundImageSettings, VideoSettings
 
@@ -83,7 +85,7 @@ class MakeSoundWorker:
 
 
 class SoundWorker:
-    """audio2img for one sound at a time, with the model loaded once (or ``engine`` given)."""
+    """audio2img for a batch of sounds at a time, with the model loaded once (or ``engine`` given)."""
 
     def __init__(self, settings: SoundImageSettings, model: ModelSettings, engine: Engine | None = None):
         self.settings = settings
@@ -93,12 +95,37 @@ class SoundWorker:
 
     def process(self, item: FileItem) -> list[str]:
         """Render the sound at ``item.path``; returns the PNGs written. AudioError: unreadable."""
-        path = Path(item.path)
-        image_set = sound_image_set(self.engine, path, load_audio(path), self.settings, self.params,
-                                    self.outdir)
-        clear_earlier_try(image_set, self.settings)
-        written = render_chunk(self.engine, [image_set], self.settings, fixed_names=True)
-        return [str(p) for p in written]
+        [(outputs, error)] = self.process_batch([item])
+        if error is not None:
+            raise error
+        return outputs
+
+    def process_batch(self, items: Sequence[FileItem]) -> list[tuple[list[str], Exception | None]]:
+        """Render the sounds of ``items`` in one ``render_chunk`` call (``n_samples`` pictures of
+        each per sampling call); per item (the PNGs written, None), or ([], the exception) for a
+        sound that cannot be read or made (an unreadable sound: AudioError, its item is skipped)."""
+        results: list[tuple[list[str], Exception | None]] = [([], None)] * len(items)
+        sets: dict[int, ImageSet] = {}
+        for index, item in enumerate(items):
+            path = Path(item.path)
+            try:
+                image_set = sound_image_set(self.engine, path, load_audio(path), self.settings,
+                                            self.params, self.outdir)
+                clear_earlier_try(image_set, self.settings)
+            except UserError as exc:
+                results[index] = ([], exc)
+                continue
+            sets[index] = image_set
+        if not sets:
+            return results
+        try:
+            written = render_chunk(self.engine, list(sets.values()), self.settings, fixed_names=True)
+        except Exception as exc:  # noqa: BLE001 - recorded as the failure of these sounds only
+            return [([], exc) if index in sets else result for index, result in enumerate(results)]
+        for index, image_set in sets.items():
+            folders = {image_set.folder, image_set.grid_folder}
+            results[index] = ([str(p) for p in written if p.parent in folders], None)
+        return results
 
 
 def planned_pictures(image_set: ImageSet, settings: SoundImageSettings) -> list[tuple[Path, dict]]:
@@ -140,7 +167,7 @@ def run_audio2img_batch(settings: SoundImageSettings, model: ModelSettings) -> C
     outdir = ensure_output_dir(settings.outdir)
     items = file_items(sounds, settings, model)
     return run_items(items, MakeSoundWorker(settings, model), settings,
-                     manifest=Manifest(outdir / MANIFEST_NAME), unit="sound")
+                     manifest=Manifest(outdir / MANIFEST_NAME), unit="sound", batch_size=settings.batch_size)
 
 
 # ----------------------------------------------------------------------------- audio2video
@@ -226,15 +253,16 @@ def refuse_same_names(paths: Sequence[Path], what: str, where: str) -> None:
 
 
 def run_items(items: list[FileItem], make_worker: Callable[[], Worker], settings: ClusterSettings, *,
-              manifest: Manifest, unit: str) -> ClusterSummary:
-    """Make ``items`` on Ray (``settings.ray``: "local" or an address) or in this process and log
-    the summary (a warning when some were skipped or failed: the caller's exit status says so)."""
+              manifest: Manifest, unit: str, batch_size: int = 1) -> ClusterSummary:
+    """Make ``items`` on Ray (``settings.ray``: "local" or an address) or in this process, up to
+    ``batch_size`` per call of a worker that takes batches, and log the summary (a warning when
+    some were skipped or failed: the caller's exit status says so)."""
     if settings.ray is not None:
         address = None if settings.ray == "local" else settings.ray
         summary = run_on_ray(items, make_worker, address=address, workers=settings.ray_workers,
-                             manifest=manifest, desc="rendering", unit=unit)
+                             manifest=manifest, desc="rendering", unit=unit, batch_size=batch_size)
     else:
-        summary = run_in_process(items, make_worker, manifest=manifest, unit=unit)
+        summary = run_in_process(items, make_worker, manifest=manifest, unit=unit, batch_size=batch_size)
     (log.warning if summary.problems else log.info)("%s\nmanifest: %s", summary.report(unit), manifest.path)
     if summary.problems:
         log.warning("%d of %d %ss skipped or failed (listed above and in %s); failed ones run again "
@@ -243,33 +271,24 @@ def run_items(items: list[FileItem], make_worker: Callable[[], Worker], settings
 
 
 def run_in_process(items: list[FileItem], make_worker: Callable[[], Worker], *, manifest: Manifest,
-                   unit: str) -> ClusterSummary:
-    """:func:`~sounddiffusion.cluster.run_on_ray`'s work in this process, one item after another:
-    the same manifest and summary; the worker is built only when something is left to make."""
+                   unit: str, batch_size: int = 1) -> ClusterSummary:
+    """:func:`~sounddiffusion.cluster.run_on_ray`'s work in this process, one batch after another
+    (``batch_size`` items for a worker that takes batches, else one): the same manifest and
+    summary; the worker is built only when something is left to make."""
     started = time.monotonic()
     plan = manifest.plan(items)
     summary = ClusterSummary(total=len(plan.todo) + len(plan.done), already_done=len(plan.done),
                              skipped_earlier=[(k, e["error"] or "") for k, e in plan.skipped.items()])
     label = f"local@{socket.gethostname()}"
     worker = make_worker() if plan.todo else None
+    size = batch_size if worker is not None and takes_batches(worker) else 1
     try:
-        for item in tqdm(plan.todo, unit=unit, desc="rendering", dynamic_ncols=True):
-            item_started = time.perf_counter()
-            try:
-                outputs, status, error = worker.process(item), FINISHED, None
-            except UserError as exc:
-                outputs, status, error = [], SKIPPED, str(exc)
-            except Exception as exc:  # noqa: BLE001 - one item's failure does not end the job
-                log.exception("%s failed", item.key)
-                outputs, status, error = [], FAILED, f"{type(exc).__name__}: {exc}"
-            manifest.record(item.key, status, outputs, label, error,
-                            seconds=time.perf_counter() - item_started)
-            if status == FINISHED:
-                summary.finished += 1
-                summary.per_worker[label] = summary.per_worker.get(label, 0) + 1
-            else:
-                (summary.skipped if status == SKIPPED else summary.failed).append((item.key, error))
-                log.warning("%s %s: %s", status, item.key, error)
+        with tqdm(total=len(plan.todo), unit=unit, desc="rendering", dynamic_ncols=True) as bar:
+            for first in range(0, len(plan.todo), size):
+                batch = plan.todo[first:first + size]
+                for item, result in zip(batch, make_batch(worker, batch)):
+                    record_result(manifest, summary, item.key, result, label)
+                    bar.update(1)
     except KeyboardInterrupt:
         done = summary.already_done + summary.finished
         raise KeyboardInterrupt(f"{done} of {summary.total} {unit}s are done (manifest {manifest.path}); "

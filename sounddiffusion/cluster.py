@@ -9,16 +9,20 @@ as it arrives and shows one progress bar for the whole job.
   paths``; ``make_worker()`` (a picklable callable) builds it once per actor, in the actor's
   process. Workers write their outputs themselves, straight into the output folder (on a
   cluster: a path every node sees); the driver writes the manifest.
-- Items are handed out as workers finish (at most :data:`IN_FLIGHT` queued per actor), so
-  fast and slow workers both stay busy. Whatever a worker computes must depend on the item
-  only (seeds follow the item, not the worker), so any worker gives the same outputs.
-- A worker that raises :class:`~sounddiffusion.errors.UserError` (an unreadable sound) gets
-  its item recorded as skipped with the reason; any other exception records it as failed (it
-  runs again on the next run). A worker process that dies (killed, out of memory) is
-  restarted by Ray and its items run again; after :data:`TASK_RETRIES` retries the item is
-  recorded as failed.
+- Batches: a worker that also has ``process_batch(items) -> [(output paths, error or None)]``
+  (one pair per item, in order) gets up to ``batch_size`` items per call; other workers get
+  one item at a time. Every item is still recorded on its own line of the manifest, so an
+  unreadable sound in a batch is skipped and the others finish.
+- Batches are handed out as workers finish (at most :data:`IN_FLIGHT` queued per actor, one while
+  another is still starting). What a worker computes depends on the item only (seeds follow the
+  item, not the worker or the batch), so any worker gives the same outputs.
+- A worker that raises (or, in a batch, returns) :class:`~sounddiffusion.errors.UserError`
+  (an unreadable sound) gets its item recorded as skipped with the reason; any other
+  exception records it as failed (it runs again on the next run). A worker process that dies
+  (killed, out of memory) is restarted by Ray and its whole batch runs again; after
+  :data:`TASK_RETRIES` retries every item of the batch is recorded as failed.
 - Ctrl-C stops handing out items, cancels the queued ones and shuts the workers down; what is
-  finished stays in the manifest, so the same command continues.
+  finished stays in the manifest.
 
 Ray is an optional dependency (``requirements-cluster.txt``), imported only here.
 """
@@ -32,17 +36,15 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from .errors import ParameterError, UserError
 from .manifest import FAILED, FINISHED, SKIPPED, Keyed, Manifest
+from .settings import REPO
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parents[1]
 IN_FLIGHT = 2        # items queued per actor: the next one starts as soon as one finishes
 ACTOR_RESTARTS = 4   # restarts of a worker process that died, per actor
 TASK_RETRIES = 2     # reruns of an item whose worker process died while making it
@@ -54,9 +56,15 @@ class ClusterError(UserError):
 
 
 class Worker(Protocol):
-    """What ``make_worker()`` returns: makes one item's outputs and returns their paths."""
+    """What ``make_worker()`` returns: makes one item's outputs and returns their paths.
+
+    It may also have ``process_batch(items) -> [(output paths, None) or ([], exception)]``,
+    one pair per item in order (a UserError: that item is skipped): it then gets batches."""
 
     def process(self, item: Any) -> list[str]: ...
+
+
+ItemResult = tuple[str, list[str], "str | None", float]  # (status, output paths, reason, seconds)
 
 
 @dataclass
@@ -120,48 +128,99 @@ class WorkerHost:
             self._worker = self._make_worker()
         return self._worker
 
-    def start(self) -> tuple[str | None, str]:
-        """Build the worker: (None, host name) when ready, (error message, host name) when
-        ``make_worker`` raised a UserError (a missing checkpoint)."""
-        try:
-            self._get()
-        except UserError as exc:
-            return str(exc), socket.gethostname()
-        except SystemExit as exc:  # e.g. argparse in make_worker: not a reason to restart
-            return f"the worker exited with status {exc.code}", socket.gethostname()
-        return None, socket.gethostname()
-
-    def process(self, item: Keyed) -> tuple[str, list[str], str | None, float]:
-        """(status, output paths, reason, seconds) of one item; see the module docstring."""
-        started = time.perf_counter()
+    def start(self) -> tuple[str | None, str, bool]:
+        """Build the worker: (None, host name, whether it takes batches) when ready, (error
+        message, host name, False) when ``make_worker`` raised a UserError (a missing checkpoint)."""
         try:
             worker = self._get()
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported as this item's failure
-            return FAILED, [], f"the worker could not start: {exc}", time.perf_counter() - started
-        try:
-            outputs = [os.fspath(path) for path in worker.process(item)]
         except UserError as exc:
-            return SKIPPED, [], str(exc), time.perf_counter() - started
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one item's failure does not end the job
-            log.exception("%s failed", item.key)
-            return FAILED, [], f"{type(exc).__name__}: {exc}", time.perf_counter() - started
-        return FINISHED, outputs, None, time.perf_counter() - started
+            return str(exc), socket.gethostname(), False
+        except SystemExit as exc:  # e.g. argparse in make_worker: not a reason to restart
+            return f"the worker exited with status {exc.code}", socket.gethostname(), False
+        return None, socket.gethostname(), takes_batches(worker)
+
+    def process_batch(self, items: list[Keyed]) -> list[ItemResult]:
+        """(status, output paths, reason, seconds) of every item; see :func:`make_batch`."""
+        try:
+            worker = self._get()
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported as these items' failure
+            return [(FAILED, [], f"the worker could not start: {exc}", 0.0) for _ in items]
+        return make_batch(worker, items)
+
+
+def takes_batches(worker: Worker) -> bool:
+    """True when ``worker`` has a ``process_batch`` method (see :class:`Worker`)."""
+    return callable(getattr(worker, "process_batch", None))
+
+
+def make_batch(worker: Worker, items: Sequence[Keyed]) -> list[ItemResult]:
+    """Make ``items`` with ``worker``: one ``process_batch`` call when it takes batches, else
+    ``process`` per item. Returns (status, output paths, reason, seconds) per item, in order:
+    FINISHED, SKIPPED (a UserError: its message) or FAILED (another exception: its type and
+    message). The call's seconds are shared out equally among its items."""
+    started = time.perf_counter()
+    try:
+        if takes_batches(worker):
+            pairs = list(worker.process_batch(list(items)))
+        else:
+            pairs = [_process_one(worker, item) for item in items]
+        if len(pairs) != len(items):
+            raise RuntimeError(f"process_batch gave {len(pairs)} results for {len(items)} items")
+        outcomes = [_outcome(item, [os.fspath(p) for p in outputs], error)
+                    for item, (outputs, error) in zip(items, pairs)]
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the batch's failure does not end the job
+        outcomes = [_outcome(item, [], exc) for item in items]
+    share = (time.perf_counter() - started) / max(1, len(items))
+    return [(*outcome, share) for outcome in outcomes]
+
+
+def _process_one(worker: Worker, item: Keyed) -> tuple[list[str], BaseException | None]:
+    try:
+        return worker.process(item), None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - one item's failure does not end the job
+        return [], exc
+
+
+def _outcome(item: Keyed, outputs: list[str], error: BaseException | None) -> tuple[str, list[str], str | None]:
+    if error is None:
+        return FINISHED, outputs, None
+    if isinstance(error, UserError):
+        return SKIPPED, [], str(error)
+    log.error("%s failed", item.key, exc_info=error)
+    return FAILED, [], f"{type(error).__name__}: {error}"
+
+
+def record_result(manifest: Manifest, summary: ClusterSummary, key: str, result: ItemResult,
+                  worker: str) -> None:
+    """Write one item's ``result`` to ``manifest`` and count it in ``summary``."""
+    status, outputs, error, seconds = result
+    manifest.record(key, status, outputs, worker, error, seconds=seconds)
+    if status == FINISHED:
+        summary.finished += 1
+        summary.per_worker[worker] = summary.per_worker.get(worker, 0) + 1
+    else:
+        (summary.skipped if status == SKIPPED else summary.failed).append((key, error or ""))
+        log.warning("%s %s: %s", status, key, error)
 
 
 def run_on_ray(items: Sequence[Keyed], make_worker: Callable[[], Worker], *, address: str | None,
-               workers: int | None, manifest: Manifest, desc: str, unit: str = "item") -> ClusterSummary:
+               workers: int | None, manifest: Manifest, desc: str, unit: str = "item",
+               batch_size: int = 1) -> ClusterSummary:
     """Make every item of ``items`` not yet settled in ``manifest`` on a pool of Ray workers.
 
     ``address``: None starts a local Ray instance on this machine; ``"auto"`` or
     ``"ray://HOST:PORT"`` connects to a running cluster (when Ray is already initialized in
     this process, that instance is used and left running). ``workers``: the number of actors,
-    default one per GPU of the cluster, else one. ``desc``/``unit`` label the progress bar.
+    default one per GPU of the cluster, else one. ``batch_size``: items per call of a worker
+    that takes batches (see :class:`Worker`). ``desc``/``unit`` label the progress bar.
 
     Returns the :class:`ClusterSummary`. Raises :class:`ClusterError` when Ray is missing, the
     cluster cannot be reached or every worker died, :class:`ParameterError` for a bad
-    ``workers``, a worker's UserError when it cannot start, and KeyboardInterrupt (saying how
-    many items are done) on Ctrl-C."""
+    ``workers`` or ``batch_size``, a worker's UserError when it cannot start, and
+    KeyboardInterrupt (saying how many items are done) on Ctrl-C."""
     started = time.monotonic()
+    if batch_size < 1:
+        raise ParameterError(f"batch size {batch_size}: give at least 1")
     ray = import_ray()
     plan = manifest.plan(items)
     summary = ClusterSummary(total=len(plan.todo) + len(plan.done), already_done=len(plan.done),
@@ -173,7 +232,7 @@ def run_on_ray(items: Sequence[Keyed], make_worker: Callable[[], Worker], *, add
         if owns_ray:
             connect(ray, address)
         try:
-            _Job(ray, plan.todo, make_worker, workers, manifest, summary, desc, unit).run()
+            _Job(ray, plan.todo, make_worker, workers, manifest, summary, desc, unit, batch_size).run()
         finally:
             if owns_ray:
                 ray.shutdown()
@@ -225,9 +284,10 @@ class _Job:
     """The driver's loop of one :func:`run_on_ray` call."""
 
     def __init__(self, ray, todo: list, make_worker, workers: int | None, manifest: Manifest,
-                 summary: ClusterSummary, desc: str, unit: str):
+                 summary: ClusterSummary, desc: str, unit: str, batch_size: int):
         self.ray, self.manifest, self.summary, self.unit = ray, manifest, summary, unit
         self.queue = collections.deque(todo)
+        self.batch_size = batch_size
         count, options = actor_options(ray.cluster_resources(), workers)
         log.info("starting %d Ray workers (%s)", count,
                  ", ".join(f"{k}={v}" for k, v in options.items() if k.startswith("num_")))
@@ -236,7 +296,8 @@ class _Job:
         self.starting = {actor.start.remote(): name for name, actor in self.actors.items()}
         self.labels: dict[str, str] = {}  # worker name -> "worker-1@host", once started
         self.ready: set[str] = set()
-        self.in_flight: dict[Any, tuple[str, Keyed]] = {}
+        self.batching: set[str] = set()  # the ready workers that take batches
+        self.in_flight: dict[Any, tuple[str, list[Keyed]]] = {}
         self.load = collections.Counter()
         self.bar = tqdm(total=summary.total, initial=summary.already_done, desc=desc, unit=unit,
                         dynamic_ncols=True, smoothing=0.1)
@@ -273,23 +334,27 @@ class _Job:
             if ref in self.starting:
                 self._started(ref, self.starting.pop(ref))
             else:
-                name, item = self.in_flight.pop(ref)
+                name, batch = self.in_flight.pop(ref)
                 self.load[name] -= 1
-                self._finished(ref, name, item)
+                self._finished(ref, name, batch)
 
     def _hand_out(self) -> None:
-        """Queue items on the ready workers until each has IN_FLIGHT, least loaded first."""
+        """Queue batches on the ready workers until each has IN_FLIGHT (one while another worker
+        is still starting), least loaded first; a batch is ``batch_size`` items for a worker
+        that takes batches, else one."""
+        limit = 1 if self.starting else IN_FLIGHT
         while self.queue and self.ready:
             name = min(self.ready, key=lambda n: (self.load[n], n))
-            if self.load[name] >= IN_FLIGHT:
+            if self.load[name] >= limit:
                 return
-            item = self.queue.popleft()
-            self.in_flight[self.actors[name].process.remote(item)] = (name, item)
+            size = self.batch_size if name in self.batching else 1
+            batch = [self.queue.popleft() for _ in range(min(size, len(self.queue)))]
+            self.in_flight[self.actors[name].process_batch.remote(batch)] = (name, batch)
             self.load[name] += 1
 
     def _started(self, ref, name: str) -> None:
         try:
-            error, host = self.ray.get(ref)
+            error, host, batches = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
             log.warning("%s died while starting and is not used: %s", name, _first_line(exc))
             return
@@ -297,28 +362,27 @@ class _Job:
             raise ClusterError(f"a Ray worker could not start: {error}")
         self.labels[name] = f"{name}@{host}"
         self.ready.add(name)
+        if batches:
+            self.batching.add(name)
 
-    def _finished(self, ref, name: str, item: Keyed) -> None:
+    def _finished(self, ref, name: str, batch: list[Keyed]) -> None:
+        """Record every item of a finished (or given up) batch, each once."""
         label = self.labels.get(name, name)
         try:
-            status, outputs, error, seconds = self.ray.get(ref)
+            results = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
-            # Ray restarted the process and ran the item again TASK_RETRIES times: give up on
+            # Ray restarted the process and ran the batch again TASK_RETRIES times: give up on
             # it, and check whether the worker still lives before handing it more.
-            status, outputs, seconds = FAILED, [], None
             error = f"its worker process died {TASK_RETRIES + 1} times while making it ({_first_line(exc)})"
+            results = [(FAILED, [], error, None)] * len(batch)
             self.ready.discard(name)
+            self.batching.discard(name)
             self.starting[self.actors[name].start.remote()] = name
         except self.ray.exceptions.TaskCancelledError:
             return
-        self.manifest.record(item.key, status, outputs, label, error, seconds=seconds)
-        if status == FINISHED:
-            self.summary.finished += 1
-            self.summary.per_worker[label] = self.summary.per_worker.get(label, 0) + 1
-        else:
-            (self.summary.skipped if status == SKIPPED else self.summary.failed).append((item.key, error or ""))
-            log.warning("%s %s: %s", status, item.key, error)
-        self.bar.update(1)
+        for item, result in zip(batch, results):
+            record_result(self.manifest, self.summary, item.key, result, label)
+            self.bar.update(1)
 
     def _cancel(self) -> None:
         """Ctrl-C: nothing more is handed out; queued and running items are cancelled."""

@@ -4,8 +4,11 @@ The worker writes one .npy per item, drawn from a generator seeded by the item, 
 can be compared with a plain loop in this process. Ray starts once for the module; tests that
 need it skip when Ray is not installed.
 """
+import json
+import math
 import os
 import sys
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sounddiffusion.cluster import ClusterError, actor_options, import_ray, run_on_ray
+from sounddiffusion.cluster import (ClusterError, actor_options, import_ray, make_batch, run_on_ray,
+                                    takes_batches)
 from sounddiffusion.errors import AudioError, ParameterError
 from sounddiffusion.manifest import Manifest
 
@@ -35,9 +39,10 @@ class MakeNoiseWorker:
     die_on: str | None = None          # key whose first try kills the worker process
     marker: str | None = None          # exists once that first try happened
     seconds: float = 0.05              # per item, so that both workers get items
+    batches: bool = False              # the worker has process_batch (and logs its calls)
 
     def __call__(self):
-        return NoiseWorker(self)
+        return BatchNoiseWorker(self) if self.batches else NoiseWorker(self)
 
 
 class NoiseWorker:
@@ -53,6 +58,27 @@ class NoiseWorker:
             os._exit(1)  # the process dies mid-item, as when killed or out of memory
         time.sleep(s.seconds)
         return [str(save_noise(Path(s.outdir), item))]
+
+
+class BatchNoiseWorker(NoiseWorker):
+    """Takes batches: each call first writes the keys it got to OUTDIR/calls/<unique>.json."""
+
+    def process_batch(self, items: list[NoiseItem]) -> list[tuple[list[str], Exception | None]]:
+        calls = Path(self.settings.outdir) / "calls"
+        calls.mkdir(exist_ok=True)
+        (calls / f"{uuid.uuid4().hex}.json").write_text(json.dumps([item.key for item in items]))
+        results = []
+        for item in items:
+            try:
+                results.append((self.process(item), None))
+            except AudioError as exc:
+                results.append(([], exc))
+        return results
+
+
+def batch_calls(outdir: Path) -> list[list[str]]:
+    """The keys of every process_batch call, sorted."""
+    return sorted(json.loads(p.read_text()) for p in (outdir / "calls").glob("*.json"))
 
 
 def save_noise(outdir: Path, item: NoiseItem) -> Path:
@@ -75,10 +101,10 @@ def ray_local():
     ray.shutdown()
 
 
-def run_job(ray_local, tmp_path, items, **settings):
+def run_job(ray_local, tmp_path, items, batch_size=1, **settings):
     manifest = Manifest(tmp_path / "manifest.jsonl")
     summary = run_on_ray(items, MakeNoiseWorker(outdir=str(tmp_path), **settings), address=None,
-                         workers=2, manifest=manifest, desc="test")
+                         workers=2, manifest=manifest, desc="test", batch_size=batch_size)
     wait_for_free_cpus(ray_local)
     return summary, manifest
 
@@ -145,6 +171,71 @@ def test_unreadable_item_is_skipped_and_stays_skipped(ray_local, tmp_path):
     again, _ = run_job(ray_local, tmp_path, items, unreadable=("item-01",))
     assert (again.already_done, again.finished, len(again.skipped_earlier)) == (5, 0, 1)
     assert "item-01: not a sound file" in again.report()
+
+
+def test_batches_of_three_every_item_recorded_once(ray_local, tmp_path):
+    items = make_items(10)
+    summary, manifest = run_job(ray_local, tmp_path, items, batch_size=3, batches=True, unreadable=("item-04",))
+    calls = batch_calls(tmp_path)
+    assert len(calls) == math.ceil(10 / 3)  # full batches in the job's order, the last one short
+    assert calls == [[f"item-{i:02d}" for i in range(k, min(k + 3, 10))] for k in (0, 3, 6, 9)]
+    assert (summary.finished, summary.skipped) == (9, [("item-04", "item-04: not a sound file")])
+    assert sorted(manifest_keys(manifest)) == [item.key for item in items]  # each once
+    latest = manifest.latest()
+    assert (latest["item-04"]["status"], latest["item-04"]["outputs"]) == ("skipped", [])
+    assert all(latest[item.key]["outputs"] == [f"{item.key}.npy"] for item in items if item.key != "item-04")
+    for item in items:
+        if item.key != "item-04":
+            expected = np.random.default_rng(item.seed).standard_normal(32)
+            np.testing.assert_array_equal(np.load(tmp_path / f"{item.key}.npy"), expected)
+    assert sum(summary.per_worker.values()) == 9
+    again, _ = run_job(ray_local, tmp_path, items, batch_size=3, batches=True, unreadable=("item-04",))
+    assert (again.already_done, again.finished) == (10, 0) and len(batch_calls(tmp_path)) == 4
+
+
+def test_worker_killed_mid_batch_the_whole_batch_runs_again_each_item_recorded_once(ray_local, tmp_path):
+    items = make_items(6)
+    marker = tmp_path / "died-once"
+    summary, manifest = run_job(ray_local, tmp_path, items, batch_size=3, batches=True,
+                                die_on="item-04", marker=str(marker))
+    assert marker.exists()  # the worker really died on item-04, after making item-03
+    second = ["item-03", "item-04", "item-05"]
+    assert batch_calls(tmp_path) == [["item-00", "item-01", "item-02"], second, second]
+    assert summary.finished == 6 and not summary.failed
+    assert sorted(manifest_keys(manifest)) == [item.key for item in items]
+    assert all((tmp_path / f"{item.key}.npy").exists() for item in items)
+
+
+class BrokenBatchWorker:
+    def process(self, item):
+        raise AssertionError("not called: this worker takes batches")
+
+    def process_batch(self, items):
+        raise RuntimeError("out of memory")
+
+
+def test_make_batch_one_call_per_batch_else_one_per_item(tmp_path):
+    """No Ray: per-item results of a batch worker, a plain worker and a batch that raised."""
+    items = make_items(3)
+    plain = MakeNoiseWorker(outdir=str(tmp_path), seconds=0.0, unreadable=("item-01",))()
+    batching = MakeNoiseWorker(outdir=str(tmp_path), seconds=0.0, unreadable=("item-01",), batches=True)()
+    assert not takes_batches(plain) and takes_batches(batching)
+    for worker in (plain, batching):
+        results = make_batch(worker, items)
+        assert [r[:3] for r in results] == [
+            ("finished", [str(tmp_path / "item-00.npy")], None),
+            ("skipped", [], "item-01: not a sound file"),
+            ("finished", [str(tmp_path / "item-02.npy")], None)]
+        assert all(r[3] >= 0 for r in results)
+    assert len(batch_calls(tmp_path)) == 1  # the batch worker: one call for the three items
+    assert [r[:3] for r in make_batch(BrokenBatchWorker(), items)] == \
+        [("failed", [], "RuntimeError: out of memory")] * 3
+
+
+def test_batch_size_below_one_is_refused(tmp_path):
+    with pytest.raises(ParameterError, match="batch size 0"):
+        run_on_ray(make_items(2), MakeNoiseWorker(outdir=str(tmp_path)), address=None, workers=2,
+                   manifest=Manifest(tmp_path / "m.jsonl"), desc="test", batch_size=0)
 
 
 def test_ctrl_c_keeps_what_is_done_and_the_same_job_continues(ray_local, tmp_path, monkeypatch):

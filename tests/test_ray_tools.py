@@ -67,21 +67,32 @@ def entries(outdir: Path) -> list[dict]:
 def test_audio2img_on_ray_same_pictures_resumes_and_remakes_only_deleted(run_tool, ray_local, sounds, tmp_path,
                                                                          caplog):
     caplog.set_level(logging.INFO, logger="sounddiffusion")
-    plain, clustered = tmp_path / "plain", tmp_path / "ray"
+    plain, clustered, later = tmp_path / "plain", tmp_path / "ray", tmp_path / "later"
     common = ["--input_folder", sounds, "--n_samples", "2", "--batch_size", "2", *FAST]
+    synth(sounds / "s4.wav", 990.0)
+    (sounds / "broken.wav").write_bytes(b"RIFF not really a wave file")
     status, _, err = run_tool("audio2img", [*common, "--outdir", plain])
-    assert status == 0, err
+    assert status == 0, err  # one process, 5 sounds in batches of 2, broken.wav skipped (logged)
+    every_sound = pngs(plain)
+    assert len(every_sound) == 5 * 3  # 2 pictures and a grid per sound
+    later.mkdir()
+    for name in ("s4.wav", "broken.wav"):  # added to the folder at the end (same path, same mtime)
+        (sounds / name).rename(later / name)
+    expected = {name: data for name, data in every_sound.items() if not name.startswith("s4/")}
+
     status, out, err = run_tool("audio2img", [*common, "--outdir", clustered, *RAY])
     wait_for_free_cpus(ray_local)
     assert status == 0, err
-    expected = pngs(plain)
-    assert len(expected) == 4 * 3  # 2 pictures and a grid per sound
     assert pngs(clustered) == expected  # same names, pixels and parameters chunks
     assert read_png_parameters(clustered / "s2" / "fft-00001.png")["seed"] == 6
     assert "4 sounds made" in caplog.text and "worker-1@" in caplog.text and "worker-2@" in caplog.text
     made = entries(clustered)
     assert [e["status"] for e in made] == ["finished"] * 4
     assert sorted(p for e in made for p in e["outputs"]) == sorted(expected)
+    # Two batches of two sounds: one entry per sound, the batch's time shared by its two sounds.
+    assert sorted(Path(e["key"].split(" ")[1]).stem for e in made) == ["s0", "s1", "s2", "s3"]
+    assert made[0]["seconds"] == made[1]["seconds"] and made[2]["seconds"] == made[3]["seconds"]
+    assert made[0]["worker"] == made[1]["worker"] and made[2]["worker"] == made[3]["worker"]
 
     # The same command again: nothing to make, nothing written.
     mtimes = {p: p.stat().st_mtime_ns for p in clustered.rglob("*.png")}
@@ -103,18 +114,26 @@ def test_audio2img_on_ray_same_pictures_resumes_and_remakes_only_deleted(run_too
     assert pngs(clustered) == expected
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.parent.name != "s1")
 
-    # An unreadable sound added: skipped, in the manifest with its reason, reported, exit status 3.
-    (sounds / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    # A sound and an unreadable one added: one batch of the two; the unreadable one is skipped
+    # (in the manifest with its reason, reported, exit status 3), the other made, nothing else.
+    for name in ("s4.wav", "broken.wav"):
+        (later / name).rename(sounds / name)
+    mtimes = {p: p.stat().st_mtime_ns for p in clustered.rglob("*.png")}
     caplog.clear()
     status, _, err = run_tool("audio2img", [*common, "--outdir", clustered, *RAY])
     wait_for_free_cpus(ray_local)
     assert status == 3
-    assert err.strip().splitlines()[-1].startswith("audio2img.py: 1 of 5 sounds skipped or failed")
-    assert "0 sounds made" in caplog.text and "broken.wav" in caplog.text
-    last = entries(clustered)[-1]
-    assert last["key"].split(" ")[1].endswith("broken.wav") and last["status"] == "skipped"
-    assert "broken.wav" in last["error"] and last["outputs"] == []
-    assert pngs(clustered) == expected
+    assert err.strip().splitlines()[-1].startswith("audio2img.py: 1 of 6 sounds skipped or failed")
+    assert "1 sounds made" in caplog.text and "broken.wav" in caplog.text
+    broken, added = entries(clustered)[-2:]
+    assert broken["key"].split(" ")[1].endswith("broken.wav") and broken["status"] == "skipped"
+    assert "broken.wav" in broken["error"] and broken["outputs"] == []
+    assert added["key"].split(" ")[1].endswith("s4.wav") and added["status"] == "finished"
+    assert sorted(added["outputs"]) == sorted(name for name in every_sound if name.startswith("s4/"))
+    assert added["worker"] == broken["worker"]  # the same batch
+    assert pngs(clustered) == every_sound
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert len(entries(clustered)) == 4 + 1 + 2  # one entry per sound and per remake
 
 
 def descendants(pid: int) -> list[int]:
