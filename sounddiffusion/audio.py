@@ -46,6 +46,19 @@ def find_audio_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
+def sounds_in_folder(folder: str | Path, what: str = "sound files") -> list[Path]:
+    """:func:`find_audio_files` of ``--input_folder`` ``folder``; :class:`AudioError` naming the
+    folder when it is none or holds no sound (``what``: "sound files", "songs", in the message)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AudioError(f"--input_folder {folder} is not a folder: give a folder of {what}")
+    sounds = find_audio_files(folder)
+    if not sounds:
+        raise AudioError(f"--input_folder {folder} holds no sound files "
+                         f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))})")
+    return sounds
+
+
 def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Read a sound file as mono float32 samples ``(n_samples,)`` at ``sr`` samples per second.
 

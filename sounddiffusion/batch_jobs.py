@@ -44,10 +44,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
+from .audio import load_audio, sounds_in_folder
 from .cluster import ClusterSummary, Worker, make_batch, record_result, run_on_ray, takes_batches
 from .engine import Engine
-from .errors import AudioError, OutputError, ParameterError, UserError
+from .errors import OutputError, ParameterError, UserError
 from .files import ensure_output_dir
 from .image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sounds, render_chunk,
                          run_parameters, sound_image_set)
@@ -206,14 +206,7 @@ def list_songs(settings: VideoSettings) -> list[Path]:
     """The songs of --input_folder, or [--path]."""
     if not settings.input_folder:
         return [Path(settings.audio)]
-    folder = Path(settings.input_folder)
-    if not folder.is_dir():
-        raise AudioError(f"--input_folder {folder} is not a folder: give a folder of songs")
-    songs = find_audio_files(folder)
-    if not songs:
-        raise AudioError(f"--input_folder {folder} holds no sound files "
-                         f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))})")
-    return songs
+    return sounds_in_folder(settings.input_folder, "songs")
 
 
 def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> ClusterSummary:

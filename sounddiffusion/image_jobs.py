@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
+from .audio import load_audio, sounds_in_folder
 from .conditioning import condition
 from .engine import Engine
 from .errors import AudioError, PromptFileError
@@ -206,14 +206,7 @@ def list_sounds(settings: SoundImageSettings) -> list[Path]:
     if settings.audio:
         return [Path(settings.audio)]
     if settings.input_folder:
-        folder = Path(settings.input_folder)
-        if not folder.is_dir():
-            raise AudioError(f"--input_folder {folder} is not a folder: give a folder of sound files")
-        sounds = find_audio_files(folder)
-        if not sounds:
-            raise AudioError(f"--input_folder {folder} holds no sound files "
-                             f"(looked for {', '.join(sorted(AUDIO_EXTENSIONS))})")
-        return sounds
+        return sounds_in_folder(settings.input_folder)
     lines = read_text_lines(settings.from_file, "sound list", "one sound path per line")
     sounds = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
     if not sounds:

@@ -56,9 +56,8 @@ def resolve_checkpoint(ckpt: str | None) -> Path:
     if v2_file is not None:
         return v2_file
     raise ModelError(
-        f"no checkpoint in {folder}/ (SD 2.x: {shown_path(V2_CHECKPOINT_DIR)}/): download sd-v1-4.ckpt or "
-        f"v1-5-pruned-emaonly.safetensors (README 'Getting the weights') into it as model.ckpt or "
-        f"model.safetensors, or pass --ckpt PATH, {try_demo}")
+        f"no checkpoint in {folder}/: download sd-v1-4.ckpt or v1-5-pruned-emaonly.safetensors (README "
+        f"'Getting the weights') into it as model.ckpt or model.safetensors, or pass --ckpt PATH, {try_demo}")
 
 
 def _v2_folder_checkpoint() -> Path | None:

@@ -60,16 +60,11 @@ def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tenso
     noise = engine.noise(engine.latent_shape(1, settings.H, settings.W), frame.noise_seed)
     common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=frame.scale,
                   eta=settings.ddim_eta, seed=frame.noise_seed + 1)
-    before_step = None
-    if bends.steps:
-        def before_step(step: int, x: torch.Tensor) -> torch.Tensor:
-            return bend(x, bends.steps.get(step, []), settings.seed, frame.index)
+    before_step = ((lambda step, x: bend(x, bends.steps.get(step, []), settings.seed, frame.index))
+                   if bends.steps else None)
     if previous is None:
         return engine.txt2img(cond[None], x_T=noise, before_step=before_step, **common)
-    bend_noised = None
-    if bends.noised:
-        def bend_noised(z: torch.Tensor) -> torch.Tensor:
-            return bend(z, bends.noised, settings.seed, frame.index)
+    bend_noised = (lambda z: bend(z, bends.noised, settings.seed, frame.index)) if bends.noised else None
     return engine.img2img(previous, cond[None], noise=noise, strength=frame.strength, bend_noised=bend_noised,
                           before_step=before_step, **common)
 

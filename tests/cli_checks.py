@@ -82,15 +82,6 @@ def frames_done(state: Path) -> int:
         return 0
 
 
-def decoded_frames(path: Path) -> np.ndarray:
-    """Every frame of the video at ``path`` as (n, H, W, 3) uint8, decoded by ffmpeg."""
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path))
-    width, height = next(reader)["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
-
-
 def click_track(path: Path, seconds: float = 3.0, bpm: float = 120.0) -> Path:
     """A quiet tone with a loud click on every beat, at 44.1 kHz: sharp onsets and beats."""
     t = np.arange(int(seconds * SR)) / SR

@@ -64,6 +64,25 @@ def prompts(tiny_dir) -> list[str]:
     return json.loads((tiny_dir / "golden.json").read_text())["prompts"]
 
 
+@pytest.fixture
+def sound(tmp_path):
+    """A 0.5 s tone, mono 44.1 kHz WAV (test modules may define their own)."""
+    from cli_checks import write_sound
+
+    return write_sound(tmp_path / "tone.wav", seconds=0.5)
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A 64x64 picture of seeded random pixels, as PNG."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 ENTRY_POINTS = {
     "audio2img": REPO / "audio2img.py",
     "audio2video": REPO / "audio2video.py",

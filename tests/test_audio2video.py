@@ -2,26 +2,19 @@
 
 import math
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 from PIL import Image
 
+from cli_checks import decoded_frames
 from sounddiffusion import video_job
 from sounddiffusion.ffmpeg import probe_video
 from sounddiffusion.loading import load_engine
 from sounddiffusion.settings import ModelSettings, VideoSettings
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--strength", "0.5", "--seed", "3"]
-
-
-def _decoded_frames(path):
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    width, height = meta["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
 
 
 def _tone_then(path, second_half, sr=44100):
@@ -89,7 +82,7 @@ def test_seed_reproduces_the_video(run_tool, tmp_path):
     for name in ("a.mp4", "b.mp4"):
         status, _, err = run_tool("audio2video", ["--path", sound, "--fps", 2, "--output", tmp_path / name, *FAST])
         assert status == 0, err
-    assert np.array_equal(_decoded_frames(tmp_path / "a.mp4"), _decoded_frames(tmp_path / "b.mp4"))
+    assert np.array_equal(decoded_frames(tmp_path / "a.mp4"), decoded_frames(tmp_path / "b.mp4"))
 
 
 def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monkeypatch):
@@ -116,7 +109,7 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
     assert status == 2 and "--resume" in err  # a fresh start must not clobber the unfinished render
     status, _, err = run_tool("audio2video", [*args, "--output", output, "--resume"])
     assert status == 0, err
-    assert np.array_equal(_decoded_frames(output), _decoded_frames(tmp_path / "whole" / "song.mp4"))
+    assert np.array_equal(decoded_frames(output), decoded_frames(tmp_path / "whole" / "song.mp4"))
     saved = sorted(p.name for p in (tmp_path / "parts" / "song-frames").glob("*.png"))
     assert saved == [f"frame-{i:06d}.png" for i in range(8)]
 

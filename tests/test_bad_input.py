@@ -33,18 +33,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def sound(tmp_path):
-    return write_sound(tmp_path / "tone.wav", seconds=0.5)
-
-
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture
 def outdir(tmp_path):
     """An output folder holding an earlier result that must survive every failed run unchanged."""
     folder = tmp_path / "out"

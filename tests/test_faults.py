@@ -39,13 +39,6 @@ def sound(tmp_path):
     return write_sound(tmp_path / "song.wav", seconds=1.0, kind="noise")
 
 
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 

@@ -38,20 +38,6 @@ def shown_length(line: str) -> int:
     return len(_PYTEST_TMP.sub("/tmp/t", line))
 
 
-@pytest.fixture
-def sound(tmp_path):
-    return write_sound(tmp_path / "tone.wav", seconds=0.5)
-
-
-@pytest.fixture
-def image(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def command(tool, sound, image, outdir, *extra):
     inputs = {"audio2img": ["--prompt", sound], "audio2video": ["--path", sound, "--fps", 4],
               "txt2img": [], "img2img": ["--init-img", image]}[tool]

@@ -18,7 +18,6 @@ from cli_checks import assert_one_line_error
 from conftest import DATA, REPO
 from sounddiffusion.frame_writer import ChainState
 from sounddiffusion import loading, video_job
-from sounddiffusion.audio import slice_rms
 from sounddiffusion.ffmpeg import probe_video
 from ldm.checkpoint import checkpoint_family
 from sounddiffusion.loading import config_for_family, load_engine
