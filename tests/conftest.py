@@ -83,6 +83,9 @@ def image(tmp_path):
     return path
 
 
+# The example shell scripts users edit (scripts/device_check.sh is a GPU check, not an example).
+EXAMPLE_SCRIPTS = ("images_from_folder.sh", "music_video.sh", "sweep_strength_fps.sh", "video_with_prompt_file.sh")
+
 ENTRY_POINTS = {
     "audio2img": REPO / "audio2img.py",
     "audio2video": REPO / "audio2video.py",

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cli_checks import DEMO, TINY, assert_one_line_error, decoded_frames, snapshot, stderr_lines, write_sound
-from conftest import ENTRY_POINTS, REPO
+from conftest import ENTRY_POINTS, EXAMPLE_SCRIPTS, REPO
 from ldm.checkpoint_keys import fit_state_dict
 from ldm.errors import CheckpointError
 from sounddiffusion import cli, loading
@@ -307,7 +307,7 @@ def test_help_says_each_default_once(name):
     assert "(default: DDIM) (default" not in shown and "(default: None)" not in shown
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")))
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
 def test_example_scripts_write_to_the_tools_default_folders(script):
     text = (REPO / "scripts" / script).read_text()
     tool = re.search(r"python (\S+)\.py", text).group(1)

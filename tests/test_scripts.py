@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import EXAMPLE_SCRIPTS, REPO
 from sounddiffusion.images import read_png_parameters
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--seed", "11"]
@@ -82,7 +82,7 @@ def test_help_of_every_entry_point():
         assert "--demo" in result.stdout and "--seed" in result.stdout
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")))
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
 def test_example_shell_scripts_are_valid_and_use_bundled_files(script):
     path = REPO / "scripts" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
