@@ -124,7 +124,7 @@ class SoundWorker:
             return [([], exc) if index in sets else result for index, result in enumerate(results)]
         for index, image_set in sets.items():
             folders = {image_set.folder, image_set.grid_folder}
-            results[index] = ([str(p) for p in written if p.parent in folders], None)
+            results[index] = ([str(p) for p in written.images + written.grids if p.parent in folders], None)
         return results
 
 
