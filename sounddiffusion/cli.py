@@ -296,17 +296,29 @@ def validate_args(args: argparse.Namespace) -> None:
                                               f"[0, 1] (0 = sound only, 1 = text only)")
 
 
+class _RunHandler(logging.StreamHandler):
+    """A handler :func:`configure_logging` installed; the next run's call replaces it."""
+
+
 def configure_logging(debug: bool) -> None:
     """Notes (what is loaded, what was written; debug details with ``--debug``) go to stdout,
-    warnings and errors to stderr, so that a failed run's stderr holds its one error line."""
+    warnings and errors to stderr, so that a failed run's stderr holds its one error line.
+
+    Each call replaces the handlers an earlier call installed (a process may run several tools,
+    as the tests do) and leaves other handlers alone; the streams are the current sys.stdout and
+    sys.stderr."""
     formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
-    notes = logging.StreamHandler(sys.stdout)
+    notes = _RunHandler(sys.stdout)
     notes.addFilter(lambda record: record.levelno < logging.WARNING)
-    problems = logging.StreamHandler(sys.stderr)
+    problems = _RunHandler(sys.stderr)
     problems.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _RunHandler)]:
+        root.removeHandler(old)
     for handler in (notes, problems):
         handler.setFormatter(formatter)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[notes, problems])
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
     # Libraries' chatter is not for our users unless they debug.
     for name in ("transformers", "pytorch_lightning", "lightning", "numba", "PIL", "matplotlib"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
