@@ -92,3 +92,13 @@ def click_track(path: Path, seconds: float = 3.0, bpm: float = 120.0) -> Path:
         y[i:i + n] += 0.8 * np.exp(-np.arange(n) / (SR / 200)) * np.sin(2 * np.pi * 1500 * t[:n])
     sf.write(path, y.astype(np.float32), SR, subtype="FLOAT")
     return path
+
+
+def stop_at_frame(next_latent, index: int):
+    """``video_job.next_latent`` that raises KeyboardInterrupt (as Ctrl-C would) when frame
+    ``index`` is about to be sampled, so a render stops after frames 0 .. index - 1."""
+    def wrapped(engine, previous, cond, frame, bends, settings):
+        if frame.index == index:
+            raise KeyboardInterrupt
+        return next_latent(engine, previous, cond, frame, bends, settings)
+    return wrapped

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from cli_checks import decoded_frames
+from cli_checks import decoded_frames, stop_at_frame
 from sounddiffusion import video_job
 from sounddiffusion.ffmpeg import probe_video
 from sounddiffusion.loading import load_engine
@@ -93,12 +93,7 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
 
     real_next_latent = video_job.next_latent
 
-    def interrupted_at_frame_5(engine, previous, cond, frame, bends, settings):
-        if frame.index == 5:
-            raise KeyboardInterrupt
-        return real_next_latent(engine, previous, cond, frame, bends, settings)
-
-    monkeypatch.setattr(video_job, "next_latent", interrupted_at_frame_5)
+    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(real_next_latent, 5))
     output = tmp_path / "parts" / "song.mp4"
     status, _, err = run_tool("audio2video", [*args, "--output", output])
     assert status == 130 and not output.exists()
@@ -116,7 +111,7 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
 
 def test_resume_with_other_settings_is_refused(run_tool, tmp_path, monkeypatch):
     sound = _tone_then_noise(tmp_path / "song.wav")
-    monkeypatch.setattr(video_job, "next_latent", _stop_after(video_job.next_latent, frames=1))
+    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(video_job.next_latent, 1))
     output = tmp_path / "song.mp4"
     assert run_tool("audio2video", ["--path", sound, "--fps", 4, "--output", output, *FAST])[0] == 130
     status, _, err = run_tool("audio2video", ["--path", sound, "--fps", 4, "--output", output, "--resume",
@@ -155,18 +150,10 @@ def test_textpromptend_reaches_the_end_prompt(tmp_path):
 def test_preview_is_playable(run_tool, tmp_path, monkeypatch):
     sound = _tone_then_noise(tmp_path / "song.wav")
     monkeypatch.setattr(video_job, "next_latent",
-                        _stop_after(video_job.next_latent, frames=6))
+                        stop_at_frame(video_job.next_latent, 6))
     output = tmp_path / "song.mp4"
     status, _, _ = run_tool("audio2video", ["--path", sound, "--fps", 4, "--output", output,
                                             "--preview_every", "1", *FAST])
     assert status == 130
     info = probe_video(tmp_path / "song.preview.mp4")
     assert info["frames"] == 4 and info["has_audio"]
-
-
-def _stop_after(real, frames):
-    def wrapped(engine, previous, cond, frame, bends, settings):
-        if frame.index == frames:
-            raise KeyboardInterrupt
-        return real(engine, previous, cond, frame, bends, settings)
-    return wrapped

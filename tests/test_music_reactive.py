@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from cli_checks import DEMO, assert_one_line_error, click_track, decoded_frames
+from cli_checks import DEMO, assert_one_line_error, click_track, decoded_frames, stop_at_frame
 from sounddiffusion import video_job
 from sounddiffusion.frame_plan import frame_seed, plan_frames
 from sounddiffusion.settings import ModelSettings, VideoSettings
@@ -113,12 +113,7 @@ def test_scheduled_render_resumes_to_the_same_frames(run_tool, clicks, tmp_path,
     assert status == 0, err
     real = video_job.next_latent
 
-    def stop_at_frame_9(engine, previous, cond, frame, bends, settings):
-        if frame.index == 9:
-            raise KeyboardInterrupt
-        return real(engine, previous, cond, frame, bends, settings)
-
-    monkeypatch.setattr(video_job, "next_latent", stop_at_frame_9)
+    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(real, 9))
     assert run_tool("audio2video", [*args, "--output", tmp_path / "parts.mp4"])[0] == 130
     monkeypatch.setattr(video_job, "next_latent", real)
     status, _, err = run_tool("audio2video", [*args, "--output", tmp_path / "parts.mp4", "--resume"])

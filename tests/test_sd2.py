@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, stop_at_frame
 from conftest import DATA, REPO
 from sounddiffusion.frame_writer import ChainState
 from sounddiffusion import loading, video_job
@@ -227,12 +227,7 @@ def test_audio2video_on_v_model_end_to_end_and_resume(run_tool, tmp_path, monkey
 
     real_next_latent = video_job.next_latent
 
-    def interrupted_at_frame_4(engine, previous, cond, frame, bends, settings):
-        if frame.index == 4:
-            raise KeyboardInterrupt
-        return real_next_latent(engine, previous, cond, frame, bends, settings)
-
-    monkeypatch.setattr(video_job, "next_latent", interrupted_at_frame_4)
+    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(real_next_latent, 4))
     output = tmp_path / "parts" / "song.mp4"
     status, _, err = run_tool("audio2video", [*args, "--output", output])
     assert status == 130 and not output.exists()
