@@ -319,6 +319,7 @@ def configure_logging(debug: bool) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.setLevel(logging.NOTSET)  # the package's notes follow the run's level, whatever ran before
     # Libraries' chatter is not for our users unless they debug.
     for name in ("transformers", "pytorch_lightning", "lightning", "numba", "PIL", "matplotlib"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -218,8 +218,9 @@ def readable_sounds(sounds: list[Path], skipped: list[tuple[Path, str]]
                     ) -> Iterator[tuple[int, Path, np.ndarray]]:
     """(position from 1, path, mono samples) of each sound in ``sounds`` that can be read, in order.
 
-    A sound that cannot be read is logged and appended to ``skipped`` as (path, reason); when it
-    is the only sound its AudioError is raised instead."""
+    A sound that cannot be read is noted (stdout: the warning that lists every skipped sound comes
+    at the end, or the error when none could be read) and appended to ``skipped`` as (path,
+    reason); when it is the only sound its AudioError is raised instead."""
     for number, path in enumerate(sounds, 1):
         try:
             samples = load_audio(path)
@@ -227,7 +228,7 @@ def readable_sounds(sounds: list[Path], skipped: list[tuple[Path, str]]
             if len(sounds) == 1:
                 raise
             skipped.append((path, str(exc)))
-            log.warning("skipping %s", exc)
+            log.info("skipping %s", exc)
             continue
         yield number, path, samples
 
