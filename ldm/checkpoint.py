@@ -239,6 +239,15 @@ def _state_dict_of(obj, path: Path) -> dict:
     return tensors
 
 
+def _readable_checkpoint(path) -> tuple[Path, str]:
+    """(the checkpoint file, its format) for a path that must name a readable file."""
+    path = _existing_file(path)
+    try:
+        return path, _sniff_format(path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror}): check its permissions") from None
+
+
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, by key, on the CPU, in the file's dtypes.
 
@@ -247,11 +256,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     Raises CheckpointError naming the file for a missing, unreadable, truncated or corrupt file or
     one without a state dict; UnsafeCheckpointError for a pickle that would run code.
     """
-    path = _existing_file(path)
-    try:
-        kind = _sniff_format(path)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror}): check its permissions") from None
+    path, kind = _readable_checkpoint(path)
     if kind == _SAFETENSORS:
         return _state_dict_of(_load_safetensors(path), path)
     if kind == _TORCH_ZIP:
@@ -277,11 +282,7 @@ def checkpoint_family(path) -> str | None:
     ``checkpoint_family_of_keys`` for the rules. Raises CheckpointError (UnsafeCheckpointError)
     as ``read_state_dict`` does for a file that cannot be read.
     """
-    path = _existing_file(path)
-    try:
-        kind = _sniff_format(path)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror}): check its permissions") from None
+    path, kind = _readable_checkpoint(path)
     if kind == _SAFETENSORS:
         try:
             with safe_open(path, framework="pt") as f:
