@@ -297,7 +297,19 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 class _RunHandler(logging.StreamHandler):
-    """A handler :func:`configure_logging` installed; the next run's call replaces it."""
+    """A handler :func:`configure_logging` installed; the next run's call replaces it.
+
+    It writes to whatever ``sys.stdout`` / ``sys.stderr`` is when a record comes
+    (``stream_name``), so a stream swapped or closed since (a notebook cell, a test's capture)
+    is never written to."""
+
+    def __init__(self, stream_name: str):
+        super().__init__(getattr(sys, stream_name))
+        self.stream_name = stream_name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = getattr(sys, self.stream_name)
+        super().emit(record)
 
 
 def configure_logging(debug: bool) -> None:
@@ -306,11 +318,11 @@ def configure_logging(debug: bool) -> None:
 
     Each call replaces the handlers an earlier call installed (a process may run several tools,
     as the tests do) and leaves other handlers alone; the streams are the current sys.stdout and
-    sys.stderr."""
+    sys.stderr at the moment each note is written."""
     formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
-    notes = _RunHandler(sys.stdout)
+    notes = _RunHandler("stdout")
     notes.addFilter(lambda record: record.levelno < logging.WARNING)
-    problems = _RunHandler(sys.stderr)
+    problems = _RunHandler("stderr")
     problems.setLevel(logging.WARNING)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _RunHandler)]:

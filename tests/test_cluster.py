@@ -40,6 +40,7 @@ class MakeNoiseWorker:
     marker: str | None = None          # exists once that first try happened
     seconds: float = 0.05              # per item, so that both workers get items
     batches: bool = False              # the worker has process_batch (and logs its calls)
+    wait_for_workers: int = 0          # items wait until this many workers have started
 
     def __call__(self):
         return BatchNoiseWorker(self) if self.batches else NoiseWorker(self)
@@ -48,9 +49,16 @@ class MakeNoiseWorker:
 class NoiseWorker:
     def __init__(self, settings: MakeNoiseWorker):
         self.settings = settings
+        self.started = Path(settings.outdir) / "started"
+        self.started.mkdir(exist_ok=True)
+        (self.started / str(os.getpid())).touch()
 
     def process(self, item: NoiseItem) -> list[str]:
         s = self.settings
+        deadline = time.monotonic() + 60
+        # However late a worker starts, the first does not make every item alone before it.
+        while len(list(self.started.iterdir())) < s.wait_for_workers and time.monotonic() < deadline:
+            time.sleep(0.05)
         if item.key in s.unreadable:
             raise AudioError(f"{item.key}: not a sound file")
         if item.key == s.die_on and not os.path.exists(s.marker):
@@ -123,7 +131,7 @@ def manifest_keys(manifest: Manifest) -> list[str]:
 
 def test_every_item_once_same_as_one_process(ray_local, tmp_path):
     items = make_items(12)
-    summary, manifest = run_job(ray_local, tmp_path, items)
+    summary, manifest = run_job(ray_local, tmp_path, items, wait_for_workers=2)
     assert summary.finished == 12 and not summary.failed and not summary.skipped
     assert sorted(manifest_keys(manifest)) == [item.key for item in items]
     assert len(summary.per_worker) == 2 and sum(summary.per_worker.values()) == 12
@@ -240,11 +248,13 @@ def test_batch_size_below_one_is_refused(tmp_path):
 
 def test_ctrl_c_keeps_what_is_done_and_the_same_job_continues(ray_local, tmp_path, monkeypatch):
     items = make_items(10)
-    real_wait, calls = ray_local.wait, []
+    real_wait = ray_local.wait
+    recorded = tmp_path / "manifest.jsonl"
 
     def wait_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:  # 2 workers started + 3 items finished, then Ctrl-C
+        # Ctrl-C once 3 items are recorded, whatever order the workers started in (each wait
+        # returns one finished batch of one item, so the loop never records a 4th first).
+        if recorded.exists() and len(recorded.read_text().splitlines()) >= 3:
             raise KeyboardInterrupt
         return real_wait(*args, **kwargs)
 

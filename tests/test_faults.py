@@ -368,3 +368,25 @@ def test_a_folder_of_only_bad_sounds_fails_before_the_model_loads(run_tool, tmp_
     monkeypatch.setattr("sounddiffusion.image_jobs.load_engine", must_not_load)
     status, _, err = run_tool("audio2img", ["--input_folder", folder, "--outdir", tmp_path / "out", *DEMO])
     assert_one_line_error(status, err, "audio2img", "none of the 2 sounds could be read", "a.wav")
+
+
+def test_notes_go_to_the_streams_of_the_moment(monkeypatch):
+    """Notes and warnings follow sys.stdout / sys.stderr as they are when written: a stream
+    closed since the run configured logging (an earlier test's capture) is never written to."""
+    import io
+
+    from sounddiffusion.cli import configure_logging
+
+    closed = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", closed)
+    monkeypatch.setattr(sys, "stderr", closed)
+    configure_logging(debug=False)
+    closed.close()
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    note = logging.getLogger("sounddiffusion.test")
+    note.info("a note")
+    note.warning("a warning")
+    assert (out.getvalue(), err.getvalue()) == ("a note\n", "a warning\n")
