@@ -88,10 +88,10 @@ WAYS = ("ours", "upstream-autocast", "upstream-full", "diffusers")
 def build_weights(config_path: Path = FULL_CONFIG) -> tuple[torch.nn.Module, object]:
     """The full-size SD v1 ``LatentDiffusion`` with the engine's deterministic random weights, on
     the CPU in float32, and its config."""
-    from sounddiffusion.loading import build_demo_model, load_config
+    from sounddiffusion.loading import load_config, random_weights_model
 
     config = load_config(config_path)
-    return build_demo_model(config).eval().requires_grad_(False), config
+    return random_weights_model(config).eval().requires_grad_(False), config
 
 
 def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -531,6 +531,12 @@ def init_picture(size: int, seed: int) -> np.ndarray:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Progress notes to stderr, the table alone to stdout, whatever logging ran before in the process.
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [notes]
+    log.setLevel(logging.INFO)
+    log.propagate = False
     for name in ("transformers", "diffusers", "pytorch_lightning", "sounddiffusion"):
         logging.getLogger(name).setLevel(logging.WARNING)
     started = datetime.datetime.now(datetime.timezone.utc)

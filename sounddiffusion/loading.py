@@ -23,8 +23,8 @@ from .settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CO
 
 log = logging.getLogger(__name__)
 
-DEMO_SEED = 20221024
-DEMO_CROSS_ATTENTION_GAIN = 4.0
+DEMO_SEED = 20221024  # of the random weights (demo UNet and text encoder, benchmark models)
+DEMO_FINGERPRINT = "demo-2"  # in outputs' metadata; --resume refuses a render of another demo
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 FAMILY_NAMES = {SD_V1: "SD v1", SD_V2: "SD 2.x"}
 
@@ -208,21 +208,18 @@ def checkpoint_fingerprint(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- demo model
 
-def init_demo_weights(model: torch.nn.Module, seed: int = DEMO_SEED) -> None:
+def init_random_weights(model: torch.nn.Module, seed: int = DEMO_SEED) -> None:
     """Fill every parameter with deterministic random values, independent of torch's global RNG.
 
-    Fresh modules zero some output layers (so an untrained UNet would ignore its conditioning);
-    here every weight gets a scaled normal draw, and the cross-attention's query, key and value
-    weights a larger one: random attention is nearly uniform and would average the sound's rows
-    away, so sharper attention lets different sounds give visibly different pictures.
-    Norm weights are set near 1."""
+    For models without trained weights: the demo's small UNet and text encoder, the benchmark's
+    full-size model. Fresh modules zero some output layers (an untrained UNet would then ignore
+    its input); here every weight gets a normal draw scaled by 1 / sqrt(fan-in), norm weights
+    are set near 1 and biases near 0."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if param.ndim >= 2:
-                fan_in = param[0].numel()
-                gain = DEMO_CROSS_ATTENTION_GAIN if ".attn2.to_" in name and "to_out" not in name else 1.0
-                values = gain * torch.randn(param.shape, generator=generator) / fan_in ** 0.5
+                values = torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5
             elif "norm" in name and name.endswith("weight"):
                 values = 1 + 0.1 * torch.randn(param.shape, generator=generator)
             else:
@@ -230,13 +227,23 @@ def init_demo_weights(model: torch.nn.Module, seed: int = DEMO_SEED) -> None:
             param.copy_(values.to(param.dtype))
 
 
-def build_demo_model(config) -> torch.nn.Module:
+def random_weights_model(config) -> torch.nn.Module:
+    """The model of ``config`` (an OmegaConf config) with :func:`init_random_weights`, on the CPU."""
     from ldm.util import instantiate_from_config
 
     model = instantiate_from_config(config.model)
-    init_demo_weights(model)
-    log.info("demo model: untrained random weights, so its pictures are abstract; "
-             "see README 'Getting the weights' for real ones")
+    init_random_weights(model)
+    return model
+
+
+def build_demo_model() -> torch.nn.Module:
+    """The ``--demo`` model (``configs/stable-diffusion/v1-demo.yaml``): hand-designed denoiser
+    and autoencoder (:mod:`ldm.modules.diffusionmodules.demo_denoiser`), random text encoder."""
+    model = random_weights_model(load_config(DEMO_CONFIG))
+    with torch.no_grad():
+        model.model.diffusion_model.set_null_context(model.get_learned_conditioning([""]))
+    log.info("demo model: a hand-designed toy that shows how sound steers the picture (abstract "
+             "pictures, prompts without meaning); see README 'Getting the weights' for real ones")
     return model
 
 def load_engine(settings: ModelSettings) -> Engine:
@@ -252,8 +259,8 @@ def load_engine(settings: ModelSettings) -> Engine:
     weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
     check_cuda_graphs(settings.cuda_graphs, target)
     if settings.demo:
-        model = build_demo_model(load_config(DEMO_CONFIG))
-        name, fingerprint = "demo", f"demo-{DEMO_SEED}"
+        model = build_demo_model()
+        name, fingerprint = "demo", DEMO_FINGERPRINT
     else:
         path = resolve_checkpoint(settings.ckpt)
         log.info("loading %s", path)

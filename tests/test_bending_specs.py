@@ -75,11 +75,11 @@ def test_step_index_of_a_bend_elsewhere_is_a_mistake():
 @pytest.fixture(scope="module")
 def unet(tiny_dir):
     from ldm.util import instantiate_from_config
-    from sounddiffusion.loading import init_demo_weights
+    from sounddiffusion.loading import init_random_weights
 
     config = OmegaConf.load(tiny_dir / "config.yaml")
     model = instantiate_from_config(config.model.params.unet_config).eval()
-    init_demo_weights(model)  # fresh modules zero their output layers: random weights everywhere
+    init_random_weights(model)  # fresh modules zero their output layers: random weights everywhere
     return model
 
 

@@ -22,8 +22,8 @@ from sounddiffusion import video_job
 from sounddiffusion.audio import SAMPLE_RATE
 from sounddiffusion.cuda_graphs import StaticShapeCalls
 from sounddiffusion.frame_plan import plan_frames
-from sounddiffusion.loading import build_demo_model, engine_for_model, load_config
-from sounddiffusion.settings import DEMO_CONFIG, VideoSettings
+from sounddiffusion.loading import build_demo_model, engine_for_model
+from sounddiffusion.settings import VideoSettings
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: PyTorch sees none here")]
@@ -102,7 +102,7 @@ def song(tmp_path_factory):
 
 
 def demo_engine(device, **options):
-    return engine_for_model(build_demo_model(load_config(DEMO_CONFIG)), device=device, **options)
+    return engine_for_model(build_demo_model(), device=device, **options)
 
 
 def frames(engine, song, count=3, **changes):
