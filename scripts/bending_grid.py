@@ -4,11 +4,10 @@
 One txt2img latent of the demo model (128x128, DDIM, 10 steps) is bent by each operator of
 ``sounddiffusion.bending`` after its last step (the research code's "layer past the last step")
 and decoded; the unbent frame comes first. Additive amounts are given in units of the latent's
-standard deviation (the demo model's untrained latents are about 9 times wider than a real
-model's), so the same grid reads alike for any prompt and seed; each tile is labelled with the
-amount actually used. The demo model's untrained VAE normalises most of a uniform offset or gain
-away, so ``add``, ``subtract``, ``multiply`` and ``rescale`` change its pictures far less than a
-real model's.
+standard deviation (a model's latents may be far narrower or wider than a real model's), so the
+same grid reads alike for any prompt and seed; each tile is labelled with the amount actually
+used. The demo model's latent channels are luminance, two colour-opponent channels and sharpness,
+so a uniform offset reads as a colour cast and ``log`` of its small latents as a dark picture.
 
     python scripts/bending_grid.py                        # writes outputs/bending-grid.png
     python scripts/bending_grid.py docs/bending.png --prompt "a lighthouse in a storm" --seed 3

@@ -88,8 +88,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         f"model.safetensors in {shown_path(CHECKPOINT_DIR)}/, else the one file in "
                         f"{shown_path(V2_CHECKPOINT_DIR)}/")
     g.add_argument("--demo", action="store_true",
-                   help="use the small built-in demo model (random weights, abstract pictures) "
-                        "to try the tools without downloading a checkpoint")
+                   help="use the small built-in demo model (hand-designed, abstract pictures that follow "
+                        "the sound; README: The demo model) to try the tools without downloading a checkpoint")
     g.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run: auto picks CUDA, then Apple MPS, then CPU")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
