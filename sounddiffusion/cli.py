@@ -297,11 +297,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 class _RunHandler(logging.StreamHandler):
-    """A handler :func:`configure_logging` installed; the next run's call replaces it.
-
-    It writes to whatever ``sys.stdout`` / ``sys.stderr`` is when a record comes
-    (``stream_name``), so a stream swapped or closed since (a notebook cell, a test's capture)
-    is never written to."""
+    """A handler :func:`configure_logging` installed (the next run's call replaces it), writing to
+    ``sys.<stream_name>`` as it is when a record comes: never to a stream swapped or closed since."""
 
     def __init__(self, stream_name: str):
         super().__init__(getattr(sys, stream_name))
