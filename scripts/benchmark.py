@@ -65,6 +65,7 @@ sys.path.insert(0, str(REPO))
 
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from sounddiffusion.diffusers_conversion import diffusers_ddim, diffusers_unet, diffusers_vae  # noqa: E402
+from sounddiffusion.files import write_new_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -589,9 +590,8 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *(argv or sys.argv[1:])])
     model_name = "full-size SD v1" if Path(args.config).name == FULL_CONFIG.name else args.config
     text = report(results, job, mode, memory.note, command, started, extra, f"{model_name} ({Path(args.config).name})")
-    out = Path(args.out) if args.out else REPO / "outputs" / f"benchmark-{mode}-{started:%Y%m%d-%H%M%S}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    path = write_new_text(args.out or REPO / "outputs" / f"benchmark-{mode}-{started:%Y%m%d-%H%M%S}.md", text)
+    log.info("wrote %s", path)
     print(text, end="")
     return 0
 

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sounddiffusion.frame_plan import plan_frames  # noqa: E402
+from sounddiffusion.files import write_new_text  # noqa: E402
 from sounddiffusion.frame_writer import ChainState  # noqa: E402
 from sounddiffusion.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
@@ -88,10 +89,9 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {seconds:.3f} | {seconds - base:+.3f} s ({(seconds / base - 1) * 100:+.1f} %) |"
               for name, seconds in rows]
     text = "\n".join(lines) + "\n"
-    out = Path(args.out) if args.out else REPO / "outputs" / f"benchmark-bends-{started:%Y%m%d-%H%M%S}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    path = write_new_text(args.out or REPO / "outputs" / f"benchmark-bends-{started:%Y%m%d-%H%M%S}.md", text)
     print(text, end="")
+    print(f"written to {path}")
     return 0
 
 

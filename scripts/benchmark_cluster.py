@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from sounddiffusion.batch_jobs import MakeSoundWorker, file_items  # noqa: E402
 from sounddiffusion.cluster import run_on_ray  # noqa: E402
+from sounddiffusion.files import write_new_text  # noqa: E402
 from sounddiffusion.manifest import Manifest  # noqa: E402
 from sounddiffusion.settings import ModelSettings, SoundImageSettings  # noqa: E402
 
@@ -112,20 +113,6 @@ def markdown(results: list[dict], context: dict) -> str:
     return "\n".join(head + rows) + "\n"
 
 
-def write_new(folder: Path, stem: str, text: str) -> Path:
-    """Write ``text`` to FOLDER/STEM.md, or STEM-2.md, ... (never overwriting)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        path = folder / (f"{stem}.md" if n == 1 else f"{stem}-{n}.md")
-        try:
-            with open(path, "x", encoding="utf-8") as f:
-                f.write(text)
-            return path
-        except FileExistsError:
-            continue
-    raise SystemExit(f"no free name for {stem}.md in {folder}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=64, help="sounds in the job")
@@ -165,7 +152,7 @@ def main() -> None:
                    command=" ".join(shlex.quote(a) for a in ["python", *sys.argv]))
     text = markdown(results, context)
     print(text)
-    print(f"written to {write_new(args.out, 'benchmark-cluster-' + now.strftime('%Y%m%dT%H%M%SZ'), text)}")
+    print(f"written to {write_new_text(args.out / now.strftime('benchmark-cluster-%Y%m%dT%H%M%SZ.md'), text)}")
     if not identical:
         raise SystemExit("the pictures differ between worker counts")
 

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
+from sounddiffusion.files import write_new_text  # noqa: E402
 from sounddiffusion.video_job import run_audio2video  # noqa: E402
 from sounddiffusion.video_stats import video_stats  # noqa: E402
 
@@ -77,10 +78,9 @@ def main(argv=None) -> int:
                      f"{s['flicker_mean']:.2f} | {s['flicker_hf_mean']:.2f} | {s['clipped_mean']:.4f} | "
                      f"{_number(s['onset_correlation'])} | {seconds:.0f} |")
     text = "\n".join(lines) + "\n"
-    out = Path(args.out) if args.out else REPO / "outputs" / f"coherence-{started:%Y%m%d-%H%M%S}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    path = write_new_text(args.out or REPO / "outputs" / f"coherence-{started:%Y%m%d-%H%M%S}.md", text)
     print(text, end="")
+    print(f"written to {path}")
     return 0 if np.isfinite([r[1]["drift_mean"] for r in rows]).all() else 1
 
 

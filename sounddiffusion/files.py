@@ -133,6 +133,14 @@ def unique_output_path(path: str | os.PathLike) -> Path:
     return candidate
 
 
+def write_new_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path``, or to :func:`unique_output_path`'s free name when that
+    one is taken, creating the folder; never replaces a file. Returns the path written.
+    For reports and tables the scripts write; OS errors become :class:`OutputError`."""
+    path = unique_output_path(ensure_output_dir(Path(path).parent) / Path(path).name)
+    return write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def publish_file(temp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False,
                  retry: str = "run again") -> Path:
     """Give the finished file ``temp`` its final name ``path`` (same folder or file system).

@@ -185,3 +185,13 @@ def test_read_only_folder(tmp_path):
             ensure_output_dir(folder / "sub")
     finally:
         folder.chmod(0o700)
+
+
+def test_reports_never_replace_a_file(tmp_path):
+    target = tmp_path / "tables" / "bench.md"
+    first = files.write_new_text(target, "first table\n")
+    second = files.write_new_text(target, "second table ü\n")
+    assert (first, second) == (target, tmp_path / "tables" / "bench-0001.md")
+    assert target.read_text() == "first table\n"
+    assert second.read_text(encoding="utf-8") == "second table ü\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["bench-0001.md", "bench.md"]  # no temp left
