@@ -1,6 +1,7 @@
 """The --demo model listens: its autoencoder reconstructs pictures, different recordings give
 pictures far apart next to what two seeds of one recording give, and text and the feature
-change the picture. The figures quoted in README come from scripts/demo_figure.py."""
+change the picture. The pictures and differences are those of scripts/demo_figure.py, whose
+figures README quotes."""
 from __future__ import annotations
 
 import itertools
@@ -9,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO, load_module
 from ldm.modules.diffusionmodules.demo_denoiser import course_descriptors, prior_mean
 from sounddiffusion.audio import load_audio
-from sounddiffusion.image_jobs import sample_images, sound_conditioning
 from sounddiffusion.loading import load_engine
-from sounddiffusion.settings import ModelSettings, SoundImageSettings
+from sounddiffusion.settings import ModelSettings
 
-RECORDINGS = ("Beethoven_chord1.wav", "JK_Organ2_120-F.wav", "Toms_diner.wav", "synth_chords_short.wav")
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # bundled with scikit-image
+figure = load_module(REPO / "scripts" / "demo_figure.py", "demo_figure")
+picture, mad, RECORDINGS = figure.picture, figure.mad, figure.RECORDINGS
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +25,9 @@ def engine():
     return load_engine(ModelSettings(demo=True, device="cpu"))
 
 
-def picture(engine, samples, seed: int, **settings) -> np.ndarray:
-    """One 128x128 audio2img picture (10 DDIM steps, guidance 7.5) as float (H, W, 3) in 0..255."""
-    settings = SoundImageSettings(H=128, W=128, ddim_steps=10, **settings)
-    cond = sound_conditioning(engine, samples, settings)
-    return sample_images(engine, cond[None], [seed], settings)[0].astype(np.float64)
-
-
-def mad(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).mean())
-
-
 def test_autoencoder_reconstructs_photographs(engine):
-    import skimage.data
-    from skimage.transform import resize
-
-    errors = {}
-    for name in PHOTOS:
-        photo = resize(getattr(skimage.data, name)(), (256, 256), anti_aliasing=True)  # floats in 0..1
-        restored = engine.decode(engine.encode_image((photo * 255).round().astype(np.uint8)[None]))[0]
-        errors[name] = mad(restored.astype(np.float64), photo * 255)
-    # Measured: astronaut 16.1, coffee 10.4, chelsea 8.2, rocket 5.6 (mean 10.1) of 255.
+    errors = figure.reconstruction_errors(engine)
+    # Measured: astronaut 16.0, coffee 10.3, chelsea 8.1, rocket 5.6 (mean 10.0) of 255.
     assert max(errors.values()) < 18 and np.mean(list(errors.values())) < 12, errors
 
 
@@ -55,10 +38,11 @@ def test_autoencoder_keeps_flat_colours(engine):
 
 
 def test_the_empty_prompt_asks_for_a_plain_field(engine):
-    null = engine.model.model.diffusion_model.null_context
-    assert torch.equal(prior_mean(null[None], null, 8, 12), torch.zeros(1, 4, 8, 12))
-    text = engine.text_conditioning("a red apple")
-    asked = prior_mean(text[None], null, 8, 12)
+    denoiser = engine.model.model.diffusion_model
+    course, offset = denoiser.asked(engine.text_conditioning("")[None])
+    assert not course.any() and not offset.any()
+    assert torch.equal(prior_mean(course, offset, 8, 12), torch.zeros(1, 4, 8, 12))
+    asked = prior_mean(*denoiser.asked(engine.text_conditioning("a red apple")[None]), 8, 12)
     assert asked.abs().max() > 0.01  # a prompt asks for something else
 
 
@@ -77,7 +61,7 @@ def test_two_recordings_differ_far_more_than_two_seeds(engine, audio_dir):
 
 
 def test_text_and_feature_change_the_picture(engine, audio_dir):
-    samples = load_audio(audio_dir / RECORDINGS[2])
+    samples = load_audio(audio_dir / "Toms_diner.wav")
     plain = picture(engine, samples, 1)
     seeds = mad(plain, picture(engine, samples, 2))
     with_text = picture(engine, samples, 1, textprompt="a red apple", textstrength=0.5)

@@ -81,16 +81,14 @@ def course_descriptors(context: torch.Tensor) -> torch.Tensor:
                       follow_coefficients, course_coefficients[:, 2:]], dim=1)
 
 
-def offset_descriptors(context: torch.Tensor, null_context: torch.Tensor) -> torch.Tensor:
-    """How far the column means of rows 1..76 of ``context`` ``(B, 77, D)`` lie from those of
-    ``null_context`` ``(77, D)``, in units of the null context's column spread, along 3 fixed
-    random directions -> ``(B, 3)``. What a text prompt moves; zero for a sound's conditioning
-    with ``--normalize clip``, which gives every column the empty prompt's mean."""
-    null = null_context[1:].float()
-    offset = (context[:, 1:].float().mean(dim=1) - null.mean(dim=0)) / null.std(dim=0).mean().clamp_min(1e-12)
-    directions = torch.randn(3, offset.shape[1], generator=torch.Generator().manual_seed(1))
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    return offset @ directions.to(offset.device).T
+def offset_descriptors(context: torch.Tensor, null_means: torch.Tensor, null_spread: torch.Tensor,
+                       directions: torch.Tensor) -> torch.Tensor:
+    """How far the column means of rows 1..76 of ``context`` ``(B, 77, D)`` lie from the empty
+    prompt's ``null_means`` ``(D,)``, in units of its mean column spread ``null_spread`` (a
+    scalar), along the unit ``directions`` ``(3, D)`` -> ``(B, 3)``. What a text prompt moves;
+    zero for a sound's conditioning with ``--normalize clip``, which gives every column the
+    empty prompt's mean."""
+    return (context[:, 1:].float().mean(dim=1) - null_means) / null_spread @ directions.T
 
 
 # Gains of the descriptors' differences from the empty prompt's before tanh: about 1 for the
@@ -99,19 +97,16 @@ COURSE_GAINS = (3.0, 10.0, 6.0, 10.0, 15.0) + (10.0,) * N_WAVES
 OFFSET_GAIN = 0.7
 
 
-def prior_mean(context: torch.Tensor, null_context: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The picture a conditioning ``(B, 77, D)`` asks for: ``(B, 4, height, width)`` latents, float32.
+def prior_mean(course: torch.Tensor, offset: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The picture the conditioning asks for: ``(B, 4, height, width)`` latents, float32.
 
-    Zero (a plain grey field) when ``context`` is ``null_context`` ``(77, D)``; otherwise the
-    parts the module documentation describes, each driven by a descriptor's difference from the
-    null context's, bounded by tanh.
+    ``course`` ``(B, 5 + N_WAVES)`` and ``offset`` ``(B, 3)``: the descriptors' differences from
+    the empty prompt's, scaled and bounded by tanh (:meth:`DemoDenoiser.asked`). All zero gives
+    zero, a plain grey field; otherwise the parts the module documentation describes.
     """
-    null = null_context[None].to(context.device)
-    course = torch.tanh((course_descriptors(context) - course_descriptors(null))
-                        * torch.tensor(COURSE_GAINS, device=context.device))
-    offset = torch.tanh(OFFSET_GAIN * offset_descriptors(context, null_context.to(context.device)))
-    ys = (torch.arange(height, device=context.device) + 0.5) / height
-    xs = (torch.arange(width, device=context.device) + 0.5) / width
+    device = course.device
+    ys = (torch.arange(height, device=device) + 0.5) / height
+    xs = (torch.arange(width, device=device) + 0.5) / width
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     size = min(height, width)
     x, y = (x - 0.5) * width / size, (y - 0.5) * height / size  # square units, 0 at the centre
@@ -185,16 +180,36 @@ class DemoDenoiser(UNetModel):
         self.unet_weight = unet_weight
         betas = torch.as_tensor(make_beta_schedule("linear", timesteps, linear_start, linear_end))
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)
-        self.register_buffer("null_context", torch.zeros(77, unet["context_dim"]), persistent=False)
+        self.register_buffer("course_gains", torch.tensor(COURSE_GAINS), persistent=False)
+        directions = torch.randn(3, unet["context_dim"], generator=torch.Generator().manual_seed(1))
+        self.register_buffer("offset_directions", directions / directions.norm(dim=1, keepdim=True),
+                             persistent=False)
+        # The empty prompt's statistics (set_null_context); until then those of all-zero rows.
+        self.register_buffer("null_course", torch.zeros(len(COURSE_GAINS)), persistent=False)
+        self.register_buffer("null_means", torch.zeros(unet["context_dim"]), persistent=False)
+        self.register_buffer("null_spread", torch.ones(()), persistent=False)
 
+    @torch.no_grad()
     def set_null_context(self, null_context: torch.Tensor) -> None:
-        """``null_context``: the empty prompt's conditioning ``(77, D)`` (or ``(1, 77, D)``)."""
-        self.null_context.copy_(null_context.reshape(self.null_context.shape))
+        """Measure everything against ``null_context``, the empty prompt's conditioning ``(77, D)``
+        (or ``(1, 77, D)``)."""
+        rows = null_context.reshape(-1, *null_context.shape[-2:])[:1].float()
+        self.null_course.copy_(course_descriptors(rows)[0])
+        self.null_means.copy_(rows[0, 1:].mean(dim=0))
+        self.null_spread.copy_(rows[0, 1:].std(dim=0).mean().clamp_min(1e-12))
+
+    def asked(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The descriptors of ``context`` ``(B, 77, D)`` against the empty prompt's, scaled and
+        bounded by tanh: ``(B, 5 + N_WAVES)`` course parts and ``(B, 3)`` offset parts."""
+        course = torch.tanh((course_descriptors(context) - self.null_course.float()) * self.course_gains.float())
+        offset = offset_descriptors(context, self.null_means.float(), self.null_spread.float(),
+                                    self.offset_directions.float())
+        return course, torch.tanh(OFFSET_GAIN * offset)
 
     def forward(self, x, timesteps, context=None):
         """As :meth:`UNetModel.forward`: the noise in x, ``(B, 4, h, w)`` in x's dtype."""
         learned = super().forward(x, timesteps, context)
-        mean = prior_mean(context, self.null_context, x.shape[-2], x.shape[-1])
+        mean = prior_mean(*self.asked(context), x.shape[-2], x.shape[-1])
         eps = gaussian_denoiser_eps(x, self.alphas_cumprod[timesteps.long()], mean)
         return (eps + self.unet_weight * learned.float()).to(x.dtype)
 
