@@ -1,6 +1,8 @@
 """Shared pytest fixtures: where the reference data and real recordings live."""
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 # The tests run tiny models whose operations are too small to gain from threads; on a busy
@@ -19,6 +21,17 @@ def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: these checks need the ../shared folder beside the checkout")
     return path
+
+
+
+def load_module(path: Path, name: str):
+    """The Python file ``path`` (a script, an entry point) executed as a fresh module ``name``,
+    registered in sys.modules (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -100,14 +113,10 @@ def run_tool(capsys):
 
     It goes through the same ``cli.run`` wrapper as the command line, so exit statuses and the
     one-line error messages are the real ones; only the interpreter start is saved."""
-    import importlib.util
-
     from sounddiffusion import cli
 
     def run(name: str, argv: list[str]) -> tuple[int, str, str]:
-        spec = importlib.util.spec_from_file_location(f"entry_{name}", ENTRY_POINTS[name])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_module(ENTRY_POINTS[name], f"entry_{name}")
         capsys.readouterr()
         status = cli.run(module.main, module.build_parser(), [str(a) for a in argv])
         captured = capsys.readouterr()

@@ -1,14 +1,13 @@
 """sounddiffusion.diffusers_conversion: the CompVis -> diffusers conversion reproduces our model's outputs, and a
 run on the tiny model writes the table and the ratio line."""
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import load_module
 from ldm.models.diffusion.sampling import make_ddim_schedule
 from ldm.util import load_model_from_config
 
@@ -27,11 +26,7 @@ def conversion():
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / "benchmark.py", "benchmark_script")
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,14 @@
 """scripts/bending_grid.py without the model: one bent latent per operator, the labelled grid."""
-import importlib.util
 
 import numpy as np
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_module
 from sounddiffusion.bending import OPERATORS
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bending_grid", REPO / "scripts" / "bending_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / "bending_grid.py", "bending_grid")
 
 
 def test_one_visibly_bent_latent_per_operator_after_the_unbent_one():

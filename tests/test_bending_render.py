@@ -23,14 +23,10 @@ def clicks(tmp_path_factory):
 def render(clicks, tmp_path_factory):
     """``render(*flags)`` -> the frames of that render as saved losslessly by --save_frames (cached
     per flags; H.264's look-ahead makes a decoded frame depend on later ones)."""
-    from conftest import ENTRY_POINTS  # noqa: F401 - the entry point module is loaded by run_tool
-    import importlib.util
-
+    from conftest import ENTRY_POINTS, load_module
     from sounddiffusion import cli
 
-    spec = importlib.util.spec_from_file_location("entry_audio2video_bend", ENTRY_POINTS["audio2video"])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(ENTRY_POINTS["audio2video"], "entry_audio2video_bend")
     folder, done = tmp_path_factory.mktemp("bends"), {}
 
     def run(*flags):

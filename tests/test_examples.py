@@ -1,11 +1,11 @@
 """examples/: the committed sounds are what examples/make_examples.py makes, and the tools can read them."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 
+from conftest import load_module
 from sounddiffusion.audio import SAMPLE_RATE, find_audio_files, load_audio
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -13,10 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.fixture(scope="module")
 def make_examples():
-    spec = importlib.util.spec_from_file_location("make_examples", EXAMPLES / "make_examples.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLES / "make_examples.py", "make_examples")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ help texts that say each default once, and example scripts that write where the 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from cli_checks import DEMO, TINY, assert_one_line_error, decoded_frames, snapshot, stderr_lines, write_sound
-from conftest import ENTRY_POINTS, EXAMPLE_SCRIPTS, REPO
+from conftest import ENTRY_POINTS, EXAMPLE_SCRIPTS, REPO, load_module
 from ldm.checkpoint_keys import fit_state_dict
 from ldm.errors import CheckpointError
 from sounddiffusion import cli, loading
@@ -286,10 +285,7 @@ HELP_TOOLS = {**ENTRY_POINTS, "bending_grid": REPO / "scripts" / "bending_grid.p
 
 
 def _parser(name):
-    spec = importlib.util.spec_from_file_location(f"help_{name}", HELP_TOOLS[name])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    return load_module(HELP_TOOLS[name], f"help_{name}").build_parser()
 
 
 @pytest.mark.parametrize("name", list(HELP_TOOLS))

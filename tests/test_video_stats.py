@@ -9,6 +9,7 @@ import pytest
 import soundfile
 from skimage.color import deltaE_ciede2000, rgb2lab
 
+from conftest import load_module
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.video import VideoRender
 from sounddiffusion.video_stats import onset_per_frame, pearson, video_stats
@@ -148,13 +149,9 @@ def test_unreadable_paths_are_parameter_errors(tmp_path):
 def run_script(capsys):
     """Run scripts/video_stats.py in this process through cli.run, as its __main__ does:
     ``run_script(*argv) -> (status, stdout, stderr)``."""
-    import importlib.util
-
     from sounddiffusion import cli
 
-    spec = importlib.util.spec_from_file_location("video_stats_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(SCRIPT, "video_stats_script")
 
     def run(*argv):
         capsys.readouterr()
