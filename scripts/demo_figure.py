@@ -7,17 +7,17 @@
 Renders audio2img pictures (128x128, 10 DDIM steps, guidance 7.5, fft features unless said) of
 the four recordings in ../shared/audio with seeds 1 and 2, then one recording with a prompt mixed
 in and with each other feature. Prints, as mean absolute differences of 0..255 pixel values:
-two seeds of one recording, two recordings, text mixed in, another feature; and the autoencoder's
-reconstruction error on scikit-image's bundled photographs at 256x256. With --video it renders
-10 s of each recording at 8 fps (strength 0.5, 10 steps) and correlates the frame-to-frame change
-with the onset envelope (as scripts/video_stats.py does), with and without an onset schedule on
-the strength.
+two seeds of one recording, two recordings, text mixed in, another feature; img2img of a
+photograph at three strengths; and the autoencoder's reconstruction error on scikit-image's
+bundled photographs at 256x256. With --video it renders videos of each recording and of the
+project's synthesized drums and chords (whole sounds, 8 fps, 128x128, 10 steps) with a constant
+--strength 0.5 and with the onset recipe --strength "0.2+0.6*onset", and correlates the
+frame-to-frame change with the onset envelope (as scripts/video_stats.py does).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 from sounddiffusion.audio import load_audio  # noqa: E402
 from sounddiffusion.image_jobs import sample_images, sound_conditioning  # noqa: E402
 from sounddiffusion.loading import load_engine  # noqa: E402
-from sounddiffusion.settings import ModelSettings, SoundImageSettings  # noqa: E402
+from sounddiffusion.settings import ModelSettings, SoundImageSettings, VideoSettings  # noqa: E402
+from sounddiffusion.video_job import run_audio2video  # noqa: E402
 from sounddiffusion.video_stats import video_stats  # noqa: E402
 
 AUDIO = REPO.parent / "shared" / "audio"
@@ -49,28 +50,52 @@ def mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).mean())
 
 
-def reconstruction_errors(engine) -> dict[str, float]:
+def photograph(name: str, size: int) -> np.ndarray:
+    """scikit-image's bundled photograph ``name`` resized to ``(size, size, 3)`` uint8."""
     import skimage.data
     from skimage.transform import resize
 
+    return (resize(getattr(skimage.data, name)(), (size, size), anti_aliasing=True) * 255).round().astype(np.uint8)
+
+
+def reconstruction_errors(engine) -> dict[str, float]:
     errors = {}
     for name in PHOTOS:
-        photo = (resize(getattr(skimage.data, name)(), (256, 256), anti_aliasing=True) * 255).round()
-        restored = engine.decode(engine.encode_image(photo.astype(np.uint8)[None]))[0]
+        photo = photograph(name, 256)
+        restored = engine.decode(engine.encode_image(photo[None]))[0]
         errors[name] = mad(restored, photo)
     return errors
 
 
-def video_correlation(sound: Path, strength: str, workdir: Path) -> float | None:
-    clip = workdir / f"{sound.stem}.wav"
-    if not clip.exists():
-        import soundfile as sf
+def img2img_distances(engine, samples, strengths=(0.2, 0.5, 0.8)) -> dict[float, tuple[float, float]]:
+    """img2img of scikit-image's astronaut (128x128, 10 DDIM steps, seed 5) under the sound
+    ``samples``: for each strength, the result's difference from the photograph and from the
+    sound's own txt2img picture (same noise). Low strength keeps the photograph, high strength
+    gives the sound's picture, as with real weights."""
+    photo = photograph("astronaut", 128)
+    cond = sound_conditioning(engine, samples, SoundImageSettings())[None]
+    latent = engine.encode_image(photo[None])
+    noise = engine.noise(tuple(latent.shape), 5)
+    own = engine.decode(engine.txt2img(cond, x_T=noise, sampler="ddim", steps=10))[0]
+    distances = {}
+    for strength in strengths:
+        result = engine.decode(engine.img2img(latent, cond, noise=noise, strength=strength, sampler="ddim",
+                                              steps=10))[0]
+        distances[strength] = (mad(result, photo), mad(result, own))
+    return distances
 
-        sf.write(clip, load_audio(sound)[: 10 * 44100], 44100)
-    subprocess.run([sys.executable, str(REPO / "audio2video.py"), "--demo", "--path", str(clip), "--fps", "8",
-                    "--H", "128", "--W", "128", "--ddim_steps", "10", "--strength", strength, "--seed", "3",
-                    "--outdir", str(workdir)], check=True, capture_output=True)
-    video = max(workdir.glob(f"{sound.stem}*.mp4"), key=lambda p: p.stat().st_mtime)
+
+EXAMPLES = REPO / "examples" / "audio"
+VIDEO_SOUNDS = tuple(AUDIO / name for name in RECORDINGS) + (EXAMPLES / "drums.wav", EXAMPLES / "chords.wav")
+STRENGTHS = ("0.5", "0.2+0.6*onset")  # constant, and the onset recipe
+
+
+def video_correlation(engine, sound: Path, strength: str, workdir: Path) -> float | None:
+    """Correlation of the frame-to-frame change of a demo video of ``sound`` (8 fps, 128x128, 10
+    steps, seed 3) with the sound's onset envelope."""
+    settings = VideoSettings(audio=str(sound), fps=8, H=128, W=128, ddim_steps=10, strength=strength, seed=3,
+                             outdir=str(workdir))
+    video = run_audio2video(settings, ModelSettings(demo=True, device="cpu"), engine=engine)
     return video_stats(video).onset_correlation
 
 
@@ -97,17 +122,19 @@ def main(argv=None) -> int:
     print(f"two recordings, one seed:  {min(recordings):.1f} .. {max(recordings):.1f}")
     for name, image in extra.items():
         print(f"Toms_diner, {name} vs fft alone: {mad(image, pictures['Toms_diner.wav', 1]):.1f}")
+    print("img2img of a photograph under Toms_diner, difference from the photograph / from the sound's picture: "
+          + ", ".join(f"strength {strength} {photo:.1f} / {own:.1f}"
+                      for strength, (photo, own) in img2img_distances(engine, voice).items()))
     errors = reconstruction_errors(engine)
     print("autoencoder, mean |decode(encode(x)) - x| at 256x256: "
           + ", ".join(f"{name} {error:.1f}" for name, error in errors.items())
           + f" (mean {np.mean(list(errors.values())):.1f})")
     if args.video:
         with tempfile.TemporaryDirectory() as workdir:
-            for name in RECORDINGS:
-                plain = video_correlation(AUDIO / name, "0.5", Path(workdir))
-                scheduled = video_correlation(AUDIO / name, "0.2+0.6*onset", Path(workdir))
-                print(f"frame change vs onset, {name} (10 s, 8 fps): strength 0.5 r={plain:+.2f}, "
-                      f"strength 0.2+0.6*onset r={scheduled:+.2f}")
+            for sound in VIDEO_SOUNDS:
+                r = [video_correlation(engine, sound, strength, Path(workdir)) for strength in STRENGTHS]
+                print(f"frame change vs onset, {sound.name} (8 fps): "
+                      + ", ".join(f"--strength {s} r={x:+.2f}" for s, x in zip(STRENGTHS, r)))
     return 0
 
 

@@ -24,7 +24,7 @@ from .settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CO
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 20221024  # of the random weights (demo UNet and text encoder, benchmark models)
-DEMO_FINGERPRINT = "demo-2"  # in outputs' metadata; --resume refuses a render of another demo
+DEMO_FINGERPRINT = "demo-3"  # in outputs' metadata; --resume refuses a render of another demo
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 FAMILY_NAMES = {SD_V1: "SD v1", SD_V2: "SD 2.x"}
 

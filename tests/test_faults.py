@@ -279,11 +279,18 @@ def test_existing_video_is_never_replaced(run_tool, tmp_path, sound):
 
 # ------------------------------------------------------------------------------------------ signals
 
-def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path, reference_video):
+def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path):
     """Three real renders, stopped mid-way by Ctrl-C (SIGINT to the process group, as a terminal
     sends it), SIGTERM and SIGKILL. The first two say in one line how to go on; none leaves a file
     under the video's name; each continues with --resume to the frames of an uninterrupted render."""
-    sound = tmp_path / "song.wav"  # the fixture's sound, which reference_video rendered
+    # 32 frames: after the 5th, enough are left that a test slowed down by a busy machine still
+    # stops each render before it ends (with 8 frames a render could finish first).
+    (tmp_path / "long").mkdir()
+    sound = write_sound(tmp_path / "long" / "song.wav", seconds=4.0, kind="noise")
+    status, _, err = run_tool("audio2video", ["--path", sound, "--output", tmp_path / "reference" / "song.mp4",
+                                              *VIDEO])
+    assert status == 0, err
+    reference_video = decoded_frames(tmp_path / "reference" / "song.mp4")
     signals = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
     outputs = {name: tmp_path / name / "song.mp4" for name in signals}
     processes = {

@@ -70,15 +70,16 @@ class BlockMeanAutoencoder(nn.Module):
     10/255 mean absolute error on photographs at 256x256, 5-8/255 at 512x512.
 
     ``scale_factor`` is the LatentDiffusion's: encode divides by it, so that the diffusion latents
-    (``scale_factor * z``) are the channels themselves, in [-1.7, 1.7] for luminance.
-    Shapes: x ``(B, 3, H, W)`` in [-1, 1] <-> z ``(B, 4, H / factor, W / factor)``.
+    (``scale_factor * z``) are the channels times ``latent_scale`` (luminance in [-1.7, 1.7]
+    times it). Shapes: x ``(B, 3, H, W)`` in [-1, 1] <-> z ``(B, 4, H / factor, W / factor)``.
     """
 
-    def __init__(self, factor=8, scale_factor=0.18215, blur_sigma=1.5, embed_dim=4, **ignored):
+    def __init__(self, factor=8, scale_factor=0.18215, latent_scale=1.0, blur_sigma=1.5, embed_dim=4, **ignored):
         super().__init__()
         if embed_dim != 4:
             raise ValueError(f"BlockMeanAutoencoder makes 4 latent channels, not embed_dim={embed_dim}")
-        self.factor, self.scale_factor, self.embed_dim = factor, scale_factor, embed_dim
+        self.factor, self.embed_dim = factor, embed_dim
+        self.scale_factor, self.latent_scale = scale_factor, latent_scale
         radius = int(3 * blur_sigma + 0.5)
         kernel = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * blur_sigma**2))
         self.register_buffer("blur_kernel", kernel / kernel.sum(), persistent=False)
@@ -96,11 +97,12 @@ class BlockMeanAutoencoder(nn.Module):
         latent = torch.cat([torch.einsum("oc,bchw->bohw", self.opponent, colours),
                             (gain.clamp(-1.0, 5.0) - 1.0) / 2.0], dim=1)
         spread = torch.full_like(latent, -30.0)  # log-variance: deterministic
-        return DiagonalGaussianDistribution(torch.cat([latent / self.scale_factor, spread], dim=1).to(x.dtype))
+        z = latent * (self.latent_scale / self.scale_factor)
+        return DiagonalGaussianDistribution(torch.cat([z, spread], dim=1).to(x.dtype))
 
     def decode(self, z):
         """z: (B, 4, h, w) latent -> (B, 3, factor*h, factor*w) picture, nominally in [-1, 1]."""
-        latent = z.float() * self.scale_factor
+        latent = z.float() * (self.scale_factor / self.latent_scale)
         colours = torch.einsum("oc,bohw->bchw", self.opponent, latent[:, :3])  # the inverse: transposed
         base = self._upsample(colours)
         gain = self._upsample(1.0 + 2.0 * latent[:, 3:])

@@ -5,7 +5,8 @@ The demo model is told instead: :class:`DemoDenoiser` is the exact denoiser of a
 prior whose mean, :func:`prior_mean`, is drawn from a handful of statistics of the conditioning
 (:func:`course_descriptors`, :func:`offset_descriptors`). With the demo's block-mean autoencoder
 (:class:`ldm.models.autoencoder.BlockMeanAutoencoder`) the latent channels are picture channels:
-luminance, two colour-opponent channels and sharpness, at 1/8 of the picture's size. So:
+luminance, two colour-opponent channels and sharpness, at 1/8 of the picture's size, times
+``latent_scale``. So:
 
 - *what moves together in the sound* (the coherent time course of the conditioning's rows: a
   hit, a swell, a rhythm inside the slice) sets a bright blob (its strength; where in the slice
@@ -22,6 +23,13 @@ how far a sound takes the picture from it, as with real weights. The block layou
 random :class:`UNetModel` is kept, its output added with weight ``unet_weight``, so that network
 bending inside UNet blocks (``--bend OP=A@output_blocks.N``) still has blocks to act on.
 
+Why ``latent_scale`` (6 in the demo's config, the autoencoder's too): the prior's texture then
+spreads about 1 in latent units, as Stable Diffusion's latents do, so img2img keeps or forgets
+the previous frame as it does with real weights: much at ``--strength 0.2``, little at 0.8.
+In picture units the prior is the same; at scale 1 its narrow texture would be drowned by the
+noise of any strength, and every img2img frame redrawn from scratch whatever ``--strength``
+says (frame change following the music only through the conditioning).
+
 Shapes: x ``(B, 4, h, w)`` diffusion latents; timesteps ``(B,)`` in [0, 1000); context
 ``(B, 77, D)``.
 """
@@ -32,14 +40,14 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
-# Prior standard deviation of each latent channel (luminance, colour 1, colour 2, sharpness) and
+# Prior standard deviation of each picture channel (luminance, colour 1, colour 2, sharpness) and
 # the correlation length of the texture: soft clouds, not pixel noise. A narrow prior keeps two
 # seeds of one sound close next to two sounds (README, "The demo model").
 PRIOR_STD = (0.12, 0.07, 0.07, 0.1)
 CORRELATION_LENGTH = 1 / 8  # of the picture's shorter side
-# Amplitudes of the picture's parts in latent units, before guidance multiplies them (7.5 by
+# Amplitudes of the picture's parts in picture units, before guidance multiplies them (7.5 by
 # default): a brightness shift, a blob, the waves, a colour cast.
-BRIGHTNESS, BLOB, WAVES, COLOUR = 0.05, 0.15, 0.06, 0.07
+BRIGHTNESS, BLOB, WAVES, COLOUR = 0.065, 0.2, 0.08, 0.09
 N_WAVES = 6  # rates 1 .. N_WAVES half-cycles per slice in the time course
 
 
@@ -98,7 +106,7 @@ OFFSET_GAIN = 0.7
 
 
 def prior_mean(course: torch.Tensor, offset: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The picture the conditioning asks for: ``(B, 4, height, width)`` latents, float32.
+    """The picture the conditioning asks for: ``(B, 4, height, width)`` picture channels, float32.
 
     ``course`` ``(B, 5 + N_WAVES)`` and ``offset`` ``(B, 3)``: the descriptors' differences from
     the empty prompt's, scaled and bounded by tanh (:meth:`DemoDenoiser.asked`). All zero gives
@@ -136,8 +144,8 @@ def prior_mean(course: torch.Tensor, offset: torch.Tensor, height: int, width: i
 
 def texture_spectrum(height: int, width: int, device) -> torch.Tensor:
     """Per-channel variance of each Fourier mode of the prior's texture, ``(4, height, width // 2 + 1)``,
-    for ``torch.fft.rfft2(..., norm="ortho")``: a smooth field whose pixels have variance
-    ``PRIOR_STD ** 2``."""
+    in picture units, for ``torch.fft.rfft2(..., norm="ortho")``: a smooth field whose pixels have
+    variance ``PRIOR_STD ** 2``."""
     fy = torch.fft.fftfreq(height, device=device)[:, None]
     fx = torch.fft.rfftfreq(width, device=device)[None, :]
     length = CORRELATION_LENGTH * min(height, width)
@@ -153,14 +161,15 @@ def texture_spectrum(height: int, width: int, device) -> torch.Tensor:
     return std[:, None, None] ** 2 * shape
 
 
-def gaussian_denoiser_eps(x: torch.Tensor, alpha_bar: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """The noise in ``x`` ``(B, 4, h, w)`` for a Gaussian prior with mean ``mean`` and the
-    texture spectrum, at the noise level ``alpha_bar`` ``(B,)`` (x = sqrt(a) x0 + sqrt(1 - a) eps).
+def gaussian_denoiser_eps(x: torch.Tensor, alpha_bar: torch.Tensor, mean: torch.Tensor,
+                          spectrum: torch.Tensor) -> torch.Tensor:
+    """The noise in ``x`` ``(B, 4, h, w)`` for a Gaussian prior with mean ``mean`` ``(B, 4, h, w)``
+    and per-mode variances ``spectrum`` ``(4, h, w // 2 + 1)`` (as :func:`texture_spectrum`), at
+    the noise level ``alpha_bar`` ``(B,)`` (x = sqrt(a) x0 + sqrt(1 - a) eps).
 
     The posterior mean of x0 is exact for that prior: per Fourier mode, a Wiener gain
     ``sqrt(a) P / (a P + 1 - a)`` on ``x - sqrt(a) mean``."""
     a = alpha_bar.float()[:, None, None, None]
-    spectrum = texture_spectrum(x.shape[-2], x.shape[-1], x.device)[None]
     residual = torch.fft.rfft2(x.float() - a.sqrt() * mean, norm="ortho")
     gain = a.sqrt() * spectrum / (a * spectrum + 1 - a)
     x0 = mean + torch.fft.irfft2(gain * residual, s=x.shape[-2:], norm="ortho")
@@ -172,12 +181,14 @@ class DemoDenoiser(UNetModel):
     Gaussian-prior denoiser of this module plus ``unet_weight`` times the UNet's own.
 
     ``linear_start``, ``linear_end``, ``timesteps``: the LatentDiffusion's noise schedule (the
-    denoiser needs each timestep's noise level). The empty prompt's conditioning is set with
+    denoiser needs each timestep's noise level); ``latent_scale``: the autoencoder's, latents
+    are that many times the picture channels. The empty prompt's conditioning is set with
     :meth:`set_null_context` once the text encoder exists."""
 
-    def __init__(self, *, unet_weight=0.05, linear_start=0.00085, linear_end=0.012, timesteps=1000, **unet):
+    def __init__(self, *, unet_weight=0.05, latent_scale=1.0, linear_start=0.00085, linear_end=0.012,
+                 timesteps=1000, **unet):
         super().__init__(**unet)
-        self.unet_weight = unet_weight
+        self.unet_weight, self.latent_scale = unet_weight, latent_scale
         betas = torch.as_tensor(make_beta_schedule("linear", timesteps, linear_start, linear_end))
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)
         self.register_buffer("course_gains", torch.tensor(COURSE_GAINS), persistent=False)
@@ -209,8 +220,10 @@ class DemoDenoiser(UNetModel):
     def forward(self, x, timesteps, context=None):
         """As :meth:`UNetModel.forward`: the noise in x, ``(B, 4, h, w)`` in x's dtype."""
         learned = super().forward(x, timesteps, context)
-        mean = prior_mean(*self.asked(context), x.shape[-2], x.shape[-1])
-        eps = gaussian_denoiser_eps(x, self.alphas_cumprod[timesteps.long()], mean)
+        height, width = x.shape[-2:]
+        mean = self.latent_scale * prior_mean(*self.asked(context), height, width)
+        spectrum = self.latent_scale**2 * texture_spectrum(height, width, x.device)
+        eps = gaussian_denoiser_eps(x, self.alphas_cumprod[timesteps.long()], mean, spectrum)
         return (eps + self.unet_weight * learned.float()).to(x.dtype)
 
 
