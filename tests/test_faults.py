@@ -279,25 +279,25 @@ def test_existing_video_is_never_replaced(run_tool, tmp_path, sound):
 
 # ------------------------------------------------------------------------------------------ signals
 
-def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path):
+def _ctrl_c_as_in_a_terminal():
+    """In the child before it starts: Ctrl-C's default action, as a program started in a terminal
+    has it. When the tests themselves run as a background job (``pytest &``), the shell makes
+    them ignore SIGINT, every child would inherit that, and Python then leaves Ctrl-C ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path, reference_video):
     """Three real renders, stopped mid-way by Ctrl-C (SIGINT to the process group, as a terminal
     sends it), SIGTERM and SIGKILL. The first two say in one line how to go on; none leaves a file
     under the video's name; each continues with --resume to the frames of an uninterrupted render."""
-    # 32 frames: after the 5th, enough are left that a test slowed down by a busy machine still
-    # stops each render before it ends (with 8 frames a render could finish first).
-    (tmp_path / "long").mkdir()
-    sound = write_sound(tmp_path / "long" / "song.wav", seconds=4.0, kind="noise")
-    status, _, err = run_tool("audio2video", ["--path", sound, "--output", tmp_path / "reference" / "song.mp4",
-                                              *VIDEO])
-    assert status == 0, err
-    reference_video = decoded_frames(tmp_path / "reference" / "song.mp4")
+    sound = tmp_path / "song.wav"  # the fixture's sound, which reference_video rendered
     signals = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
     outputs = {name: tmp_path / name / "song.mp4" for name in signals}
     processes = {
         name: subprocess.Popen([sys.executable, "audio2video.py", "--path", str(sound), "--output", str(output),
                                 *map(str, VIDEO)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
         for name, output in outputs.items()}
     try:
         waiting = dict(processes)
@@ -318,7 +318,7 @@ def test_ctrl_c_sigterm_and_sigkill_mid_render_then_resume(run_tool, tmp_path):
             if process.poll() is None:
                 process.kill()
     for name, (status, err) in results.items():
-        assert not outputs[name].exists(), name
+        assert not outputs[name].exists(), (name, status, err)
         if name == "sigkill":
             assert status == -signal.SIGKILL
         else:
