@@ -38,6 +38,9 @@ from sounddiffusion.video_stats import video_stats  # noqa: E402
 AUDIO = REPO.parent / "shared" / "audio"
 RECORDINGS = ("Beethoven_chord1.wav", "JK_Organ2_120-F.wav", "Toms_diner.wav", "synth_chords_short.wav")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+EXAMPLES = REPO / "examples" / "audio"
+VIDEO_SOUNDS = tuple(AUDIO / name for name in RECORDINGS) + (EXAMPLES / "drums.wav", EXAMPLES / "chords.wav")
+STRENGTHS = ("0.5", "0.2+0.6*onset")  # constant, and the onset recipe
 
 
 def picture(engine, samples, seed: int, **settings) -> np.ndarray:
@@ -83,11 +86,6 @@ def img2img_distances(engine, samples, strengths=(0.2, 0.5, 0.8)) -> dict[float,
                                               steps=10))[0]
         distances[strength] = (mad(result, photo), mad(result, own))
     return distances
-
-
-EXAMPLES = REPO / "examples" / "audio"
-VIDEO_SOUNDS = tuple(AUDIO / name for name in RECORDINGS) + (EXAMPLES / "drums.wav", EXAMPLES / "chords.wav")
-STRENGTHS = ("0.5", "0.2+0.6*onset")  # constant, and the onset recipe
 
 
 def video_correlation(engine, sound: Path, strength: str, workdir: Path) -> float | None:
