@@ -2,7 +2,7 @@
 """How the --demo model listens, measured: a picture sheet and a table of differences.
 
     python scripts/demo_figure.py                       # docs/demo-listens.png, table on stdout
-    python scripts/demo_figure.py --video               # + frame change vs onsets of demo videos
+    python scripts/demo_figure.py --video               # + frame change vs onsets, docs/demo-onsets.png
 
 Renders audio2img pictures (128x128, 10 DDIM steps, guidance 7.5, fft features unless said) of
 the four recordings in ../shared/audio with seeds 1 and 2, then one recording with a prompt mixed
@@ -33,7 +33,7 @@ from sounddiffusion.image_jobs import sample_images, sound_conditioning  # noqa:
 from sounddiffusion.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, SoundImageSettings, VideoSettings  # noqa: E402
 from sounddiffusion.video_job import run_audio2video  # noqa: E402
-from sounddiffusion.video_stats import video_stats  # noqa: E402
+from sounddiffusion.video_stats import VideoStats, video_stats  # noqa: E402
 
 AUDIO = REPO.parent / "shared" / "audio"
 RECORDINGS = ("Beethoven_chord1.wav", "JK_Organ2_120-F.wav", "Toms_diner.wav", "synth_chords_short.wav")
@@ -88,19 +88,59 @@ def img2img_distances(engine, samples, strengths=(0.2, 0.5, 0.8)) -> dict[float,
     return distances
 
 
-def video_correlation(engine, sound: Path, strength: str, workdir: Path) -> float | None:
-    """Correlation of the frame-to-frame change of a demo video of ``sound`` (8 fps, 128x128, 10
-    steps, seed 3) with the sound's onset envelope."""
+def demo_video(engine, sound: Path, strength: str, workdir: Path, *, save_frames: bool = False) -> VideoStats:
+    """The measures of a demo video of ``sound`` (8 fps, 128x128, 10 steps, seed 3) rendered into
+    ``workdir``; with ``save_frames`` its frames are also PNGs in ``workdir/<stem>-frames``."""
     settings = VideoSettings(audio=str(sound), fps=8, H=128, W=128, ddim_steps=10, strength=strength, seed=3,
-                             outdir=str(workdir))
-    video = run_audio2video(settings, ModelSettings(demo=True, device="cpu"), engine=engine)
-    return video_stats(video).onset_correlation
+                             outdir=str(workdir), save_frames=save_frames)
+    return video_stats(run_audio2video(settings, ModelSettings(demo=True, device="cpu"), engine=engine))
+
+
+def video_correlation(engine, sound: Path, strength: str, workdir: Path) -> float | None:
+    """Correlation of the frame-to-frame change of :func:`demo_video` with the sound's onset envelope."""
+    return demo_video(engine, sound, strength, workdir).onset_correlation
+
+
+def onset_figure(engine, sound: Path, out: Path, workdir: Path, n_strip: int = 16) -> dict[str, VideoStats]:
+    """A PNG at ``out``: the first ``n_strip`` frames of the onset recipe's video of ``sound``,
+    and under them the frame-to-frame change of that video and of the constant-strength one
+    against the sound's onset envelope. Returns the two videos' measures by ``--strength``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    runs = {strength: demo_video(engine, sound, strength, workdir / f"strength-{i}", save_frames=i == 1)
+            for i, strength in enumerate(STRENGTHS)}
+    frames = sorted((workdir / "strength-1").glob(f"{sound.stem}-frames/*.png"))[:n_strip]
+    strip = np.concatenate([np.asarray(Image.open(path).convert("RGB")) for path in frames], axis=1)
+    figure = Figure(figsize=(12, 5.2), dpi=100, layout="constrained")
+    strip_ax, change_ax = figure.subplots(2, 1, height_ratios=(1, 2.2))
+    strip_ax.imshow(strip)
+    strip_ax.set_axis_off()
+    strip_ax.set_title(f"{sound.name}, --demo --fps 8 --strength \"{STRENGTHS[1]}\": frames 0-{len(frames) - 1}")
+    stats = runs[STRENGTHS[1]]
+    seconds = np.arange(stats.frames) / stats.fps
+    for strength, run in runs.items():
+        change_ax.plot(seconds[1:], run.flicker[1:], marker=".",
+                       label=f"--strength {strength} (r = {run.onset_correlation:+.2f})")
+    change_ax.set_ylabel("frame change: mean |luma change| (0..255)")
+    change_ax.set_xlabel("time (s)")
+    change_ax.legend(loc="upper left", fontsize="small")
+    onset_ax = change_ax.twinx()
+    onset_ax.plot(seconds, stats.onset, color="tab:red", alpha=0.6, linewidth=1, label="onset envelope")
+    onset_ax.set_ylabel("onset strength (0..1)")
+    onset_ax.legend(loc="upper right", fontsize="small")
+    figure.savefig(out, format="png")
+    return runs
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "docs" / "demo-listens.png"))
     parser.add_argument("--video", action="store_true", help="also measure frame change vs onsets")
+    parser.add_argument("--video-out", default=str(REPO / "docs" / "demo-onsets.png"),
+                        help="with --video: the figure of the drums' frames and frame change")
     args = parser.parse_args(argv)
     engine = load_engine(ModelSettings(demo=True, device="cpu"))
     sounds = {name: load_audio(AUDIO / name) for name in RECORDINGS}
@@ -133,6 +173,8 @@ def main(argv=None) -> int:
                 r = [video_correlation(engine, sound, strength, Path(workdir)) for strength in STRENGTHS]
                 print(f"frame change vs onset, {sound.name} (8 fps): "
                       + ", ".join(f"--strength {s} r={x:+.2f}" for s, x in zip(STRENGTHS, r)))
+            onset_figure(engine, EXAMPLES / "drums.wav", Path(args.video_out), Path(workdir) / "figure")
+            print(f"figure: {args.video_out} (the drums' frames, frame change against onsets)")
     return 0
 
 
