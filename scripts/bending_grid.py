@@ -7,7 +7,7 @@ and decoded; the unbent frame comes first. Additive amounts are given in units o
 standard deviation (a model's latents may be far narrower or wider than a real model's), so the
 same grid reads alike for any prompt and seed; each tile is labelled with the amount actually
 used. The demo model's latent channels are luminance, two colour-opponent channels and sharpness,
-so a uniform offset reads as a colour cast and ``log`` of its small latents as a dark picture.
+so a uniform offset reads as a colour cast.
 
     python scripts/bending_grid.py                        # writes outputs/bending-grid.png
     python scripts/bending_grid.py docs/bending.png --prompt "a lighthouse in a storm" --seed 3

@@ -246,6 +246,7 @@ def build_demo_model() -> torch.nn.Module:
              "pictures, prompts without meaning); see README 'Getting the weights' for real ones")
     return model
 
+
 def load_engine(settings: ModelSettings) -> Engine:
     """Build the model of ``settings`` once for a run.
 
