@@ -39,11 +39,11 @@ def main(args):
 
     settings = cli.settings_from_args(SoundImageSettings, args)
     if settings.ray is not None:
-        from sounddiffusion.batch_jobs import run_audio2img_batch
+        from sounddiffusion.jobs.batch_jobs import run_audio2img_batch
 
         summary = run_audio2img_batch(settings, cli.model_settings(args))
         return cli.EXIT_SKIPPED if summary.problems else 0
-    from sounddiffusion.image_jobs import run_audio2img
+    from sounddiffusion.jobs.image_jobs import run_audio2img
 
     written = run_audio2img(settings, cli.model_settings(args))
     return cli.EXIT_SKIPPED if written.skipped else 0

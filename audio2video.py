@@ -74,11 +74,11 @@ def main(args):
 
     settings = cli.settings_from_args(VideoSettings, args)
     if settings.input_folder or settings.ray is not None:
-        from sounddiffusion.batch_jobs import run_audio2video_batch
+        from sounddiffusion.jobs.batch_jobs import run_audio2video_batch
 
         summary = run_audio2video_batch(settings, cli.model_settings(args))
         return cli.EXIT_SKIPPED if summary.problems else 0
-    from sounddiffusion.video_job import run_audio2video
+    from sounddiffusion.video.loop import run_audio2video
 
     run_audio2video(settings, cli.model_settings(args))
     return 0

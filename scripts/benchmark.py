@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed of an audio2video frame, measured three ways in one run on the same weights and settings.
 
-1. this project: ``Engine`` + ``sounddiffusion.video_job.sample_frames`` (the render loop itself:
+1. this project: ``Engine`` + ``sounddiffusion.video.loop.sample_frames`` (the render loop itself:
    latent chain, cached text conditionings, decoding in the writer thread);
 2. the upstream flow: every frame decoded, written as PNG, read back and encoded again by the VAE,
    the text conditionings recomputed every frame, DDIM, einsum attention, in ``--precision
@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.modules.attention import set_attention_backend  # noqa: E402
-from sounddiffusion.diffusers_conversion import diffusers_ddim, diffusers_unet, diffusers_vae  # noqa: E402
+from scripts.diffusers_conversion import diffusers_ddim, diffusers_unet, diffusers_vae  # noqa: E402
 from sounddiffusion.files import write_new_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -89,7 +89,7 @@ WAYS = ("ours", "upstream-autocast", "upstream-full", "diffusers")
 def build_weights(config_path: Path = FULL_CONFIG) -> tuple[torch.nn.Module, object]:
     """The full-size SD v1 ``LatentDiffusion`` with the engine's deterministic random weights, on
     the CPU in float32, and its config."""
-    from sounddiffusion.loading import load_config, random_weights_model
+    from sounddiffusion.model.loading import load_config, random_weights_model
 
     config = load_config(config_path)
     return random_weights_model(config).eval().requires_grad_(False), config
@@ -200,12 +200,13 @@ def video_settings(job: Job, strength: float):
 
 
 def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path, cuda_graphs: bool = False) -> Result:
-    """This project's loop as a user gets it: Engine + video_job.sample_frames with the real
+    """This project's loop as a user gets it: Engine + loop.sample_frames with the real
     FrameWriter into a real, resumable VideoRender (ffmpeg pipe, render state, no previews)."""
-    from sounddiffusion.loading import engine_for_model
-    from sounddiffusion.video import VideoRender
-    from sounddiffusion.frame_writer import ChainState, FrameWriter
-    from sounddiffusion.video_job import plan_frames, sample_frames
+    from sounddiffusion.model.loading import engine_for_model
+    from sounddiffusion.video.frame_chain import ChainState
+    from sounddiffusion.video.frame_writer import FrameWriter
+    from sounddiffusion.video.loop import plan_frames, sample_frames
+    from sounddiffusion.video.render import VideoRender
 
     started = time.perf_counter()
     settings = video_settings(job, job.strength)
@@ -213,7 +214,7 @@ def run_ours(model, job: Job, compile: bool, memory: PeakMemory, workdir: Path, 
                               cuda_graphs=cuda_graphs)
     plan = plan_frames(settings)
     warmup, timed = job.indices()
-    result = Result("this project (Engine + video_job.sample_frames)", _dtype_name(engine.dtype))
+    result = Result("this project (Engine + loop.sample_frames)", _dtype_name(engine.dtype))
 
     def block(indices, chain, settings, name):
         render = VideoRender.open(workdir / f"ours-{name}.mp4", fps=plan.fps, width=job.size, height=job.size,
@@ -246,9 +247,9 @@ def run_upstream(model, job: Job, precision: str, memory: PeakMemory, workdir: P
     from PIL import Image
 
     from ldm.models.diffusion.ddim import DDIMSampler
-    from sounddiffusion.audio import frame_slice, load_audio
-    from sounddiffusion.conditioning import condition
-    from sounddiffusion.features import featurize
+    from sounddiffusion.model.conditioning import condition
+    from sounddiffusion.sound.audio import frame_slice, load_audio
+    from sounddiffusion.sound.features import featurize
 
     started = time.perf_counter()
     settings = video_settings(job, job.strength)
@@ -309,10 +310,10 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from sounddiffusion.loading import weight_dtype
-    from sounddiffusion.audio import frame_slice, load_audio
-    from sounddiffusion.conditioning import condition
-    from sounddiffusion.features import featurize
+    from sounddiffusion.model.conditioning import condition
+    from sounddiffusion.model.loading import weight_dtype
+    from sounddiffusion.sound.audio import frame_slice, load_audio
+    from sounddiffusion.sound.features import featurize
 
     started = time.perf_counter()
     settings = video_settings(job, job.strength)

@@ -22,12 +22,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.frame_plan import plan_frames  # noqa: E402
 from sounddiffusion.files import write_new_text  # noqa: E402
-from sounddiffusion.frame_writer import ChainState  # noqa: E402
-from sounddiffusion.loading import load_engine  # noqa: E402
+from sounddiffusion.model.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
-from sounddiffusion.video_job import sample_frames  # noqa: E402
+from sounddiffusion.video.frame_chain import ChainState  # noqa: E402
+from sounddiffusion.video.frame_plan import plan_frames  # noqa: E402
+from sounddiffusion.video.loop import sample_frames  # noqa: E402
 
 SOUND = REPO / "examples" / "audio" / "drums.wav"
 WAYS = {

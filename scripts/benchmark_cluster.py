@@ -2,8 +2,8 @@
 """Throughput of an audio2img batch on Ray with 1 and 2 (or more) workers.
 
 The same job runs once per worker count: 64 short synthesized sounds (tones and sweeps, 1 s),
-one picture each, rendered by :func:`sounddiffusion.cluster.run_on_ray` with the worker of
-``audio2img.py --input_folder ... --ray`` (:class:`sounddiffusion.batch_jobs.SoundWorker`: same
+one picture each, rendered by :func:`sounddiffusion.jobs.cluster.run_on_ray` with the worker of
+``audio2img.py --input_folder ... --ray`` (:class:`sounddiffusion.jobs.batch_jobs.SoundWorker`: same
 flags, same seeds, same PNG parameters). Every worker loads the model once before taking
 sounds. The pictures of every run are compared byte for byte: they must not depend on the
 number of workers.
@@ -36,10 +36,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.batch_jobs import MakeSoundWorker, file_items  # noqa: E402
-from sounddiffusion.cluster import run_on_ray  # noqa: E402
 from sounddiffusion.files import write_new_text  # noqa: E402
-from sounddiffusion.manifest import Manifest  # noqa: E402
+from sounddiffusion.jobs.batch_jobs import MakeSoundWorker, file_items  # noqa: E402
+from sounddiffusion.jobs.cluster import run_on_ray  # noqa: E402
+from sounddiffusion.jobs.manifest import Manifest  # noqa: E402
 from sounddiffusion.settings import ModelSettings, SoundImageSettings  # noqa: E402
 
 log = logging.getLogger("benchmark_cluster")

@@ -2,7 +2,7 @@
 """A picture grid of the network-bending operators: one frame of the demo model per operator.
 
 One txt2img latent of the demo model (128x128, DDIM, 10 steps) is bent by each operator of
-``sounddiffusion.bending`` after its last step (the research code's "layer past the last step")
+``sounddiffusion.control.bending`` after its last step (the research code's "layer past the last step")
 and decoded; the unbent frame comes first. Additive amounts are given in units of the latent's
 standard deviation (a model's latents may be far narrower or wider than a real model's), so the
 same grid reads alike for any prompt and seed; each tile is labelled with the amount actually
@@ -55,7 +55,7 @@ def bent_latents(latent, seed: int):
     """(labels, latents (1 + len(OPERATORS), 4, h, w)): the unbent latent, then each operator's."""
     import torch
 
-    from sounddiffusion.bending import OPERATORS, apply
+    from sounddiffusion.control.bending import OPERATORS, apply
 
     spread = float(latent.std())
     labels, latents = ["no bend"], [latent]
@@ -84,7 +84,7 @@ def grid_image(images, labels: list[str]):
 
 
 def main(args):
-    from sounddiffusion.loading import load_engine
+    from sounddiffusion.model.loading import load_engine
     from sounddiffusion.settings import ModelSettings
 
     engine = load_engine(ModelSettings(demo=True, device="cpu"))

@@ -3,7 +3,7 @@
 
 Renders one 96-frame video (4 s of examples/audio/chords.wav at 24 fps) on the demo model once
 plainly and once per cure (--color_coherence, --latent_noise, --contrast, --cadence, all
-together), measures each with sounddiffusion.video_stats, and prints a markdown table, also
+together), measures each with sounddiffusion.video.video_stats, and prints a markdown table, also
 written to outputs/coherence-<UTC time>.md (or --out).
 
     python scripts/coherence_table.py                 # 128x128, 10 steps x 0.5: a few minutes on a CPU
@@ -25,10 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
 from sounddiffusion.files import write_new_text  # noqa: E402
-from sounddiffusion.video_job import run_audio2video  # noqa: E402
-from sounddiffusion.video_stats import video_stats  # noqa: E402
+from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
+from sounddiffusion.video.loop import run_audio2video  # noqa: E402
+from sounddiffusion.video.video_stats import video_stats  # noqa: E402
 
 SOUND = REPO / "examples" / "audio" / "chords.wav"
 CURES = {

@@ -28,12 +28,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.audio import load_audio  # noqa: E402
-from sounddiffusion.image_jobs import sample_images, sound_conditioning  # noqa: E402
-from sounddiffusion.loading import load_engine  # noqa: E402
+from sounddiffusion.jobs.image_jobs import sample_images, sound_conditioning  # noqa: E402
+from sounddiffusion.model.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, SoundImageSettings, VideoSettings  # noqa: E402
-from sounddiffusion.video_job import run_audio2video  # noqa: E402
-from sounddiffusion.video_stats import VideoStats, video_stats  # noqa: E402
+from sounddiffusion.sound.audio import load_audio  # noqa: E402
+from sounddiffusion.video.loop import run_audio2video  # noqa: E402
+from sounddiffusion.video.video_stats import VideoStats, video_stats  # noqa: E402
 
 AUDIO = REPO.parent / "shared" / "audio"
 RECORDINGS = ("Beethoven_chord1.wav", "JK_Organ2_120-F.wav", "Toms_diner.wav", "synth_chords_short.wav")

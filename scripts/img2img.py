@@ -27,7 +27,7 @@ def build_parser():
 
 
 def main(args):
-    from sounddiffusion.image_jobs import run_img2img
+    from sounddiffusion.jobs.image_jobs import run_img2img
     from sounddiffusion.settings import PromptImageSettings
 
     run_img2img(cli.settings_from_args(PromptImageSettings, args), cli.model_settings(args))

@@ -67,12 +67,12 @@ def summary_table(summary: dict) -> str:
 
 def main(args):
     from sounddiffusion.files import unique_output_path
-    from sounddiffusion.video_stats import video_stats
+    from sounddiffusion.video.video_stats import video_stats
 
     stats = video_stats(args.video, progress=not args.json)
     plot = None
     if args.plot is not None:
-        from sounddiffusion.video_stats_plot import plot_video_stats
+        from sounddiffusion.video.video_stats_plot import plot_video_stats
 
         plot = plot_video_stats(stats, unique_output_path(args.plot or f"{args.video}.stats.png"))
     if args.json:

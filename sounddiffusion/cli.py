@@ -20,10 +20,12 @@ import signal
 import sys
 from typing import Callable, Sequence, TypeVar
 
-from .errors import DeviceError, OutputError, ParameterError, UserError
-from .settings import (CHECKPOINT_DIR, CRF_RANGE, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE, DEVICES, MAX_FPS,
-                       PRECISIONS, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, JobSettings, ModelSettings,
-                       shown_path)
+from sounddiffusion.errors import DeviceError, OutputError, ParameterError, UserError
+from sounddiffusion.flags import FlagGroup
+from sounddiffusion.logs import configure_logging
+from sounddiffusion.settings import (CHECKPOINT_DIR, CRF_RANGE, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE,
+                                     DEVICES, JobSettings, MAX_FPS, ModelSettings, PRECISIONS,
+                                     V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
 
 log = logging.getLogger("sounddiffusion")
 SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
@@ -65,6 +67,13 @@ def make_parser(prog: str, description: str, epilog: str | None = None) -> argpa
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks and debug logging")
     return parser
+
+
+def add_flag_group(parser: argparse.ArgumentParser, group: FlagGroup) -> None:
+    """The flags of ``group`` (declared as data beside the settings they fill) as one argparse group."""
+    g = parser.add_argument_group(group.title, group.description)
+    for flag in group.flags:
+        g.add_argument(*flag.names, **flag.argparse_options())
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -149,8 +158,8 @@ def add_image_output_args(parser: argparse.ArgumentParser, default_outdir: str) 
 
 def add_audio_conditioning_args(parser: argparse.ArgumentParser, *, scheduled: bool = False) -> None:
     """--feature --normalize --textprompt --textstrength (a schedule with ``scheduled``)."""
-    from .conditioning import NORMALIZE_MODES
-    from .features import FEATURES
+    from sounddiffusion.model.conditioning import NORMALIZE_MODES
+    from sounddiffusion.sound.features import FEATURES
 
     g = parser.add_argument_group("audio conditioning")
     g.add_argument("--feature", default="fft", choices=FEATURES,
@@ -165,8 +174,8 @@ def add_audio_conditioning_args(parser: argparse.ArgumentParser, *, scheduled: b
 
 def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
     """audio2video's per-frame control: schedules, seed jumps, bends, envelope smoothing, reports."""
-    from .analysis import ENVELOPE_NAMES
-    from .bending import OPERATORS
+    from sounddiffusion.control.bending import OPERATORS
+    from sounddiffusion.sound.analysis import ENVELOPE_NAMES
 
     g = parser.add_argument_group(
         "music-reactive control",
@@ -192,7 +201,7 @@ def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
 
 def add_coherence_args(parser: argparse.ArgumentParser) -> None:
     """audio2video's cures for colour drift, burn-in and slow renders."""
-    from .coherence import COLOR_SPACES
+    from sounddiffusion.video.color import COLOR_SPACES
 
     g = parser.add_argument_group("coherence and cadence")
     g.add_argument("--color_coherence", default="none", choices=("none", *COLOR_SPACES),
@@ -294,44 +303,6 @@ def validate_args(args: argparse.Namespace) -> None:
         else:
             need(0 <= args.textstrength <= 1, f"--textstrength {args.textstrength}: use a value in "
                                               f"[0, 1] (0 = sound only, 1 = text only)")
-
-
-class _RunHandler(logging.StreamHandler):
-    """A handler :func:`configure_logging` installed (the next run's call replaces it), writing to
-    ``sys.<stream_name>`` as it is when a record comes: never to a stream swapped or closed since."""
-
-    def __init__(self, stream_name: str):
-        super().__init__(getattr(sys, stream_name))
-        self.stream_name = stream_name
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = getattr(sys, self.stream_name)
-        super().emit(record)
-
-
-def configure_logging(debug: bool) -> None:
-    """Notes (what is loaded, what was written; debug details with ``--debug``) go to stdout,
-    warnings and errors to stderr, so that a failed run's stderr holds its one error line.
-
-    Each call replaces the handlers an earlier call installed (a process may run several tools,
-    as the tests do) and leaves other handlers alone; the streams are the current sys.stdout and
-    sys.stderr at the moment each note is written."""
-    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
-    notes = _RunHandler("stdout")
-    notes.addFilter(lambda record: record.levelno < logging.WARNING)
-    problems = _RunHandler("stderr")
-    problems.setLevel(logging.WARNING)
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _RunHandler)]:
-        root.removeHandler(old)
-    for handler in (notes, problems):
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.setLevel(logging.NOTSET)  # the package's notes follow the run's level, whatever ran before
-    # Libraries' chatter is not for our users unless they debug.
-    for name in ("transformers", "pytorch_lightning", "lightning", "numba", "PIL", "matplotlib"):
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:

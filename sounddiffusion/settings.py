@@ -168,7 +168,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
 
     The per-frame numbers (``strength``, ``scale``, ``textstrength``, ``rms_bend``, ``latent_noise``,
     ``contrast``, ``cadence``, ``color_coherence_strength``) are schedule texts: a number, or an
-    expression or keyframes over the sound's envelopes (:mod:`sounddiffusion.frame_schedules`).
+    expression or keyframes over the sound's envelopes (:mod:`sounddiffusion.control.frame_schedules`).
     ``strength``: how far each img2img frame departs from the previous one; ``rms_bend``: the
     slice's loudness x F added to the noised latent; ``seed_jump``: frames where it is > 0.5 take
     new img2img noise (held in between); ``bend``: network-bending specs, applied in order;

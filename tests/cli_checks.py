@@ -95,7 +95,7 @@ def click_track(path: Path, seconds: float = 3.0, bpm: float = 120.0) -> Path:
 
 
 def stop_at_frame(next_latent, index: int):
-    """``video_job.next_latent`` that raises KeyboardInterrupt (as Ctrl-C would) when frame
+    """``loop.next_latent`` that raises KeyboardInterrupt (as Ctrl-C would) when frame
     ``index`` is about to be sampled, so a render stops after frames 0 .. index - 1."""
     def wrapped(engine, previous, cond, frame, bends, settings):
         if frame.index == index:

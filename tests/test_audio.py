@@ -1,4 +1,4 @@
-"""sounddiffusion.audio: finding, loading, decoding errors, frame slicing, RMS."""
+"""sounddiffusion.sound.audio: finding, loading, decoding errors, frame slicing, RMS."""
 import logging
 import os
 import subprocess
@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from sounddiffusion.audio import (
-    SAMPLE_RATE, find_audio_files, fps_fraction, frame_bounds, frame_count, frame_slice, frame_slices,
-    iter_frame_slices, load_audio, slice_rms,
-)
 from sounddiffusion.errors import AudioError, ParameterError
+from sounddiffusion.sound.audio import (SAMPLE_RATE, find_audio_files, fps_fraction, frame_bounds,
+                                        frame_count, frame_slice, frame_slices, iter_frame_slices, load_audio,
+                                        slice_rms)
 
 
 def sine(seconds: float, sr: int, frequency: float = 441.0, amplitude: float = 0.5) -> np.ndarray:
@@ -105,7 +104,7 @@ def test_non_finite_samples_become_silence(tmp_path, caplog):
     y[[10, 20, 30]] = [np.nan, np.inf, -np.inf]
     path = tmp_path / "broken.wav"
     soundfile.write(path, y, SAMPLE_RATE, subtype="FLOAT")
-    with caplog.at_level(logging.WARNING, logger="sounddiffusion.audio"):
+    with caplog.at_level(logging.WARNING, logger="sounddiffusion.sound.audio"):
         loaded = load_audio(path)
     assert np.isfinite(loaded).all()
     assert (loaded[[10, 20, 30]] == 0).all()

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from cli_checks import decoded_frames, stop_at_frame
-from sounddiffusion import video_job
-from sounddiffusion.ffmpeg import probe_video
-from sounddiffusion.loading import load_engine
+from sounddiffusion.video import loop
+from video_probe import probe_video
+from sounddiffusion.model.loading import load_engine
 from sounddiffusion.settings import ModelSettings, VideoSettings
 
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "4", "--strength", "0.5", "--seed", "3"]
@@ -91,15 +91,15 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
     status, _, err = run_tool("audio2video", [*args, "--output", tmp_path / "whole" / "song.mp4"])
     assert status == 0, err
 
-    real_next_latent = video_job.next_latent
+    real_next_latent = loop.next_latent
 
-    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(real_next_latent, 5))
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(real_next_latent, 5))
     output = tmp_path / "parts" / "song.mp4"
     status, _, err = run_tool("audio2video", [*args, "--output", output])
     assert status == 130 and not output.exists()
     assert (tmp_path / "parts" / "song.mp4.render").is_dir()
 
-    monkeypatch.setattr(video_job, "next_latent", real_next_latent)
+    monkeypatch.setattr(loop, "next_latent", real_next_latent)
     status, _, err = run_tool("audio2video", [*args, "--output", output])
     assert status == 2 and "--resume" in err  # a fresh start must not clobber the unfinished render
     status, _, err = run_tool("audio2video", [*args, "--output", output, "--resume"])
@@ -111,7 +111,7 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
 
 def test_resume_with_other_settings_is_refused(run_tool, tmp_path, monkeypatch):
     sound = _tone_then_noise(tmp_path / "song.wav")
-    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(video_job.next_latent, 1))
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(loop.next_latent, 1))
     output = tmp_path / "song.mp4"
     assert run_tool("audio2video", ["--path", sound, "--fps", 4, "--output", output, *FAST])[0] == 130
     status, _, err = run_tool("audio2video", ["--path", sound, "--fps", 4, "--output", output, "--resume",
@@ -126,11 +126,11 @@ def test_prompt_file_interpolates(tmp_path):
     settings = VideoSettings(audio=str(sound), fps=2, prompt_file=str(prompts), normalize="clip",
                              textstrength=1.0, H=64, W=64)
     engine = load_engine(ModelSettings(demo=True, device="cpu"))
-    plan = video_job.plan_frames(settings)
+    plan = loop.plan_frames(settings)
     red, blue = engine.text_conditioning("red"), engine.text_conditioning("blue")
     # textstrength 1 in clip mode: text only, so the conditioning is the blended prompt.
     for index, weight in ((0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75)):
-        cond = video_job.frame_conditioning(engine, plan.audio_slice(index), plan.frame(index), settings)
+        cond = loop.frame_conditioning(engine, plan.audio_slice(index), plan.frame(index), settings)
         torch.testing.assert_close(cond, (1 - weight) * red + weight * blue, atol=1e-5, rtol=1e-5)
 
 
@@ -139,18 +139,18 @@ def test_textpromptend_reaches_the_end_prompt(tmp_path):
     settings = VideoSettings(audio=str(sound), fps=2, textprompt="dawn", textpromptend="dusk",
                              textstrength=1.0, H=64, W=64)
     engine = load_engine(ModelSettings(demo=True, device="cpu"))
-    plan = video_job.plan_frames(settings)
+    plan = loop.plan_frames(settings)
     last_index = plan.n_frames - 1
-    first = video_job.frame_conditioning(engine, plan.audio_slice(0), plan.frame(0), settings)
-    last = video_job.frame_conditioning(engine, plan.audio_slice(last_index), plan.frame(last_index), settings)
+    first = loop.frame_conditioning(engine, plan.audio_slice(0), plan.frame(0), settings)
+    last = loop.frame_conditioning(engine, plan.audio_slice(last_index), plan.frame(last_index), settings)
     torch.testing.assert_close(first, engine.text_conditioning("dawn"))
     torch.testing.assert_close(last, engine.text_conditioning("dusk"))
 
 
 def test_preview_is_playable(run_tool, tmp_path, monkeypatch):
     sound = _tone_then_noise(tmp_path / "song.wav")
-    monkeypatch.setattr(video_job, "next_latent",
-                        stop_at_frame(video_job.next_latent, 6))
+    monkeypatch.setattr(loop, "next_latent",
+                        stop_at_frame(loop.next_latent, 6))
     output = tmp_path / "song.mp4"
     status, _, _ = run_tool("audio2video", ["--path", sound, "--fps", 4, "--output", output,
                                             "--preview_every", "1", *FAST])

@@ -22,12 +22,11 @@ from safetensors.torch import load_file
 
 from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, write_sound
 from malicious_pickles import PAYLOADS
-from sounddiffusion import engine as engine_module
-from sounddiffusion import loading
+from sounddiffusion.model import engine as engine_module, loading
+from sounddiffusion.model.conditioning import NORMALIZE_MODES, condition
 from sounddiffusion.settings import ModelSettings
-from sounddiffusion.conditioning import NORMALIZE_MODES, condition
-from sounddiffusion.features import FEATURES, featurize
-from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.sound.features import FEATURES, featurize
+from video_probe import probe_video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""sounddiffusion.diffusers_conversion: the CompVis -> diffusers conversion reproduces our model's outputs, and a
+"""scripts/diffusers_conversion.py: the CompVis -> diffusers conversion reproduces our model's outputs, and a
 run on the tiny model writes the table and the ratio line."""
 import re
 from pathlib import Path
@@ -19,7 +19,7 @@ TOL = 1e-4  # relative to 1 + max|ours|, as the reference README's single-pass t
 
 @pytest.fixture(scope="module")
 def conversion():
-    from sounddiffusion import diffusers_conversion
+    from scripts import diffusers_conversion
 
     return diffusers_conversion
 

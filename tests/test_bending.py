@@ -8,7 +8,7 @@ import pytest
 import scipy.ndimage
 import torch
 
-from sounddiffusion.bending import OPERATORS, SEEDED_OPERATORS, apply, identity_amount
+from sounddiffusion.control.bending import OPERATORS, SEEDED_OPERATORS, apply, identity_amount
 from sounddiffusion.errors import ParameterError
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from conftest import REPO, load_module
-from sounddiffusion.bending import OPERATORS
+from sounddiffusion.control.bending import OPERATORS
 
 
 def load_script():

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cli_checks import DEMO, assert_one_line_error, click_track
-from sounddiffusion import video_job
+from sounddiffusion.video import loop
 
 FAST = [*DEMO, "--fps", "8", "--seed", "5", "--strength", "0.6"]
 
@@ -57,8 +57,8 @@ def test_identity_amounts_leave_every_frame_alone(render, flags):
 @pytest.mark.parametrize("flags", [("--bend", "rotate_z=0.8*beat@step=0.5"), ("--bend", "add=0.5"),
                                    ("--bend", "noise=0.3@input_blocks.1"), ("--bend", "invert=1@step=99")])
 def test_bends_change_the_frames(render, clicks, flags):
-    from sounddiffusion.frame_plan import plan_frames
     from sounddiffusion.settings import VideoSettings
+    from sounddiffusion.video.frame_plan import plan_frames
 
     frames, plain = render(*flags), render()
     changed = [not np.array_equal(a, b) for a, b in zip(frames, plain)]
@@ -76,6 +76,6 @@ def test_bends_change_the_frames(render, clicks, flags):
     ("add", ["--bend", "="]),
 ])
 def test_bad_bend_is_one_line_before_the_model_loads(run_tool, clicks, tmp_path, monkeypatch, spec, words):
-    monkeypatch.setattr(video_job, "load_engine", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loop, "load_engine", lambda *a: pytest.fail("the model was loaded"))
     status, _, err = run_tool("audio2video", ["--path", clicks, "--bend", spec, "--outdir", tmp_path, *FAST])
     assert_one_line_error(status, err, "audio2video", *words)

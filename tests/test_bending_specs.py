@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sounddiffusion.bending_specs import BendSpec, BlockBender, check_block, parse_bend, step_index
+from sounddiffusion.control.bending_specs import BendSpec, BlockBender, check_block, parse_bend, step_index
 from sounddiffusion.errors import ParameterError
 
 PLACES = ("latent, step=K (an integer >= 0 or a fraction between 0 and 1), input_blocks.N, "
@@ -75,7 +75,7 @@ def test_step_index_of_a_bend_elsewhere_is_a_mistake():
 @pytest.fixture(scope="module")
 def unet(tiny_dir):
     from ldm.util import instantiate_from_config
-    from sounddiffusion.loading import init_random_weights
+    from sounddiffusion.model.loading import init_random_weights
 
     config = OmegaConf.load(tiny_dir / "config.yaml")
     model = instantiate_from_config(config.model.params.unet_config).eval()

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sounddiffusion.cluster import (ClusterError, actor_options, import_ray, make_batch, run_on_ray,
-                                    takes_batches)
 from sounddiffusion.errors import AudioError, ParameterError
-from sounddiffusion.manifest import Manifest
+from sounddiffusion.jobs.cluster import (ClusterError, actor_options, import_ray, make_batch, run_on_ray,
+                                         takes_batches)
+from sounddiffusion.jobs.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

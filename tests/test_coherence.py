@@ -6,8 +6,10 @@ import pytest
 import torch
 from skimage.color import deltaE_ciede2000, rgb2hsv, rgb2lab
 
-from sounddiffusion.coherence import COLOR_SPACES, adjust_contrast, cross_fade, latent_noise, match_colors, slerp
 from sounddiffusion.errors import ParameterError
+from sounddiffusion.video.cadence import cross_fade, slerp
+from sounddiffusion.video.color import COLOR_SPACES, match_colors
+from sounddiffusion.video.frame_chain import adjust_contrast, latent_noise
 
 
 def reference_picture(seed: int = 0) -> np.ndarray:

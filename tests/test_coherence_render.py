@@ -7,8 +7,8 @@ import pytest
 
 from cli_checks import DEMO, click_track, decoded_frames
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from sounddiffusion import video_job
-from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.video import loop
+from video_probe import probe_video
 
 FAST = [*DEMO, "--ddim_steps", "4", "--fps", "8", "--seed", "5", "--strength", "0.5"]
 
@@ -57,7 +57,7 @@ def test_cadence_keeps_frames_and_sync_with_a_third_of_the_unet_calls(run_tool, 
 
 
 def test_color_coherence_lowers_the_drift(run_tool, clicks, tmp_path):
-    from sounddiffusion.video_stats import video_stats
+    from sounddiffusion.video.video_stats import video_stats
 
     long_render = [*FAST, "--strength", "0.7", "--fps", "16"]
     drift = {}
@@ -74,7 +74,7 @@ def test_every_cure_resumes_to_the_same_frames(run_tool, clicks, tmp_path, monke
     args = ["--path", clicks, *FAST, "--cadence", "2 + 2*(1 - onset)", "--color_coherence", "hsv",
             "--color_coherence_every", "2", "--latent_noise", "0.2*beat", "--contrast", "0.97"]
     assert run_tool("audio2video", [*args, "--output", tmp_path / "whole.mp4"])[0] == 0
-    real = video_job.diffuse
+    real = loop.diffuse
     calls = [0]
 
     def stop_on_the_sixth(*a, **k):
@@ -83,9 +83,9 @@ def test_every_cure_resumes_to_the_same_frames(run_tool, clicks, tmp_path, monke
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(video_job, "diffuse", stop_on_the_sixth)
+    monkeypatch.setattr(loop, "diffuse", stop_on_the_sixth)
     assert run_tool("audio2video", [*args, "--output", tmp_path / "parts.mp4"])[0] == 130
-    monkeypatch.setattr(video_job, "diffuse", real)
+    monkeypatch.setattr(loop, "diffuse", real)
     status, _, err = run_tool("audio2video", [*args, "--output", tmp_path / "parts.mp4", "--resume"])
     assert status == 0, err
     assert np.array_equal(decoded_frames(tmp_path / "whole.mp4"), decoded_frames(tmp_path / "parts.mp4"))

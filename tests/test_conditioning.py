@@ -1,14 +1,13 @@
-"""sounddiffusion.conditioning: normalization modes, text mixing, prompt files and schedules."""
+"""sounddiffusion.model.conditioning: normalization modes, text mixing, prompt files and schedules."""
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sounddiffusion.conditioning import (
-    NORMALIZE_MODES, blend_conditionings, condition, parse_prompt_file, prompt_weights_at, start_end_schedule,
-)
+from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
 from sounddiffusion.errors import ParameterError, PromptFileError
-from sounddiffusion.features import featurize
+from sounddiffusion.model.conditioning import NORMALIZE_MODES, blend_conditionings, condition
+from sounddiffusion.sound.features import featurize
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import load_model_from_config
-from sounddiffusion import video_job
-from sounddiffusion.audio import SAMPLE_RATE
-from sounddiffusion.cuda_graphs import StaticShapeCalls
-from sounddiffusion.frame_plan import plan_frames
-from sounddiffusion.loading import build_demo_model, engine_for_model
+from sounddiffusion.model.cuda_graphs import StaticShapeCalls
+from sounddiffusion.model.loading import build_demo_model, engine_for_model
 from sounddiffusion.settings import VideoSettings
+from sounddiffusion.sound.audio import SAMPLE_RATE
+from sounddiffusion.video import loop
+from sounddiffusion.video.frame_plan import plan_frames
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: PyTorch sees none here")]
@@ -109,7 +109,7 @@ def frames(engine, song, count=3, **changes):
     video = VideoSettings(**{**dict(audio=str(song), fps=4, strength=0.5, ddim_steps=4, seed=3, H=SIZE, W=SIZE),
                              **changes})
     captured = Captured()
-    video_job.sample_frames(engine, plan_frames(video), video, captured, start=0, stop=count, latent=None)
+    loop.sample_frames(engine, plan_frames(video), video, captured, start=0, stop=count, latent=None)
     return captured.latents
 
 

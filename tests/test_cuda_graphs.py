@@ -1,4 +1,4 @@
-"""sounddiffusion.cuda_graphs on a CPU: the static-buffer "copy in, replay, copy out" logic with an
+"""sounddiffusion.model.cuda_graphs on a CPU: the static-buffer "copy in, replay, copy out" logic with an
 eager stand-in for the graph gives bit-identical samples to the plain UNet across changes of step
 count, strength, sampler and picture size, and refuses (runs eagerly, one debug log) what it cannot
 capture. The real graphs are tested on CUDA in tests/test_cuda.py."""
@@ -10,11 +10,11 @@ import torch
 
 from ldm.util import load_model_from_config
 from sounddiffusion import cli
-from sounddiffusion.cuda_graphs import StaticShapeCalls, eager_capture, use_static_calls
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.loading import engine_for_model, load_config
+from sounddiffusion.model.cuda_graphs import StaticShapeCalls, eager_capture, use_static_calls
+from sounddiffusion.model.loading import engine_for_model, load_config
 
-LOGGER = "sounddiffusion.cuda_graphs"
+LOGGER = "sounddiffusion.model.cuda_graphs"
 
 
 class CountingCapture:

@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import REPO, load_module
 from ldm.modules.diffusionmodules.demo_denoiser import course_descriptors, prior_mean
-from sounddiffusion.audio import load_audio
-from sounddiffusion.loading import load_engine
+from sounddiffusion.model.loading import load_engine
 from sounddiffusion.settings import ModelSettings
+from sounddiffusion.sound.audio import load_audio
 
 figure = load_module(REPO / "scripts" / "demo_figure.py", "demo_figure")
 picture, mad, RECORDINGS = figure.picture, figure.mad, figure.RECORDINGS

@@ -6,7 +6,7 @@ import pytest
 import soundfile
 
 from conftest import load_module
-from sounddiffusion.audio import SAMPLE_RATE, find_audio_files, load_audio
+from sounddiffusion.sound.audio import SAMPLE_RATE, find_audio_files, load_audio
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -25,9 +25,10 @@ import torch
 from PIL import Image
 
 from cli_checks import DEMO, assert_one_line_error, decoded_frames, frames_done, snapshot, stderr_lines, write_sound
-from sounddiffusion import engine as engine_module
-from sounddiffusion import ffmpeg, images
-from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion import images
+from sounddiffusion.model import engine as engine_module
+from sounddiffusion.video import ffmpeg
+from video_probe import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
 # Segments of 4 frames (--preview_every 0.5 s at 8 fps): a stop leaves finished segments and PNGs.
@@ -149,7 +150,7 @@ def test_a_name_taken_while_writing_is_not_overwritten(run_tool, tmp_path, monke
         Path(path).write_bytes(b"another program's file")
         return real_save_png(image_array, path, parameters)
 
-    monkeypatch.setattr("sounddiffusion.image_jobs.save_png", someone_else_was_faster)
+    monkeypatch.setattr("sounddiffusion.jobs.image_jobs.save_png", someone_else_was_faster)
     status, _, err = run_tool("txt2img", ["--outdir", outdir, *DEMO])
     assert_one_line_error(status, err, "txt2img", str(taken), "already exists", "not overwriting")
     assert taken.read_bytes() == b"another program's file"
@@ -372,7 +373,7 @@ def test_a_folder_of_only_bad_sounds_fails_before_the_model_loads(run_tool, tmp_
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sounddiffusion.image_jobs.load_engine", must_not_load)
+    monkeypatch.setattr("sounddiffusion.jobs.image_jobs.load_engine", must_not_load)
     status, _, err = run_tool("audio2img", ["--input_folder", folder, "--outdir", tmp_path / "out", *DEMO])
     assert_one_line_error(status, err, "audio2img", "none of the 2 sounds could be read", "a.wav")
 
@@ -382,7 +383,7 @@ def test_notes_go_to_the_streams_of_the_moment(monkeypatch):
     closed since the run configured logging (an earlier test's capture) is never written to."""
     import io
 
-    from sounddiffusion.cli import configure_logging
+    from sounddiffusion.logs import configure_logging
 
     closed = io.StringIO()
     monkeypatch.setattr(sys, "stdout", closed)

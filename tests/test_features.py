@@ -1,4 +1,4 @@
-"""sounddiffusion.features: the original waveform/fft definitions, mel and MFCC features, edge cases."""
+"""sounddiffusion.sound.features: the original waveform/fft definitions, mel and MFCC features, edge cases."""
 import json
 import warnings
 
@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from sounddiffusion.audio import SAMPLE_RATE, frame_slices, load_audio
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.features import (
-    FEATURES, _mel_filterbank, featurize, fft_features, melspectrogram_features, mfcc_features, waveform_features,
-)
+from sounddiffusion.sound.audio import SAMPLE_RATE, frame_slices, load_audio
+from sounddiffusion.sound.features import (FEATURES, _mel_filterbank, featurize, fft_features,
+                                           melspectrogram_features, mfcc_features, waveform_features)
 
 
 def assert_close(ours: np.ndarray, reference: np.ndarray) -> None:

@@ -22,11 +22,12 @@ from cli_checks import DEMO, TINY, assert_one_line_error, decoded_frames, snapsh
 from conftest import ENTRY_POINTS, EXAMPLE_SCRIPTS, REPO, load_module
 from ldm.checkpoint_keys import fit_state_dict
 from ldm.errors import CheckpointError
-from sounddiffusion import cli, loading
-from sounddiffusion.ffmpeg import ffmpeg_exe
+from sounddiffusion import cli
 from sounddiffusion.images import read_png_parameters, read_rgb
+from sounddiffusion.model import loading
 from sounddiffusion.settings import DEFAULT_CRF
-from sounddiffusion.video import VideoRender
+from sounddiffusion.video.ffmpeg import ffmpeg_exe
+from sounddiffusion.video.render import VideoRender
 
 MAX_LINE = 300  # characters of an error line, "PROG: error: " included
 _PYTEST_TMP = re.compile(r"\S*pytest-of-[^/]+/pytest-\d+/[^/\s]+")  # a test's tmp_path

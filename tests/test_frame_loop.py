@@ -1,4 +1,4 @@
-"""The frame loop (sounddiffusion.video_job.sample_frames) on the demo model: the init image starts
+"""The frame loop (sounddiffusion.video.loop.sample_frames) on the demo model: the init image starts
 the chain, --rms_bend adds exactly loudness x F, --pixel_roundtrip re-encodes every frame, --compile
 gives the eager frames."""
 
@@ -10,13 +10,13 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from sounddiffusion import video_job
-from sounddiffusion.audio import SAMPLE_RATE, frame_bounds
-from sounddiffusion.frame_plan import plan_frames
-from sounddiffusion.frame_writer import ChainState
 from sounddiffusion.images import load_init_image
-from sounddiffusion.loading import engine_for_model, load_config, load_engine
+from sounddiffusion.model.loading import engine_for_model, load_config, load_engine
 from sounddiffusion.settings import ModelSettings, VideoSettings
+from sounddiffusion.sound.audio import SAMPLE_RATE, frame_bounds
+from sounddiffusion.video import loop
+from sounddiffusion.video.frame_chain import ChainState
+from sounddiffusion.video.frame_plan import plan_frames
 
 SIZE = 64
 
@@ -53,7 +53,7 @@ def settings(song_path, **changes) -> VideoSettings:
 
 def render(engine, video, frames, latent=None) -> Captured:
     captured = Captured()
-    video_job.sample_frames(engine, plan_frames(video), video, captured, start=0, stop=frames,
+    loop.sample_frames(engine, plan_frames(video), video, captured, start=0, stop=frames,
                             chain=ChainState(-1, latent))
     return captured
 
@@ -86,7 +86,7 @@ def test_rms_bend_adds_loudness_times_f(engine, song):
         start, end = frame_bounds(index, 4)
         rms = float(np.sqrt(np.mean(np.square(samples[start:end], dtype=np.float64))))
         frame = plan.frame(index)
-        cond = video_job.frame_conditioning(engine, plan.audio_slice(index), frame, video)
+        cond = loop.frame_conditioning(engine, plan.audio_slice(index), frame, video)
         noise = engine.noise(engine.latent_shape(1, SIZE, SIZE), frame.noise_seed)
         expected = engine.img2img(bent[index - 1], cond[None], noise=noise, strength=0.5, sampler="plms", steps=4,
                                   scale=7.5, seed=frame.noise_seed + 1, bend_noised=lambda z: z + rms * bend)
@@ -96,13 +96,13 @@ def test_rms_bend_adds_loudness_times_f(engine, song):
 
 def test_pixel_roundtrip_reencodes_every_frame(engine, song, monkeypatch):
     raw = {}
-    real_next_latent = video_job.next_latent
+    real_next_latent = loop.next_latent
 
     def recording(engine, previous, cond, frame, bends, settings):
         raw[frame.index] = real_next_latent(engine, previous, cond, frame, bends, settings)
         return raw[frame.index]
 
-    monkeypatch.setattr(video_job, "next_latent", recording)
+    monkeypatch.setattr(loop, "next_latent", recording)
     submitted = render(engine, settings(song[0], pixel_roundtrip=True), 3).latents
     for index in range(3):
         expected = engine.encode_image(engine.decode(raw[index]))

@@ -28,9 +28,9 @@ import pytest
 import soundfile as sf
 
 from cli_checks import DEMO, frames_done, write_sound
-from sounddiffusion.audio import (BLOCK_SAMPLES, frame_count, frame_slice, load_audio, sound_blocks,
-                                  sound_length, stream_frame_slices)
-from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.sound.audio import (BLOCK_SAMPLES, frame_count, frame_slice, load_audio, sound_blocks,
+                                        sound_length, stream_frame_slices)
+from video_probe import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
 

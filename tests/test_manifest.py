@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from sounddiffusion.errors import OutputError
-from sounddiffusion.manifest import Manifest, file_key, settings_digest
+from sounddiffusion.jobs.manifest import Manifest, file_key, settings_digest
 
 
 @dataclass(frozen=True)

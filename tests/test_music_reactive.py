@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cli_checks import DEMO, assert_one_line_error, click_track, decoded_frames, stop_at_frame
-from sounddiffusion import video_job
-from sounddiffusion.frame_plan import frame_seed, plan_frames
 from sounddiffusion.settings import ModelSettings, VideoSettings
+from sounddiffusion.video import loop
+from sounddiffusion.video.frame_plan import frame_seed, plan_frames
 
 FAST = [*DEMO, "--fps", "8", "--seed", "5"]
 
@@ -26,7 +26,7 @@ def test_a_number_in_code_and_on_the_command_line_give_the_same_bytes(run_tool, 
     assert status == 0, err
     settings = VideoSettings(audio=str(clicks), strength=0.5, fps=8, seed=5, H=64, W=64, ddim_steps=2,
                              output=str(tmp_path / "code.mp4"))
-    video_job.run_audio2video(settings, ModelSettings(demo=True))
+    loop.run_audio2video(settings, ModelSettings(demo=True))
     assert (tmp_path / "cli.mp4").read_bytes() == (tmp_path / "code.mp4").read_bytes()
 
 
@@ -48,7 +48,7 @@ def test_dry_run_plot_needs_no_checkpoint(run_tool, clicks, tmp_path, monkeypatc
     def must_not_load(*args, **kwargs):
         raise AssertionError("--dry_run loaded the model")
 
-    monkeypatch.setattr(video_job, "load_engine", must_not_load)
+    monkeypatch.setattr(loop, "load_engine", must_not_load)
     status, _, err = run_tool("audio2video", ["--path", clicks, "--strength", "0:(0.3), 16:(0.3 + 0.4*beat)",
                                                 "--bend", "rotate_z=0.5*beat@step=0.5", "--dry_run", "--plot",
                                                 "--outdir", tmp_path])
@@ -92,7 +92,7 @@ def test_prompt_times_snap_to_beats(clicks, tmp_path):
     ("0:(0.4), 0:(0.5)", ["--strength", "column"]),
 ])
 def test_bad_schedule_is_one_line_before_the_model_loads(run_tool, clicks, tmp_path, monkeypatch, text, words):
-    monkeypatch.setattr(video_job, "load_engine", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loop, "load_engine", lambda *a: pytest.fail("the model was loaded"))
     status, _, err = run_tool("audio2video", ["--path", clicks, "--strength", text, "--outdir", tmp_path, *FAST])
     assert_one_line_error(status, err, "audio2video", *words)
 
@@ -111,11 +111,11 @@ def test_scheduled_render_resumes_to_the_same_frames(run_tool, clicks, tmp_path,
             "--bend", "noise=0.5*onset", "--bend", "rotate_z=beat@step=0.5", *FAST]
     status, _, err = run_tool("audio2video", [*args, "--output", tmp_path / "whole.mp4"])
     assert status == 0, err
-    real = video_job.next_latent
+    real = loop.next_latent
 
-    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(real, 9))
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(real, 9))
     assert run_tool("audio2video", [*args, "--output", tmp_path / "parts.mp4"])[0] == 130
-    monkeypatch.setattr(video_job, "next_latent", real)
+    monkeypatch.setattr(loop, "next_latent", real)
     status, _, err = run_tool("audio2video", [*args, "--output", tmp_path / "parts.mp4", "--resume"])
     assert status == 0, err
     whole, parts = decoded_frames(tmp_path / "whole.mp4"), decoded_frames(tmp_path / "parts.mp4")

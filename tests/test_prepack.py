@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ldm.modules.prepack import PrepackedConv2d, PrepackedLinear, prepack_supported, prepack_weights
-from sounddiffusion.loading import engine_for_model
+from sounddiffusion.model.loading import engine_for_model
 
 pytestmark = pytest.mark.skipif(not prepack_supported(), reason="this PyTorch build has no oneDNN packed-weight ops")
 
@@ -82,7 +82,7 @@ def test_engine_packs_on_cpu_and_keeps_the_reference_outputs(tiny_dir, channels_
 def test_engine_does_not_pack_without_the_memory_for_it(tiny_dir, monkeypatch):
     from omegaconf import OmegaConf
     from ldm.util import load_model_from_config
-    from sounddiffusion import loading
+    from sounddiffusion.model import loading
 
     monkeypatch.setattr(loading, "available_memory", lambda: 1 << 20)  # 1 MiB free
     model = load_model_from_config(OmegaConf.load(tiny_dir / "config.yaml"), str(tiny_dir / "model.safetensors"))

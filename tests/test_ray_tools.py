@@ -174,7 +174,7 @@ def test_worker_killed_mid_job_every_sound_made_once(run_tool, ray_local, sounds
     recorded; Ray restarts it, and the job still makes every sound exactly once."""
     import signal
 
-    from sounddiffusion import manifest as manifest_module
+    from sounddiffusion.jobs import manifest as manifest_module
 
     killed = []
     real_record = manifest_module.Manifest.record

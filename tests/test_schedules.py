@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sounddiffusion.analysis import ENVELOPE_NAMES, Envelopes
+from sounddiffusion.control.schedule_report import plot_schedule, write_schedule_csv
+from sounddiffusion.control.schedules import clip_to_range, parse_schedule
 from sounddiffusion.errors import ParameterError, ScheduleError
-from sounddiffusion.schedule_report import plot_schedule, write_schedule_csv
-from sounddiffusion.schedules import clip_to_range, parse_schedule
+from sounddiffusion.sound.analysis import ENVELOPE_NAMES, Envelopes
 
 N = 40
 NAMES = (*ENVELOPE_NAMES, "bpm", "t", "s", "fps", "max_f")

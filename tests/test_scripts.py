@@ -54,7 +54,7 @@ def _picture(path, kind):
 @pytest.mark.parametrize("sampler", [[], ["--plms"]])
 def test_img2img_uses_the_init_image(run_tool, tmp_path, sampler):
     from sounddiffusion.images import load_init_image
-    from sounddiffusion.loading import load_engine
+    from sounddiffusion.model.loading import load_engine
     from sounddiffusion.settings import ModelSettings
 
     def img2img(init, strength):

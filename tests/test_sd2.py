@@ -16,12 +16,13 @@ from safetensors.torch import save_file
 
 from cli_checks import assert_one_line_error, stop_at_frame
 from conftest import DATA, REPO
-from sounddiffusion.frame_writer import ChainState
-from sounddiffusion import loading, video_job
-from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.model import loading
+from sounddiffusion.video import loop
+from sounddiffusion.video.frame_chain import ChainState
+from video_probe import probe_video
 from ldm.checkpoint import checkpoint_family
-from sounddiffusion.loading import config_for_family, load_engine
-from sounddiffusion.settings import DEFAULT_CONFIG, V2_CONFIG, V2_V_CONFIG, ModelSettings, VideoSettings
+from sounddiffusion.model.loading import config_for_family, load_engine
+from sounddiffusion.settings import DEFAULT_CONFIG, ModelSettings, V2_CONFIG, V2_V_CONFIG, VideoSettings
 
 TINY_V2, TINY_V2_V = DATA / "tiny-v2", DATA / "tiny-v2-v"
 SIZE = ["--H", "64", "--W", "64"]
@@ -168,17 +169,17 @@ def test_conditioning_width_comes_from_the_model(v_engine, tmp_path):
     width = loading.load_config(TINY_V2_V / "config.yaml").model.params.unet_config.params.context_dim
     assert v_engine.context_dim == width == 48
     settings = VideoSettings(audio=str(_tone_then_noise(tmp_path / "s.wav")), fps=2, H=64, W=64)
-    plan = video_job.plan_frames(settings)
+    plan = loop.plan_frames(settings)
     for index in range(plan.n_frames):
-        cond = video_job.frame_conditioning(v_engine, plan.audio_slice(index), plan.frame(index), settings)
+        cond = loop.frame_conditioning(v_engine, plan.audio_slice(index), plan.frame(index), settings)
         assert tuple(cond.shape) == (77, 48) and torch.isfinite(cond).all()
 
 
 def _first_img2img_frame(engine, settings, *, ddim):
     """Frame 0 by DDIM, then frame 1 (img2img from it) by DDIM or PLMS: (frame 0, frame 1) latents."""
-    plan = video_job.plan_frames(settings)
-    start = video_job.diffuse(engine, plan, replace(settings, ddim=True), ChainState(), plan.frame(0), None)
-    return start, video_job.diffuse(engine, plan, replace(settings, ddim=ddim), ChainState(0, start), plan.frame(1),
+    plan = loop.plan_frames(settings)
+    start = loop.diffuse(engine, plan, replace(settings, ddim=True), ChainState(), plan.frame(0), None)
+    return start, loop.diffuse(engine, plan, replace(settings, ddim=ddim), ChainState(0, start), plan.frame(1),
                                     None)
 
 
@@ -225,13 +226,13 @@ def test_audio2video_on_v_model_end_to_end_and_resume(run_tool, tmp_path, monkey
     info = probe_video(whole)
     assert info["frames"] == 6 and (info["width"], info["height"]) == (64, 64) and info["has_audio"]
 
-    real_next_latent = video_job.next_latent
+    real_next_latent = loop.next_latent
 
-    monkeypatch.setattr(video_job, "next_latent", stop_at_frame(real_next_latent, 4))
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(real_next_latent, 4))
     output = tmp_path / "parts" / "song.mp4"
     status, _, err = run_tool("audio2video", [*args, "--output", output])
     assert status == 130 and not output.exists()
-    monkeypatch.setattr(video_job, "next_latent", real_next_latent)
+    monkeypatch.setattr(loop, "next_latent", real_next_latent)
     status, _, err = run_tool("audio2video", [*args, "--output", output, "--resume"])
     assert status == 0, err
     assert np.array_equal(_decoded_frames(output), _decoded_frames(whole))

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import soundfile
 
-from sounddiffusion import ffmpeg, render_state
-from sounddiffusion.audio import SAMPLE_RATE, fps_fraction, frame_bounds, frame_count
 from sounddiffusion.errors import OutputError, ParameterError
-from sounddiffusion.ffmpeg import probe_video
+from sounddiffusion.sound.audio import SAMPLE_RATE, fps_fraction, frame_bounds, frame_count
+from sounddiffusion.video import ffmpeg, render_state
+from video_probe import probe_video
 from sounddiffusion.files import unique_output_path
 from sounddiffusion.images import read_rgb
-from sounddiffusion.video import VideoRender
+from sounddiffusion.video.render import VideoRender
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -159,7 +159,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
     sys.path[:0] = [{repo!r}, {tests!r}]
-    from sounddiffusion.video import VideoRender
+    from sounddiffusion.video.render import VideoRender
     from test_video import SETTINGS, SIZE, add_frames
     render = VideoRender.open({path!r}, 8, SIZE, SIZE, SETTINGS, segment_frames=5)
     add_frames(render, 13)

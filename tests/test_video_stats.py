@@ -11,8 +11,8 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 
 from conftest import load_module
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.video import VideoRender
-from sounddiffusion.video_stats import onset_per_frame, pearson, video_stats
+from sounddiffusion.video.render import VideoRender
+from sounddiffusion.video.video_stats import onset_per_frame, pearson, video_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "video_stats.py"

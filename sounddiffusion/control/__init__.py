@@ -1,0 +1,1 @@
+"""What the user steers with: schedules, prompt files, network bending."""

@@ -1,0 +1,148 @@
+"""audio2video's per-frame numbers: which flags take a schedule, their ranges, and their values.
+
+Every flag in :data:`SCHEDULED` takes a number (the same frames as before schedules existed) or a
+schedule over the sound's envelopes (:mod:`sounddiffusion.control.schedules`, :mod:`sounddiffusion.sound.analysis`).
+:func:`parse_video_schedules` reads them all before the model loads, so a mistake is one line at
+once; :func:`evaluate_schedules` gives their values on every frame, clipped to each flag's range.
+The bends of ``--bend`` are schedules too (their amounts), read with the same parser.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from sounddiffusion.control.bending_specs import BendSpec, parse_bend
+from sounddiffusion.control.schedules import Schedule, clip_to_range, parse_schedule
+from sounddiffusion.errors import ParameterError
+from sounddiffusion.settings import VideoSettings
+from sounddiffusion.sound.analysis import ENVELOPE_NAMES, Envelopes
+
+VARIABLES = (*ENVELOPE_NAMES, "bpm", "t", "s", "fps", "max_f")
+"""The names a schedule may read (see :meth:`sounddiffusion.sound.analysis.Envelopes.variables`)."""
+
+NEEDS_ANALYSIS = frozenset((*ENVELOPE_NAMES, "bpm"))
+"""Names whose values come from analysing the sound; ``t s fps max_f`` need no analysis."""
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """A flag that takes a schedule: its name, the range its values are clipped to (None: open)
+    and what the range means, for the error a constant out of range gets."""
+
+    name: str
+    low: float | None
+    high: float | None
+    meaning: str
+
+
+SCHEDULED = (
+    Scheduled("strength", 0.0, 1.0, "0 keeps the previous frame, 1 ignores it completely"),
+    Scheduled("scale", 0.0, None, "the guidance scale cannot be negative"),
+    Scheduled("textstrength", 0.0, 1.0, "0 = sound only, 1 = text only"),
+    Scheduled("rms_bend", None, None, ""),
+    Scheduled("latent_noise", 0.0, None, "0 adds no noise"),
+    Scheduled("contrast", 0.0, None, "1 keeps the contrast, 0 flattens the picture"),
+    Scheduled("cadence", 1.0, None, "1 diffuses every frame, N every Nth"),
+    Scheduled("color_coherence_strength", 0.0, 1.0, "0 leaves colours alone, 1 matches them fully"),
+)
+"""The scheduled flags of audio2video and their ranges (``--seed_jump`` is a condition, unclipped)."""
+
+
+def text_range(settings: VideoSettings) -> Scheduled:
+    """``--textstrength``'s range depends on ``--normalize``: text-range divides by it."""
+    if settings.normalize == "text-range":
+        return Scheduled("textstrength", 1e-3, None, "--normalize text-range divides by it; use a value > 0")
+    return SCHEDULED[2]
+
+
+def _flags(settings: VideoSettings) -> list[Scheduled]:
+    return [text_range(settings) if s.name == "textstrength" else s for s in SCHEDULED]
+
+
+@dataclass(frozen=True)
+class VideoSchedules:
+    """The parsed schedules of a render: one per scheduled flag, ``seed_jump`` (or None), and the
+    bends with their amount schedules, in the order given."""
+
+    values: dict[str, Schedule]
+    seed_jump: Schedule | None
+    bends: tuple[tuple[BendSpec, Schedule], ...]
+
+    def all(self) -> list[Schedule]:
+        extra = [self.seed_jump] if self.seed_jump is not None else []
+        return [*self.values.values(), *extra, *(amount for _, amount in self.bends)]
+
+    def needs_analysis(self) -> bool:
+        """Whether a schedule reads an envelope (the sound must then be analysed)."""
+        return any(schedule.names_used & NEEDS_ANALYSIS for schedule in self.all())
+
+
+def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
+    """Parse every scheduled flag and bend of ``settings``; constants must lie in their range.
+
+    Raises ScheduleError / ParameterError (one line naming the flag) before anything is loaded."""
+    values = {}
+    for flag in _flags(settings):
+        schedule = parse_schedule(str(getattr(settings, flag.name)), flag=f"--{flag.name}", names=VARIABLES)
+        if schedule.is_constant:
+            _check_constant(flag, schedule.constant)
+        values[flag.name] = schedule
+    seed_jump = (parse_schedule(settings.seed_jump, flag="--seed_jump", names=VARIABLES)
+                 if settings.seed_jump else None)
+    bends = []
+    for text in settings.bend:
+        spec = parse_bend(text)
+        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{text}"', names=VARIABLES)))
+    return VideoSchedules(values, seed_jump, tuple(bends))
+
+
+def _check_constant(flag: Scheduled, value: float) -> None:
+    too_low = flag.low is not None and value < flag.low
+    too_high = flag.high is not None and value > flag.high
+    if too_low or too_high:
+        low = "-inf" if flag.low is None else f"{flag.low:g}"
+        high = "inf" if flag.high is None else f"{flag.high:g}"
+        raise ParameterError(f"--{flag.name} {value:g} is outside [{low}, {high}]: {flag.meaning}")
+
+
+def plain_variables(n_frames: int, fps: float) -> dict[str, np.ndarray | float]:
+    """The variables that need no analysis of the sound: ``t s fps max_f``."""
+    frames = np.arange(n_frames, dtype=np.float64)
+    return {"t": frames, "s": frames / fps, "fps": float(fps), "max_f": float(n_frames)}
+
+
+def evaluate_schedules(schedules: VideoSchedules, settings: VideoSettings,
+                       variables: Mapping[str, np.ndarray | float], n_frames: int
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(each scheduled flag's values (n_frames,) clipped to its range, the seed-jump frames as a
+    bool array (n_frames,), the bend amounts (n_bends, n_frames))."""
+    values = {}
+    for flag in _flags(settings):
+        raw = schedules.values[flag.name].evaluate(variables, n_frames)
+        values[flag.name] = clip_to_range(raw, low=flag.low, high=flag.high, flag=f"--{flag.name}")
+    if schedules.seed_jump is not None:
+        jumps = schedules.seed_jump.evaluate(variables, n_frames) > 0.5
+    else:
+        jumps = np.zeros(n_frames, dtype=bool)
+    amounts = np.array([amount.evaluate(variables, n_frames) for _, amount in schedules.bends],
+                       dtype=np.float64).reshape(len(schedules.bends), n_frames)
+    return values, jumps, amounts
+
+
+def report_columns(values: Mapping[str, np.ndarray], jumps: np.ndarray, amounts: np.ndarray,
+                   schedules: VideoSchedules) -> dict[str, np.ndarray]:
+    """The scheduled values as used, by column name, for NAME.schedule.csv and its plot: the flags
+    that are scheduled (not constant), the seed jumps, and every bend's amount."""
+    columns = {name: values[name] for name, schedule in schedules.values.items() if not schedule.is_constant}
+    if schedules.seed_jump is not None:
+        columns["seed_jump"] = jumps.astype(np.float64)
+    for (spec, _), row in zip(schedules.bends, amounts):
+        columns[f"bend {spec.text or spec.op}"] = row
+    return columns
+
+
+def envelopes_of(envelopes: Envelopes | None, n_frames: int, fps: float) -> dict[str, np.ndarray | float]:
+    """The schedule variables: all of them from ``envelopes``, or only the plain ones without."""
+    return envelopes.variables() if envelopes is not None else plain_variables(n_frames, fps)

@@ -1,0 +1,102 @@
+"""Text prompts that change over time: ``(seconds, prompt)`` schedules from ``--textprompt`` /
+``--textpromptend`` (:func:`start_end_schedule`) or a file of timed prompts (:func:`parse_prompt_file`),
+and the prompts mixed at a given time (:func:`prompt_weights_at`).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from sounddiffusion.errors import ParameterError, PromptFileError
+
+Schedule = list[tuple[float, str]]
+"""Text prompts in time: ``(seconds, prompt)`` pairs with strictly increasing times."""
+
+# [[H:]M:]S[.s], then whitespace or a colon (upstream wrote "0:20: text"), then the prompt
+_PROMPT_LINE = re.compile(
+    r"(?:(?:(?P<h>\d+):)?(?P<m>\d+):)?(?P<s>\d+(?:\.\d+)?)(?::\s*|\s+)(?P<text>\S.*)"
+)
+_PROMPT_FORMAT = ("expected 'TIME prompt' with TIME as M:SS, M:SS.s, SS or SS.s "
+                  "(optionally H:MM:SS, and a colon after TIME), e.g. '1:05 a stormy sea'")
+
+
+def parse_prompt_file(path: str | Path) -> Schedule:
+    """The schedule in a file of timestamped prompts, one per line: ``[(seconds, prompt), ...]``.
+
+    Accepted lines: ``M:SS text``, ``M:SS.s text``, ``SS text``, ``SS.s text``, ``H:MM:SS text``,
+    each also with a colon after the time (``0:20: text``). Blank lines and lines starting with
+    ``#`` are skipped. Times must increase strictly. Raises :class:`PromptFileError` naming the
+    file (and the line number) when the file cannot be read, a line does not fit, times do not
+    increase or there is no prompt at all.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise PromptFileError(f"prompt file {path} is a folder: give a text file of timed prompts") from None
+    except PermissionError:
+        raise PromptFileError(f"cannot read prompt file {path}: permission denied; make it readable") from None
+    except UnicodeDecodeError as exc:
+        number = exc.object.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(f"{path}, line {number}: not UTF-8 text; save the prompt file as UTF-8") from None
+    except OSError as exc:
+        raise PromptFileError(f"cannot read prompt file {path} ({exc.strerror or exc})") from None
+    schedule: Schedule = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        seconds, prompt = _parse_prompt_line(line, path, number)
+        if schedule and seconds <= schedule[-1][0]:
+            raise PromptFileError(f"{path}, line {number}: time {seconds:g} s does not come after the previous "
+                                  f"line's {schedule[-1][0]:g} s; list prompts in increasing time")
+        schedule.append((seconds, prompt))
+    if not schedule:
+        raise PromptFileError(f"prompt file {path} holds no prompt: {_PROMPT_FORMAT}")
+    return schedule
+
+
+def _parse_prompt_line(line: str, path: Path, number: int) -> tuple[float, str]:
+    """``(seconds, prompt)`` of one stripped, non-comment line of a prompt file."""
+    match = _PROMPT_LINE.fullmatch(line)
+    if match is None:
+        raise PromptFileError(f"{path}, line {number}: cannot read {line!r}; {_PROMPT_FORMAT}")
+    hours, minutes, seconds = match["h"], match["m"], float(match["s"])
+    if (minutes is not None and seconds >= 60) or (hours is not None and int(minutes) >= 60):
+        raise PromptFileError(f"{path}, line {number}: {line!r} has 60 or more seconds or minutes "
+                              f"after a colon; {_PROMPT_FORMAT}")
+    total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + seconds
+    return total, match["text"]
+
+
+def start_end_schedule(start: str, end: str | None, duration: float) -> Schedule:
+    """The schedule of ``--textprompt start --textpromptend end`` over a video whose last frame is at ``duration`` s.
+
+    ``start`` at 0 s, ``end`` at ``duration``: the conditioning moves linearly from one to the
+    other across the video, as upstream. Without ``end`` (or when the video has a single frame,
+    ``duration <= 0``) it is ``start`` throughout.
+    """
+    if end is None or duration <= 0:
+        return [(0.0, start)]
+    return [(0.0, start), (float(duration), end)]
+
+
+def prompt_weights_at(schedule: Sequence[tuple[float, str]], t_seconds: float) -> list[tuple[str, float]]:
+    """The prompts mixed at time ``t_seconds`` and their weights, which sum to 1.
+
+    Before the first time: the first prompt alone; between two times: the two prompts with
+    weights that move linearly from the earlier to the later; from the last time on: the last
+    prompt alone. Prompts with weight 0 are left out.
+    """
+    if not schedule:
+        raise ParameterError("a prompt schedule needs at least one (seconds, prompt) entry")
+    if t_seconds <= schedule[0][0]:
+        return [(schedule[0][1], 1.0)]
+    for (t0, prompt0), (t1, prompt1) in zip(schedule, schedule[1:]):
+        if t_seconds < t1:
+            later = (t_seconds - t0) / (t1 - t0)
+            return [(prompt, weight) for prompt, weight in ((prompt0, 1.0 - later), (prompt1, later)) if weight > 0]
+    return [(schedule[-1][1], 1.0)]

@@ -1,0 +1,1 @@
+"""Jobs over many inputs: image jobs, batches, Ray, the manifest."""

@@ -1,0 +1,1 @@
+"""The model: loading, the Engine that samples, conditioning, CUDA graphs."""

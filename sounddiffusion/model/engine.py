@@ -1,0 +1,192 @@
+"""The model as the command lines use it: text conditionings, txt2img, img2img, encoding, decoding.
+
+An :class:`Engine` is made by :func:`sounddiffusion.model.loading.load_engine`; every job samples through
+its methods, so seeds, samplers and precision handling live in one place.
+
+Latents are ``(B, 4, H/8, W/8)`` tensors on the engine's device; conditionings are ``(B, 77, D)``
+with ``D`` the model's context width (768 for SD v1); images leave as ``(B, H, W, 3)`` uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sounddiffusion.errors import ParameterError
+
+LATENT_SCALE = 8  # the autoencoder's downsampling factor
+
+LatentHook = Callable[[torch.Tensor], torch.Tensor]
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _counted(hook: StepHook):
+    """The samplers' ``before_step(x, t)`` for ``hook(i, x)``: i counts the steps of this call."""
+    steps = itertools.count()
+    return lambda x, t: hook(next(steps), x)
+
+
+def step_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: noise drawn from it is the same on every device."""
+    return torch.Generator().manual_seed(int(seed) % 2**63)
+
+
+@dataclass
+class Engine:
+    """A loaded model on a device, with the operations the entry points need.
+
+    ``model`` is an ``ldm.models.diffusion.ddpm.LatentDiffusion`` in eval mode.
+    ``checkpoint``/``checkpoint_hash`` identify the weights in saved parameters.
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    precision: str
+    checkpoint: str
+    checkpoint_hash: str
+    _text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _samplers: dict[str, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def context_dim(self) -> int:
+        """D, the width of the conditioning matrices (768 for SD v1)."""
+        return self.text_conditioning("").shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def autocast(self):
+        """Mixed precision for ``--precision autocast`` (as upstream), else a no-op context."""
+        if self.precision != "autocast":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- conditioning
+
+    @torch.inference_mode()
+    def text_conditioning(self, prompt: str) -> torch.Tensor:
+        """The (77, D) CLIP conditioning of ``prompt``, float32 on the device; computed once per prompt."""
+        cached = self._text_cache.get(prompt)
+        if cached is None:
+            with self.autocast():
+                cached = self.model.get_learned_conditioning([prompt])[0].float()
+            self._text_cache[prompt] = cached
+        return cached
+
+    def _as_model_input(self, cond: torch.Tensor) -> torch.Tensor:
+        cond = cond if cond.ndim == 3 else cond[None]
+        return cond.to(self.device, self.dtype)
+
+    # -- samplers
+
+    def sampler(self, kind: str):
+        """The sampler 'plms' or 'ddim' for this model (one instance each, reused across calls)."""
+        if kind not in self._samplers:
+            from ldm.models.diffusion.ddim import DDIMSampler
+            from ldm.models.diffusion.plms import PLMSSampler
+
+            classes = {"ddim": DDIMSampler, "plms": PLMSSampler}
+            if kind not in classes:
+                raise ParameterError(f"sampler {kind!r}: use plms or ddim")
+            self._samplers[kind] = classes[kind](self.model)
+        return self._samplers[kind]
+
+    def noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """Standard normal noise drawn on the CPU from ``seed`` (same numbers on every device)."""
+        return torch.randn(shape, generator=step_generator(seed)).to(self.device, self.dtype)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (batch, 4, height // LATENT_SCALE, width // LATENT_SCALE)
+
+    @torch.inference_mode()
+    def txt2img(self, cond: torch.Tensor, *, x_T: torch.Tensor, sampler: str = "plms", steps: int = 50,
+                scale: float = 7.5, eta: float = 0.0, uncond: torch.Tensor | None = None,
+                seed: int = 0, verbose: bool = False, before_step: StepHook | None = None) -> torch.Tensor:
+        """Sample latents ``(B, 4, h, w)`` from start noise ``x_T`` under conditioning ``cond`` (B, 77, D).
+
+        ``uncond`` defaults to the empty prompt's conditioning (classifier-free guidance);
+        ``seed`` seeds the noise DDIM adds at each step when ``eta`` > 0; ``before_step(i, x) -> x``
+        sees the latent before step i (0-based) of the ``steps``."""
+        cond = self._as_model_input(cond)
+        uncond = self._uncond(cond, uncond)
+        x_T = x_T.to(self.device, self.dtype)
+        chosen = self.sampler(sampler)
+        with self.autocast():
+            if before_step is not None:
+                # The same steps as sample(), through decode(), which takes a step hook.
+                chosen.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+                return chosen.decode(x_T, cond, steps, unconditional_guidance_scale=scale,
+                                     unconditional_conditioning=uncond, generator=step_generator(seed),
+                                     verbose=verbose, before_step=_counted(before_step))
+            samples, _ = chosen.sample(
+                S=steps, batch_size=cond.shape[0], shape=list(x_T.shape[1:]), conditioning=cond,
+                verbose=verbose, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                eta=eta, x_T=x_T, generator=step_generator(seed))
+        return samples
+
+    @torch.inference_mode()
+    def img2img(self, init_latent: torch.Tensor, cond: torch.Tensor, *, noise: torch.Tensor,
+                strength: float, sampler: str = "plms", steps: int = 50, scale: float = 7.5,
+                eta: float = 0.0, uncond: torch.Tensor | None = None, seed: int = 0, verbose: bool = False,
+                bend_noised: LatentHook | None = None, before_step: StepHook | None = None) -> torch.Tensor:
+        """Noise ``init_latent`` (B, 4, h, w) to ``strength`` and denoise it under ``cond``.
+
+        As upstream, ``int(strength * steps)`` of the ``steps`` run: strength 0 returns the init
+        latent, strength 1 is txt2img from ``noise``. ``bend_noised(z) -> z`` changes the noised
+        latent before the first step (upstream's "network bending" by loudness);
+        ``before_step(i, x) -> x`` sees the latent before each step i of the ``int(strength *
+        steps)`` that run. ``seed`` seeds DDIM's per-step noise when ``eta`` > 0."""
+        t_enc = int(strength * steps)
+        if t_enc >= steps:
+            x_T = bend_noised(noise) if bend_noised is not None else noise
+            return self.txt2img(cond, x_T=x_T, sampler=sampler, steps=steps, scale=scale, eta=eta,
+                                uncond=uncond, seed=seed, verbose=verbose, before_step=before_step)
+        init_latent = init_latent.to(self.device, self.dtype)
+        if t_enc == 0:
+            return init_latent
+        cond = self._as_model_input(cond)
+        uncond = self._uncond(cond, uncond)
+        chosen = self.sampler(sampler)
+        with self.autocast():
+            chosen.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+            t = torch.full((init_latent.shape[0],), t_enc, device=self.device, dtype=torch.long)
+            z_enc = chosen.stochastic_encode(init_latent, t, noise=noise.to(self.device, self.dtype))
+            if bend_noised is not None:
+                z_enc = bend_noised(z_enc)
+            return chosen.decode(z_enc, cond, t_enc, unconditional_guidance_scale=scale,
+                                 unconditional_conditioning=uncond, generator=step_generator(seed),
+                                 verbose=verbose, before_step=_counted(before_step) if before_step else None)
+
+    def _uncond(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        if uncond is None:
+            uncond = self.text_conditioning("")
+        uncond = self._as_model_input(uncond)
+        return uncond.expand(cond.shape[0], -1, -1)
+
+    # -- pixels
+
+    @torch.inference_mode()
+    def encode_image(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) -> latents (B, 4, H/8, W/8), the posterior mean scaled.
+
+        The mean (not a sample) keeps img2img deterministic for a given seed."""
+        pixels = torch.tensor(images, device=self.device)  # a copy: inputs may be read-only
+        pixels = pixels.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+        with self.autocast():
+            posterior = self.model.encode_first_stage(pixels)
+            return self.model.get_first_stage_encoding(posterior.mode())
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, 4, h, w) -> uint8 images (B, 8h, 8w, 3)."""
+        with self.autocast():
+            pixels = self.model.decode_first_stage(latents.to(self.device, self.dtype))
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,1 @@
+"""Sound in: loading, slicing, per-frame envelopes and beats, features (numpy only)."""

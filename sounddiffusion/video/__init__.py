@@ -1,0 +1,1 @@
+"""audio2video: frame plan, frame loop, chain treatments, writing, resume, ffmpeg, measures."""

@@ -1,0 +1,224 @@
+"""The frame loop behind audio2video.py.
+
+Frame 0 is txt2img from the first slice's conditioning (or img2img from ``--init-img``); every
+next diffused frame is img2img from the previous diffused frame's latent under its own slice's
+conditioning and numbers (:class:`~sounddiffusion.video.frame_plan.FramePlan`). With ``--cadence N``
+only every Nth frame is diffused and the frames between are interpolated from their two diffused
+neighbours (latents by slerp, or pictures cross-faded). The chain stays in latent space on the
+device; decoding and writing frame i runs in a worker thread while frame i+1 samples
+(:mod:`sounddiffusion.video.frame_writer`). Everything random comes from seeds derived from
+``(--seed, frame)``, so a resumed render needs only the chain's last latent (and the colour
+reference) to continue exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sounddiffusion.control.bending_specs import BlockBender, check_block
+from sounddiffusion.control.frame_schedules import report_columns
+from sounddiffusion.files import ensure_output_dir, unique_output_path
+from sounddiffusion.images import load_init_image
+from sounddiffusion.model.conditioning import blend_conditionings, condition
+from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.loading import load_engine, unet_skeleton
+from sounddiffusion.settings import ModelSettings, VideoSettings
+from sounddiffusion.sound.audio import slice_rms
+from sounddiffusion.sound.features import featurize
+from sounddiffusion.video.cadence import slerp
+from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, block_specs, frame_bends,
+                                              prepare_previous, steps_of_frame, stream_generator)
+from sounddiffusion.video.frame_plan import Frame, FramePlan, plan_frames
+from sounddiffusion.video.frame_writer import FrameWriter, PixelBlend
+from sounddiffusion.video.render import VideoRender
+
+log = logging.getLogger(__name__)
+
+
+def frame_conditioning(engine: Engine, audio_slice: np.ndarray, frame: Frame,
+                       settings: VideoSettings) -> torch.Tensor:
+    """The (77, D) conditioning of ``frame``: its ``audio_slice``'s features mixed with its prompts."""
+    features = featurize(audio_slice, settings.feature, dim=engine.context_dim)
+    weights = frame.prompt_weights
+    text_cond = blend_conditionings(weights, engine.text_conditioning) if weights else None
+    return condition(features, mode=settings.normalize, text_cond=text_cond,
+                     empty_cond=engine.text_conditioning(""), textstrength=frame.textstrength)
+
+
+def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tensor, frame: Frame,
+                bends: FrameBends, settings: VideoSettings) -> torch.Tensor:
+    """Frame ``frame``'s latent (1, 4, h, w): txt2img without a previous latent, else img2img,
+    with the frame's bends on the noised latent and before their steps."""
+    noise = engine.noise(engine.latent_shape(1, settings.H, settings.W), frame.noise_seed)
+    common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=frame.scale,
+                  eta=settings.ddim_eta, seed=frame.noise_seed + 1)
+    before_step = ((lambda step, x: bend(x, bends.steps.get(step, []), settings.seed, frame.index))
+                   if bends.steps else None)
+    if previous is None:
+        return engine.txt2img(cond[None], x_T=noise, before_step=before_step, **common)
+    bend_noised = (lambda z: bend(z, bends.noised, settings.seed, frame.index)) if bends.noised else None
+    return engine.img2img(previous, cond[None], noise=noise, strength=frame.strength, bend_noised=bend_noised,
+                          before_step=before_step, **common)
+
+
+def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: ChainState, frame: Frame,
+            blocks: BlockBender | None) -> torch.Tensor:
+    """Sample ``frame`` from the chain: its conditioning, the previous latent prepared (colour,
+    contrast, noise), img2img with its bends, final bends, ``--pixel_roundtrip``."""
+    audio_slice = plan.audio_slice(frame.index)
+    cond = frame_conditioning(engine, audio_slice, frame, settings)
+    first = chain.latent is None
+    previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
+                                                   settings.color_coherence, settings.seed)
+    n_steps = steps_of_frame(frame, settings.ddim_steps, first=first)
+    bends = frame_bends(plan, frame, slice_rms(audio_slice), n_steps, first=first)
+    if blocks is not None:
+        blocks.set_amounts(frame.bend_amounts)
+    latent = next_latent(engine, previous, cond, frame, bends, settings)
+    latent = bend(latent, bends.final, settings.seed, frame.index)
+    if settings.pixel_roundtrip:
+        latent = engine.encode_image(engine.decode(latent))
+    return latent
+
+
+def inbetween(chain: ChainState, target: tuple[int, torch.Tensor], index: int, blend: str
+              ) -> torch.Tensor | PixelBlend:
+    """Frame ``index`` between the chain's last diffused frame and ``target`` (index, latent)."""
+    t = (index - chain.index) / (target[0] - chain.index)
+    if blend == "pixel":
+        return PixelBlend(chain.index, chain.latent, target[0], target[1], t)
+    return slerp(chain.latent, target[1], t)
+
+
+def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writer: FrameWriter, *,
+                  start: int, stop: int, chain: ChainState, progress: tqdm | None = None) -> ChainState:
+    """Samples frames ``start`` .. ``stop - 1`` and hands each to ``writer.submit``.
+
+    ``chain`` is the state after frame ``start - 1`` (``ChainState()``: frame ``start`` is txt2img).
+    Returns the state after the last frame. The render loop and scripts/benchmark.py both run
+    frames through here."""
+    specs = block_specs(plan)
+    current = [start]
+    blocks = (BlockBender(engine.model.model.diffusion_model, plan.bends,
+                          generator_for=lambda i: stream_generator(settings.seed, current[0], i + 1))
+              if specs else None)
+    ahead: tuple[int, torch.Tensor] | None = None  # a diffused frame sampled before its in-betweens
+    with blocks if blocks is not None else contextlib.nullcontext():
+        for index in range(start, stop):
+            frame = plan.frame(index)
+            if frame.diffused:
+                current[0] = index
+                latent = ahead[1] if ahead and ahead[0] == index else diffuse(engine, plan, settings, chain, frame,
+                                                                            blocks)
+                reference = chain.reference
+                if reference is None and settings.color_coherence != "none":
+                    reference = engine.decode(latent)[0]  # frame 0's colours are what the video keeps
+                chain = ChainState(index, latent, reference)
+                writer.submit(index, latent, chain)
+            else:
+                target = plan.next_diffused(index)
+                if ahead is None or ahead[0] != target:
+                    current[0] = target
+                    ahead = (target, diffuse(engine, plan, settings, chain, plan.frame(target), blocks))
+                writer.submit(index, inbetween(chain, ahead, index, settings.cadence_blend), chain)
+            if progress is not None:
+                progress.update(1)
+    return chain
+
+
+def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engine, plan: FramePlan) -> dict:
+    """The settings a resumed render must share with the first run, also stored in the MP4."""
+    return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
+            "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
+            "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
+            "init_img": _file_digest(settings.init_img) if settings.init_img else None}
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
+    """NAME.schedule.csv (when the sound was analysed) and, with ``--plot``, NAME.schedule.png,
+    next to the requested output; each run writes them anew."""
+    from sounddiffusion.control.schedule_report import plot_schedule, write_schedule_csv
+
+    if plan.envelopes is None:
+        return []
+    columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules)
+    ensure_output_dir(settings.requested_output().parent)
+    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, overwrite=True)]
+    if settings.plot:
+        written.append(plot_schedule(settings.report_path(".png"), plan.envelopes, columns,
+                                     title=Path(settings.audio).name, overwrite=True))
+    for path in written:
+        log.info("wrote %s", path)
+    return written
+
+
+def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: Engine | None = None) -> Path:
+    """Render the video of ``settings.audio``; returns the path of the finished MP4 (with
+    ``dry_run``: of the schedule CSV, written without loading the model).
+
+    ``engine``: ``model`` already loaded (batch jobs render many songs with one load)."""
+    plan = plan_frames(settings, analyse=settings.plot or settings.dry_run)
+    reports = write_reports(settings, plan) if plan.envelopes is not None else []
+    if settings.dry_run:
+        return reports[0]
+    init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
+    path = settings.requested_output()
+    ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
+    if engine is None:
+        for spec in block_specs(plan):  # block names against the model's layout, before it loads
+            check_block(spec, unet_skeleton(model))
+        engine = load_engine(model)
+    preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
+    recorded = render_settings(settings, model, engine, plan)
+    render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
+                              settings=recorded, resume=settings.resume,
+                              segment_frames=preview_frames or None, crf=settings.crf)
+    start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings)
+    if settings.save_frames and frames_dir is None:
+        frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
+    writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
+                         audio_path=settings.audio, frame_parameters=recorded, fps=float(plan.fps))
+    try:
+        with tqdm(total=plan.n_frames, initial=start, unit="frame", desc="rendering",
+                  dynamic_ncols=True) as bar:
+            sample_frames(engine, plan, settings, writer, start=start, stop=plan.n_frames, chain=chain,
+                          progress=bar)
+        writer.close()
+    except BaseException as exc:
+        try:
+            writer.close()
+        finally:
+            render.close()
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"{render.frames_done} of {plan.n_frames} frames are saved; continue "
+                                    f"with the same command and --resume") from None
+        raise
+    # The MP4 carries the same settings as the resume check, as JSON in its comment tag.
+    return render.finish(settings.audio, metadata={"comment": json.dumps(recorded, sort_keys=True)})
+
+
+def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None, settings: VideoSettings
+                  ) -> tuple[int, ChainState, Path | None]:
+    """The first frame to render, the chain it continues and the --save_frames folder in use."""
+    saved = render.load_checkpoint()
+    if saved is not None:
+        last_index, arrays, extra = saved
+        log.info("resuming after frame %d", last_index)
+        frames_dir = Path(extra["frames_dir"]) if extra.get("frames_dir") else None
+        return last_index + 1, ChainState.from_resume_data(arrays, extra, engine), frames_dir
+    if init_rgb is not None:
+        reference = init_rgb if settings.color_coherence != "none" else None
+        return 0, ChainState(-1, engine.encode_image(init_rgb[None]), reference), None
+    return 0, ChainState(), None

@@ -1,0 +1,128 @@
+"""The package layout: sub-packages by concern, imports only from layers below, no argparse below the
+command line, no import circle, modules under 400 lines (the idea of ../shared/tools/check_structure.py,
+plus the layer order)."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Lowest first. A module may import from its own layer and the ones before it, never from a later one.
+LAYERS = ("base", "sound", "control", "model", "video", "jobs", "live", "cli")
+MAX_LINES = 400
+
+
+def layer_of(module: str) -> str:
+    """``sounddiffusion.video.loop`` -> "video"; modules at the top of the package are the base layer,
+    except ``sounddiffusion.cli``, the last one."""
+    parts = module.split(".")
+    if parts[1:] == ["cli"]:
+        return "cli"
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS):
+        return parts[1]
+    return "base"
+
+
+def package_modules(root: Path) -> dict[str, Path]:
+    """Every module of ``root/sounddiffusion`` by dotted name."""
+    modules = {}
+    for path in sorted((root / "sounddiffusion").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """The project modules (``sounddiffusion...``, ``ldm...``) that module ``name`` imports, relative
+    imports resolved; ``from package import module`` counts as importing the module."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def layout_problems(root: Path) -> list[str]:
+    """What breaks the layering in the project at ``root``, one line each (empty: none)."""
+    modules = package_modules(root)
+    problems = []
+    for name, path in modules.items():
+        lines = path.read_text().count("\n")
+        if lines >= MAX_LINES:
+            problems.append(f"{name}: {lines} lines (keep modules under {MAX_LINES})")
+        imported = imports_of(name, path)
+        if "argparse" in imported and name != "sounddiffusion.cli":
+            problems.append(f"{name} imports argparse (only sounddiffusion.cli may)")
+        mine = LAYERS.index(layer_of(name))
+        for target in sorted(t for t in imported if t in modules and t != name):
+            theirs = LAYERS.index(layer_of(target))
+            if theirs > mine and not modules[target].name == "__init__.py":
+                problems.append(f"{name} ({LAYERS[mine]}) imports {target} ({LAYERS[theirs]}), a later layer")
+    for path in sorted((root / "ldm").rglob("*.py")):
+        if any(t.split(".")[0] == "sounddiffusion" for t in imports_of("ldm.x", path)):
+            problems.append(f"{path.relative_to(root)} imports sounddiffusion (ldm stands on its own)")
+    return problems
+
+
+def test_the_layers_hold():
+    assert layout_problems(REPO) == []
+
+
+def test_every_module_belongs_to_a_known_layer():
+    for name in package_modules(REPO):
+        assert layer_of(name) in LAYERS, name
+    sub_packages = {p.name for p in (REPO / "sounddiffusion").iterdir() if (p / "__init__.py").exists()}
+    assert sub_packages <= set(LAYERS), sub_packages - set(LAYERS)
+
+
+def _copy_of_the_package(tmp_path: Path) -> Path:
+    subprocess.run(["cp", "-r", str(REPO / "sounddiffusion"), str(REPO / "ldm"), str(tmp_path)], check=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("module, line", [
+    ("sound/audio.py", "from sounddiffusion.video import render"),  # sound -> video: a later layer
+    ("control/schedules.py", "from ..model.engine import Engine"),  # relative, control -> model
+    ("errors.py", "import sounddiffusion.jobs.cluster"),  # base -> jobs
+    ("video/loop.py", "from sounddiffusion.cli import run"),  # anything -> cli
+    ("model/engine.py", "import argparse"),
+])
+def test_a_reverse_import_is_found(tmp_path, module, line):
+    root = _copy_of_the_package(tmp_path)
+    assert layout_problems(root) == []
+    path = root / "sounddiffusion" / module
+    path.write_text(line + "\n" + path.read_text())
+    problems = layout_problems(root)
+    assert len(problems) == 1 and problems[0].startswith("sounddiffusion." + module[:-3].replace("/", ".")), problems
+
+
+def test_ldm_importing_the_package_is_found(tmp_path):
+    root = _copy_of_the_package(tmp_path)
+    path = root / "ldm" / "util.py"
+    path.write_text("from sounddiffusion.errors import UserError\n" + path.read_text())
+    assert layout_problems(root) == ["ldm/util.py imports sounddiffusion (ldm stands on its own)"]
+
+
+def test_the_import_lines_of_the_readme_and_docs_run():
+    """Every ``from sounddiffusion... import ...`` the README and docs/ show works as written."""
+    lines = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        lines.update(re.findall(r"from sounddiffusion[\w.]* import [\w, ]+(?: as \w+)?", doc.read_text()))
+    assert len(lines) >= 3, lines
+    done = subprocess.run([sys.executable, "-c", "\n".join(sorted(lines))], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
