@@ -1,0 +1,1 @@
+"""Video frames: the frame loop's building blocks (camera motion, ...)."""
