@@ -227,27 +227,38 @@ def warp_2d(rgb: np.ndarray, zoom: float = 1.0, angle: float = 0.0, translation_
         return rgb
     height, width, channels = rgb.shape
     inverse = np.linalg.inv(motion_matrix(motion, width, height))
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    source = [inverse[i, 0] * xs + inverse[i, 1] * ys + inverse[i, 2] for i in range(3)]
+    xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)[:, None]
+    rows = 3 if motion.has_perspective_flip else 2  # an affine map's third row is (0, 0, 1)
+    source = [inverse[i, 0] * xs + inverse[i, 1] * ys + inverse[i, 2] for i in range(rows)]
     if motion.has_perspective_flip:
         with np.errstate(divide="ignore", invalid="ignore"):
-            source = [source[0] / source[2], source[1] / source[2]]
+            source = [np.nan_to_num(source[0] / source[2]), np.nan_to_num(source[1] / source[2])]
     x0, x1, fx = _neighbours(source[0], width, border)
     y0, y1, fy = _neighbours(source[1], height, border)
-    flat = rgb.reshape(-1, channels).astype(np.float32)
+    y0, y1 = y0 * width, y1 * width
+    flat = rgb.reshape(-1, channels)
+
+    def at(rows, columns):  # np.take is several times faster than fancy indexing here
+        return np.take(flat, rows + columns, axis=0).astype(np.float32)
+
     fx, fy = fx[..., None], fy[..., None]
-    top = flat[y0 * width + x0] * (1 - fx) + flat[y0 * width + x1] * fx
-    bottom = flat[y1 * width + x0] * (1 - fx) + flat[y1 * width + x1] * fx
-    out = top * (1 - fy) + bottom * fy
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = _lerp(_lerp(at(y0, x0), at(y0, x1), fx), _lerp(at(y1, x0), at(y1, x1), fx), fy)
+    return np.clip(np.rint(out, out=out), 0, 255, out=out).astype(np.uint8)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``a + (b - a) weight``, computed in place in ``a`` and ``b``."""
+    b -= a
+    b *= weight
+    a += b
+    return a
 
 
 def _neighbours(coordinate: np.ndarray, size: int, border: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For sample positions along one axis (pixels): the two neighbouring indices in 0..size-1 and
     the weight (float32) of the second, after the border rule."""
-    coordinate = np.clip(np.nan_to_num(coordinate), -_COORDINATE_LIMIT, _COORDINATE_LIMIT)
     if border == "wrap":
-        low = np.floor(coordinate)
+        low = np.floor(np.clip(coordinate, -_COORDINATE_LIMIT, _COORDINATE_LIMIT))
         weight = coordinate - low
         low = low.astype(np.int64) % size
         return low, (low + 1) % size, weight.astype(np.float32)
