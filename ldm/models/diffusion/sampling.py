@@ -116,6 +116,19 @@ def output_to_eps(model, x, t, output):
     raise ValueError(f"parameterization {parameterization!r}: the samplers handle 'eps' and 'v'")
 
 
+def output_to_x0(model, x, t, output):
+    """The clean-latent prediction (B, C, H, W) that a model's output at x, t (B,) means:
+    (x - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) for "eps" models,
+    ``model.predict_start_from_z_and_v`` (sqrt(alpha-bar_t) x - sqrt(1 - alpha-bar_t) v) for "v"."""
+    parameterization = getattr(model, "parameterization", "eps")
+    if parameterization == "v":
+        return model.predict_start_from_z_and_v(x, t, output).to(output.dtype)
+    if parameterization != "eps":
+        raise ValueError(f"parameterization {parameterization!r}: the samplers handle 'eps' and 'v'")
+    alphas = extract_into_tensor(model.alphas_cumprod, t, x.shape)
+    return ((x - (1.0 - alphas).sqrt() * output) / alphas.sqrt()).to(output.dtype)
+
+
 def make_eps_fn(model, cond, scale=1.0, uncond=None, score_corrector=None, corrector_kwargs=None):
     """``eps_fn(x, t)``: ``guided_eps`` with the conditioning bound, as a noise prediction
     (``output_to_eps``: v-models are converted, as the reference DDIM does), then the optional
