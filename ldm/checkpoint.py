@@ -27,8 +27,8 @@ the pickle names, from its module and name alone and before anything is called o
 Only the state dict's tensors are returned; everything else the pickle held is discarded.
 
 Fitting keys to a model and telling SD v1 from SD 2.x files live in ``ldm.checkpoint_keys``
-(``fit_state_dict``, ``checkpoint_family_of_keys``, ``unet_params_of_keys``, re-exported here); ``checkpoint_family(path)``
-answers the latter for a file while reading as little of it as possible.
+(``fit_state_dict``, ``checkpoint_family_of_keys``, ``unet_params_of_keys``, re-exported here);
+``checkpoint_family(path)`` answers the family for a file while reading as little of it as possible.
 """
 import builtins
 import codecs

@@ -99,7 +99,7 @@ def test_loading_leaves_the_callers_config_alone(lcm_checkpoint):
 def test_a_config_with_a_projection_needs_it_in_the_file():
     config = OmegaConf.load(TINY_V1 / "config.yaml")
     config.model.params.unet_config.params.time_cond_proj_dim = DIM
-    with pytest.raises(CheckpointError, match="1 weight missing such as model.diffusion_model.time_embedding.cond_proj"):
+    with pytest.raises(CheckpointError, match="1 weight missing such as model.diffusion_model.time_embedding.cond_pr"):
         compvis_model(TINY_V1, config=config)
 
 

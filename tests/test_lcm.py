@@ -120,7 +120,7 @@ def test_reference_tensors(reference_dir, v1_model):
 
 
 def test_timesteps_and_refusals_are_diffusers():
-    diffusers = pytest.importorskip("diffusers", reason="the reference is diffusers: pip install -r requirements-dev.txt")
+    diffusers = pytest.importorskip("diffusers", reason="the reference is diffusers (requirements-dev.txt)")
     scheduler = diffusers.LCMScheduler(**SD_BETAS, original_inference_steps=50, timestep_scaling=10.0)
     for strength in (1.0, 0.8, 0.5, 0.3, 0.25, 0.1, 0.02):
         for steps in (*range(1, 12), 16, 25, 26, 49, 50, 51, 100):

@@ -32,7 +32,7 @@ from ldm.models.diffusion.few_step import (
     step_noise_source,
     unsupported_options,
 )
-from ldm.models.diffusion.sampling import output_to_eps, randn
+from ldm.models.diffusion.sampling import output_to_eps, randn, weight_dtype
 
 
 def trailing_timesteps(num_steps, num_train_timesteps=1000) -> np.ndarray:
@@ -62,7 +62,7 @@ class EulerAncestralSampler:
         ``S`` steps at img2img ``strength`` run: n = int(S * strength), the last n of S.
         Raises ValueError when n < 1."""
         strength = check_strength(strength)
-        alphas = self.model.alphas_cumprod.detach().double().cpu().numpy()
+        alphas = self.model.alphas_cumprod.detach().cpu().double().numpy()
         timesteps = trailing_timesteps(S, len(alphas))
         count = min(int(int(S) * strength), int(S))
         if count < 1:
@@ -115,9 +115,8 @@ class EulerAncestralSampler:
         """
         unsupported_options(self.name, kwargs)
         timesteps, sigmas = self.schedule(S)
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         size = (batch_size, *shape)
-        x_T = randn(size, self.model.alphas_cumprod.device, dtype, generator) if x_T is None else x_T
+        x_T = randn(size, self.model.alphas_cumprod.device, weight_dtype(self.model), generator) if x_T is None else x_T
         x = x_T * float(sigmas[0])
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         samples = self._run(x, timesteps, sigmas, conditioning, unconditional_guidance_scale,

@@ -35,7 +35,7 @@ from ldm.models.diffusion.few_step import (
     step_noise_source,
     unsupported_options,
 )
-from ldm.models.diffusion.sampling import output_to_x0, randn
+from ldm.models.diffusion.sampling import output_to_x0, randn, weight_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class LCMSampler:
         """``len(timesteps)`` LCM steps from x (B, C, H, W) at timesteps[0]; returns the last denoised."""
         timesteps = [int(t) for t in timesteps]
         noise_for = step_noise_source(noise, len(timesteps) - 1, generator)
-        alphas = self.model.alphas_cumprod.detach().float().cpu()  # the coefficients as host numbers
+        alphas = self.model.alphas_cumprod.detach().cpu().float()  # the coefficients as host numbers
 
         def step(i, x, t):
             out = self._output(x, t, cond, scale, uncond)
@@ -144,9 +144,8 @@ class LCMSampler:
         """
         unsupported_options(self.name, kwargs)
         timesteps = self.timesteps(S)
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         size = (batch_size, *shape)
-        x = randn(size, self.model.alphas_cumprod.device, dtype, generator) if x_T is None else x_T
+        x = randn(size, self.model.alphas_cumprod.device, weight_dtype(self.model), generator) if x_T is None else x_T
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         samples = self._run(x, timesteps, conditioning, unconditional_guidance_scale, unconditional_conditioning,
                             noise, generator, "LCM Sampler", verbose, intermediates, callback=callback,

@@ -3,7 +3,8 @@
 * ``make_ddim_schedule`` -> a ``DDIMSchedule`` of per-index tensors (index 0 = least noisy step);
 * ``guided_eps``: the model's output with classifier-free guidance (one batched call);
   ``make_eps_fn`` binds the conditioning and turns that output into a noise prediction (eps)
-  whatever the model predicts (``parameterization`` "eps" or "v");
+  whatever the model predicts (``parameterization`` "eps" or "v"); ``output_to_x0`` turns it
+  into a clean-latent prediction (the LCM sampler's);
 * ``ddim_step``: one DDIM update x_t -> x_prev from a noise prediction (PLMS uses it too);
 * noise helpers (``randn``, ``make_step_noise``) and ``timestep_batch``;
 * ``DiffusionSampler``: schedule, ``stochastic_encode``, ``sample``/``decode`` argument handling;
@@ -294,7 +295,7 @@ class DiffusionSampler:
         _check_batch(conditioning, batch_size)
         schedule = self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         device = self.model.alphas_cumprod.device
-        dtype = _weight_dtype(self.model)
+        dtype = weight_dtype(self.model)
         size = (batch_size, *shape)
         x = randn(size, device, dtype, generator) if x_T is None else x_T
         schedule = schedule.to(x.device)
@@ -347,6 +348,6 @@ def _check_batch(conditioning, batch_size):
         logger.warning("conditioning has batch size %d but batch_size=%d", first.shape[0], batch_size)
 
 
-def _weight_dtype(model) -> torch.dtype:
+def weight_dtype(model) -> torch.dtype:
     """The dtype of the model's floating-point weights (float32 when it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -1,8 +1,9 @@
 """The denoising UNet of Stable Diffusion, with CompVis's (OpenAI guided-diffusion's) parameter names.
 
-State-dict layout: `time_embed.{0,2}` (LCM-distilled UNets also `time_embedding.cond_proj`), `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`,
+State-dict layout: `time_embed.{0,2}`, `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`,
 `output_blocks.{i}.{j}`, `out.{0,2}`; ResBlocks hold `in_layers`, `emb_layers`, `out_layers`,
 `skip_connection`; attention layers are SpatialTransformers (SD) or AttentionBlocks.
+LCM-distilled UNets also hold `time_embedding.cond_proj` (see UNetModel's time_cond_proj_dim).
 """
 import torch
 import torch.nn.functional as F
