@@ -27,8 +27,8 @@ the pickle names, from its module and name alone and before anything is called o
 Only the state dict's tensors are returned; everything else the pickle held is discarded.
 
 Fitting keys to a model and telling SD v1 from SD 2.x files live in ``ldm.checkpoint_keys``
-(``fit_state_dict``, ``checkpoint_family_of_keys``, re-exported here); ``checkpoint_family(path)``
-answers the latter for a file while reading as little of it as possible.
+(``fit_state_dict``, ``checkpoint_family_of_keys``, ``unet_params_of_keys``, re-exported here);
+``checkpoint_family(path)`` answers the family for a file while reading as little of it as possible.
 """
 import builtins
 import codecs
@@ -46,11 +46,11 @@ import torch._utils
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
-from ldm.checkpoint_keys import SD_V1, SD_V2, checkpoint_family_of_keys, fit_state_dict
+from ldm.checkpoint_keys import SD_V1, SD_V2, checkpoint_family_of_keys, fit_state_dict, unet_params_of_keys
 from ldm.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["read_state_dict", "fit_state_dict", "checkpoint_family", "checkpoint_family_of_keys", "SD_V1", "SD_V2",
-           "RestrictedUnpickler", "PickledObject", "restricted_pickle"]
+           "unet_params_of_keys", "RestrictedUnpickler", "PickledObject", "restricted_pickle"]
 
 logger = logging.getLogger(__name__)
 

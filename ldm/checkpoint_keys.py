@@ -9,6 +9,12 @@ Families (what ``checkpoint_family_of_keys`` answers):
   (512 base and 768-v files share the layout: v-prediction cannot be read from the keys);
 * ``None``: anything else (inpainting and depth UNets with other input channels, diffusers
   layouts, other models).
+
+What a file's keys say about its UNet beyond the family (``unet_params_of_keys``): LCM-distilled
+UNets (LCM Dreamshaper...) carry a guidance-scale projection. Checkpoints converted from diffusers
+keep diffusers' name for it, ``model.diffusion_model.time_embedding.cond_proj.weight`` (diffusers'
+convert_diffusers_to_original_stable_diffusion maps no CompVis name onto it; stable-diffusion.cpp
+meets it under that name), so ``UNetModel`` names its layer that way too.
 """
 import logging
 from collections.abc import Mapping
@@ -21,6 +27,7 @@ SD_V1, SD_V2 = "sd-v1", "sd-v2"
 _V1_TEXT = "cond_stage_model.transformer."
 _V2_TEXT = "cond_stage_model.model.transformer.resblocks."
 _UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
+GUIDANCE_PROJECTION = "model.diffusion_model.time_embedding.cond_proj.weight"
 _CONTEXT_WIDTHS = {768: SD_V1, 1024: SD_V2}
 
 _TEXT_WITH = "cond_stage_model.transformer.text_model."
@@ -59,6 +66,16 @@ def checkpoint_family_of_keys(keys_and_shapes: Mapping) -> str | None:
         if key.startswith("model.diffusion_model.") and key.endswith(".attn2.to_k.weight") and len(shape) == 2:
             return _CONTEXT_WIDTHS.get(int(shape[1]))
     return None
+
+
+def unet_params_of_keys(keys_and_shapes: Mapping) -> dict:
+    """The UNet config params a state dict's {key: shape} implies beyond a plain SD config:
+    ``{"time_cond_proj_dim": n}`` when it holds a guidance projection of shape (model_channels, n)
+    (an LCM-distilled UNet), else {}."""
+    shape = keys_and_shapes.get(GUIDANCE_PROJECTION)
+    if shape is None or len(shape) != 2:
+        return {}
+    return {"time_cond_proj_dim": int(shape[1])}
 
 
 def _may_be_absent(key: str) -> bool:

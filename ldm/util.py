@@ -4,6 +4,7 @@
 ``load_model_from_config`` is the one way this project turns a config plus a checkpoint file
 into a ready model (strict key checks, no arbitrary pickle code, see ``ldm.checkpoint``).
 """
+import copy
 import importlib
 import logging
 from pathlib import Path
@@ -86,12 +87,33 @@ def _read_config(config) -> tuple[DictConfig, str]:
     return config, str(config.get("source_path") or "the config")
 
 
+def _fit_unet_params(config: DictConfig, state_dict: dict, ckpt) -> DictConfig:
+    """``config``, or a copy whose UNet params gain what the checkpoint's keys imply and the config
+    leaves unset (``checkpoint.unet_params_of_keys``: an LCM-distilled UNet's time_cond_proj_dim)."""
+    implied = checkpoint.unet_params_of_keys({k: t.shape for k, t in state_dict.items()})
+    unet = OmegaConf.select(config, "model.params.unet_config")
+    if unet is None or not implied:
+        return config
+    params = unet.get("params") or {}
+    unset = {k: v for k, v in implied.items() if params.get(k) is None}
+    if not unset:
+        return config
+    config = copy.deepcopy(config)
+    for key, value in unset.items():
+        OmegaConf.update(config, f"model.params.unet_config.params.{key}", value, force_add=True)
+    logger.info("%s: a UNet with a guidance-scale embedding (LCM-distilled); set %s", ckpt,
+                ", ".join(f"{k}: {v}" for k, v in unset.items()))
+    return config
+
+
 def load_model_from_config(config, ckpt, device=None, verbose=False):
     """A model built from ``config`` with the weights of the checkpoint file ``ckpt``.
 
     config: an OmegaConf node or dict with a top-level ``model`` section, or a path to a YAML file.
     ckpt: a ``.safetensors`` or torch ``.ckpt``/``.pt``/``.pth`` file (see ``ldm.checkpoint``).
     device: where the model goes (default: ``default_device()``).
+    UNet params the file's keys imply and the config leaves out are added (an LCM-distilled UNet's
+    ``time_cond_proj_dim``, see ``ldm.checkpoint_keys.unet_params_of_keys``).
     Returns the model in eval mode with ``requires_grad`` off, in the dtype the config builds
     (weights stored as float16 are cast). Raises CheckpointError (UnsafeCheckpointError for a
     pickle that would run code) when the file is unusable or does not fit the config.
@@ -101,6 +123,7 @@ def load_model_from_config(config, ckpt, device=None, verbose=False):
         raise ValueError(f"{config_name} has no top-level 'model' section: it is not a CompVis model config")
     # Read the file first: a bad file should fail before seconds are spent building the model.
     state_dict = checkpoint.read_state_dict(ckpt)
+    config = _fit_unet_params(config, state_dict, ckpt)
     # Built on the meta device: no memory and no random initialization for weights the file replaces.
     with torch.device("meta"):
         model = instantiate_from_config(config.model)

@@ -31,9 +31,11 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
         self.diffusion_model = instantiate_from_config(diff_model_config)
 
-    def forward(self, x, t, c_crossattn):
-        """x: (B, C, h, w); t: (B,); c_crossattn: list of (B, M_i, D), joined along M. Returns (B, C, h, w)."""
-        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+    def forward(self, x, t, c_crossattn, guidance_scale=None):
+        """x: (B, C, h, w); t: (B,); c_crossattn: list of (B, M_i, D), joined along M;
+        guidance_scale: for UNets that embed it (``UNetModel.time_cond_proj_dim``). Returns (B, C, h, w)."""
+        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), **extra)
 
 
 def _frozen(module):
@@ -180,14 +182,23 @@ class LatentDiffusion(pl.LightningModule):
         """c: list of B prompts -> (B, 77, D) text conditioning (D = 768 for SD v1, 1024 for SD 2.x)."""
         return self.cond_stage_model.encode(c)
 
-    def apply_model(self, x_noisy, t, cond):
+    @property
+    def guidance_embedding_dim(self):
+        """The width of the UNet's guidance-scale embedding (256 for LCM-distilled UNets, which
+        take the guidance scale as an input: ``apply_model(..., guidance_scale=w)``), or None."""
+        return getattr(self.model.diffusion_model, "time_cond_proj_dim", None)
+
+    def apply_model(self, x_noisy, t, cond, guidance_scale=None):
         """The UNet's output: the noise prediction, or v for ``parameterization`` "v".
 
         x_noisy: (B, C, h, w) latents; t: (B,) int64 timesteps; cond: a (B, M, D) tensor, a list
-        of them, or a dict {"c_crossattn": [tensor, ...]}. Returns (B, C, h, w).
+        of them, or a dict {"c_crossattn": [tensor, ...]}; guidance_scale: w (a number or (B,)),
+        only for UNets with a guidance embedding (``guidance_embedding_dim``). Returns (B, C, h, w).
         """
         if not isinstance(cond, dict):
             cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
+        if guidance_scale is not None:
+            cond = {**cond, "guidance_scale": guidance_scale}
         return self.model(x_noisy, t, **cond)
 
     def q_sample(self, x_start, t, noise=None):

@@ -3,7 +3,8 @@
 * ``make_ddim_schedule`` -> a ``DDIMSchedule`` of per-index tensors (index 0 = least noisy step);
 * ``guided_eps``: the model's output with classifier-free guidance (one batched call);
   ``make_eps_fn`` binds the conditioning and turns that output into a noise prediction (eps)
-  whatever the model predicts (``parameterization`` "eps" or "v");
+  whatever the model predicts (``parameterization`` "eps" or "v"); ``output_to_x0`` turns it
+  into a clean-latent prediction (the LCM sampler's);
 * ``ddim_step``: one DDIM update x_t -> x_prev from a noise prediction (PLMS uses it too);
 * noise helpers (``randn``, ``make_step_noise``) and ``timestep_batch``;
 * ``DiffusionSampler``: schedule, ``stochastic_encode``, ``sample``/``decode`` argument handling;
@@ -114,6 +115,19 @@ def output_to_eps(model, x, t, output):
     if parameterization == "v":
         return model.predict_eps_from_z_and_v(x, t, output).to(output.dtype)
     raise ValueError(f"parameterization {parameterization!r}: the samplers handle 'eps' and 'v'")
+
+
+def output_to_x0(model, x, t, output):
+    """The clean-latent prediction (B, C, H, W) that a model's output at x, t (B,) means:
+    (x - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) for "eps" models,
+    ``model.predict_start_from_z_and_v`` (sqrt(alpha-bar_t) x - sqrt(1 - alpha-bar_t) v) for "v"."""
+    parameterization = getattr(model, "parameterization", "eps")
+    if parameterization == "v":
+        return model.predict_start_from_z_and_v(x, t, output).to(output.dtype)
+    if parameterization != "eps":
+        raise ValueError(f"parameterization {parameterization!r}: the samplers handle 'eps' and 'v'")
+    alphas = extract_into_tensor(model.alphas_cumprod, t, x.shape)
+    return ((x - (1.0 - alphas).sqrt() * output) / alphas.sqrt()).to(output.dtype)
 
 
 def make_eps_fn(model, cond, scale=1.0, uncond=None, score_corrector=None, corrector_kwargs=None):
@@ -281,7 +295,7 @@ class DiffusionSampler:
         _check_batch(conditioning, batch_size)
         schedule = self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         device = self.model.alphas_cumprod.device
-        dtype = _weight_dtype(self.model)
+        dtype = weight_dtype(self.model)
         size = (batch_size, *shape)
         x = randn(size, device, dtype, generator) if x_T is None else x_T
         schedule = schedule.to(x.device)
@@ -334,6 +348,6 @@ def _check_batch(conditioning, batch_size):
         logger.warning("conditioning has batch size %d but batch_size=%d", first.shape[0], batch_size)
 
 
-def _weight_dtype(model) -> torch.dtype:
+def weight_dtype(model) -> torch.dtype:
     """The dtype of the model's floating-point weights (float32 when it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -3,6 +3,7 @@
 State-dict layout: `time_embed.{0,2}`, `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`,
 `output_blocks.{i}.{j}`, `out.{0,2}`; ResBlocks hold `in_layers`, `emb_layers`, `out_layers`,
 `skip_connection`; attention layers are SpatialTransformers (SD) or AttentionBlocks.
+LCM-distilled UNets also hold `time_embedding.cond_proj` (see UNetModel's time_cond_proj_dim).
 """
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     conv_nd,
+    guidance_scale_embedding,
     linear,
     normalization,
     timestep_embedding,
@@ -158,6 +160,12 @@ class UNetModel(nn.Module):
     image_size, use_checkpoint and use_fp16 are accepted for config compatibility: the network is
     size-agnostic, inference needs no gradient checkpointing, and it computes in the dtype of its
     weights (SD 2.x configs say use_fp16: True; the precision is the loader's choice here). Spatial sizes must be divisible by 2 ** (len(channel_mult) - 1).
+
+    time_cond_proj_dim (LCM-distilled UNets such as LCM Dreamshaper: 256): the UNet also embeds
+    the guidance scale w. ``time_embedding.cond_proj``, a Linear(time_cond_proj_dim ->
+    model_channels, no bias), maps ``guidance_scale_embedding(w - 1)`` onto the sinusoidal timestep
+    embedding before ``time_embed`` (diffusers' ``time_cond_proj_dim``; converted checkpoints keep
+    diffusers' key ``model.diffusion_model.time_embedding.cond_proj.weight``).
     """
 
     def __init__(
@@ -182,6 +190,7 @@ class UNetModel(nn.Module):
         context_dim=None,
         use_linear_in_transformer=False,
         legacy=True,
+        time_cond_proj_dim=None,
     ):
         super().__init__()
         if dims != 2:
@@ -208,6 +217,11 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
         )
+        self.time_cond_proj_dim = time_cond_proj_dim
+        if time_cond_proj_dim is not None:
+            # named as the checkpoints converted from diffusers' LCM UNets name it
+            self.time_embedding = nn.ModuleDict(
+                {"cond_proj": linear(time_cond_proj_dim, model_channels, bias=False)})
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
@@ -253,15 +267,21 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
 
-    def forward(self, x, timesteps, context=None):
+    def forward(self, x, timesteps, context=None, guidance_scale=None):
         """Predicts the noise in x.
 
         x: (B, in_channels, H, W); timesteps: (B,) diffusion steps in [0, 1000);
-        context: (B, M, context_dim) conditioning (e.g. (B, 77, 768) CLIP states) or None.
+        context: (B, M, context_dim) conditioning (e.g. (B, 77, 768) CLIP states) or None;
+        guidance_scale: w, a number or a (B,) tensor, for UNets with ``time_cond_proj_dim``:
+        time_embed(timestep_embedding(t) + cond_proj(guidance_scale_embedding(w - 1))). Without
+        it such a UNet leaves the projection out, as diffusers does without ``timestep_cond``.
         Returns (B, out_channels, H, W) in x's dtype.
         """
         dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(dtype)
+        if guidance_scale is not None:
+            t_emb = t_emb + self._guidance_projection(guidance_scale, x.shape[0], x.device).to(dtype)
+        emb = self.time_embed(t_emb)
         if context is not None:
             context = context.to(dtype)
         h = x.to(dtype)
@@ -273,3 +293,16 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+    def _guidance_projection(self, guidance_scale, batch_size, device):
+        """cond_proj(guidance_scale_embedding(w - 1)): (B, model_channels)."""
+        if self.time_cond_proj_dim is None:
+            raise ValueError("this UNet has no guidance embedding (time_cond_proj_dim): pass guidance_scale "
+                             "only to LCM-distilled UNets, guide the others with an unconditional batch")
+        if isinstance(guidance_scale, torch.Tensor):
+            offset = guidance_scale.to(device=device, dtype=torch.float32).reshape(-1) - 1.0
+        else:  # w - 1 in double precision first, as diffusers' pipelines compute it
+            offset = torch.tensor([float(guidance_scale) - 1.0], dtype=torch.float32, device=device)
+        embedding = guidance_scale_embedding(offset.expand(batch_size), self.time_cond_proj_dim)
+        projection = self.time_embedding["cond_proj"]
+        return projection(embedding.to(projection.weight.dtype))

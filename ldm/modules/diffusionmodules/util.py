@@ -92,6 +92,28 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     return embedding
 
 
+def guidance_scale_embedding(offset, dim):
+    """Sinusoidal embedding of the classifier-free guidance scale w, the input of the guidance
+    projection of LCM-distilled UNets (diffusers' ``get_guidance_scale_embedding``).
+
+    offset: (B,) w - 1 (0 = no guidance; the UNet subtracts the 1); dim: embedding width.
+    With s = 1000 offset and f_k = 10000 ** (-k / (dim/2 - 1)), k = 0 .. dim/2 - 1:
+    embedding = [sin(s f_k) | cos(s f_k)] (sin first, unlike ``timestep_embedding``), a zero column
+    appended for odd dim. Returns (B, dim) float32 on offset's device.
+    """
+    half = dim // 2
+    if half < 2:
+        raise ValueError(f"a guidance embedding of width {dim} is too narrow: use 4 or more")
+    # float32 operations in diffusers' order: the arguments reach thousands of radians
+    step = torch.log(torch.tensor(10000.0, device=offset.device)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=offset.device) * -step)
+    args = (offset.float() * 1000.0)[:, None] * freqs[None]
+    embedding = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
 def zero_module(module):
     """Zeroes all parameters of `module` in place (so a residual branch starts as identity); returns it."""
     for p in module.parameters():
