@@ -129,13 +129,13 @@ def _checked_weights(weights, paths) -> tuple[float, ...]:
     return tuple(float(w) for w in weights)
 
 
-def _model_family(model) -> str:
-    """e.g. "SD v1 model (768-wide text conditioning)"."""
+def _model_family(model) -> tuple[str, str]:
+    """(family, description), e.g. ("SD v1", "SD v1 model (768-wide text conditioning)")."""
     text = model.cond_stage_model
     family = ("SD v1" if isinstance(text, FrozenCLIPEmbedder) else "SD 2.x" if isinstance(text, FrozenOpenCLIPEmbedder)
               else "Stable Diffusion")
     widths = [m.in_features for name, m in model.model.diffusion_model.named_modules() if name.endswith("attn2.to_k")]
-    return f"{family} model ({widths[0]}-wide text conditioning)" if widths else f"{family} model"
+    return family, f"{family} model ({widths[0]}-wide text conditioning)" if widths else f"{family} model"
 
 
 def _file_family(modules: dict[str, LoraModule]) -> str | None:
@@ -182,17 +182,17 @@ def _matched_modules(path: Path, modules: dict[str, LoraModule], targets: dict[s
                              f"({matched[target].name}, {name}); download it again")
         else:
             matched[target] = module
-    family = _file_family(modules)
-    made_for = f" (the file is for {family})" if family else ""
+    file_family = _file_family(modules)
+    made_for = f" is for {file_family} and" if file_family else ""
+    family, model_name = _model_family(model)
     if not matched:
-        raise ModelError(f"LoRA {path} fits no layer of this {_model_family(model)}: none of its {len(modules)} "
-                         f"modules (e.g. {unmatched[0]!r}) names one{made_for}; use a LoRA made for this model's family")
+        raise ModelError(f"LoRA {path}{made_for} fits no layer of this {model_name}: none of its {len(modules)} "
+                         f"modules (e.g. {unmatched[0]!r}) names one; use a LoRA made for {family}")
     for target, module in matched.items():
         shape = _target_shape(model, target)
         if not _fits(module, shape):
-            raise ModelError(f"LoRA {path} does not fit this {_model_family(model)}{made_for}: its {target.layer} "
-                             f"is {_layer_shape(module)}, the model's {tuple(shape)}; use a LoRA made for this "
-                             f"model's family")
+            raise ModelError(f"LoRA {path}{made_for} does not fit this {model_name}: its {target.layer} is "
+                             f"{_layer_shape(module)}, the model's {tuple(shape)}; use a LoRA made for {family}")
     if unmatched:
         log.warning("LoRA %s: %d of its %d modules match no layer of this model and are left out "
                     "(debug logging lists them)", path, len(unmatched), len(modules))

@@ -35,12 +35,13 @@ _PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight"
           ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
           ".lora_linear_layer.up.weight": "up", "_lora.down.weight": "down", "_lora.up.weight": "up",
           ".alpha": "alpha"}
-# Network types whose update is not up @ down: (what a key contains, what to call the file).
-_UNSUPPORTED = ((".hada_", "a LyCORIS LoHa file (hada_ weights)"), (".lokr_", "a LyCORIS LoKr file (lokr_ weights)"),
-                (".lora_mid.", "a LyCORIS LoCon file with a Tucker core (lora_mid weights)"),
-                (".oft_", "a LyCORIS OFT file (oft_ weights)"), (".dora_scale", "a DoRA file (dora_scale weights)"),
-                (".lora_magnitude_vector", "a DoRA file (lora_magnitude_vector weights)"),
-                (".diff", "a LyCORIS full-weight file (diff weights)"), (".w_norm", "a LyCORIS norm file (w_norm weights)"))
+# Network types whose update is not up @ down: (the end of a key, what to call the file).
+_UNSUPPORTED = [(re.compile(pattern), kind) for pattern, kind in (
+    (r"\.hada_[wt]\d", "a LyCORIS LoHa file (hada_ weights)"), (r"\.lokr_[wt]\d", "a LyCORIS LoKr file (lokr_ weights)"),
+    (r"\.lora_mid\.weight$", "a LyCORIS LoCon file with a Tucker core (lora_mid weights)"),
+    (r"\.oft_(blocks|diag)$", "a LyCORIS OFT file (oft_ weights)"),
+    (r"\.dora_scale$|\.lora_magnitude_vector", "a DoRA file (dora_scale weights)"),
+    (r"\.diff(_b)?$", "a LyCORIS full-weight file (diff weights)"), (r"\.[wb]_norm$", "a LyCORIS norm file (w_norm weights)"))]
 # Key beginnings of SDXL LoRAs (two text encoders; kohya names SDXL's UNet by its sgm/CompVis layout).
 _SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_middle_block_",
          "lora_unet_output_blocks_", "lora_unet_label_emb")
@@ -131,8 +132,8 @@ def read_lora(path) -> tuple[LoraInfo, dict[str, torch.Tensor], dict[str, str]]:
 def refuse_unmergeable(path: Path, keys) -> None:
     """Raises ModelError for LyCORIS/DoRA types other than LoRA/LoCon and for SDXL LoRAs."""
     for key in keys:
-        for marker, kind in _UNSUPPORTED:
-            if marker in key:
+        for pattern, kind in _UNSUPPORTED:
+            if pattern.search(key):
                 raise ModelError(f"LoRA {path} is {kind}, which Sound Diffusion cannot merge: use a LoRA or "
                                  f"LoCon file (lora_down/lora_up or lora_A/lora_B weights)")
         if key.startswith(_SDXL):
