@@ -28,8 +28,8 @@ SHARED_LAYERS = [
      UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
     ("lora_unet_up_blocks_2_upsamplers_0_conv", "unet.up_blocks.2.upsamplers.0.conv",
      UNET + "output_blocks.8.2.conv.weight"),  # the upsampler after a level with attention
-    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
-     "TEXT encoder.layers.0.self_attn.q_proj.weight"),
+    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "TEXT encoder.layers.0.self_attn.q_proj.weight"),
 ]
 
 
@@ -180,24 +180,21 @@ def test_prepacked_layers_compute_with_the_new_weights(fresh, lora_dir):
         assert rel_err(model.apply_model(x, t, c), base) < 1e-6
 
 
-def spell_alike(stem_kohya, stem_other, down, up, ending_down, ending_up):
-    return kohya(stem_kohya, down, up), {f"{stem_other}{ending_down}": down, f"{stem_other}{ending_up}": up}
-
-
+OLD_DIFFUSERS = ("_lora.down.weight", "_lora.up.weight")  # diffusers' attention processors: to_q_lora.down.weight
 # The same layer named by each format; diffusers' older names and the bare names some tools write.
 SPELLINGS = [
     ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
-     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q", "_lora.down.weight", "_lora.up.weight"),
+     "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q", *OLD_DIFFUSERS),
     ("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0",
-     "unet.up_blocks.1.attentions.2.transformer_blocks.0.attn2.processor.to_out", "_lora.down.weight", "_lora.up.weight"),
+     "unet.up_blocks.1.attentions.2.transformer_blocks.0.attn2.processor.to_out", *OLD_DIFFUSERS),
     ("lora_unet_up_blocks_3_resnets_1_conv_shortcut", "up_blocks.3.resnets.1.conv_shortcut", ".lora.down.weight",
      ".lora.up.weight"),
     ("lora_unet_down_blocks_2_resnets_0_time_emb_proj", "down_blocks.2.resnets.0.time_emb_proj", ".lora_A.weight",
      ".lora_B.weight"),
     ("lora_te_text_model_encoder_layers_1_mlp_fc2", "text_encoder.text_model.encoder.layers.1.mlp.fc2",
      ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-    ("lora_te_text_model_encoder_layers_1_self_attn_out_proj", "text_encoder.text_model.encoder.layers.1.self_attn.to_out",
-     "_lora.down.weight", "_lora.up.weight"),
+    ("lora_te_text_model_encoder_layers_1_self_attn_out_proj",
+     "text_encoder.text_model.encoder.layers.1.self_attn.to_out", *OLD_DIFFUSERS),
     ("lora_te_text_model_encoder_layers_0_self_attn_v_proj",
      "base_model.model.text_encoder.text_model.encoder.layers.0.self_attn.v_proj", ".lora_A.weight", ".lora_B.weight"),
     ("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_encoder_layers_0_mlp_fc1", ".lora_down.weight",
@@ -223,6 +220,34 @@ def test_every_spelling_of_a_layer_merges_alike(fresh, tmp_path):
     assert same_state(a, b) == [] and len(same_state(a, base)) == len(SPELLINGS)
 
 
+# kohya's SD v1 extraction names the UNet's layers by their CompVis paths (and A1111 reads them so).
+COMPVIS_NAMES = {
+    "lora_unet_down_blocks_0_resnets_0_conv1": "lora_unet_input_blocks_1_0_in_layers_2",
+    "lora_unet_down_blocks_0_resnets_1_time_emb_proj": "lora_unet_input_blocks_2_0_emb_layers_1",
+    "lora_unet_down_blocks_0_downsamplers_0_conv": "lora_unet_input_blocks_3_0_op",
+    "lora_unet_down_blocks_0_attentions_0_proj_in": "lora_unet_input_blocks_1_1_proj_in",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k":
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+    "lora_unet_up_blocks_0_upsamplers_0_conv": "lora_unet_output_blocks_2_1_conv",  # no attention at the deepest level
+    "lora_unet_up_blocks_2_upsamplers_0_conv": "lora_unet_output_blocks_8_2_conv",
+    "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2":
+        "lora_unet_output_blocks_11_1_transformer_blocks_0_ff_net_2",
+}
+
+
+def test_compvis_named_kohya_layers_merge_as_their_diffusers_names(fresh, lora_dir, tmp_path):
+    k = load_file(lora_dir / "lora-kohya.safetensors")
+    diffusers_named, compvis_named = {}, {}
+    for ours, theirs in COMPVIS_NAMES.items():
+        for key in (key for key in k if key.split(".")[0] == ours):
+            diffusers_named[key] = k[key]
+            compvis_named[key.replace(ours, theirs)] = k[key]
+    a, b = fresh(), fresh()
+    apply_loras(a, [(save(tmp_path / "diffusers.safetensors", diffusers_named), 0.7)])
+    patch = apply_loras(b, [(save(tmp_path / "compvis.safetensors", compvis_named), 0.7)])
+    assert len(patch.touched) == len(COMPVIS_NAMES) and same_state(a, b) == []
+
+
 def test_alpha_scales_and_a_linear_lora_fits_a_1x1_convolution(fresh, tmp_path):
     model = fresh()
     name, param = "down_blocks.0.attentions.1.proj_out", UNET + "input_blocks.2.1.proj_out.weight"  # (32, 32, 1, 1)
@@ -232,7 +257,8 @@ def test_alpha_scales_and_a_linear_lora_fits_a_1x1_convolution(fresh, tmp_path):
         (kohya(f"lora_unet_{name.replace('.', '_')}", down, up), None, 1.0),  # alpha absent: alpha = rank
         (kohya(f"lora_unet_{name.replace('.', '_')}", down, up, alpha=1), None, 0.25),
         (peft(f"unet.{name}", down, up), None, 1.0),
-        (peft(f"unet.{name}", down, up), {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})}, 2.0),
+        (peft(f"unet.{name}", down, up), {"lora_adapter_metadata": json.dumps(
+            {"unet.r": 4, "unet.lora_alpha": 8})}, 2.0),
         (peft(f"unet.{name}", down, up), {"lora_adapter_metadata": json.dumps(
             {"unet.lora_alpha": 8, "unet.alpha_pattern": {"attentions.1.proj_out": 2}})}, 0.5),
         (peft(f"unet.{name}", down, up), {"lora_adapter_metadata": json.dumps(

@@ -71,14 +71,24 @@ def test_a_pickle_that_would_run_code_is_refused_before_it_runs(model, original,
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("key,family", [
-    ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "SDXL"),
-    ("lora_te2_text_model_encoder_layers_0_mlp_fc1", "SDXL"),
-    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "SDXL"),
+@pytest.mark.parametrize("key,shape", [
+    ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (768, 768)),
+    ("lora_te2_text_model_encoder_layers_0_mlp_fc1", (5120, 1280)),
+    ("lora_unet_label_emb_0_0", (1280, 2816)),
 ])
-def test_sdxl_names_say_sdxl(model, original, tmp_path, key, family):
-    path = save(tmp_path / "xl.safetensors", kohya(key, *random_pair(64, 32, 4)))
-    refused(model, original, [(path, 1.0)], ModelError, str(path), family, "SD v1 or SD 2.x")
+def test_sdxl_names_say_sdxl(model, original, tmp_path, key, shape):
+    path = save(tmp_path / "xl.safetensors", kohya(key, *random_pair(*shape, 4)))
+    refused(model, original, [(path, 1.0)], ModelError, str(path), "SDXL", "use a LoRA made for SD v1 or SD 2.x")
+
+
+@pytest.mark.parametrize("key,shape", [
+    ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k", (640, 2048)),  # SDXL's 2-block transformers
+    ("lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k", (1280, 2048)),  # a layer tiny-v1 has, too wide
+    ("lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_ff_net_2", (1280, 5120)),
+])
+def test_sdxl_unet_layers_under_compvis_or_diffusers_names_say_sdxl(model, original, tmp_path, key, shape):
+    path = save(tmp_path / "xl-unet.safetensors", kohya(key, *random_pair(*shape, 4)))
+    refused(model, original, [(path, 1.0)], ModelError, str(path), "is for SDXL", "use a LoRA made for SD v1")
 
 
 @pytest.mark.parametrize("width,family", [(768, "SD v1"), (1024, "SD 2.x"), (2048, "SDXL")])

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Width of the text conditioning (cross-attention keys' input, text encoder) -> model family.
 _FAMILY_OF_WIDTH = {768: "SD v1", 1024: "SD 2.x", 2048: "SDXL"}
 _WIDTH_LAYER = re.compile(r"attn2[._](processor[._])?to_k$|self_attn[._](k_proj|to_k)$")
+_DEEP_TRANSFORMER = re.compile(r"transformer_blocks[._][1-9]")  # SD v1/2.x have depth 1, SDXL 2 and 10
 
 __all__ = ["LoraInfo", "LoraPatch", "apply_loras", "load_loras"]
 
@@ -139,7 +140,10 @@ def _model_family(model) -> tuple[str, str]:
 
 
 def _file_family(modules: dict[str, LoraModule]) -> str | None:
-    """The family a LoRA was made for, from the width of its cross-attention keys' or text encoder's input."""
+    """The family a LoRA was made for: SDXL when it has transformers deeper than one block, else by the
+    width of its cross-attention keys' or text encoder's input."""
+    if any(_DEEP_TRANSFORMER.search(name) for name in modules):
+        return "SDXL"
     for name, module in modules.items():
         if _WIDTH_LAYER.search(name) and module.down.shape[1] in _FAMILY_OF_WIDTH:
             return _FAMILY_OF_WIDTH[module.down.shape[1]]
@@ -158,9 +162,10 @@ def _fits(module: LoraModule, shape: torch.Size) -> bool:
 
 def _delta(module: LoraModule, like: torch.Tensor) -> torch.Tensor:
     """scale * up @ down as a tensor of ``like``'s shape, dtype and device (computed in float32)."""
-    up = module.up.to(like.device, torch.float32).flatten(1)
+    # Scaling up (out, rank) costs less than scaling the product (out, in * kh * kw).
+    up = module.up.to(like.device, torch.float32).flatten(1) * module.scale
     down = module.down.to(like.device, torch.float32).flatten(1)
-    return (up @ down).mul_(module.scale).reshape(like.shape).to(like.dtype)
+    return (up @ down).reshape(like.shape).to(like.dtype)
 
 
 def _target_shape(model, target: LoraTarget) -> torch.Size:

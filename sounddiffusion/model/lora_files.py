@@ -37,14 +37,17 @@ _PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight"
           ".alpha": "alpha"}
 # Network types whose update is not up @ down: (the end of a key, what to call the file).
 _UNSUPPORTED = [(re.compile(pattern), kind) for pattern, kind in (
-    (r"\.hada_[wt]\d", "a LyCORIS LoHa file (hada_ weights)"), (r"\.lokr_[wt]\d", "a LyCORIS LoKr file (lokr_ weights)"),
+    (r"\.hada_[wt]\d", "a LyCORIS LoHa file (hada_ weights)"),
+    (r"\.lokr_[wt]\d", "a LyCORIS LoKr file (lokr_ weights)"),
     (r"\.lora_mid\.weight$", "a LyCORIS LoCon file with a Tucker core (lora_mid weights)"),
     (r"\.oft_(blocks|diag)$", "a LyCORIS OFT file (oft_ weights)"),
     (r"\.dora_scale$|\.lora_magnitude_vector", "a DoRA file (dora_scale weights)"),
-    (r"\.diff(_b)?$", "a LyCORIS full-weight file (diff weights)"), (r"\.[wb]_norm$", "a LyCORIS norm file (w_norm weights)"))]
-# Key beginnings of SDXL LoRAs (two text encoders; kohya names SDXL's UNet by its sgm/CompVis layout).
-_SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_middle_block_",
-         "lora_unet_output_blocks_", "lora_unet_label_emb")
+    (r"\.diff(_b)?$", "a LyCORIS full-weight file (diff weights)"),
+    (r"\.[wb]_norm$", "a LyCORIS norm file (w_norm weights)"))]
+# Key beginnings only SDXL LoRAs have: two text encoders, the added-conditioning embedding. (kohya names
+# SDXL's UNet by its CompVis layout, lora_unet_input_blocks_...; so do SD v1 LoRAs extracted by kohya's
+# scripts: those names are read as this model's own layers and SDXL's do not fit them.)
+_SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb", "unet.add_embedding.")
 _PEFT_METADATA = "lora_adapter_metadata"
 
 

@@ -3,7 +3,8 @@
 LoRA files name layers as their trainers saw the model: diffusers' ``UNet2DConditionModel``
 (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k``) and transformers' ``CLIPTextModel``
 (``text_model.encoder.layers.3.self_attn.q_proj``), written with dots (diffusers, peft) or with
-underscores behind a prefix (kohya: ``lora_unet_down_blocks_1_...``, ``lora_te_text_model_...``).
+underscores behind a prefix (kohya: ``lora_unet_down_blocks_1_...``, ``lora_te_text_model_...``);
+some kohya files name the UNet's layers by their CompVis paths (``lora_unet_input_blocks_4_1_proj_in``).
 :func:`lora_targets` lists every spelling a loaded model accepts and the CompVis weight it means.
 
 The UNet's layout is read from its instantiated modules, as diffusers' converter reads it from a
@@ -138,11 +139,13 @@ def text_layer_targets(cond_stage_model: nn.Module) -> dict[str, LoraTarget]:
     return targets
 
 
-def _unet_spellings(name: str) -> list[str]:
-    """kohya, diffusers/peft and bare spellings; attention projections also under diffusers' older
+def _unet_spellings(name: str, path: str) -> list[str]:
+    """kohya (by diffusers' name, or by the CompVis path as kohya's SDXL and SD v1 extraction scripts
+    write), diffusers/peft and bare spellings; attention projections also under diffusers' older
     attention-processor names (``attn1.processor.to_q``, ``attn1.processor.to_out`` for ``to_out.0``)."""
     dotted = [name, re.sub(r"\.(attn[12])\.(to_[qkv]|to_out)(\.0)?$", r".\1.processor.\2", name)]
-    return [f"lora_unet_{name.replace('.', '_')}", *{f"{prefix}{n}" for n in dotted for prefix in ("unet.", "")}]
+    return [f"lora_unet_{name.replace('.', '_')}", f"lora_unet_{path.replace('.', '_')}",
+            *{f"{prefix}{n}" for n in dotted for prefix in ("unet.", "")}]
 
 
 def _text_spellings(name: str) -> list[str]:
@@ -150,8 +153,9 @@ def _text_spellings(name: str) -> list[str]:
     ``self_attn.to_q`` ... ``to_out`` for ``q_proj`` ... ``out_proj``."""
     dotted = [name, re.sub(r"\.self_attn\.(q|k|v|out)_proj$", r".self_attn.to_\1", name)]
     underscored = name.replace(".", "_")
+    prefixes = ("text_encoder.text_model.", "text_encoder.", "text_model.")
     return [f"lora_te_text_model_{underscored}", f"lora_te_{underscored}",
-            *{f"{prefix}{n}" for n in dotted for prefix in ("text_encoder.text_model.", "text_encoder.", "text_model.")}]
+            *{f"{prefix}{n}" for n in dotted for prefix in prefixes}]
 
 
 def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
@@ -162,7 +166,7 @@ def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
     spellings = {}
     for name, path in unet_layer_names(model.model.diffusion_model).items():
         target = LoraTarget(f"{UNET}{path}.weight", f"unet.{name}")
-        spellings.update(dict.fromkeys(_unet_spellings(name), target))
+        spellings.update(dict.fromkeys(_unet_spellings(name, path), target))
     for name, target in text_layer_targets(model.cond_stage_model).items():
         spellings.update(dict.fromkeys(_text_spellings(name), target))
     return spellings
