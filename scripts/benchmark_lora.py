@@ -91,9 +91,8 @@ def main(argv=None) -> int:
         patch = load_loras(model, [(path, 0.0)])
         synchronize(device)
         load_s = time.perf_counter() - started
-    kept = sum(e.original.numel() * e.original.element_size()
-               + sum(d.numel() * d.element_size() for _, d in e.deltas) for e in patch._entries.values())
-    touched = sum(e.original.numel() for e in patch._entries.values())
+    kept = patch.kept_bytes
+    touched = sum(model.get_parameter(name).numel() for name, _ in patch.touched)
     times = []
     for frame in range(args.frames):
         weight = 0.5 + 0.5 * torch.sin(torch.tensor(frame * 0.7)).item()

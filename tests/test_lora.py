@@ -290,3 +290,21 @@ def test_a_pickled_lora_is_read_like_its_safetensors_copy(fresh, lora_dir, tmp_p
     patch = apply_loras(b, [(tmp_path / "style.pt", 0.6)])
     assert same_state(a, b) == []
     assert patch.files[0].short_hash == hashlib.sha256((tmp_path / "style.pt").read_bytes()).hexdigest()[:12]
+
+
+def test_a_half_precision_model_merges_as_the_float_merge_rounded(fresh, lora_dir):
+    import numpy as np
+
+    files = [lora_dir / "lora-kohya.safetensors", lora_dir / "lora-peft.safetensors"]
+    full, half = fresh(), fresh().half()
+    apply_loras(full, [(files[0], 0.8), (files[1], 0.5)])
+    patch = load_loras(half, [(files[0], 0.0), (files[1], 0.0)])
+    patch.set_weights(np.array([0.8, 0.5], dtype=np.float32))  # a schedule's numbers may be numpy's
+    for name, _ in patch.touched:
+        ours, rounded = half.get_parameter(name), full.get_parameter(name).half()
+        assert ours.dtype == torch.float16
+        # float16 rounds to 1/1024 of a value; sums of two terms may be one rounding further
+        assert float((ours.float() - rounded.float()).abs().max()) <= 2e-3 * (1 + float(rounded.abs().max())), name
+    half.float()
+    with pytest.raises(RuntimeError, match="load them after moving the model"):
+        patch.set_weights([0.1, 0.1])

@@ -57,9 +57,10 @@ def test_a_file_in_no_known_format(model, original, tmp_path, content):
     refused(model, original, [(path, 1.0)], ModelError, str(path), "LoRA .safetensors file")
 
 
-def test_a_truncated_file(model, original, tmp_path, good):
+@pytest.mark.parametrize("keep", [20, -100], ids=["in-the-header", "in-the-tensors"])
+def test_a_truncated_file(model, original, tmp_path, good, keep):
     path = tmp_path / "cut.safetensors"
-    path.write_bytes(good.read_bytes()[:-100])
+    path.write_bytes(good.read_bytes()[:keep])
     refused(model, original, [(path, 1.0)], ModelError, str(path), "download it again")
 
 
@@ -147,13 +148,17 @@ def test_set_weights_wants_one_finite_weight_per_file(model, original, good):
 
 def test_keys_matching_nothing_in_a_fitting_file_are_one_warning(model, original, tmp_path, caplog, good):
     tensors = {**load_file(good), **kohya("lora_unet_down_blocks_9_resnets_0_conv1", *random_pair(8, 8, 2)),
-               **kohya("lora_te_text_model_encoder_layers_7_mlp_fc1", *random_pair(8, 8, 2))}
+               **kohya("lora_te_text_model_encoder_layers_7_mlp_fc1", *random_pair(8, 8, 2)),
+               "bundle_emb.sparkle.string_to_param.*": torch.ones(2, 32)}  # an embedding bundled as A1111 allows
     path = save(tmp_path / "partly.safetensors", tensors)
     with caplog.at_level(logging.DEBUG, logger="sounddiffusion.model.lora"):
         patch = apply_loras(model, [(path, 1.0)])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "2 of its 3 modules match no layer" in warnings[0].getMessage()
+    assert len(warnings) == 1, warnings
+    assert "2 of its 3 modules match no layer of this model, and 1 of its tensors" in warnings[0].getMessage()
     debug = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
-    assert "lora_unet_down_blocks_9_resnets_0_conv1" in debug and "lora_te_text_model_encoder_layers_7_mlp_fc1" in debug
+    for left_out in ("lora_unet_down_blocks_9_resnets_0_conv1", "lora_te_text_model_encoder_layers_7_mlp_fc1",
+                     "bundle_emb.sparkle.string_to_param.*"):
+        assert left_out in debug
     assert len(patch.touched) == 1
     patch.restore()

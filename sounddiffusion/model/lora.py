@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ class LoraPatch:
     def touched(self) -> list[tuple[str, tuple[int, int] | None]]:
         return [(target.parameter, target.rows) for target in self._entries]
 
+    @property
+    def kept_bytes(self) -> int:
+        """Memory the patch holds: the original of every touched weight and, for load_loras, its deltas."""
+        return sum(entry.original.nbytes + sum(delta.nbytes for _, delta in entry.deltas)
+                   for entry in self._entries.values())
+
     def set_weights(self, weights: Sequence[float]) -> None:
         """Merges the files at ``weights`` (one float per file) instead of the weights now merged.
 
@@ -125,7 +132,7 @@ def _checked_weights(weights, paths) -> tuple[float, ...]:
     if len(weights) != len(paths):
         raise ParameterError(f"{len(weights)} LoRA weights given for {len(paths)} LoRA files: give one weight per file")
     for w, path in zip(weights, paths):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ParameterError(f"LoRA weight {w!r} for {path} is not a finite number: give a number such as 0.8")
     return tuple(float(w) for w in weights)
 
@@ -173,10 +180,11 @@ def _target_shape(model, target: LoraTarget) -> torch.Size:
     return shape if target.rows is None else torch.Size((target.rows[1] - target.rows[0], *shape[1:]))
 
 
-def _matched_modules(path: Path, modules: dict[str, LoraModule], targets: dict[str, LoraTarget],
+def _matched_modules(path: Path, modules: dict[str, LoraModule], others: list[str], targets: dict[str, LoraTarget],
                      model) -> dict[LoraTarget, LoraModule]:
     """The file's modules by the weight they change. Raises ModelError when none matches or one does
-    not fit its layer (a LoRA for another model); logs one warning for modules matching nothing."""
+    not fit its layer (a LoRA for another model); logs one warning for the modules matching nothing
+    and the file's ``others`` (tensors that belong to no LoRA module)."""
     matched, unmatched = {}, []
     for name, module in modules.items():
         target = targets.get(name)
@@ -198,14 +206,16 @@ def _matched_modules(path: Path, modules: dict[str, LoraModule], targets: dict[s
         if not _fits(module, shape):
             raise ModelError(f"LoRA {path}{made_for} does not fit this {model_name}: its {target.layer} is "
                              f"{_layer_shape(module)}, the model's {tuple(shape)}; use a LoRA made for {family}")
-    if unmatched:
-        log.warning("LoRA %s: %d of its %d modules match no layer of this model and are left out "
-                    "(debug logging lists them)", path, len(unmatched), len(modules))
-        log.debug("LoRA %s: modules left out: %s", path, ", ".join(sorted(unmatched)))
+    if unmatched or others:
+        log.warning("LoRA %s: %d of its %d modules match no layer of this model, and %d of its tensors belong "
+                    "to no LoRA module; they are left out (debug logging lists them)",
+                    path, len(unmatched), len(modules), len(others))
+        log.debug("LoRA %s: left out: %s", path, ", ".join(sorted(unmatched) + sorted(others)))
     return matched
 
 
 def _checked_specs(specs) -> tuple[list[Path], tuple[float, ...]]:
+    specs = list(specs)
     if any(not isinstance(spec, (tuple, list)) or len(spec) != 2 for spec in specs):
         raise ParameterError(f"LoRAs {specs!r}: give (file, weight) pairs")
     paths = [Path(path) for path, _ in specs]
@@ -218,8 +228,8 @@ def _load(model, specs, schedulable: bool) -> LoraPatch:
     files, contributions = [], {}
     for i, path in enumerate(paths):  # every file is read and checked before the model changes
         info, tensors, metadata = read_lora(path)
-        modules = lora_modules(info.path, tensors, metadata)
-        for target, module in _matched_modules(info.path, modules, targets, model).items():
+        modules, others = lora_modules(info.path, tensors, metadata)
+        for target, module in _matched_modules(info.path, modules, others, targets, model).items():
             contributions.setdefault(target, []).append((i, module))
         files.append(info)
     entries = {}

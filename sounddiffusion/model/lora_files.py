@@ -55,7 +55,7 @@ _PEFT_METADATA = "lora_adapter_metadata"
 class LoraInfo:
     """What names a LoRA file in outputs' metadata.
 
-    name: the file name without its extension; sha256: of the whole file (hex);
+    name: the file name without its extension (as A1111's prompts name LoRAs); sha256: of the whole file (hex);
     short_hash: A1111's LoRA hash (Civitai's "AutoV3"): the first 12 hex digits of the sha256 of a
     safetensors file's bytes after its header (so metadata edits keep it), of the whole file for a pickle."""
     path: Path
@@ -90,9 +90,10 @@ def file_hashes(path: Path) -> tuple[str, str]:
 
 
 def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors do: a u64 header length, then the JSON header's "{"."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    return len(head) == 9 and head[8:9] == b"{"
 
 
 def _is_torch_pickle(path: Path) -> bool:
@@ -129,7 +130,7 @@ def read_lora(path) -> tuple[LoraInfo, dict[str, torch.Tensor], dict[str, str]]:
         raise ModelError(f"LoRA {problem}: download it again, or pass a LoRA .safetensors file") from None
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"LoRA file {path} cannot be read ({exc}): check its permissions") from None
-    return LoraInfo(path, path.name.split(".")[0], whole, data[:12]), tensors, metadata
+    return LoraInfo(path, path.stem, whole, data[:12]), tensors, metadata
 
 
 def refuse_unmergeable(path: Path, keys) -> None:
@@ -153,23 +154,29 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def lora_modules(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraModule]:
-    """The file's modules by the file's module name, with scale = alpha / rank.
+def lora_modules(path: Path, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str]) -> tuple[dict[str, LoraModule], list[str]]:
+    """(the file's modules by the file's module name, with scale = alpha / rank; the keys of its other
+    tensors, e.g. textual-inversion embeddings bundled with the LoRA, or an alpha without its module).
 
     Raises ModelError for unmergeable types (see refuse_unmergeable), a file without any LoRA
     weights, and a module whose down and up do not fit each other."""
     refuse_unmergeable(path, tensors)
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    others = []
     for key, tensor in tensors.items():
         split = split_key(key)
         if split:
             parts.setdefault(split[0], {})[split[1]] = tensor
+        else:
+            others.append(key)
     peft_alpha = _peft_alpha(metadata)
     modules = {}
     for name, found in parts.items():
         down, up, alpha = found.get("down"), found.get("up"), found.get("alpha")
         if down is None and up is None:
-            continue  # an alpha alone: its module is not in the file
+            others.append(f"{name}.alpha")
+            continue
         if down is None or up is None or down.ndim not in (2, 4) or up.ndim not in (2, 4) \
                 or up.shape[1] != down.shape[0] or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
             raise ModelError(f"LoRA {path} is damaged: its module {name} has down {_shape(down)} and up "
@@ -185,7 +192,7 @@ def lora_modules(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         raise ModelError(f"{path} is not a LoRA: none of its {len(tensors)} tensors (e.g. {example!r}) is a "
                          f"lora_down/lora_up or lora_A/lora_B weight; pass a LoRA file (a full checkpoint "
                          f"is loaded as the model, not as a LoRA)")
-    return modules
+    return modules, others
 
 
 def _shape(t) -> str:
