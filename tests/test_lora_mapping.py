@@ -91,7 +91,8 @@ def tiny_v2():
 
 def openclip_lora(tmp_path):
     """A LoRA on text-encoder layers 0 and 1 (transformers' names; q/k/v kohya, out/mlp peft) and on three
-    UNet layers of tiny-v2 (width 48, 3 heads of 16 ... levels 32/64/64, attention at every level)."""
+    UNet layers of tiny-v2 (text width 48; UNet levels of 32, 64, 64 channels, attention at every level).
+    Returns (the file, {module name: (down, up, scale)})."""
     files = {
         "lora_te_text_model_encoder_layers_1_self_attn_q_proj": (48, 48, 0),
         "lora_te_text_model_encoder_layers_1_self_attn_k_proj": (48, 48, 0),
