@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import DATA
 from ldm.util import instantiate_from_config, load_model_from_config
 from lora_makers import kohya, peft, random_pair, save, update
-from sounddiffusion.diffusers_conversion import diffusers_unet_config, unet_to_diffusers
+from scripts.diffusers_conversion import diffusers_unet_config, unet_to_diffusers
 from sounddiffusion.model.lora import apply_loras
 
 diffusers = pytest.importorskip("diffusers")
