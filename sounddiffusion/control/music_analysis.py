@@ -55,9 +55,6 @@ def music_request(settings: VideoSettings) -> MusicRequest:
     if settings.snap_prompts == "section" and not settings.sections:
         raise ParameterError("--snap_prompts section moves prompts to the song's sections: give --sections FILE "
                              "(lines 'M:SS label') or --sections auto")
-    if settings.control and settings.input_folder:
-        raise ParameterError(f"--control {settings.control[0]} belongs to one song, not to each song of "
-                             f"--input_folder: render that song with --path")
     times, auto, count = None, False, None
     if settings.sections:
         auto, count = auto_count(settings.sections)

@@ -12,8 +12,8 @@ Tracker
     noise drone: 115 bpm from 1.4 dB rises against a 1.0 dB background; a tremolo pad: 0.7 dB),
     where drums, clicks, a voice or an organ riff give 8-30 dB, 9-1000 times their background.
     Without a pulse there are no beats: ``beat``, ``bar`` and ``beat_in_bar`` stay 0 and the
-    tempo is 0. With one, :func:`fit_grid` fits an exact grid to the tracked beats (least
-    squares of beat time against beat number): its tempo and first beat are what ``--bpm`` and
+    tempo is 0. With one, :func:`fit_grid` fits an exact grid to the tracked beats (a robust
+    line through beat time against beat number): its tempo and first beat are what ``--bpm`` and
     ``--beat_offset`` take to pin the beats.
 Grid
     Beats at ``beat_offset + k * 60 / bpm`` seconds for every whole ``k`` with a time from 0 up
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import librosa
 import numpy as np
+import scipy.stats
 
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.sound.onset_stream import HOP
@@ -44,6 +45,7 @@ MIN_BEAT_DB = 2.0
 MIN_BEAT_CONTRAST = 2.0
 """... and how many times the median of the whole onset envelope it must be."""
 MAX_BPM = 1000.0
+HOP_SECONDS = HOP / 44100
 MAX_BEATS_PER_BAR = 64
 
 
@@ -152,11 +154,17 @@ def track_beats(onset_median: np.ndarray, onset_mean: np.ndarray, starts: np.nda
 def fit_grid(times: np.ndarray, bpm: float, beats_per_bar: int = 4) -> BeatGrid:
     """The exact grid closest to beats at ``times`` (seconds, increasing) tracked at about ``bpm``:
     each beat numbered by its distance from the first in beats of ``bpm``, then time = offset +
-    number x period fitted by least squares (one beat: ``bpm``'s period). The offset is the
-    grid's first beat at or after 0 s, which counts as a downbeat (the tracker finds no bars);
-    the tempo is rounded to 0.01 bpm and the offset to 1 ms."""
+    number x period fitted by least squares over the beats within 5 % of a period (or two hops) of
+    the Theil-Sen line (the median of the slopes between every two beats, robust to the odd
+    misplaced beat: librosa's last beat often is); one beat: ``bpm``'s period. The offset is the grid's first beat at or after 0 s, which counts as a downbeat (the
+    tracker finds no bars); the tempo is rounded to 0.01 bpm and the offset to 1 ms."""
     numbers = np.round((times - times[0]) * bpm / 60.0)
-    period, intercept = np.polyfit(numbers, times, 1) if numbers[-1] > 0 else (60.0 / bpm, times[0])
+    period, intercept = 60.0 / bpm, float(times[0])
+    if numbers[-1] > 0:
+        period, intercept = scipy.stats.theilslopes(times, numbers)[:2]
+        inliers = np.abs(times - intercept - period * numbers) <= max(0.05 * period, 2 * HOP_SECONDS)
+        if len(set(numbers[inliers])) >= 2:  # least squares on the beats the robust line keeps
+            period, intercept = np.polyfit(numbers[inliers], times[inliers], 1)
     offset = intercept - period * math.floor(intercept / period + 1e-9)
     # rounded as printed (0.01 bpm drifts 25 ms over 600 beats), so that the flags copied pin these beats
     return BeatGrid(round(float(60.0 / period), 2), round(float(max(0.0, offset)), 3), beats_per_bar)
