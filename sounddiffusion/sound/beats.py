@@ -38,8 +38,8 @@ import scipy.stats
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.sound.onset_stream import HOP
 
-MIN_BEATS = 4
-"""Fewer tracked beats than this are no steady pulse."""
+MIN_BEATS = 3
+"""Fewer tracked beats than this are no steady pulse (three beats show two equal intervals)."""
 MIN_BEAT_DB = 2.0
 """Median onset strength (mean rise over mel bands, dB) the tracked beats must reach."""
 MIN_BEAT_CONTRAST = 2.0
