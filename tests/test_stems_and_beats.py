@@ -182,13 +182,20 @@ def test_every_bad_value_is_one_line_before_anything_loads(run_tool, band, tmp_p
     assert_one_line_error(status, err, "audio2video", *words)
 
 
-def test_control_tracks_with_a_folder_of_songs_are_refused(run_tool, band, tmp_path):
+@pytest.mark.parametrize("make,words", [
+    (lambda b: ["--control", f"drums={b['drums']}"], ["--control", "--input_folder", "--path"]),
+    (lambda b: ["--bpm", "0"], ["--bpm 0"]), (lambda b: ["--sections", "auto:x"], ["--sections auto:x"])])
+def test_a_folder_of_songs_refuses_control_tracks_and_bad_values_at_once(run_tool, band, tmp_path, monkeypatch,
+                                                                         make, words):
+    from sounddiffusion.jobs import batch_jobs
+
+    monkeypatch.setattr(batch_jobs, "load_engine", lambda *a: pytest.fail("the model was loaded"))
     songs = tmp_path / "songs"
     songs.mkdir()
     write_sound(songs / "a.wav")
-    status, _, err = run_tool("audio2video", ["--input_folder", songs, "--control", f"drums={band['drums']}",
-                                              "--outdir", tmp_path / "out", *FAST])
-    assert_one_line_error(status, err, "audio2video", "--control", "--input_folder", "--path")
+    status, _, err = run_tool("audio2video", ["--input_folder", songs, *make(band), "--outdir", tmp_path / "out",
+                                              *FAST])
+    assert_one_line_error(status, err, "audio2video", *words)
 
 
 def test_a_render_with_control_tracks_resumes_and_refuses_a_changed_stem(run_tool, band, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 from sounddiffusion.control.bending_specs import BendSpec
 from sounddiffusion.control.frame_schedules import (VideoSchedules, evaluate_schedules, parse_video_schedules,
                                                     plain_variables)
-from sounddiffusion.control.music_analysis import MusicAnalysis, analyse_music, music_request
+from sounddiffusion.control.music_analysis import analyse_music, music_request
 from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, parse_smoothing, snap_times
@@ -132,6 +132,7 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
     cannot be read and PromptFileError for a bad prompt or sections file."""
     schedules = parse_video_schedules(settings)
     request = music_request(settings)
+    _warn_unread_tracks(schedules, [track.name for track in request.tracks])
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
     n_samples = sound_length(settings.audio)
@@ -139,7 +140,6 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
     analysed = None
     if analyse or schedules.needs_analysis() or settings.snap_prompts != "none":
         analysed = analyse_music(settings.audio, request, fps=fps, n_samples=n_samples, smoothing=smoothing)
-        _warn_unread_tracks(schedules, analysed)
     variables = analysed.variables() if analysed is not None else plain_variables(n_frames, float(fps))
     values, jumps, amounts = evaluate_schedules(schedules, settings, variables, n_frames)
     diffused = cadence_frames(values["cadence"])
@@ -152,10 +152,10 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
                      tracks=dict(analysed.tracks) if analysed is not None else {}, snapped=snapped)
 
 
-def _warn_unread_tracks(schedules: VideoSchedules, analysed: MusicAnalysis) -> None:
+def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:
     """One warning per control track that no schedule reads (a typo in a name, a forgotten flag)."""
     read = {name.partition(".")[0] for schedule in schedules.all() for name in schedule.names_used}
-    for name in analysed.tracks:
+    for name in names:
         if name not in read:
             log.warning("control track %s: no schedule reads it (%s.onset, %s.rms ...)", name, name, name)
 
