@@ -178,7 +178,8 @@ def test_every_bad_value_is_one_line_before_anything_loads(run_tool, band, tmp_p
                                                            make, words):
     monkeypatch.setattr(frame_plan, "sound_length", lambda *a: pytest.fail("the sound was decoded"))
     monkeypatch.setattr(loop, "load_engine", lambda *a: pytest.fail("the model was loaded"))
-    status, _, err = run_tool("audio2video", ["--path", band["mix"], *make(band, tmp_path), "--outdir", tmp_path, *FAST])
+    status, _, err = run_tool("audio2video", ["--path", band["mix"], *make(band, tmp_path), "--outdir", tmp_path,
+                                              *FAST])
     assert_one_line_error(status, err, "audio2video", *words)
 
 

@@ -1,7 +1,8 @@
 """The music's envelopes at the video's frame rate, for music-reactive schedules (numpy + librosa).
 
 Frame ``i`` covers the samples of :func:`sounddiffusion.sound.audio.frame_bounds` ``(i, fps)``, the very
-slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,)`` in [0, 1]:
+slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,)``, in [0, 1] but
+for the counts ``beat_in_bar`` (and ``section``):
 
 ``rms``
     The slice's RMS level (:func:`sounddiffusion.sound.audio.slice_rms`): linear, 1.0 for a full-scale
@@ -9,7 +10,8 @@ slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,
 ``onset``
     librosa's onset strength (mean over 128 mel bands of the rise in dB, 2048-sample window,
     512-sample hop; see :mod:`sounddiffusion.sound.onset_stream`), the largest value whose hop lies in
-    the frame (hop ``k`` at sample ``512*k``, its time in librosa).
+    the frame (hop ``k`` at sample ``512*k``, its time in librosa). The sound's start counts: a hit
+    at t = 0 is an onset (capped at the strongest later one).
 ``beat``
     1 on a frame holding a beat, falling linearly to 0 just before the next beat (after the last
     beat: over one median beat interval). The beats are those of :func:`librosa.beat.beat_track`
@@ -32,8 +34,8 @@ slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,
 
 Sections (``section``, ``section_start``) are added by :func:`sounddiffusion.sound.sections.with_sections`.
 
-Each of :data:`ENVELOPE_NAMES` goes through :func:`smooth`: median filter -> envelope follower (attack, release) -> gate ->
-rescale. The defaults (:data:`DEFAULT_SMOOTHING`) and why:
+Each of :data:`ENVELOPE_NAMES` goes through :func:`smooth`: median filter -> envelope follower
+(attack, release) -> gate -> rescale. The defaults (:data:`DEFAULT_SMOOTHING`) and why:
 
 =========  ======  ======  =======  ====  =======  ===========================================
 envelope   median  attack  release  gate  rescale  why

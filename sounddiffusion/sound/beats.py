@@ -45,7 +45,6 @@ MIN_BEAT_DB = 2.0
 MIN_BEAT_CONTRAST = 2.0
 """... and how many times the median of the whole onset envelope it must be."""
 MAX_BPM = 1000.0
-HOP_SECONDS = HOP / 44100
 MAX_BEATS_PER_BAR = 64
 
 
@@ -142,7 +141,7 @@ def track_beats(onset_median: np.ndarray, onset_mean: np.ndarray, starts: np.nda
         return no_beats(f"beats: no steady pulse (the tracker's {len(hops)} beat{'s' * (len(hops) != 1)} at "
                         f"{bpm:.0f} bpm rise {strength:.1f} dB over a {background:.1f} dB background), {advice}")
     times = hops * HOP / sr
-    grid = fit_grid(times, bpm, beats_per_bar)
+    grid = fit_grid(times, bpm, beats_per_bar, sr)
     numbers = np.round((times - grid.offset) / grid.period).astype(np.int64)
     frames, first = np.unique(frames_of_samples(hops * HOP, starts), return_index=True)
     note = (f"beats: {grid.bpm:g} bpm, first beat at {grid.offset:g} s ({len(hops)} tracked); "
@@ -151,18 +150,19 @@ def track_beats(onset_median: np.ndarray, onset_mean: np.ndarray, starts: np.nda
                  False, note)
 
 
-def fit_grid(times: np.ndarray, bpm: float, beats_per_bar: int = 4) -> BeatGrid:
+def fit_grid(times: np.ndarray, bpm: float, beats_per_bar: int = 4, sr: int = 44100) -> BeatGrid:
     """The exact grid closest to beats at ``times`` (seconds, increasing) tracked at about ``bpm``:
     each beat numbered by its distance from the first in beats of ``bpm``, then time = offset +
-    number x period fitted by least squares over the beats within 5 % of a period (or two hops) of
-    the Theil-Sen line (the median of the slopes between every two beats, robust to the odd
-    misplaced beat: librosa's last beat often is); one beat: ``bpm``'s period. The offset is the grid's first beat at or after 0 s, which counts as a downbeat (the
-    tracker finds no bars); the tempo is rounded to 0.01 bpm and the offset to 1 ms."""
+    number x period fitted by least squares over the beats within 5 % of a period (or two hops at
+    ``sr``) of the Theil-Sen line (the median of the slopes between every two beats, robust to the
+    odd misplaced beat: librosa's last beat often is); one beat: ``bpm``'s period. The offset is
+    the grid's first beat at or after 0 s, which counts as a downbeat (the tracker finds no bars);
+    the tempo is rounded to 0.01 bpm and the offset to 1 ms."""
     numbers = np.round((times - times[0]) * bpm / 60.0)
     period, intercept = 60.0 / bpm, float(times[0])
     if numbers[-1] > 0:
         period, intercept = scipy.stats.theilslopes(times, numbers)[:2]
-        inliers = np.abs(times - intercept - period * numbers) <= max(0.05 * period, 2 * HOP_SECONDS)
+        inliers = np.abs(times - intercept - period * numbers) <= max(0.05 * period, 2 * HOP / sr)
         if len(set(numbers[inliers])) >= 2:  # least squares on the beats the robust line keeps
             period, intercept = np.polyfit(numbers[inliers], times[inliers], 1)
     offset = intercept - period * math.floor(intercept / period + 1e-9)
@@ -209,8 +209,8 @@ def beat_envelopes(beats: Beats, n_frames: int, fps: float) -> dict[str, np.ndar
     if len(beats.frames):
         last = np.searchsorted(beats.frames, np.arange(n_frames), side="right") - 1
         in_bar = np.where(last >= 0, beats.in_bar[np.maximum(last, 0)], 0).astype(np.float64)
-    return {"beat": falling_ramps(beats.frames, n_frames, period), "bar": falling_ramps(downbeats, n_frames, bar_period),
-            "beat_in_bar": in_bar}
+    return {"beat": falling_ramps(beats.frames, n_frames, period),
+            "bar": falling_ramps(downbeats, n_frames, bar_period), "beat_in_bar": in_bar}
 
 
 def falling_ramps(event_frames: np.ndarray, n_frames: int, period: float) -> np.ndarray:
