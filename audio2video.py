@@ -11,6 +11,7 @@ each conditioned on its own slice of the sound (PLMS by default).
 
 from sounddiffusion import cli
 from sounddiffusion.settings import DEFAULT_CRF
+from sounddiffusion.sound.music_flags import MUSIC_FLAGS
 
 
 def build_parser():
@@ -43,6 +44,7 @@ def build_parser():
                              "0 = off, upstream used 0.8); the same as --bend \"add=F*rms\"" + cli.SCHEDULE_HELP)
     parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS for img2img")
     cli.add_music_reactive_args(parser)
+    cli.add_flag_group(parser, MUSIC_FLAGS)
     cli.add_coherence_args(parser)
     cli.add_sampling_args(parser, plms_flag=False, scheduled=True)
     parser.set_defaults(ddim_steps=25)

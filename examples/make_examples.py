@@ -2,8 +2,9 @@
 
     python examples/make_examples.py [--outdir examples/audio]
 
-Four mono 16-bit WAV files at 22.05 kHz, 3-4 s each (about 0.6 MB together):
-a struck bell, a I-V-vi-IV chord progression, a drum pattern and a logarithmic sine sweep.
+Five mono 16-bit WAV files at 22.05 kHz, 3-4 s each (about 0.8 MB together):
+a struck bell, a I-V-vi-IV chord progression, a drum pattern, a logarithmic sine sweep, and the
+drums and chords played together (a mix whose stems are those two files).
 """
 from __future__ import annotations
 
@@ -101,11 +102,19 @@ def sweep() -> np.ndarray:
     return np.sin(2 * np.pi * f0 * (np.exp(rate * t) - 1) / rate)
 
 
+def band() -> np.ndarray:
+    """The finished drums and chords examples played together, 4 s: a mix whose stems are
+    ``drums.wav`` and ``chords.wav`` (for ``audio2video.py --control``)."""
+    drums_part, chords_part = example_samples("drums"), example_samples("chords")
+    return chords_part + np.pad(drums_part, (0, len(chords_part) - len(drums_part)))  # drums end 8 samples early
+
+
 SOUNDS: dict[str, Callable[[], np.ndarray]] = {
     "bell": bell,
     "chords": chords,
     "drums": drums,
     "sweep": sweep,
+    "band": band,
 }
 """Example name -> function making its samples ``(n,)`` at :data:`RATE` (any level)."""
 

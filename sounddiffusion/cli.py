@@ -175,12 +175,13 @@ def add_audio_conditioning_args(parser: argparse.ArgumentParser, *, scheduled: b
 def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
     """audio2video's per-frame control: schedules, seed jumps, bends, envelope smoothing, reports."""
     from sounddiffusion.control.bending import OPERATORS
-    from sounddiffusion.sound.analysis import ENVELOPE_NAMES
+    from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES, SNAP_UNITS
 
     g = parser.add_argument_group(
         "music-reactive control",
         "Per-frame numbers take a number or a schedule over the sound's envelopes "
-        f"({', '.join(ENVELOPE_NAMES)}, plus bpm, t, s, fps, max_f): an expression such as "
+        f"({', '.join((*ENVELOPE_NAMES, *GRID_NAMES))}, plus bpm, t, s, fps, max_f; section and section_start "
+        "with --sections; NAME.onset, NAME.rms ... of each --control NAME=FILE): an expression such as "
         "\"0.35 + 0.4*onset\" or keyframes such as \"0:(0.4), 96:(0.7)\" (README: Music-reactive control)")
     g.add_argument("--seed_jump", default=None, metavar="EXPR",
                    help="frames where EXPR > 0.5 (e.g. \"beat\") take new img2img noise; between them the "
@@ -191,8 +192,8 @@ def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
                         "middle_block or output_blocks.N (README: Network bending)")
     g.add_argument("--smoothing", default=None, metavar="SPEC",
                    help="change the envelopes' smoothing, e.g. \"onset:release=0.3,gate=0.5;centroid:median=9\"")
-    g.add_argument("--snap_prompts", default="none", choices=("none", "beat"),
-                   help="move --prompt_file times to the nearest beat")
+    g.add_argument("--snap_prompts", default="none", choices=("none", *SNAP_UNITS),
+                   help="move --prompt_file times to the nearest beat, downbeat or section start")
     g.add_argument("--plot", action="store_true",
                    help="also draw NAME.schedule.png: waveform, envelopes, beats, scheduled values")
     g.add_argument("--dry_run", action="store_true",

@@ -178,7 +178,11 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     ``cadence``: diffuse every Nth frame and make the ones between from their neighbours.
     ``input_folder``: a folder of songs, one video each (then ``audio`` is None until a song is
     picked). ``crf``: the MP4's H.264 quality (0 best and largest .. 51; :data:`DEFAULT_CRF`); it
-    changes the video's pixels, so it is recorded and a resume must keep it."""
+    changes the video's pixels, so it is recorded and a resume must keep it. ``control``: control
+    tracks, ``NAME=FILE`` each (recorded by content); ``bpm``, ``beat_offset``,
+    ``beats_per_bar``: an exact beat grid instead of the tracker's beats (None: tracked), the bars'
+    length either way; ``sections``: a file of timed section labels, ``auto`` or ``auto:N``
+    (recorded as the sections it gave) (:mod:`sounddiffusion.sound.music_flags`)."""
 
     audio: str | None = None
     input_folder: str | None = None
@@ -189,6 +193,11 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     textpromptend: str | None = None
     prompt_file: str | None = None
     snap_prompts: str = "none"
+    control: tuple[str, ...] = ()
+    bpm: float | None = None
+    beat_offset: float | None = None
+    beats_per_bar: int = 4
+    sections: str | None = None
     init_img: str | None = None
     rms_bend: str = "0"
     seed_jump: str | None = None
@@ -213,10 +222,11 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     dry_run: bool = False
     ddim_steps: int = 25
 
-    # The sound and the init image are identified by content in the render's settings instead.
+    # The sound, the init image, the control tracks and the sections are identified by content in
+    # the render's settings instead.
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"audio", "init_img", "prompt_file", "outdir", "output", "save_frames", "preview_every", "resume",
-         "plot", "dry_run", "input_folder", *ClusterSettings.OUTPUT_FIELDS})
+        {"audio", "init_img", "prompt_file", "control", "sections", "outdir", "output", "save_frames",
+         "preview_every", "resume", "plot", "dry_run", "input_folder", *ClusterSettings.OUTPUT_FIELDS})
 
     def __post_init__(self):
         # Numbers given in code (not from the command line) are kept as the text of the number.
@@ -226,6 +236,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
             if not isinstance(value, str):
                 object.__setattr__(self, name, repr(float(value)) if isinstance(value, float) else str(value))
         object.__setattr__(self, "bend", tuple(self.bend))
+        object.__setattr__(self, "control", tuple(self.control))
         object.__setattr__(self, "fps", float(self.fps))
 
     @property

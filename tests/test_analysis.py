@@ -9,7 +9,7 @@ import pytest
 import soundfile
 
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, Smoothing, envelopes,
+from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, GRID_NAMES, Smoothing, envelopes,
                                            parse_smoothing, smooth, snap_to_beats)
 from sounddiffusion.sound.audio import (SAMPLE_RATE, frame_bounds, frame_count, load_audio, slice_rms,
                                         sound_blocks, sound_length, stream_frame_slices)
@@ -201,7 +201,7 @@ def test_bad_smoothing_is_one_line_naming_the_flag(text):
 def test_variables_are_exactly_what_schedules_may_name(voice):
     env = envelopes(voice, fps=12)
     variables = env.variables()
-    assert set(variables) == {*ENVELOPE_NAMES, "bpm", "t", "s", "fps", "max_f"}
+    assert set(variables) == {*ENVELOPE_NAMES, *GRID_NAMES, "bpm", "t", "s", "fps", "max_f"}
     np.testing.assert_array_equal(variables["t"], np.arange(env.n_frames))
     np.testing.assert_array_equal(variables["s"], np.arange(env.n_frames) / 12)
     assert variables["fps"] == 12.0 and variables["max_f"] == env.n_frames and variables["bpm"] == env.bpm

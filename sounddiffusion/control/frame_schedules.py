@@ -1,7 +1,8 @@
 """audio2video's per-frame numbers: which flags take a schedule, their ranges, and their values.
 
 Every flag in :data:`SCHEDULED` takes a number (the same frames as before schedules existed) or a
-schedule over the sound's envelopes (:mod:`sounddiffusion.control.schedules`, :mod:`sounddiffusion.sound.analysis`).
+schedule over the sound's envelopes (:mod:`sounddiffusion.control.schedules`, :mod:`sounddiffusion.sound.analysis`),
+its sections' (with ``--sections``) and its control tracks' (``NAME.onset`` with ``--control NAME=FILE``).
 :func:`parse_video_schedules` reads them all before the model loads, so a mistake is one line at
 once; :func:`evaluate_schedules` gives their values on every frame, clipped to each flag's range.
 The bends of ``--bend`` are schedules too (their amounts), read with the same parser.
@@ -17,13 +18,26 @@ from sounddiffusion.control.bending_specs import BendSpec, parse_bend
 from sounddiffusion.control.schedules import Schedule, clip_to_range, parse_schedule
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import VideoSettings
-from sounddiffusion.sound.analysis import ENVELOPE_NAMES, Envelopes
+from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES
+from sounddiffusion.sound.control_tracks import track_names
+from sounddiffusion.sound.sections import SECTION_NAMES
 
-VARIABLES = (*ENVELOPE_NAMES, "bpm", "t", "s", "fps", "max_f")
-"""The names a schedule may read (see :meth:`sounddiffusion.sound.analysis.Envelopes.variables`)."""
+PLAIN_NAMES = ("t", "s", "fps", "max_f")
+"""Names that need no analysis of the sound."""
 
-NEEDS_ANALYSIS = frozenset((*ENVELOPE_NAMES, "bpm"))
-"""Names whose values come from analysing the sound; ``t s fps max_f`` need no analysis."""
+VARIABLES = (*ENVELOPE_NAMES, *GRID_NAMES, "bpm", *PLAIN_NAMES)
+"""The names a schedule may always read (see :meth:`sounddiffusion.sound.analysis.Envelopes.variables`);
+:func:`schedule_names` adds the sections' and the control tracks'."""
+
+SECTIONS_HINT = "needs the song's sections: give --sections FILE (lines 'M:SS label') or --sections auto"
+
+
+def schedule_names(settings: VideoSettings) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the names the schedules of ``settings`` may read, hints for names that need a flag)."""
+    tracks = [spec.partition("=")[0].strip() for spec in settings.control]
+    sections = SECTION_NAMES if settings.sections else ()
+    hints = {} if settings.sections else {name: SECTIONS_HINT for name in SECTION_NAMES}
+    return (*VARIABLES, *sections, *track_names(tracks)), hints
 
 
 @dataclass(frozen=True)
@@ -76,25 +90,27 @@ class VideoSchedules:
 
     def needs_analysis(self) -> bool:
         """Whether a schedule reads an envelope (the sound must then be analysed)."""
-        return any(schedule.names_used & NEEDS_ANALYSIS for schedule in self.all())
+        return any(schedule.names_used - set(PLAIN_NAMES) for schedule in self.all())
 
 
 def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
     """Parse every scheduled flag and bend of ``settings``; constants must lie in their range.
 
     Raises ScheduleError / ParameterError (one line naming the flag) before anything is loaded."""
+    names, hints = schedule_names(settings)
     values = {}
     for flag in _flags(settings):
-        schedule = parse_schedule(str(getattr(settings, flag.name)), flag=f"--{flag.name}", names=VARIABLES)
+        schedule = parse_schedule(str(getattr(settings, flag.name)), flag=f"--{flag.name}", names=names,
+                                  hints=hints)
         if schedule.is_constant:
             _check_constant(flag, schedule.constant)
         values[flag.name] = schedule
-    seed_jump = (parse_schedule(settings.seed_jump, flag="--seed_jump", names=VARIABLES)
+    seed_jump = (parse_schedule(settings.seed_jump, flag="--seed_jump", names=names, hints=hints)
                  if settings.seed_jump else None)
     bends = []
     for text in settings.bend:
         spec = parse_bend(text)
-        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{text}"', names=VARIABLES)))
+        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{text}"', names=names, hints=hints)))
     return VideoSchedules(values, seed_jump, tuple(bends))
 
 
@@ -141,8 +157,3 @@ def report_columns(values: Mapping[str, np.ndarray], jumps: np.ndarray, amounts:
     for (spec, _), row in zip(schedules.bends, amounts):
         columns[f"bend {spec.text or spec.op}"] = row
     return columns
-
-
-def envelopes_of(envelopes: Envelopes | None, n_frames: int, fps: float) -> dict[str, np.ndarray | float]:
-    """The schedule variables: all of them from ``envelopes``, or only the plain ones without."""
-    return envelopes.variables() if envelopes is not None else plain_variables(n_frames, fps)

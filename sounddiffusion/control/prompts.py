@@ -1,6 +1,7 @@
 """Text prompts that change over time: ``(seconds, prompt)`` schedules from ``--textprompt`` /
 ``--textpromptend`` (:func:`start_end_schedule`) or a file of timed prompts (:func:`parse_prompt_file`),
-and the prompts mixed at a given time (:func:`prompt_weights_at`).
+and the prompts mixed at a given time (:func:`prompt_weights_at`). Files of other timed lines (a
+song's sections) are read the same way (:func:`parse_timed_file`).
 """
 from __future__ import annotations
 
@@ -30,44 +31,58 @@ def parse_prompt_file(path: str | Path) -> Schedule:
     file (and the line number) when the file cannot be read, a line does not fit, times do not
     increase or there is no prompt at all.
     """
+    return parse_timed_file(path, "prompt file", "prompt")
+
+
+def parse_timed_file(path: str | Path, what: str, item: str) -> Schedule:
+    """``[(seconds, text), ...]`` of a file of timed lines read as :func:`parse_prompt_file` reads
+    prompts; ``what`` names the file in messages ("sections file"), ``item`` one line's text
+    ("section label")."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise PromptFileError(f"prompt file {path} does not exist: check the path") from None
+        raise PromptFileError(f"{what} {path} does not exist: check the path") from None
     except IsADirectoryError:
-        raise PromptFileError(f"prompt file {path} is a folder: give a text file of timed prompts") from None
+        raise PromptFileError(f"{what} {path} is a folder: give a text file of timed {item}s") from None
     except PermissionError:
-        raise PromptFileError(f"cannot read prompt file {path}: permission denied; make it readable") from None
+        raise PromptFileError(f"cannot read {what} {path}: permission denied; make it readable") from None
     except UnicodeDecodeError as exc:
         number = exc.object.count(b"\n", 0, exc.start) + 1
-        raise PromptFileError(f"{path}, line {number}: not UTF-8 text; save the prompt file as UTF-8") from None
+        raise PromptFileError(f"{path}, line {number}: not UTF-8 text; save the {what} as UTF-8") from None
     except OSError as exc:
-        raise PromptFileError(f"cannot read prompt file {path} ({exc.strerror or exc})") from None
+        raise PromptFileError(f"cannot read {what} {path} ({exc.strerror or exc})") from None
     schedule: Schedule = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        seconds, prompt = _parse_prompt_line(line, path, number)
+        seconds, prompt = _parse_timed_line(line, path, number, item)
         if schedule and seconds <= schedule[-1][0]:
             raise PromptFileError(f"{path}, line {number}: time {seconds:g} s does not come after the previous "
-                                  f"line's {schedule[-1][0]:g} s; list prompts in increasing time")
+                                  f"line's {schedule[-1][0]:g} s; list {item}s in increasing time")
         schedule.append((seconds, prompt))
     if not schedule:
-        raise PromptFileError(f"prompt file {path} holds no prompt: {_PROMPT_FORMAT}")
+        raise PromptFileError(f"{what} {path} holds no {item}: {_format(item)}")
     return schedule
 
 
-def _parse_prompt_line(line: str, path: Path, number: int) -> tuple[float, str]:
-    """``(seconds, prompt)`` of one stripped, non-comment line of a prompt file."""
+def _format(item: str) -> str:
+    """What a line should look like (the prompt files' form, for another ``item`` with its example)."""
+    if item == "prompt":
+        return _PROMPT_FORMAT
+    return _PROMPT_FORMAT.replace("TIME prompt", f"TIME {item}").replace("a stormy sea", "chorus")
+
+
+def _parse_timed_line(line: str, path: Path, number: int, item: str) -> tuple[float, str]:
+    """``(seconds, text)`` of one stripped, non-comment line of a file of timed lines."""
     match = _PROMPT_LINE.fullmatch(line)
     if match is None:
-        raise PromptFileError(f"{path}, line {number}: cannot read {line!r}; {_PROMPT_FORMAT}")
+        raise PromptFileError(f"{path}, line {number}: cannot read {line!r}; {_format(item)}")
     hours, minutes, seconds = match["h"], match["m"], float(match["s"])
     if (minutes is not None and seconds >= 60) or (hours is not None and int(minutes) >= 60):
         raise PromptFileError(f"{path}, line {number}: {line!r} has 60 or more seconds or minutes "
-                              f"after a colon; {_PROMPT_FORMAT}")
+                              f"after a colon; {_format(item)}")
     total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + seconds
     return total, match["text"]
 

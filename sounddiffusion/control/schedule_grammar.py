@@ -11,7 +11,8 @@ Grammar (lowest precedence first; ``**`` binds tighter than a unary minus, as in
     atom       := NUMBER | NAME | FUNCTION "(" expression ("," expression)* ")" | "(" expression ")"
 
 A comparison gives 1.0 where it holds and 0.0 elsewhere. Names are the variables the caller
-allows and the constants ``pi`` and ``e``; functions are exactly those in :data:`FUNCTIONS`.
+allows and the constants ``pi`` and ``e``; a name may hold one dot, ``TRACK.ENVELOPE``
+(``drums.onset``: an envelope of a control track). Functions are exactly those in :data:`FUNCTIONS`.
 Every mistake is a :class:`SyntaxProblem` with the 0-based offset into the text and what was
 expected there; :mod:`sounddiffusion.control.schedules` turns it into a one-line error.
 """
@@ -53,7 +54,7 @@ _COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 _TOKEN = re.compile(r"""
     (?P<space>\s+)
   | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
-  | (?P<name>[A-Za-z_][A-Za-z_0-9]*)
+  | (?P<name>[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z][A-Za-z_0-9]*)?)
   | (?P<op>\*\*|<=|>=|==|!=|[-+*/<>(),:])
 """, re.VERBOSE)
 
@@ -160,10 +161,12 @@ def names_in(node) -> frozenset[str]:
 
 class Parser:
     """Recursive descent over the tokens of one text; :meth:`expression` reads one expression
-    and leaves the position after it (the caller checks what follows)."""
+    and leaves the position after it (the caller checks what follows). ``hints``: for names that
+    exist only with some flag, what to give to have them (``{"section": "give --sections ..."}``)."""
 
-    def __init__(self, tokens: list[Token], names: Collection[str]):
+    def __init__(self, tokens: list[Token], names: Collection[str], hints: Mapping[str, str] | None = None):
         self.tokens, self.names, self.position = tokens, frozenset(names), 0
+        self.hints = dict(hints or {})
 
     @property
     def current(self) -> Token:
@@ -235,8 +238,7 @@ class Parser:
                 raise SyntaxProblem(token.offset, f"{token.text} is a function: call it as "
                                     f"{FUNCTIONS[token.text][3]}")
             if token.text not in self.names and token.text not in CONSTANTS:
-                raise SyntaxProblem(token.offset, f"unknown name '{token.text}'; the names are "
-                                    f"{', '.join(sorted(self.names) + sorted(CONSTANTS))}")
+                raise SyntaxProblem(token.offset, self.unknown(token.text))
             return Name(token.text)
         if self.at("("):
             self.advance()
@@ -244,6 +246,23 @@ class Parser:
             self.expect(")", "')'")
             return node
         raise SyntaxProblem(token.offset, f"{EXPECTED_OPERAND}, found {describe(token)}")
+
+    def unknown(self, name: str) -> str:
+        """Why ``name`` cannot be read, naming what exists."""
+        if name in self.hints:
+            return f"'{name}' {self.hints[name]}"
+        tracks = sorted({known.split(".")[0] for known in self.names if "." in known})
+        if "." in name:
+            track, _, key = name.partition(".")
+            if track not in tracks:
+                given = (f"the control tracks are {', '.join(tracks)}" if tracks
+                         else f"no control track is given (add --control {track}=FILE)")
+                return f"'{name}': there is no control track '{track}'; {given}"
+            keys = [known.partition(".")[2] for known in sorted(self.names) if known.startswith(track + ".")]
+            return f"'{name}': control track {track} has no '{key}'; it has {', '.join(keys)}"
+        plain = sorted(known for known in self.names if "." not in known) + sorted(CONSTANTS)
+        more = f", and TRACK.ENVELOPE of the control tracks {', '.join(tracks)}" if tracks else ""
+        return f"unknown name '{name}'; the names are {', '.join(plain)}{more}"
 
     def call(self, name: Token):
         if name.text not in FUNCTIONS:

@@ -9,7 +9,8 @@ Three forms are accepted wherever a flag takes a schedule:
   ``+ - * / **``, unary minus, comparisons (``< <= > >= == !=``, 1 where true, 0 where false),
   parentheses, the functions ``sin cos tan abs min max clip floor ceil exp log sqrt where``, the
   constants ``pi e`` and the variable names the caller allows (for audio2video:
-  :meth:`sounddiffusion.sound.analysis.Envelopes.variables`), evaluated for all frames at once;
+  :meth:`sounddiffusion.sound.analysis.Envelopes.variables`, and ``TRACK.ENVELOPE`` of each control
+  track), evaluated for all frames at once;
 - keyframes, ``0:(0.4), 96:(0.7 + 0.2*sin(t/12))``: ``FRAME: VALUE`` pairs, frames whole,
   0 or more and increasing, separated by commas. As in Deforum: a keyframe whose value is a
   plain number sets that frame; an expression keyframe gives its expression's value on every
@@ -116,9 +117,11 @@ class Schedule:
         return result
 
 
-def parse_schedule(text: str, *, flag: str, names: Collection[str]) -> Schedule:
+def parse_schedule(text: str, *, flag: str, names: Collection[str], hints: Mapping[str, str] | None = None
+                   ) -> Schedule:
     """Read ``text`` (a number, an expression or keyframes; see the module docstring) given to
-    ``flag`` (e.g. ``"--strength"``), which may read the variables ``names``.
+    ``flag`` (e.g. ``"--strength"``), which may read the variables ``names`` (``hints``: what to
+    do to have a name that is not among them, see :class:`~sounddiffusion.control.schedule_grammar.Parser`).
 
     Raises :class:`ScheduleError`: one line with the flag, the text, the 1-based column and what
     was expected there."""
@@ -126,7 +129,7 @@ def parse_schedule(text: str, *, flag: str, names: Collection[str]) -> Schedule:
         return Schedule(text, flag, frozenset(), True, float(text.strip()))
     try:
         tokens = tokenize(text)
-        parser = Parser(tokens, names)
+        parser = Parser(tokens, names, hints)
         if _is_keyframes(tokens):
             keyframes = _keyframes(parser)
             used = frozenset().union(*(names_in(key.node) for key in keyframes))

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sounddiffusion.control.music_analysis import music_request
 from sounddiffusion.errors import OutputError, ParameterError, UserError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.images import read_png_parameters
@@ -218,6 +219,10 @@ def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> Clus
     if settings.output:
         raise ParameterError(f"--output {settings.output} names one video: with --input_folder "
                              f"each song's video goes to OUTDIR/<song name>.mp4; give --outdir")
+    if settings.control and settings.input_folder:
+        raise ParameterError(f"--control {settings.control[0]} belongs to one song, not to each song of "
+                             f"--input_folder: render that song with --path")
+    music_request(settings)  # --bpm, --sections ... are one line before anything loads, not a skip per song
     songs = list_songs(settings)
     refuse_same_names(songs, "song", "OUTDIR/<song name>.mp4")
     outdir = ensure_output_dir(settings.outdir)

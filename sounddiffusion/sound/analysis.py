@@ -1,7 +1,8 @@
 """The music's envelopes at the video's frame rate, for music-reactive schedules (numpy + librosa).
 
 Frame ``i`` covers the samples of :func:`sounddiffusion.sound.audio.frame_bounds` ``(i, fps)``, the very
-slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,)`` in [0, 1]:
+slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,)``, in [0, 1] but
+for the counts ``beat_in_bar`` (and ``section``):
 
 ``rms``
     The slice's RMS level (:func:`sounddiffusion.sound.audio.slice_rms`): linear, 1.0 for a full-scale
@@ -9,11 +10,18 @@ slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,
 ``onset``
     librosa's onset strength (mean over 128 mel bands of the rise in dB, 2048-sample window,
     512-sample hop; see :mod:`sounddiffusion.sound.onset_stream`), the largest value whose hop lies in
-    the frame (hop ``k`` at sample ``512*k``, its time in librosa).
+    the frame (hop ``k`` at sample ``512*k``, its time in librosa). The sound's start counts: a hit
+    at t = 0 is an onset (capped at the strongest later one).
 ``beat``
-    1 on a frame holding a beat of :func:`librosa.beat.beat_track` (run on the median-over-bands
-    onset envelope, as librosa does), falling linearly to 0 just before the next beat (after the
-    last beat: over one median beat interval). ``bpm`` is the same tracker's tempo.
+    1 on a frame holding a beat, falling linearly to 0 just before the next beat (after the last
+    beat: over one median beat interval). The beats are those of :func:`librosa.beat.beat_track`
+    (run on the median-over-bands onset envelope, as librosa does) when they form a steady pulse,
+    none otherwise (a pad, a drone), or those of an exact grid (``--bpm``); see
+    :mod:`sounddiffusion.sound.beats`. ``bpm`` is the tracker's tempo (0 without a pulse) or the
+    grid's.
+``bar``, ``beat_in_bar``
+    ``bar`` is ``beat`` over the downbeats only; ``beat_in_bar`` the number of the last beat in
+    its bar, 0, 1, 2 ... ``beats_per_bar - 1`` (0 before the first beat): a count, not in [0, 1].
 ``low``, ``mid``, ``high``
     The level (RMS) of the part of the frame's Hann-windowed spectrum below 200 Hz, from 200 Hz
     up to 2000 Hz, and from 2000 Hz up: bass and kick; voice, chords and snare body; hats,
@@ -24,8 +32,10 @@ slice the video renders frame ``i`` from. Every envelope is float64 ``(n_frames,
     The level (RMS) of the rise of the magnitude spectrum from the previous frame (the frame
     before frame 0 counts as silence).
 
-Each goes through :func:`smooth`: median filter -> envelope follower (attack, release) -> gate ->
-rescale. The defaults (:data:`DEFAULT_SMOOTHING`) and why:
+Sections (``section``, ``section_start``) are added by :func:`sounddiffusion.sound.sections.with_sections`.
+
+Each of :data:`ENVELOPE_NAMES` goes through :func:`smooth`: median filter -> envelope follower
+(attack, release) -> gate -> rescale. The defaults (:data:`DEFAULT_SMOOTHING`) and why:
 
 =========  ======  ======  =======  ====  =======  ===========================================
 envelope   median  attack  release  gate  rescale  why
@@ -52,22 +62,21 @@ from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
-import librosa
 import numpy as np
 import scipy.ndimage
 
 from sounddiffusion.errors import AudioError, ParameterError
-from sounddiffusion.sound.audio import (SAMPLE_RATE, fps_fraction, frame_count, iter_frame_slices, slice_rms,
+from sounddiffusion.sound.audio import (SAMPLE_RATE, fps_fraction, frame_count, iter_frame_slices,
                                         sound_blocks, sound_length, stream_frame_slices)
-from sounddiffusion.sound.onset_stream import HOP, OnsetStream
+from sounddiffusion.sound.beats import BeatGrid, beat_envelopes, grid_beats, track_beats
+from sounddiffusion.sound.frame_features import HIGH_HZ, LOW_HZ, frame_features, per_frame_max  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 ENVELOPE_NAMES = ("rms", "onset", "beat", "low", "mid", "high", "centroid", "flux")
-LOW_HZ = 200.0
-"""Upper edge of ``low`` and lower edge of ``mid`` (Hz)."""
-HIGH_HZ = 2000.0
-"""Upper edge of ``mid`` and lower edge of ``high`` (Hz)."""
+"""The envelopes every analysis gives, each smoothed (:data:`DEFAULT_SMOOTHING`), in [0, 1]."""
+GRID_NAMES = ("bar", "beat_in_bar")
+"""The bar envelopes every analysis gives too, from the beats, unsmoothed."""
 RESCALES = ("peak", "minmax", "none")
 
 
@@ -191,72 +200,122 @@ def _follow(x: np.ndarray, attack: float, release: float) -> np.ndarray:
 class Envelopes:
     """The envelopes of one sound at ``fps`` frames per second.
 
-    ``values[name]``: float64 ``(n_frames,)`` in [0, 1] for each of :data:`ENVELOPE_NAMES`;
-    ``beat_frames``: the frames holding a beat (int64, increasing); ``bpm``: the tracked tempo
-    (0 when no beat was found); ``peaks``: float64 ``(n_frames, 2)``, the smallest and largest
-    sample of each frame (to draw the waveform)."""
+    ``values[name]``: float64 ``(n_frames,)`` for each of :data:`ENVELOPE_NAMES` (in [0, 1]) and
+    :data:`GRID_NAMES` (and ``section``, ``section_start`` once sections are added);
+    ``beat_frames``: the frames holding a beat (int64, increasing); ``bpm``: the tempo (0 when
+    there is no pulse); ``peaks``: float64 ``(n_frames, 2)``, the smallest and largest sample of
+    each frame (to draw the waveform); ``grid``: the beat grid set or fitted to the tracked beats
+    (None without a pulse), ``beats_pinned``: it was set (``--bpm``); ``beat_note``: one line on
+    what the beats are; ``sections``: ``(seconds, label)`` of each section's start, the first at
+    0 (empty when no sections were asked for); ``sound_samples``: the samples of the analysed
+    length the sound itself filled (fewer when it ended earlier and silence was added)."""
     fps: Fraction
     n_frames: int
     bpm: float
     beat_frames: np.ndarray
     values: dict
     peaks: np.ndarray
+    grid: BeatGrid | None = None
+    beats_pinned: bool = False
+    beat_note: str = ""
+    sections: tuple = ()
+    sound_samples: int | None = None
 
     def times(self) -> np.ndarray:
         """Start time of each frame in seconds, float64 ``(n_frames,)``."""
         return np.arange(self.n_frames, dtype=np.float64) / float(self.fps)
 
     def variables(self) -> dict[str, np.ndarray | float]:
-        """What a schedule expression may name: the envelopes, ``bpm``, ``t`` (frame number),
-        ``s`` (seconds), ``fps`` and ``max_f`` (number of frames)."""
+        """What a schedule expression may name: the envelopes (with ``bar``, ``beat_in_bar`` and
+        the sections' when present), ``bpm``, ``t`` (frame number), ``s`` (seconds), ``fps`` and
+        ``max_f`` (number of frames)."""
         frames = np.arange(self.n_frames, dtype=np.float64)
         return {**self.values, "bpm": float(self.bpm), "t": frames, "s": self.times(),
                 "fps": float(self.fps), "max_f": float(self.n_frames)}
 
 
 def envelopes(audio: str | Path | np.ndarray, *, fps: float | Fraction, sr: int = SAMPLE_RATE,
-              smoothing: Mapping[str, Smoothing] | None = None) -> Envelopes:
+              smoothing: Mapping[str, Smoothing] | None = None, grid: BeatGrid | None = None,
+              beats_per_bar: int = 4, n_samples: int | None = None) -> Envelopes:
     """The envelopes of ``audio`` (a sound file, or mono samples at ``sr``) at ``fps``.
 
     A file is decoded block by block, so a long song takes the memory of its per-frame values
-    only. ``smoothing`` changes :data:`DEFAULT_SMOOTHING` for the envelopes it names. Raises
+    only. ``smoothing`` changes :data:`DEFAULT_SMOOTHING` for the envelopes it names. ``grid``
+    replaces the beat tracker with an exact grid; without it tracked beats are numbered in bars
+    of ``beats_per_bar``. ``n_samples``: analyse exactly that many samples, the sound cut there
+    or continued with silence (a control track aligned to the main sound's time). Raises
     :class:`AudioError` for an unreadable file or no samples, :class:`ParameterError` for a bad
     ``fps``."""
     rate = fps_fraction(fps)
+    counted = [0]
     if isinstance(audio, (str, Path)):
-        n_samples = sound_length(audio, sr)
-        slices = stream_frame_slices(sound_blocks(audio, sr, warn_non_finite=False), n_samples, rate, sr)
+        if n_samples is None:
+            n_samples = sound_length(audio, sr)
+        blocks = _counted(sound_blocks(audio, sr, warn_non_finite=False), counted)
+        slices = stream_frame_slices(blocks, n_samples, rate, sr)
     else:
         y = _samples(audio)
+        counted[0] = len(y)
+        if n_samples is not None:
+            y = np.pad(y[:n_samples], (0, max(0, n_samples - len(y))))
         n_samples, slices = len(y), iter_frame_slices(y, rate, sr)
     n_frames = frame_count(n_samples, rate, sr)
     starts = np.arange(n_frames + 1, dtype=np.int64) * (sr * rate.denominator) // rate.numerator
-    raw, peaks, onset_mean, onset_median = _frame_features(slices, n_frames, starts, n_samples, sr)
-    raw["onset"] = _per_frame_max(onset_mean, starts)
-    bpm, beat_frames = _beats(onset_median, starts, sr)
-    beat_period = 60.0 / bpm * float(rate) if bpm > 0 else 1.0
-    raw["beat"] = _beat_envelope(beat_frames, n_frames, beat_period)
+    raw, peaks, onset_mean, onset_median = frame_features(slices, n_frames, starts, n_samples, sr)
+    raw["onset"] = per_frame_max(onset_mean, starts)
+    beats = grid_beats(grid, starts, sr) if grid is not None else \
+        track_beats(onset_median, onset_mean, starts, sr, beats_per_bar)
     chosen = {**DEFAULT_SMOOTHING, **(smoothing or {})}
+    by_beats = beat_envelopes(beats, n_frames, float(rate))
+    raw["beat"] = by_beats["beat"]
     values = {name: smooth(raw[name], chosen[name], rate) for name in ENVELOPE_NAMES}
-    return Envelopes(rate, n_frames, bpm, beat_frames, values, peaks)
+    values.update({name: by_beats[name] for name in GRID_NAMES})
+    return Envelopes(rate, n_frames, beats.bpm, beats.frames, values, peaks, beats.grid, beats.pinned, beats.note,
+                     sound_samples=min(counted[0], n_samples))
+
+
+def _counted(blocks, counter: list):
+    """``blocks`` passed on, their samples added up in ``counter[0]`` as they go."""
+    for block in blocks:
+        counter[0] += len(block)
+        yield block
+
+
+SNAP_UNITS = ("beat", "bar", "section")
+"""What ``--snap_prompts`` moves prompt times to: the frames where ``beat``, ``bar`` or
+``section_start`` is 1."""
+
+
+def snap_times(times_s: Sequence[float], envelopes: Envelopes, unit: str = "beat") -> list[float]:
+    """Each time (seconds) moved to the start of the nearest frame where ``unit``'s envelope is 1
+    (a beat, a downbeat, a section start; for ``--snap_prompts``).
+
+    Times stay as they are, with a warning, when there is no such frame. Raises
+    :class:`ParameterError` when two times land on the same one (the prompts would change at the
+    same moment)."""
+    if unit == "beat":
+        frames = envelopes.beat_frames
+    else:
+        frames = np.flatnonzero(envelopes.values.get("bar" if unit == "bar" else "section_start", np.zeros(0)) == 1)
+    if not len(frames):
+        log.warning("no %ss found in the sound: prompt times are not snapped", unit)
+        return [float(t) for t in times_s]
+    targets = frames / float(envelopes.fps)
+    snapped = [float(targets[np.argmin(np.abs(targets - t))]) for t in times_s]
+    for before, after, time in zip(snapped, snapped[1:], times_s[1:]):
+        if after <= before:
+            grid = envelopes.grid
+            spacing = (f" ({grid.period * (grid.beats_per_bar if unit == 'bar' else 1):.3g} s)"
+                       if unit != "section" and grid is not None else "")
+            raise ParameterError(f"--snap_prompts {unit}: the prompt at {time:g} s lands on the {unit} at "
+                                 f"{after:g} s as the one before it; space the prompts at least one "
+                                 f"{unit}{spacing} apart")
+    return snapped
 
 
 def snap_to_beats(times_s: Sequence[float], envelopes: Envelopes) -> list[float]:
-    """Each time (seconds) moved to the start of the nearest beat frame (for ``--snap_prompts beat``).
-
-    Times stay as they are when the sound has no beats. Raises :class:`ParameterError` when two
-    times land on the same beat (the prompts would change at the same moment)."""
-    if not len(envelopes.beat_frames):
-        log.warning("no beats found in the sound: prompt times are not snapped")
-        return [float(t) for t in times_s]
-    beats = envelopes.beat_frames / float(envelopes.fps)
-    snapped = [float(beats[np.argmin(np.abs(beats - t))]) for t in times_s]
-    for before, after, time in zip(snapped, snapped[1:], times_s[1:]):
-        if after <= before:
-            raise ParameterError(f"--snap_prompts beat: the prompt at {time:g} s lands on the beat at "
-                                 f"{after:g} s as the one before it; space the prompts at least one "
-                                 f"beat ({60 / envelopes.bpm:.3g} s) apart")
-    return snapped
+    """:func:`snap_times` to beats."""
+    return snap_times(times_s, envelopes, "beat")
 
 
 def _samples(audio: np.ndarray) -> np.ndarray:
@@ -271,102 +330,3 @@ def _samples(audio: np.ndarray) -> np.ndarray:
         log.warning("%d non-finite samples (NaN or inf) replaced with silence", int(bad.sum()))
         y[bad] = 0
     return y
-
-
-def _frame_features(slices, n_frames: int, starts: np.ndarray, n_samples: int, sr: int):
-    """Raw rms, low, mid, high, centroid and flux per frame, the (min, max) sample per frame and
-    the hop-rate onset envelopes (mean and median over mel bands)."""
-    n_fft = int(np.max(np.diff(starts))) if n_frames else 1
-    frequencies = np.fft.rfftfreq(n_fft, 1.0 / sr)
-    doubled = np.full(len(frequencies), 2.0)
-    doubled[0] = 1.0
-    if n_fft % 2 == 0:
-        doubled[-1] = 1.0
-    bands = (frequencies < LOW_HZ, (frequencies >= LOW_HZ) & (frequencies < HIGH_HZ), frequencies >= HIGH_HZ)
-    names = ("rms", "low", "mid", "high", "centroid", "flux")
-    raw = {name: np.zeros(n_frames) for name in names}
-    peaks = np.zeros((n_frames, 2))
-    onsets = OnsetStream(n_samples, sr)
-    windows, previous = {}, np.zeros(len(frequencies))
-    for i, piece in enumerate(slices):
-        onsets.push(piece)
-        raw["rms"][i] = slice_rms(piece)
-        peaks[i] = (piece.min(), piece.max()) if len(piece) else (0.0, 0.0)
-        if len(piece) not in windows:
-            window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(len(piece)) / len(piece))
-            windows[len(piece)] = (window, n_fft * float(np.sum(window ** 2)) or 1.0)
-        window, scale = windows[len(piece)]
-        power = np.abs(np.fft.rfft(piece * window, n=n_fft)) ** 2 * doubled / scale
-        for name, band in zip(("low", "mid", "high"), bands):
-            raw[name][i] = math.sqrt(power[band].sum())
-        total = power.sum()
-        raw["centroid"][i] = float(frequencies @ power) / total / (sr / 2) if total > 0 else 0.0
-        magnitude = np.sqrt(power)
-        raw["flux"][i] = math.sqrt(float(np.sum(np.maximum(0.0, magnitude - previous) ** 2)))
-        previous = magnitude
-    onset_mean, onset_median = onsets.finish()
-    return raw, peaks, onset_mean, onset_median
-
-
-def _hop_frames(n_hops: int, starts: np.ndarray) -> np.ndarray:
-    """The video frame of each onset hop: the frame holding sample ``512*k``, the hop's time in
-    librosa (``librosa.frames_to_time``)."""
-    positions = np.arange(n_hops, dtype=np.int64) * HOP
-    return np.clip(np.searchsorted(starts, positions, side="right") - 1, 0, len(starts) - 2)
-
-
-def _per_frame_max(hop_values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """The largest hop value in each frame; a frame shorter than a hop with no hop of its own
-    takes the hop nearest its middle."""
-    n_frames = len(starts) - 1
-    frames = _hop_frames(len(hop_values), starts)
-    result = np.zeros(n_frames)
-    np.maximum.at(result, frames, hop_values)
-    empty = np.flatnonzero(np.bincount(frames, minlength=n_frames) == 0)
-    if len(empty) and len(hop_values):
-        middle = (starts[empty] + starts[empty + 1]) / 2
-        result[empty] = hop_values[np.clip(np.round(middle / HOP).astype(np.int64), 0, len(hop_values) - 1)]
-    return result
-
-
-def _beats(onset_median: np.ndarray, starts: np.ndarray, sr: int) -> tuple[float, np.ndarray]:
-    """(tempo in beats per minute, increasing frames holding a beat) from librosa's tracker."""
-    if not onset_median.any():
-        return 0.0, np.zeros(0, dtype=np.int64)
-    tempo = _tempo(onset_median, sr)
-    _, hops = librosa.beat.beat_track(onset_envelope=onset_median, sr=sr, hop_length=HOP, bpm=tempo)
-    frames = np.unique(_hop_frames(len(onset_median), starts)[np.asarray(hops, dtype=np.int64)])
-    return tempo, frames.astype(np.int64)
-
-
-def _tempo(onset_median: np.ndarray, sr: int, chunk: int = 1024) -> float:
-    """librosa's global tempo estimate (:func:`librosa.feature.tempo`: the mean autocorrelation
-    tempogram over 8-s windows, weighted by a prior around 120 bpm), with the tempogram built
-    ``chunk`` columns at a time: librosa builds it whole, about 34 kB per hop (1.8 GB for
-    10 minutes). Each column sees only its own window, so the columns are librosa's."""
-    window = int(librosa.time_to_frames(8.0, sr=sr, hop_length=HOP))
-    n = len(onset_median)
-    total = None
-    for start in range(0, n, chunk):
-        lo, hi = max(0, start - window), min(n, start + chunk + window)
-        # with real values as margins, the kept columns are exactly librosa's
-        columns = librosa.feature.tempogram(onset_envelope=onset_median[lo:hi], sr=sr, hop_length=HOP,
-                                            win_length=window)
-        part = columns[:, start - lo: min(start + chunk, n) - lo].sum(axis=1)
-        total = part if total is None else total + part
-    mean = (total / n)[:, None]
-    return float(np.atleast_1d(librosa.feature.tempo(tg=mean, sr=sr, hop_length=HOP))[0])
-
-
-def _beat_envelope(beat_frames: np.ndarray, n_frames: int, period: float) -> np.ndarray:
-    """1 on each beat frame, falling linearly to 0 just before the next; after the last beat it
-    falls over the median beat interval (``period`` frames, the tempo's, for a single beat)."""
-    result = np.zeros(n_frames)
-    if not len(beat_frames):
-        return result
-    gaps = np.diff(beat_frames)
-    last_gap = max(1, int(np.median(gaps)) if len(gaps) else round(period))
-    for start, gap in zip(beat_frames, [*gaps.tolist(), last_gap]):
-        end = min(start + gap, n_frames)
-        result[start:end] = 1.0 - np.arange(end - start) / gap
-    return result

@@ -12,6 +12,14 @@ which :func:`librosa.beat.beat_track` uses), delayed by librosa's three frames s
 One difference, made so that the envelope can be streamed: librosa floors the dB spectrogram 80 dB
 below its loudest bin over the whole sound; here the floor is 80 dB below the loudest bin so
 far. It changes only the faint parts before the loudest note.
+
+One addition: librosa has no value for the sound's very start (its first three values are 0), so a
+hit at t = 0 makes no onset. Here the ``mean`` envelope's value 0 is the rise of the first STFT
+frame (centred on sample 0) over silence, floored as librosa floors (80 dB below the loudest bin of
+the whole sound), capped at the largest value the rest of the envelope reaches: the start of a
+held chord rises from silence, far more than any later note rises from the one before, and
+uncapped it would shrink every other onset when the envelope is divided by its peak. The
+``median`` envelope (the beat tracker's) stays librosa's.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ class OnsetStream:
         self.buffer_start = 0
         self.next_stft = 0
         self.previous_db = None
+        self.first_db = None  # the first STFT frame's mel dB, for the onset at t = 0
         self.loudest_db = -np.inf
         self.mean_parts, self.median_parts = [], []
 
@@ -58,13 +67,18 @@ class OnsetStream:
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """The ``mean`` and ``median`` envelopes, float64 ``(1 + n_samples // 512,)``; value ``k``
-        belongs to sample ``k * 512``."""
+        belongs to sample ``k * 512`` (``mean[0]``: the sound's start, see the module docstring)."""
         self.push(np.zeros(N_FFT, np.float32))
         envelopes = []
         for parts in (self.mean_parts, self.median_parts):
             differences = np.concatenate(parts) if parts else np.zeros(0)
             envelopes.append(np.concatenate([np.zeros(DELAY), differences])[: self.n_stft])
-        return envelopes[0], envelopes[1]
+        mean = envelopes[0]
+        if self.first_db is not None and len(mean):
+            floor = self.loudest_db - TOP_DB
+            start = float(np.mean(np.maximum(self.first_db, floor) - floor))
+            mean[0] = max(mean[0], min(start, float(mean[1:].max(initial=0.0))))
+        return mean, envelopes[1]
 
     def _differences(self, windows: np.ndarray) -> None:
         power = np.abs(np.fft.rfft(windows * self.window, axis=-1)) ** 2
@@ -75,6 +89,7 @@ class OnsetStream:
         previous = db[:-1] if self.previous_db is None else np.vstack([self.previous_db[None], db[:-1]])
         self.previous_db = db[-1]
         if len(previous) < len(db):  # the very first STFT frame has nothing before it
+            self.first_db = db[0]
             db, floor = db[1:], floor[1:]
         rise = np.maximum(0.0, np.maximum(db, floor) - np.maximum(previous, floor))
         self.mean_parts.append(rise.mean(axis=1))

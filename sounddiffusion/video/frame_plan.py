@@ -11,7 +11,8 @@ schedule reads an envelope or a report is asked for.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -19,13 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from sounddiffusion.control.bending_specs import BendSpec
-from sounddiffusion.control.frame_schedules import (VideoSchedules, envelopes_of, evaluate_schedules,
-                                                    parse_video_schedules)
+from sounddiffusion.control.frame_schedules import (VideoSchedules, evaluate_schedules, parse_video_schedules,
+                                                    plain_variables)
+from sounddiffusion.control.music_analysis import analyse_music, music_request
 from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
 from sounddiffusion.settings import VideoSettings
-from sounddiffusion.sound.analysis import Envelopes, envelopes, parse_smoothing, snap_to_beats
+from sounddiffusion.sound.analysis import Envelopes, parse_smoothing, snap_times
 from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_length,
                                         stream_frame_slices)
+
+log = logging.getLogger(__name__)
 
 
 def frame_seed(seed: int, index: int) -> int:
@@ -62,7 +66,9 @@ class FramePlan:
     ``audio`` is the sound file and ``n_samples`` its length in mono 44.1 kHz samples;
     ``values`` the scheduled flags' (n_frames,) arrays; ``bend_amounts`` (n_bends, n_frames);
     ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt);
-    ``envelopes`` the sound's analysis when it was needed, else None."""
+    ``envelopes`` the sound's analysis when it was needed, else None, and ``tracks`` its control
+    tracks' by name; ``snapped``: (asked, snapped) seconds of each prompt moved by ``--snap_prompts``
+    (empty when none were)."""
 
     audio: Path
     n_samples: int
@@ -78,6 +84,8 @@ class FramePlan:
     schedules: VideoSchedules
     seed_jumps: np.ndarray
     envelopes: Envelopes | None = None
+    tracks: Mapping[str, Envelopes] = field(default_factory=dict)
+    snapped: tuple[tuple[float, float], ...] = ()
     _slices: Iterator[np.ndarray] | None = field(default=None, repr=False)
     _next_index: int = field(default=0, repr=False)
 
@@ -115,29 +123,41 @@ class FramePlan:
 
 
 def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
-    """The plan of a render. Parses every schedule first (a mistake fails before anything is read),
-    decodes the sound once to know its length and, when a schedule reads an envelope (or
-    ``analyse``), analyses it.
+    """The plan of a render. Parses every schedule and checks the music flags first (a mistake
+    fails before anything is read; a control track's file is opened), decodes the sound once to
+    know its length and, when a schedule reads an envelope, prompts are snapped (or ``analyse``),
+    analyses it and its control tracks.
 
-    Raises ScheduleError/ParameterError for a bad schedule, AudioError for a sound that cannot be
-    read and PromptFileError for a bad prompt file."""
+    Raises ScheduleError/ParameterError for a bad schedule or value, AudioError for a sound that
+    cannot be read and PromptFileError for a bad prompt or sections file."""
     schedules = parse_video_schedules(settings)
+    request = music_request(settings)
+    _warn_unread_tracks(schedules, [track.name for track in request.tracks])
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
     n_samples = sound_length(settings.audio)
     n_frames = frame_count(n_samples, fps)
     analysed = None
-    if analyse or schedules.needs_analysis() or settings.snap_prompts == "beat":
-        analysed = envelopes(settings.audio, fps=fps, smoothing=smoothing)
-    values, jumps, amounts = evaluate_schedules(schedules, settings, envelopes_of(analysed, n_frames, float(fps)),
-                                                n_frames)
+    if analyse or schedules.needs_analysis() or settings.snap_prompts != "none":
+        analysed = analyse_music(settings.audio, request, fps=fps, n_samples=n_samples, smoothing=smoothing)
+    variables = analysed.variables() if analysed is not None else plain_variables(n_frames, float(fps))
+    values, jumps, amounts = evaluate_schedules(schedules, settings, variables, n_frames)
     diffused = cadence_frames(values["cadence"])
+    schedule, snapped = prompt_schedule(settings, n_frames, fps, analysed.mix if analysed is not None else None)
     return FramePlan(audio=Path(settings.audio), n_samples=n_samples, fps=fps, n_frames=n_frames, values=values,
                      noise_seeds=noise_seeds(settings.seed, jumps, hold=settings.seed_jump is not None),
                      bends=tuple(spec for spec, _ in schedules.bends), bend_amounts=amounts, diffused=diffused,
-                     color_frames=color_frames(settings, diffused),
-                     schedule=prompt_schedule(settings, n_frames, fps, analysed), schedules=schedules,
-                     seed_jumps=jumps, envelopes=analysed)
+                     color_frames=color_frames(settings, diffused), schedule=schedule, schedules=schedules,
+                     seed_jumps=jumps, envelopes=analysed.mix if analysed is not None else None,
+                     tracks=dict(analysed.tracks) if analysed is not None else {}, snapped=snapped)
+
+
+def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:
+    """One warning per control track that no schedule reads (a typo in a name, a forgotten flag)."""
+    read = {name.partition(".")[0] for schedule in schedules.all() for name in schedule.names_used}
+    for name in names:
+        if name not in read:
+            log.warning("control track %s: no schedule reads it (%s.onset, %s.rms ...)", name, name, name)
 
 
 def noise_seeds(seed: int, jumps: np.ndarray, *, hold: bool) -> np.ndarray:
@@ -173,14 +193,19 @@ def color_frames(settings: VideoSettings, diffused: np.ndarray) -> np.ndarray:
     return frames
 
 
-def prompt_schedule(settings: VideoSettings, n_frames: int, fps: Fraction,
-                    analysed: Envelopes | None) -> list[tuple[float, str]]:
-    """The (seconds, prompt) schedule of ``--prompt_file`` (times snapped to beats with
-    ``--snap_prompts beat``) or of ``--textprompt``/``--textpromptend``."""
+def prompt_schedule(settings: VideoSettings, n_frames: int, fps: Fraction, analysed: Envelopes | None
+                    ) -> tuple[list[tuple[float, str]], tuple[tuple[float, float], ...]]:
+    """The (seconds, prompt) schedule of ``--prompt_file`` (times snapped to beats, bars or
+    sections with ``--snap_prompts``, one line each: asked, snapped) or of
+    ``--textprompt``/``--textpromptend``; and the (asked, snapped) times of the snapped prompts."""
     if settings.prompt_file:
         schedule = parse_prompt_file(settings.prompt_file)
-        if settings.snap_prompts == "beat":
-            times = snap_to_beats([time for time, _ in schedule], analysed)
-            schedule = [(time, prompt) for time, (_, prompt) in zip(times, schedule)]
-        return schedule
-    return start_end_schedule(settings.textprompt, settings.textpromptend, float((n_frames - 1) / fps))
+        if settings.snap_prompts == "none":
+            return schedule, ()
+        asked = [time for time, _ in schedule]
+        times = snap_times(asked, analysed, settings.snap_prompts)
+        for before, after, (_, prompt) in zip(asked, times, schedule):
+            log.info("--snap_prompts %s: %r asked at %.3f s, snapped to %.3f s", settings.snap_prompts, prompt,
+                     before, after)
+        return [(time, prompt) for time, (_, prompt) in zip(times, schedule)], tuple(zip(asked, times))
+    return start_end_schedule(settings.textprompt, settings.textpromptend, float((n_frames - 1) / fps)), ()

@@ -14,7 +14,6 @@ reference) to continue exactly as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -32,6 +31,7 @@ from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.loading import load_engine, unet_skeleton
 from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import slice_rms
+from sounddiffusion.sound.control_tracks import file_digest
 from sounddiffusion.sound.features import featurize
 from sounddiffusion.video.cadence import slerp
 from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, block_specs, frame_bends,
@@ -135,15 +135,15 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
 
 
 def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engine, plan: FramePlan) -> dict:
-    """The settings a resumed render must share with the first run, also stored in the MP4."""
+    """The settings a resumed render must share with the first run, also stored in the MP4. Control
+    tracks are recorded by their files' content, sections by the times they gave."""
+    controls = {spec.partition("=")[0]: file_digest(spec.partition("=")[2]) for spec in settings.control}
+    sections = [list(section) for section in plan.envelopes.sections] if plan.envelopes is not None else []
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
             "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
             "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
-            "init_img": _file_digest(settings.init_img) if settings.init_img else None}
-
-
-def _file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+            "init_img": file_digest(settings.init_img) if settings.init_img else None,
+            "control": controls or None, "sections": sections or None}
 
 
 def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
@@ -155,10 +155,13 @@ def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
         return []
     columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules)
     ensure_output_dir(settings.requested_output().parent)
-    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, overwrite=True)]
+    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, tracks=plan.tracks,
+                                  snapped=plan.snapped, overwrite=True)]
     if settings.plot:
+        snapped = [(asked, moved, prompt) for (asked, moved), (_, prompt) in zip(plan.snapped, plan.schedule)]
         written.append(plot_schedule(settings.report_path(".png"), plan.envelopes, columns,
-                                     title=Path(settings.audio).name, overwrite=True))
+                                     title=Path(settings.audio).name, tracks=plan.tracks, snapped=snapped,
+                                     overwrite=True))
     for path in written:
         log.info("wrote %s", path)
     return written
