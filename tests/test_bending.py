@@ -216,6 +216,7 @@ def test_bad_operators_and_amounts_are_one_line_errors():
     assert torch.equal(apply("clamp", x, math.inf), x)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_every_operator_runs_without_a_host_sync_and_gives_the_cpu_numbers():
     x = latent((2, 8, 16, 16))

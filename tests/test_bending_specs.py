@@ -1,9 +1,16 @@
-"""``--bend`` specs: parsing and its one-line errors, step placement, and UNet block hooks."""
+"""``--bend`` specs: parsing and its one-line errors, step placement, UNet block hooks, and the
+operators with their amounts in a device tensor that those hooks use (so that CUDA graphs replay
+each frame's amount) against the float operators of sounddiffusion.control.bending."""
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sounddiffusion.control.bending_specs import BendSpec, BlockBender, check_block, parse_bend, step_index
+from sounddiffusion.control.bending import SEEDED_OPERATORS, apply, identity_amount, operator_noise
+from sounddiffusion.control.bending_specs import (BendSpec, BlockBender, check_block, check_graph_bends, parse_bend,
+                                                  step_index)
+from sounddiffusion.control.graph_bends import GRAPH_OPERATORS, PARAMETERS, apply_parameters, bend_parameters
 from sounddiffusion.errors import ParameterError
 
 PLACES = ("latent, step=K (an integer >= 0 or a fraction between 0 and 1), input_blocks.N, "
@@ -180,3 +187,75 @@ def test_amounts_must_be_set_and_match_the_specs(unet):
         with pytest.raises(ValueError, match="2 amounts for 1 bends"):
             bender.set_amounts([1.0, 2.0])
     assert not unet.middle_block._forward_hooks
+
+
+def test_seeded_block_bends_draw_each_frame_from_that_frames_generator(unet):
+    """Noise is drawn into a static buffer when set_amounts starts a frame (and at the first call of
+    a shape): every call in a frame adds the same noise, as a hook drawing from a fresh generator
+    of that frame at each call does."""
+    frame = [0]
+
+    def generator_for(index):
+        return torch.Generator().manual_seed(1000 * frame[0] + index)
+
+    spec = parse_bend("noise=0.5@output_blocks.0")
+    block = unet.get_submodule(spec.where)
+    with BlockBender(unet, [spec], generator_for) as bender:
+        outputs = {}
+        for frame[0], amount in ((0, 0.5), (1, 1.5), (2, 0.0)):
+            bender.set_amounts([amount])
+            outputs[frame[0]] = [run_with_probes(unet)[1] for _ in range(2)]
+    for number, amount in ((0, 0.5), (1, 1.5), (2, 0.0)):
+        handle = block.register_forward_hook(
+            lambda _m, _i, out, amount=amount, seed=1000 * number: apply(
+                spec.op, out, amount, generator=torch.Generator().manual_seed(seed)))
+        try:
+            want = run_with_probes(unet)[1]
+        finally:
+            handle.remove()
+        assert all(torch.equal(got, want) for got in outputs[number]), number
+
+
+# ----------------------------------------------------------------------------- amounts in a device tensor
+
+AMOUNTS = {"invert": [0.5, -2.0], "log": [2.0, 0.5], "power": [1.0, 2.0, 3.0, 0.5, -1.5], "reflect": [0.0, 2.4],
+           "clamp": [math.inf, 0.3], "threshold": [0.0, -1.0, 0.3], "abs": [1.0]}
+
+
+def parameter_tensor(op, amount):
+    row = torch.zeros(PARAMETERS)
+    values = bend_parameters(op, amount)
+    row[:len(values)] = torch.tensor(values)
+    return row
+
+
+@pytest.mark.parametrize("op", GRAPH_OPERATORS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_amounts_from_a_tensor_give_the_float_operators_numbers(op, layout):
+    x = torch.randn(2, 10, 6, 7, generator=torch.Generator().manual_seed(0)).to(memory_format=layout)
+    identity = identity_amount(op)
+    for amount in AMOUNTS.get(op, [identity if identity is not None else 0.5, 0.3, -0.7, 1.25]):
+        noise = operator_noise(op, tuple(x.shape), torch.Generator().manual_seed(5)) if op in SEEDED_OPERATORS else None
+        got = apply_parameters(op, x, parameter_tensor(op, amount), noise)
+        want = apply(op, x, amount, generator=torch.Generator().manual_seed(5))
+        assert got.shape == x.shape and got.dtype == x.dtype
+        if op == "power":  # pow with a tensor exponent vs PyTorch's x*x, x*x*x, sqrt paths: an ulp or so
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        else:
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), (op, amount)
+        if amount == identity:  # computed, not skipped, and x's layout kept (the next conv's numbers)
+            assert got is not x and torch.equal(got, x) and got.stride() == x.stride(), op
+
+
+def test_amounts_from_a_tensor_are_checked_as_the_float_ones_and_windows_are_refused():
+    for op, amount, words in (("invert", 0.0, "invert computes 1/amount"), ("log", 1.0, "base"),
+                              ("reflect", 4.0, "channel to flip"), ("add", math.nan, "finite")):
+        with pytest.raises(ParameterError, match=words):
+            bend_parameters(op, amount)
+    assert "erode" not in GRAPH_OPERATORS and "dilate" not in GRAPH_OPERATORS
+    check_graph_bends([parse_bend("dilate=2@latent"), parse_bend("add=1@middle_block")])  # fine
+    with pytest.raises(ParameterError) as caught:
+        check_graph_bends([parse_bend("erode=1+onset@output_blocks.2")])
+    assert str(caught.value) == (
+        "--bend 'erode=1+onset@output_blocks.2': erode inside a UNet block cannot be replayed from CUDA graphs "
+        "(its window size follows the amount): leave --cuda_graphs out, or bend the latent (@latent or @step=K)")

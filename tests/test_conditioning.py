@@ -163,6 +163,7 @@ def test_shape_mismatch(conds):
         condition(music(), text_cond=text[:, :16], empty_cond=empty)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", NORMALIZE_MODES)
 def test_result_on_the_conditioning_device(conds, mode):

@@ -55,9 +55,11 @@ class AutoencoderKL(pl.LightningModule):
 
 
 # Orthonormal luminance / colour-opponent transform of RGB: the latent's first three channels.
+# On the CPU explicitly: this module may first be imported under load_model_from_config's
+# torch.device("meta"), which would otherwise leave the constant without data for good.
 _OPPONENT = torch.tensor([[1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5],
                           [1 / 2**0.5, 0.0, -1 / 2**0.5],
-                          [1 / 6**0.5, -2 / 6**0.5, 1 / 6**0.5]])
+                          [1 / 6**0.5, -2 / 6**0.5, 1 / 6**0.5]], device="cpu")
 
 
 class BlockMeanAutoencoder(nn.Module):

@@ -115,15 +115,48 @@ def apply(op: str, x: torch.Tensor, amount: float, *, generator: torch.Generator
     Returns a tensor of ``x``'s shape, dtype and device (``x`` itself at identity amounts, see
     :func:`is_identity`). ``generator``: the CPU generator ``sparse_add`` and ``noise`` draw from.
     Raises ParameterError for an unknown operator or an amount outside the operator's domain."""
-    _check_op(op)
     if x.ndim != 4:
         raise ValueError(f"bending needs a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    amount = float(amount)
-    if math.isnan(amount) or (math.isinf(amount) and op != "clamp"):
-        raise ParameterError(f"bend {op}: the amount is {amount}; it must be a finite number")
+    amount = check_amount(op, amount)
     if is_identity(op, amount):
         return x
     return _OPERATIONS[op](x, amount, generator)
+
+
+def check_amount(op: str, amount: float) -> float:
+    """``amount`` as a float when ``op`` (one of :data:`OPERATORS`) takes it; else ParameterError
+    (one line): an unknown operator, NaN, an infinity (except for ``clamp``), ``invert`` at 0,
+    a ``log`` base <= 0 or 1, a ``reflect`` channel outside 0 to 3. Host floats only."""
+    _check_op(op)
+    amount = float(amount)
+    if math.isnan(amount) or (math.isinf(amount) and op != "clamp"):
+        raise ParameterError(f"bend {op}: the amount is {amount}; it must be a finite number")
+    if op == "invert" and amount == 0:
+        raise ParameterError("bend invert: the amount is 0, but invert computes 1/amount - x; "
+                             "keep the amount away from 0 (e.g. 0.5+rms)")
+    if op == "log" and (amount <= 0 or amount == 1):
+        raise ParameterError(f"bend log: the amount is the logarithm's base, got {amount:g}; "
+                             f"it must be > 0 and not 1 (e.g. 2 or 1.5+rms)")
+    if op == "reflect" and not 0 <= reflected_channel(amount) <= 3:
+        raise ParameterError(f"bend reflect: the amount is the channel to flip, 0 to 3; got {amount:g}")
+    return amount
+
+
+def reflected_channel(amount: float) -> int:
+    """The channel ``reflect`` negates in each group of four: the amount rounded half up."""
+    return math.floor(amount + 0.5)
+
+
+def operator_noise(op: str, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """The random numbers seeded operator ``op`` adds (times the amount) to a tensor of ``shape``:
+    float32 on the CPU, drawn from ``generator`` (torch's global CPU generator when None).
+    ``sparse_add``: 1 where a uniform draw is below :data:`SPARSE_FRACTION`, else 0; ``noise``:
+    standard normal."""
+    if op == "sparse_add":
+        return (torch.rand(shape, generator=generator, dtype=torch.float32) < SPARSE_FRACTION).float()
+    if op == "noise":
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    raise ValueError(f"{op} draws no random numbers; seeded operators: {', '.join(SEEDED_OPERATORS)}")
 
 
 def _check_op(op: str) -> None:
@@ -134,16 +167,10 @@ def _check_op(op: str) -> None:
 # ----------------------------------------------------------------------------- element-wise
 
 def _invert(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-    if r == 0:
-        raise ParameterError("bend invert: the amount is 0, but invert computes 1/amount - x; "
-                             "keep the amount away from 0 (e.g. 0.5+rms)")
     return (1.0 / r) - x
 
 
 def _log(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-    if r <= 0 or r == 1:
-        raise ParameterError(f"bend log: the amount is the logarithm's base, got {r:g}; "
-                             f"it must be > 0 and not 1 (e.g. 2 or 1.5+rms)")
     return torch.log(x.abs()) / math.log(r)
 
 
@@ -172,21 +199,19 @@ def _rotate(op: str):
     i, j = ROTATION_PLANES[op]
 
     def rotate(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-        groups = _groups_of_four(x, op)
+        end = 4 * _groups_of_four(x, op)
         cos, sin = math.cos(r), math.sin(r)
-        head = x[:, :4 * groups].unflatten(1, (groups, 4))
-        rotated = head.clone()
-        rotated[:, :, i] = cos * head[:, :, i] - sin * head[:, :, j]
-        rotated[:, :, j] = sin * head[:, :, i] + cos * head[:, :, j]
-        return torch.cat([rotated.flatten(1, 2), x[:, 4 * groups:]], dim=1)
+        first, second = x[:, i:end:4], x[:, j:end:4]
+        rotated = x.clone()  # keeps x's memory layout (UNet activations may be channels_last)
+        rotated[:, i:end:4] = cos * first - sin * second
+        rotated[:, j:end:4] = sin * first + cos * second
+        return rotated
     return rotate
 
 
 def _reflect(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
     groups = _groups_of_four(x, "reflect")
-    channel = math.floor(r + 0.5)
-    if not 0 <= channel <= 3:
-        raise ParameterError(f"bend reflect: the amount is the channel to flip, 0 to 3; got {r:g}")
+    channel = reflected_channel(r)
     reflected = x.clone()
     reflected[:, channel:4 * groups:4] = -x[:, channel:4 * groups:4]
     return reflected
@@ -201,14 +226,10 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.to(device)
 
 
-def _sparse_add(x: torch.Tensor, r: float, generator) -> torch.Tensor:
-    mask = torch.rand(x.shape, generator=generator, dtype=torch.float32) < SPARSE_FRACTION
-    return x + _to_device(mask.to(x.dtype), x.device) * r
-
-
-def _noise(x: torch.Tensor, r: float, generator) -> torch.Tensor:
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-    return x + _to_device(noise.to(x.dtype), x.device) * r
+def _seeded(op: str):
+    def add_drawn(x: torch.Tensor, r: float, generator) -> torch.Tensor:
+        return x + _to_device(operator_noise(op, tuple(x.shape), generator).to(x.dtype), x.device) * r
+    return add_drawn
 
 
 # ----------------------------------------------------------------------------- spatial
@@ -244,7 +265,7 @@ _OPERATIONS = {
     "invert": _invert, "log": _log, "power": _power, "abs": lambda x, r, g: x.abs(),
     "clamp": lambda x, r, g: torch.clamp(x, -abs(r), abs(r)), "rescale": _rescale,
     "rotate_x": _rotate("rotate_x"), "rotate_y": _rotate("rotate_y"), "rotate_z": _rotate("rotate_z"),
-    "reflect": _reflect, "sparse_add": _sparse_add, "noise": _noise, "gaussian_blob": _gaussian_blob,
+    "reflect": _reflect, "sparse_add": _seeded("sparse_add"), "noise": _seeded("noise"), "gaussian_blob": _gaussian_blob,
     "erode": _erode, "dilate": _dilate,
 }
 

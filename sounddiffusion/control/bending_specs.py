@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sounddiffusion.control.bending import OPERATORS, SEEDED_OPERATORS, apply
+from sounddiffusion.control.bending import OPERATORS, SEEDED_OPERATORS, apply, check_amount, operator_noise
+from sounddiffusion.control.graph_bends import GRAPH_OPERATORS, PARAMETERS, apply_parameters, bend_parameters
 from sounddiffusion.errors import ParameterError
 
 PLACES = ("latent, step=K (an integer >= 0 or a fraction between 0 and 1), input_blocks.N, "
@@ -122,6 +123,18 @@ def check_block(spec: BendSpec, unet: torch.nn.Module) -> torch.nn.Module:
                       f"this model has no block {spec.where}; use {valid}")
 
 
+def check_graph_bends(specs: Sequence[BendSpec]) -> None:
+    """ParameterError (one line) for a block bend that a CUDA graph cannot replay: ``erode`` and
+    ``dilate`` inside UNet blocks (their window size follows the amount; see
+    :mod:`sounddiffusion.control.graph_bends`). Latent and step bends run outside the UNet: all fine."""
+    for spec in specs:
+        if spec.is_block and spec.op not in GRAPH_OPERATORS:
+            raise _spec_error(spec.text or f"{spec.op}={spec.amount}@{spec.where}",
+                              f"{spec.op} inside a UNet block cannot be replayed from CUDA graphs (its window "
+                              f"size follows the amount): leave --cuda_graphs out, or bend the latent "
+                              f"(@latent or @step=K)")
+
+
 class BlockBender:
     """Forward hooks that bend UNet block outputs, as a context manager.
 
@@ -129,9 +142,19 @@ class BlockBender:
     per block spec is registered on its block (in ``specs`` order, so bends on the same block
     apply in that order) and on exit all are removed. Call :meth:`set_amounts` with one amount
     per spec (Python floats) before each frame. Each hook replaces the block's output, for the
-    whole batch (both halves of the guidance batch), by ``apply(op, output, amount)``.
-    ``generator_for(i)`` gives the CPU generator the seeded operator of ``specs[i]`` draws from,
-    each time its hook runs (e.g. one per spec, seeded per frame by the caller)."""
+    whole batch (both halves of the guidance batch), by the operator at that amount.
+
+    The hooks are safe to capture in a CUDA graph (``--cuda_graphs``), whose replays run no
+    Python: they read each bend's parameters from a float32 device tensor (n_specs,
+    :data:`~sounddiffusion.control.graph_bends.PARAMETERS`) that :meth:`set_amounts` overwrites in
+    place (from pinned memory, without waiting for the device), and compute them at identity
+    amounts too (same values), so a graph captured on a quiet frame bends the loud ones.
+    Seeded operators add noise from static buffers, one per spec and activation shape, created at
+    a hook's first call with that shape (never while a graph is being captured) and drawn again
+    by every :meth:`set_amounts`: ``generator_for(i)`` gives the CPU generator of ``specs[i]``
+    for the current frame (None: torch's global CPU generator), asked once per buffer and frame.
+    ``erode``/``dilate`` hooks use the float amount at each call (no graphs for them:
+    :func:`check_graph_bends`)."""
 
     def __init__(self, unet: torch.nn.Module, specs: Sequence[BendSpec],
                  generator_for: Callable[[int], torch.Generator] | None = None):
@@ -139,14 +162,29 @@ class BlockBender:
         self.specs = tuple(specs)
         self.generator_for = generator_for
         self._blocks = {i: check_block(s, unet) for i, s in enumerate(self.specs) if s.is_block}
+        device = next(unet.parameters()).device
+        self._parameters = torch.zeros(len(self.specs), PARAMETERS, dtype=torch.float32, device=device)
         self._amounts: list[float] | None = None
+        self._noise: dict[int, dict[tuple, torch.Tensor]] = {}  # spec -> (shape, strides, dtype) -> buffer
         self._handles: list = []
 
     def set_amounts(self, amounts: Sequence[float]) -> None:
-        """The current amount of each spec, in ``specs`` order (those of non-block specs are unused)."""
+        """The current amount of each spec, in ``specs`` order (those of non-block specs are
+        unused); ParameterError when a block bend's amount is outside its operator's domain."""
         if len(amounts) != len(self.specs):
             raise ValueError(f"{len(amounts)} amounts for {len(self.specs)} bends")
-        self._amounts = [float(a) for a in amounts]
+        amounts = [float(a) for a in amounts]
+        rows = torch.zeros(len(self.specs), PARAMETERS, dtype=torch.float32)
+        for index in self._blocks:
+            spec = self.specs[index]
+            values = (bend_parameters(spec.op, amounts[index]) if spec.op in GRAPH_OPERATORS
+                      else (check_amount(spec.op, amounts[index]),))
+            rows[index, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        _copy_from_host(self._parameters, rows)
+        self._amounts = amounts
+        for index, buffers in self._noise.items():
+            for buffer in buffers.values():
+                self._draw(index, buffer)
 
     def __enter__(self) -> BlockBender:
         for index, block in self._blocks.items():
@@ -158,13 +196,40 @@ class BlockBender:
             handle.remove()
         self._handles.clear()
 
+    def _draw(self, index: int, buffer: torch.Tensor) -> None:
+        generator = self.generator_for(index) if self.generator_for is not None else None
+        _copy_from_host(buffer, operator_noise(self.specs[index].op, tuple(buffer.shape), generator))
+
+    def _noise_for(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        buffers = self._noise.setdefault(index, {})
+        key = (tuple(output.shape), output.stride(), output.dtype)
+        if key not in buffers:
+            if output.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"--bend {self.specs[index].text}: no noise buffer for shape {key[0]} "
+                                   f"while a CUDA graph is captured (run the call once before capturing)")
+            with torch.inference_mode(False):  # a normal tensor: set_amounts may overwrite it anywhere
+                buffers[key] = torch.empty_like(output)  # output's layout: an identity add keeps it
+            self._draw(index, buffers[key])
+        return buffers[key]
+
     def _hook(self, index: int):
         spec = self.specs[index]
 
         def bend_output(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             if self._amounts is None:
                 raise RuntimeError("BlockBender.set_amounts must be called before the UNet runs")
-            seeded = self.generator_for is not None and spec.op in SEEDED_OPERATORS
-            generator = self.generator_for(index) if seeded else None
-            return apply(spec.op, output, self._amounts[index], generator=generator)
+            if spec.op not in GRAPH_OPERATORS:
+                return apply(spec.op, output, self._amounts[index])
+            noise = self._noise_for(index, output) if spec.op in SEEDED_OPERATORS else None
+            return apply_parameters(spec.op, output, self._parameters[index], noise)
         return bend_output
+
+
+def _copy_from_host(buffer: torch.Tensor, values: torch.Tensor) -> None:
+    """Overwrite device tensor ``buffer`` with host tensor ``values``; to CUDA from pinned memory
+    without blocking the host (the caching host allocator keeps that memory until the copy ran)."""
+    values = values.to(buffer.dtype)
+    if buffer.is_cuda:
+        buffer.copy_(values.pin_memory(), non_blocking=True)
+    else:
+        buffer.copy_(values)

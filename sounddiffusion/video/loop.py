@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sounddiffusion.control.bending_specs import BlockBender, check_block
+from sounddiffusion.control.bending_specs import BlockBender, check_block, check_graph_bends
 from sounddiffusion.control.frame_schedules import report_columns
 from sounddiffusion.files import ensure_output_dir, unique_output_path
 from sounddiffusion.images import load_init_image
 from sounddiffusion.model.conditioning import blend_conditionings, condition
+from sounddiffusion.model.cuda_graphs import StaticShapeCalls
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.loading import load_engine, unet_skeleton
 from sounddiffusion.settings import ModelSettings, VideoSettings
@@ -106,9 +107,11 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
     Returns the state after the last frame. The render loop and scripts/benchmark.py both run
     frames through here."""
     specs = block_specs(plan)
+    unet = engine.model.model.diffusion_model
+    if isinstance(unet.forward, StaticShapeCalls):
+        check_graph_bends(specs)
     current = [start]
-    blocks = (BlockBender(engine.model.model.diffusion_model, plan.bends,
-                          generator_for=lambda i: stream_generator(settings.seed, current[0], i + 1))
+    blocks = (BlockBender(unet, plan.bends, generator_for=lambda i: stream_generator(settings.seed, current[0], i + 1))
               if specs else None)
     ahead: tuple[int, torch.Tensor] | None = None  # a diffused frame sampled before its in-betweens
     with blocks if blocks is not None else contextlib.nullcontext():
@@ -179,6 +182,8 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
+    if model.cuda_graphs:
+        check_graph_bends(block_specs(plan))
     if engine is None:
         for spec in block_specs(plan):  # block names against the model's layout, before it loads
             check_block(spec, unet_skeleton(model))

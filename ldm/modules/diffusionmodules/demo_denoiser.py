@@ -157,7 +157,8 @@ def texture_spectrum(height: int, width: int, device) -> torch.Tensor:
     if width % 2 == 0:
         weights[:, -1] = 1.0
     shape = shape * (height * width) / (shape * weights).sum()
-    std = torch.tensor(PRIOR_STD, device=device)
+    # Filled on the device, not copied from the host: a CUDA graph can capture this (--cuda_graphs).
+    std = torch.stack([torch.full((), value, dtype=torch.float32, device=device) for value in PRIOR_STD])
     return std[:, None, None] ** 2 * shape
 
 
