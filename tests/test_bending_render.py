@@ -74,8 +74,12 @@ def test_bends_change_the_frames(render, clicks, flags):
     ("add=1@step=-2", ["--bend", "step"]),
     ("add=0.4 +* onset", ["--bend", "column"]),
     ("add", ["--bend", "="]),
+    ("add=" + "0.1*onset + " * 500 + "+* 1", ["--bend", "column 6002", "expected a number"]),
+    ("add=" + "(" * 150 + "1" + ")" * 150 + "@step=0.5", ["--bend", "column 101", "nested too deeply"]),
+    ("add=1@step=" + "\u0661", ["--bend", "step", "neither an integer"]),
 ])
 def test_bad_bend_is_one_line_before_the_model_loads(run_tool, clicks, tmp_path, monkeypatch, spec, words):
     monkeypatch.setattr(loop, "load_engine", lambda *a: pytest.fail("the model was loaded"))
     status, _, err = run_tool("audio2video", ["--path", clicks, "--bend", spec, "--outdir", tmp_path, *FAST])
-    assert_one_line_error(status, err, "audio2video", *words)
+    line = assert_one_line_error(status, err, "audio2video", *words)
+    assert len(line) < 300, len(line)  # long specs are shown as excerpts

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sounddiffusion.control.bending_specs import BendSpec, parse_bend
-from sounddiffusion.control.schedules import Schedule, clip_to_range, parse_schedule
+from sounddiffusion.control.schedules import Schedule, clip_to_range, excerpt, parse_schedule
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES, Envelopes
@@ -94,7 +94,7 @@ def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
     bends = []
     for text in settings.bend:
         spec = parse_bend(text)
-        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{text}"', names=VARIABLES)))
+        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{excerpt(text)}"', names=VARIABLES)))
     return VideoSchedules(values, seed_jump, tuple(bends))
 
 
