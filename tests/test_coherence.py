@@ -121,6 +121,38 @@ def test_slerp_of_nearly_parallel_latents_is_lerp_and_keeps_dtype():
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
 
 
+def test_in_between_frames_sit_at_their_share_of_the_gap():
+    """Frames 5 and 6 between diffused frames 4 and 7 are 1/3 and 2/3 of the way. With two
+    orthogonal latents of norm 1 the angle is pi/2 and slerp is sin((1 - t) pi/2) a + sin(t pi/2) b."""
+    from sounddiffusion.video.frame_chain import ChainState
+    from sounddiffusion.video.frame_writer import PixelBlend
+    from sounddiffusion.video.loop import inbetween
+
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64)
+    b = torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64)
+    b = b - (b * a).sum() / (a * a).sum() * a  # Gram-Schmidt: orthogonal to a
+    a, b = (a / a.norm()).float(), (b / b.norm()).float()
+    chain = ChainState(index=4, latent=a)
+    for index, t in ((5, 1 / 3), (6, 2 / 3)):
+        want = math.sin((1 - t) * math.pi / 2) * a + math.sin(t * math.pi / 2) * b
+        torch.testing.assert_close(inbetween(chain, (7, b), index, "latent"), want, rtol=0, atol=1e-6)
+        blend = inbetween(chain, (7, b), index, "pixel")
+        assert isinstance(blend, PixelBlend) and blend.t == pytest.approx(t, abs=1e-15)
+        assert (blend.first_index, blend.second_index) == (4, 7)
+
+
+def test_cadence_rounds_to_the_nearest_whole_frame():
+    from sounddiffusion.video.frame_plan import cadence_frames
+
+    # 2.7 rounds to 3 (not down to 2): frames 0, 3, 6 and the last, 9
+    assert np.flatnonzero(cadence_frames(np.full(10, 2.7))).tolist() == [0, 3, 6, 9]
+    assert np.flatnonzero(cadence_frames(np.full(10, 2.3))).tolist() == [0, 2, 4, 6, 8, 9]
+    # the value at the last diffused frame sets the next gap: 1.6 -> 2, then 3.9 -> 4, then 1.2 -> 1
+    cadence = np.array([1.6, 9, 3.9, 9, 9, 9, 1.2, 1.2, 9, 9])
+    assert np.flatnonzero(cadence_frames(cadence)).tolist() == [0, 2, 6, 7, 8, 9]
+
+
 def test_cross_fade_endpoints_and_middle():
     a = np.zeros((4, 4, 3), np.uint8)
     b = np.full((4, 4, 3), 201, np.uint8)

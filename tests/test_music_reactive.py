@@ -74,6 +74,13 @@ def test_seed_jump_holds_the_noise_between_beats(clicks):
     assert list(plain.noise_seeds) == [frame_seed(5, i) for i in range(plain.n_frames)]
 
 
+def test_seed_jumps_where_the_condition_is_above_one_half(clicks):
+    # exactly 0.5 on frame 3 is no jump; just above on frame 5 and 1 on frame 9 are
+    condition = "where(t == 3, 0.5, 0) + where(t == 5, 0.5000001, 0) + (t == 9)"
+    plan = plan_frames(VideoSettings(audio=str(clicks), fps=8, seed=5, seed_jump=condition))
+    assert np.flatnonzero(plan.seed_jumps).tolist() == [5, 9]
+
+
 def test_prompt_times_snap_to_beats(clicks, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("0:00 red\n0:01.1 blue\n")
