@@ -153,6 +153,59 @@ def test_cadence_rounds_to_the_nearest_whole_frame():
     assert np.flatnonzero(cadence_frames(cadence)).tolist() == [0, 2, 6, 7, 8, 9]
 
 
+def _slerp_before(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """slerp as it was before it chose on the device (it read the angle back with ``if``)."""
+    if t == 0:
+        return a.clone()
+    if t == 1:
+        return b.clone()
+    work = torch.promote_types(a.dtype, torch.float32)
+    x, y = a.to(work), b.to(work)
+    cosine = torch.sum(x * y) / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
+    theta = torch.arccos(cosine.clamp(-1.0, 1.0))
+    if not torch.isfinite(theta) or theta < 1e-3:
+        return torch.lerp(x, y, t).to(a.dtype)
+    sine = torch.sin(theta)
+    return ((torch.sin((1 - t) * theta) / sine) * x + (torch.sin(t * theta) / sine) * y).to(a.dtype)
+
+
+def test_slerp_gives_the_same_bits_as_before_for_every_kind_of_pair():
+    generator = torch.Generator().manual_seed(9)
+    a = torch.randn(1, 4, 8, 8, generator=generator)
+    other = torch.randn(1, 4, 8, 8, generator=generator)
+    pairs = {"random": (a, other), "parallel": (a, 2 * a), "same": (a, a.clone()),
+             "nearly parallel": (a, a + 1e-5 * other), "antiparallel": (a, -a), "antiparallel, longer": (a, -3 * a),
+             "nearly antiparallel": (a, -a + 1e-4 * other), "zero": (torch.zeros_like(a), other),
+             "half": (a.half(), other.half()), "bfloat16": (a.bfloat16(), -a.bfloat16()), "double": (a.double(), other.double())}
+    for name, (x, y) in pairs.items():
+        for t in (0.0, 1e-3, 0.25, 1 / 3, 0.5, 0.9, 1.0):
+            got, want = slerp(x, y, t), _slerp_before(x, y, t)
+            assert got.dtype == want.dtype and torch.equal(got, want), (name, t)
+
+
+def test_slerp_never_reads_the_device_back():
+    # On the meta device every read of a value (``if tensor:``, ``.item()``) raises.
+    a, b = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(1, 4, 8, 8, device="meta")
+    for t in (0.25, 0.5):
+        got = slerp(a, b, t)
+        assert got.device.type == "meta" and got.shape == a.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_slerp_on_cuda_runs_without_a_host_sync():
+    generator = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(1, 4, 64, 64, generator=generator) for _ in range(2))
+    on_device = (a.cuda(), b.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [slerp(*on_device, t) for t in (0.25, 0.5, 0.75)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t, got in zip((0.25, 0.5, 0.75), results):
+        torch.testing.assert_close(got.cpu(), slerp(a, b, t), rtol=1e-5, atol=1e-6)
+
+
 def test_cross_fade_endpoints_and_middle():
     a = np.zeros((4, 4, 3), np.uint8)
     b = np.full((4, 4, 3), 201, np.uint8)
