@@ -124,3 +124,17 @@ def test_onset_recipe_makes_frame_change_follow_each_recordings_onsets(engine, a
     # Measured: Beethoven_chord1 +0.88, JK_Organ2 +0.74, Toms_diner +0.91, synth_chords +0.69.
     correlation = figure.video_correlation(engine, audio_dir / name, figure.STRENGTHS[1], tmp_path)
     assert correlation > 0.5, correlation
+
+
+def test_block_bends_show_on_the_demo_and_identity_amounts_change_nothing(engine, audio_dir):
+    """The random UNet carries 5 % of the prediction: a bend inside it changed the picture by
+    about 0.02/255. The demo draws a block bend's change into the asked-for picture instead
+    (ldm/modules/diffusionmodules/demo_denoiser.py, bend_picture). Measured, as README quotes:
+    dilate=3@output_blocks.5 21.5/255, erode=1@output_blocks.7 14.3, rotate_z=1.5@output_blocks.6 8.0."""
+    samples = load_audio(audio_dir / "Toms_diner.wav")
+    differences = figure.block_bend_differences(engine, samples)
+    assert differences["dilate=3@output_blocks.5"] > 15 and differences["erode=1@output_blocks.7"] > 10, differences
+    assert differences["rotate_z=1.5@output_blocks.6"] > 5, differences
+    # identity amounts: the hook returns the block's output itself, and the picture stays bit for bit
+    assert figure.block_bend_differences(engine, samples, ("multiply=1@output_blocks.5", "add=0@middle_block")) == {
+        "multiply=1@output_blocks.5": 0.0, "add=0@middle_block": 0.0}

@@ -267,9 +267,14 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         skips = []
         for module in self.input_blocks:
-            h = module(h, emb, context)
+            h = self.run_block(module, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run_block(self.middle_block, h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self.run_block(module, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+    def run_block(self, block, h, emb, context):
+        """One of the input, middle or output blocks on ``h``: its output, after its forward
+        hooks (those of network bending among them). A subclass may look at it here."""
+        return block(h, emb, context)
