@@ -8,8 +8,8 @@ Renders audio2img pictures (128x128, 10 DDIM steps, guidance 7.5, fft features u
 the four recordings in ../shared/audio with seeds 1 and 2, then one recording with a prompt mixed
 in and with each other feature. Prints, as mean absolute differences of 0..255 pixel values:
 two seeds of one recording, two recordings, text mixed in, another feature; img2img of a
-photograph at three strengths; and the autoencoder's reconstruction error on scikit-image's
-bundled photographs at 256x256. With --video it renders videos of each recording and of the
+photograph at three strengths; the autoencoder's reconstruction error on scikit-image's
+bundled photographs at 256x256; and what three bends inside UNet blocks change in a picture. With --video it renders videos of each recording and of the
 project's synthesized drums and chords (whole sounds, 8 fps, 128x128, 10 steps) with a constant
 --strength 0.5 and with the onset recipe --strength "0.2+0.6*onset", and correlates the
 frame-to-frame change with the onset envelope (as scripts/video_stats.py does).
@@ -41,6 +41,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 EXAMPLES = REPO / "examples" / "audio"
 VIDEO_SOUNDS = tuple(AUDIO / name for name in RECORDINGS) + (EXAMPLES / "drums.wav", EXAMPLES / "chords.wav")
 STRENGTHS = ("0.5", "0.2+0.6*onset")  # constant, and the onset recipe
+BLOCK_BENDS = ("dilate=3@output_blocks.5", "erode=1@output_blocks.7", "rotate_z=1.5@output_blocks.6")
 
 
 def picture(engine, samples, seed: int, **settings) -> np.ndarray:
@@ -86,6 +87,20 @@ def img2img_distances(engine, samples, strengths=(0.2, 0.5, 0.8)) -> dict[float,
                                               steps=10))[0]
         distances[strength] = (mad(result, photo), mad(result, own))
     return distances
+
+
+def block_bend_differences(engine, samples, bends=BLOCK_BENDS) -> dict[str, float]:
+    """For each ``--bend`` text of a UNet block with a constant amount: the mean absolute difference
+    (0..255) of the picture of ``samples`` (seed 1) bent that way from the un-bent picture."""
+    from sounddiffusion.control.bending_specs import BlockBender, parse_bend
+
+    plain, unet, differences = picture(engine, samples, 1), engine.model.model.diffusion_model, {}
+    for text in bends:
+        spec = parse_bend(text)
+        with BlockBender(unet, [spec]) as bender:
+            bender.set_amounts([float(spec.amount)])
+            differences[text] = mad(picture(engine, samples, 1), plain)
+    return differences
 
 
 def demo_video(engine, sound: Path, strength: str, workdir: Path, *, save_frames: bool = False) -> VideoStats:
@@ -167,6 +182,8 @@ def main(argv=None) -> int:
     print("autoencoder, mean |decode(encode(x)) - x| at 256x256: "
           + ", ".join(f"{name} {error:.1f}" for name, error in errors.items())
           + f" (mean {np.mean(list(errors.values())):.1f})")
+    print("Toms_diner, a bend inside a UNet block vs none: "
+          + ", ".join(f"{text} {difference:.1f}" for text, difference in block_bend_differences(engine, voice).items()))
     if args.video:
         with tempfile.TemporaryDirectory() as workdir:
             for sound in VIDEO_SOUNDS:

@@ -77,12 +77,36 @@ def test_beats_and_bpm_equal_librosa_beat_track(audio_dir, name):
     assert (np.diff(between) < 0).all() and between[-1] > 0
 
 
-def test_rms_is_exactly_slice_rms_of_the_video_slices(organ):
-    for fps in (12, 29.97):
-        env = envelopes(organ, fps=fps)
-        n = sound_length(organ)
-        expected = [slice_rms(piece) for piece in stream_frame_slices(sound_blocks(organ), n, fps)]
-        assert env.values["rms"].tobytes() == np.array(expected, dtype=np.float64).tobytes()
+def test_rms_of_known_signals_is_their_hand_computed_level():
+    """Five frames at 12 fps (3,675 samples each) whose RMS is known without computing it:
+    silence 0; a square wave of +-0.5 is 0.5; a sine of amplitude 0.8 over 25 whole periods
+    (300 Hz, 147 samples a period) is 0.8/sqrt(2); 0.6 on a third of the samples and 0 on the
+    rest is 0.6/sqrt(3); a full-scale square wave is 1 (the level's definition)."""
+    n = SR // 12
+    t = np.arange(n)
+    square = np.where((t // 49) % 2 == 0, 1.0, -1.0)
+    third = np.where(t < n // 3, 0.6, 0.0)
+    samples = np.concatenate([np.zeros(n), 0.5 * square, 0.8 * np.sin(2 * np.pi * 300 * t / SR), third, square])
+    env = envelopes(samples.astype(np.float32), fps=12)
+    want = [0.0, 0.5, 0.8 / math.sqrt(2), 0.6 / math.sqrt(3), 1.0]
+    np.testing.assert_allclose(env.values["rms"], want, rtol=1e-6, atol=1e-12)
+    assert slice_rms(np.float32([3.0, -4.0])) == math.sqrt(12.5) and slice_rms(np.float32([])) == 0.0
+
+
+def test_rms_of_a_recording_follows_its_formula_on_the_video_frames(organ):
+    """rms[i] = sqrt(mean(y[start_i:end_i]^2)), start_i = floor(i * 44100 / fps), the last frame
+    padded with zeros: written out here in exact fractions and float64 sums."""
+    from fractions import Fraction
+
+    y = load_audio(organ).astype(np.float64)
+    for fps in (Fraction(12), Fraction(2997, 100)):  # 29.97 is read as 2997/100 exactly
+        env = envelopes(organ, fps=float(fps))
+        bounds = [math.floor(i * SR / fps) for i in range(env.n_frames + 1)]
+        want = []
+        for start, end in zip(bounds, bounds[1:]):
+            piece = y[start:end]
+            want.append(math.sqrt(math.fsum(piece * piece) / (end - start)))  # zeros past the end add nothing
+        np.testing.assert_allclose(env.values["rms"], want, rtol=1e-9, atol=0)
         assert DEFAULT_SMOOTHING["rms"] == Smoothing(median=1, attack=0, release=0, gate=0, rescale="none")
 
 

@@ -368,6 +368,8 @@ def test_bad_init_image(run_tool, tmp_path, sound, image, outdir, tool, case, wo
     (["0:00 a red dawn", "0:05 a blue noon", "half past three: tea"], 3, ["cannot read", "e.g."]),
     (["0:00 a red dawn", "0:10 late", "0:05 early"], 3, ["does not come after"]),
     (["0:00 a red dawn", "1:75 odd time"], 2, ["60 or more"]),
+    (["0:00 a red dawn", "9" * 5000 + ":00:00 much later"], 2, ["later than 1000000 s", "5006 characters"]),
+    (["0:00 a red dawn", "1" + "0" * 400 + " much later"], 2, ["later than 1000000 s"]),
 ])
 def test_prompt_file_with_a_bad_line(run_tool, tmp_path, sound, image, outdir, lines, number, words):
     prompts = tmp_path / "prompts.txt"

@@ -233,3 +233,55 @@ def test_on_cuda_every_operator_runs_without_a_host_sync_and_gives_the_cpu_numbe
         want = apply(op, x, amounts.get(op, 0.8), generator=torch.Generator().manual_seed(4))
         assert results[op].device.type == "cuda", op
         assert torch.allclose(results[op].cpu(), want, rtol=1e-5, atol=1e-6, equal_nan=True), op
+
+
+# ----------------------------------------------------------------------------- huge amounts
+
+@pytest.mark.parametrize("amount", [7.0, 7.6, 100.0, 1e300])
+def test_a_window_wider_than_the_tensor_is_each_channels_extreme(amount):
+    # 8x8: from every pixel a radius of 7 or more reaches every other pixel (1e300 was a ValueError)
+    x = latent((2, 5, 8, 6))
+    want_max = x.double().numpy().max(axis=(2, 3), keepdims=True) * np.ones((1, 1, 8, 6))
+    close(apply("dilate", x, amount), want_max, tol=0)
+    close(apply("erode", x, amount), x.double().numpy().min(axis=(2, 3), keepdims=True) * np.ones((1, 1, 8, 6)),
+          tol=0)
+
+
+def test_the_largest_window_below_the_tensor_size_is_still_a_window():
+    x = latent((1, 4, 8, 8))
+    want = scipy.ndimage.maximum_filter(x.double().numpy(), size=(1, 1, 13, 13), mode="constant", cval=-np.inf)
+    close(apply("dilate", x, 6.0), want, tol=0)  # radius 6 < 7: pixels at opposite corners stay apart
+
+
+@pytest.mark.parametrize("op, amount", [("multiply", 1e300), ("add", 3.5e38), ("subtract", -1e39),
+                                        ("noise", 1e300), ("sparse_add", 4e38), ("gaussian_blob", 1e39),
+                                        ("rescale", 1.8e38), ("invert", 1e-39), ("invert", -2e-39)])
+def test_amounts_beyond_float32_are_refused_in_one_line(op, amount):
+    # x * 1e300 in float32 is inf everywhere (NaN where x = 0): a black frame, said nothing before
+    with pytest.raises(ParameterError) as caught:
+        apply(op, latent(), amount)
+    message = str(caught.value)
+    assert message.startswith(f"bend {op}: the amount {amount:g} would put the values beyond float32's range")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("op, amount", [("multiply", 3e38), ("add", -3.4e38), ("rescale", 1.7e38),
+                                        ("invert", 3e-39), ("clamp", 1e300), ("threshold", 1e300),
+                                        ("soft_threshold", 1e300), ("rotate_z", 1e300)])
+def test_large_amounts_that_can_stay_finite_are_taken(op, amount):
+    apply(op, latent(), amount)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_no_amount_escapes_as_anything_but_a_parameter_error(dtype):
+    # clamp=1e300 and (in half precision) power=70000 were RuntimeErrors of torch's scalar conversion
+    x = latent((1, 8, 8, 8)).to(dtype)
+    for op in OPERATORS:
+        for amount in (1e300, -1e300, 1e-300, 3e38, 7e4, -7e4, 2.5):
+            try:
+                got = apply(op, x, amount, generator=torch.Generator().manual_seed(0))
+            except ParameterError as error:
+                assert str(error).startswith(f"bend {op}: ") and "\n" not in str(error)
+            else:
+                assert got.shape == x.shape and got.dtype == dtype, (op, amount)
+    assert torch.equal(apply("clamp", x, 1e300), x)  # a bound past the dtype's range clips nothing finite

@@ -72,6 +72,36 @@ def test_step_index(text, n_steps, want):
     assert step_index(parse_bend(text), n_steps) == want
 
 
+@pytest.mark.parametrize("written", ["0.0", "0.", ".0", "0e0", "0.000", "00"])
+def test_step_zero_written_as_a_decimal_is_step_zero(written):
+    # step=0 was accepted and step=0.0 refused; both mean the latent before the first step
+    spec = parse_bend(f"add=1@step={written}")
+    assert spec == parse_bend("add=1@step=0")
+    assert [step_index(spec, n) for n in (1, 2, 10)] == [0, 0, 0]
+
+
+def test_a_step_too_large_to_write_out_is_the_final_latent():
+    spec = parse_bend("add=1@step=" + "9" * 400)  # int(float(...)) of this was an OverflowError
+    assert step_index(spec, 10) == 10 and step_index(spec, 0) == 0
+
+
+@pytest.mark.parametrize("written", ["\u0663", "\uff13", "0.\u0665", "1.0", "inf", "nan", "1e400"])
+def test_other_steps_are_refused_in_one_line(written):
+    with pytest.raises(ParameterError) as caught:
+        parse_bend(f"add=1@step={written}")
+    message = str(caught.value)
+    assert "\n" not in message and ("neither an integer" in message or "is negative" in message), message
+
+
+def test_a_long_bad_spec_is_shown_shortened():
+    text = "add=" + " + ".join(["0.1*onset"] * 600) + "@somewhere"
+    with pytest.raises(ParameterError) as caught:
+        parse_bend(text)
+    message = str(caught.value)
+    assert len(message) < 250 and "unknown place 'somewhere'" in message, message
+    assert "--bend 'add=0.1*onset + 0.1*onset + 0...." in message
+
+
 def test_step_index_of_a_bend_elsewhere_is_a_mistake():
     with pytest.raises(ValueError, match="is not a step=K bend"):
         step_index(parse_bend("add=1"), 10)

@@ -121,6 +121,91 @@ def test_slerp_of_nearly_parallel_latents_is_lerp_and_keeps_dtype():
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
 
 
+def test_in_between_frames_sit_at_their_share_of_the_gap():
+    """Frames 5 and 6 between diffused frames 4 and 7 are 1/3 and 2/3 of the way. With two
+    orthogonal latents of norm 1 the angle is pi/2 and slerp is sin((1 - t) pi/2) a + sin(t pi/2) b."""
+    from sounddiffusion.video.frame_chain import ChainState
+    from sounddiffusion.video.frame_writer import PixelBlend
+    from sounddiffusion.video.loop import inbetween
+
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64)
+    b = torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64)
+    b = b - (b * a).sum() / (a * a).sum() * a  # Gram-Schmidt: orthogonal to a
+    a, b = (a / a.norm()).float(), (b / b.norm()).float()
+    chain = ChainState(index=4, latent=a)
+    for index, t in ((5, 1 / 3), (6, 2 / 3)):
+        want = math.sin((1 - t) * math.pi / 2) * a + math.sin(t * math.pi / 2) * b
+        torch.testing.assert_close(inbetween(chain, (7, b), index, "latent"), want, rtol=0, atol=1e-6)
+        blend = inbetween(chain, (7, b), index, "pixel")
+        assert isinstance(blend, PixelBlend) and blend.t == pytest.approx(t, abs=1e-15)
+        assert (blend.first_index, blend.second_index) == (4, 7)
+
+
+def test_cadence_rounds_to_the_nearest_whole_frame():
+    from sounddiffusion.video.frame_plan import cadence_frames
+
+    # 2.7 rounds to 3 (not down to 2): frames 0, 3, 6 and the last, 9
+    assert np.flatnonzero(cadence_frames(np.full(10, 2.7))).tolist() == [0, 3, 6, 9]
+    assert np.flatnonzero(cadence_frames(np.full(10, 2.3))).tolist() == [0, 2, 4, 6, 8, 9]
+    # the value at the last diffused frame sets the next gap: 1.6 -> 2, then 3.9 -> 4, then 1.2 -> 1
+    cadence = np.array([1.6, 9, 3.9, 9, 9, 9, 1.2, 1.2, 9, 9])
+    assert np.flatnonzero(cadence_frames(cadence)).tolist() == [0, 2, 6, 7, 8, 9]
+
+
+def _slerp_before(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """slerp as it was before it chose on the device (it read the angle back with ``if``)."""
+    if t == 0:
+        return a.clone()
+    if t == 1:
+        return b.clone()
+    work = torch.promote_types(a.dtype, torch.float32)
+    x, y = a.to(work), b.to(work)
+    cosine = torch.sum(x * y) / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
+    theta = torch.arccos(cosine.clamp(-1.0, 1.0))
+    if not torch.isfinite(theta) or theta < 1e-3:
+        return torch.lerp(x, y, t).to(a.dtype)
+    sine = torch.sin(theta)
+    return ((torch.sin((1 - t) * theta) / sine) * x + (torch.sin(t * theta) / sine) * y).to(a.dtype)
+
+
+def test_slerp_gives_the_same_bits_as_before_for_every_kind_of_pair():
+    generator = torch.Generator().manual_seed(9)
+    a = torch.randn(1, 4, 8, 8, generator=generator)
+    other = torch.randn(1, 4, 8, 8, generator=generator)
+    pairs = {"random": (a, other), "parallel": (a, 2 * a), "same": (a, a.clone()),
+             "nearly parallel": (a, a + 1e-5 * other), "antiparallel": (a, -a), "antiparallel, longer": (a, -3 * a),
+             "nearly antiparallel": (a, -a + 1e-4 * other), "zero": (torch.zeros_like(a), other),
+             "half": (a.half(), other.half()), "bfloat16": (a.bfloat16(), -a.bfloat16()), "double": (a.double(), other.double())}
+    for name, (x, y) in pairs.items():
+        for t in (0.0, 1e-3, 0.25, 1 / 3, 0.5, 0.9, 1.0):
+            got, want = slerp(x, y, t), _slerp_before(x, y, t)
+            assert got.dtype == want.dtype and torch.equal(got, want), (name, t)
+
+
+def test_slerp_never_reads_the_device_back():
+    # On the meta device every read of a value (``if tensor:``, ``.item()``) raises.
+    a, b = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(1, 4, 8, 8, device="meta")
+    for t in (0.25, 0.5):
+        got = slerp(a, b, t)
+        assert got.device.type == "meta" and got.shape == a.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_slerp_on_cuda_runs_without_a_host_sync():
+    generator = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(1, 4, 64, 64, generator=generator) for _ in range(2))
+    on_device = (a.cuda(), b.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [slerp(*on_device, t) for t in (0.25, 0.5, 0.75)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t, got in zip((0.25, 0.5, 0.75), results):
+        torch.testing.assert_close(got.cpu(), slerp(a, b, t), rtol=1e-5, atol=1e-6)
+
+
 def test_cross_fade_endpoints_and_middle():
     a = np.zeros((4, 4, 3), np.uint8)
     b = np.full((4, 4, 3), 201, np.uint8)

@@ -217,6 +217,49 @@ def test_bad_lines_are_named(tmp_path, lines, bad_line):
     assert str(path) in message and f"line {bad_line}:" in message and "\n" not in message
 
 
+def test_a_byte_order_mark_is_read(tmp_path):
+    # Windows editors (Notepad's "UTF-8 with BOM") start the file with EF BB BF: it was "cannot read"
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf0:00 a dark sea\r\n0:05 caf\xc3\xa9 at dawn\r\n")
+    assert parse_prompt_file(path) == [(0.0, "a dark sea"), (5.0, "caf\u00e9 at dawn")]
+
+
+@pytest.mark.parametrize(("time", "shown"), [
+    ("9" * 5000 + ":00:00", "99999999...99:00:00 (5006 characters)"),  # int() refused > 4,300 digits
+    ("1" + "0" * 400, "10000000...00000000 (401 characters)"),            # float() made it inf
+    ("0:" + "1" * 30 + ":00", "0:111111...11111:00 (35 characters)"),
+    ("277:46:41", "277:46:41"),                                            # 1,000,001 s
+    ("16667:00", "16667:00"),                                              # 1,000,020 s
+])
+def test_times_past_the_latest_are_one_line(tmp_path, time, shown):
+    path = write(tmp_path, f"0:00 start\n{time} much later\n")
+    with pytest.raises(PromptFileError) as error:
+        parse_prompt_file(path)
+    assert str(error.value) == (f"{path}, line 2: time {shown} is later than 1000000 s (about 278 hours), "
+                                f"the latest a prompt file takes; check the time")
+
+
+def test_the_latest_time_and_leading_zeros_are_read(tmp_path):
+    path = write(tmp_path, "0:00 start\n277:46:40 the end\n")
+    assert parse_prompt_file(path)[-1] == (1_000_000.0, "the end")
+    path = write(tmp_path, "0:00 start\n" + "0" * 5000 + "5 padded\n")
+    assert parse_prompt_file(path)[-1] == (5.0, "padded")
+
+
+@pytest.mark.parametrize("line", ["\u0661:00 Arabic-Indic digits", "\uff11\uff12 fullwidth digits"])
+def test_times_in_other_digits_are_not_read(tmp_path, line):
+    # float() and int() read them; the prompt file format is ASCII digits, as schedules are
+    with pytest.raises(PromptFileError, match="line 2: cannot read"):
+        parse_prompt_file(write(tmp_path, f"0:00 start\n{line}\n"))
+
+
+def test_a_long_bad_line_is_shown_shortened(tmp_path):
+    path = write(tmp_path, "soon " + "a very long prompt " * 400 + "\n")
+    with pytest.raises(PromptFileError) as error:
+        parse_prompt_file(path)
+    assert len(str(error.value)) < 400 + len(str(path)) and "cannot read 'soon a very long" in str(error.value)
+
+
 def test_bad_format_message_shows_the_format(tmp_path):
     with pytest.raises(PromptFileError, match="M:SS"):
         parse_prompt_file(write(tmp_path, "soon a cat\n"))

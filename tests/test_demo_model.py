@@ -37,6 +37,28 @@ def test_denoiser_and_autoencoder_agree_on_the_latent_scale(engine):
     assert engine.model.model.diffusion_model.latent_scale == engine.model.first_stage_model.latent_scale == 6
 
 
+def test_autoencoder_decodes_the_sharpness_channel_as_the_unsharp_gain_it_encodes(engine):
+    """Channel 3 holds (g - 1) / 2 of the unsharp-mask gain g that encode fits, so decode must
+    give base + (1 + 2 s) (base - blur(base)) for channel value s (in the autoencoder's units,
+    z * scale_factor / latent_scale), with blur a Gaussian of sigma 1.5 (radius 5, edges
+    replicated). s = -0.5 is gain 0: the base alone. Written out here with scipy's blur."""
+    import scipy.ndimage
+
+    autoencoder = engine.model.first_stage_model
+    units = autoencoder.latent_scale / autoencoder.scale_factor  # z per unit of the channels
+    z = torch.randn(1, 4, 4, 5, generator=torch.Generator().manual_seed(2)) * 0.3 * units
+
+    def decoded(s: float) -> np.ndarray:
+        bent = z.clone()
+        bent[:, 3] = s * units
+        return autoencoder.decode(bent).double().numpy()
+
+    base = decoded(-0.5)
+    blurred = scipy.ndimage.gaussian_filter(base, sigma=(0, 0, 1.5, 1.5), mode="nearest", truncate=5 / 1.5)
+    for s in (0.0, 0.5, 1.5):
+        np.testing.assert_allclose(decoded(s), base + (1 + 2 * s) * (base - blurred), rtol=0, atol=2e-6)
+
+
 def test_autoencoder_keeps_flat_colours(engine):
     flat = np.zeros((1, 64, 96, 3), dtype=np.uint8) + np.array([200, 40, 90], dtype=np.uint8)
     restored = engine.decode(engine.encode_image(flat))
@@ -102,3 +124,17 @@ def test_onset_recipe_makes_frame_change_follow_each_recordings_onsets(engine, a
     # Measured: Beethoven_chord1 +0.88, JK_Organ2 +0.74, Toms_diner +0.91, synth_chords +0.69.
     correlation = figure.video_correlation(engine, audio_dir / name, figure.STRENGTHS[1], tmp_path)
     assert correlation > 0.5, correlation
+
+
+def test_block_bends_show_on_the_demo_and_identity_amounts_change_nothing(engine, audio_dir):
+    """The random UNet carries 5 % of the prediction: a bend inside it changed the picture by
+    about 0.02/255. The demo draws a block bend's change into the asked-for picture instead
+    (ldm/modules/diffusionmodules/demo_denoiser.py, bend_picture). Measured, as README quotes:
+    dilate=3@output_blocks.5 21.5/255, erode=1@output_blocks.7 14.3, rotate_z=1.5@output_blocks.6 8.0."""
+    samples = load_audio(audio_dir / "Toms_diner.wav")
+    differences = figure.block_bend_differences(engine, samples)
+    assert differences["dilate=3@output_blocks.5"] > 15 and differences["erode=1@output_blocks.7"] > 10, differences
+    assert differences["rotate_z=1.5@output_blocks.6"] > 5, differences
+    # identity amounts: the hook returns the block's output itself, and the picture stays bit for bit
+    assert figure.block_bend_differences(engine, samples, ("multiply=1@output_blocks.5", "add=0@middle_block")) == {
+        "multiply=1@output_blocks.5": 0.0, "add=0@middle_block": 0.0}

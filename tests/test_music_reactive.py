@@ -74,6 +74,13 @@ def test_seed_jump_holds_the_noise_between_beats(clicks):
     assert list(plain.noise_seeds) == [frame_seed(5, i) for i in range(plain.n_frames)]
 
 
+def test_seed_jumps_where_the_condition_is_above_one_half(clicks):
+    # exactly 0.5 on frame 3 is no jump; just above on frame 5 and 1 on frame 9 are
+    condition = "where(t == 3, 0.5, 0) + where(t == 5, 0.5000001, 0) + (t == 9)"
+    plan = plan_frames(VideoSettings(audio=str(clicks), fps=8, seed=5, seed_jump=condition))
+    assert np.flatnonzero(plan.seed_jumps).tolist() == [5, 9]
+
+
 def test_prompt_times_snap_to_beats(clicks, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("0:00 red\n0:01.1 blue\n")
@@ -90,11 +97,41 @@ def test_prompt_times_snap_to_beats(clicks, tmp_path):
     ("__import__('os').system('true')", ["--strength", "column"]),
     ("exec(1)", ["--strength", "exec"]),
     ("0:(0.4), 0:(0.5)", ["--strength", "column"]),
+    # hostile texts that raised RecursionError or TypeError, or were read as numbers
+    ("(" * 198 + "onset" + ")" * 198, ["--strength", "column 101", "nested too deeply", "at most 100"]),
+    ("-" * 498 + "onset", ["--strength", "column 101", "nested too deeply"]),
+    ("0:(0.4), 99999999999999999999:(0.5)", ["--strength", "column 10", "past the largest frame number"]),
+    ("0.\u0665", ["--strength", "column 3", "only ASCII is read", "U+0665"]),
+    ("0.4\u00a0+ onset", ["--strength", "column 4", "only ASCII is read", "U+00A0"]),
+    ("1" * 40000 + "*onset", ["--strength", "column 1", "(40000 characters) is too large"]),
+    ("0.1 + " + "onset + " * 700 + "+* 1", ["--strength", "column 5608", "expected a number"]),
 ])
 def test_bad_schedule_is_one_line_before_the_model_loads(run_tool, clicks, tmp_path, monkeypatch, text, words):
     monkeypatch.setattr(loop, "load_engine", lambda *a: pytest.fail("the model was loaded"))
-    status, _, err = run_tool("audio2video", ["--path", clicks, "--strength", text, "--outdir", tmp_path, *FAST])
-    assert_one_line_error(status, err, "audio2video", *words)
+    status, _, err = run_tool("audio2video", ["--path", clicks, f"--strength={text}", "--outdir", tmp_path, *FAST])
+    line = assert_one_line_error(status, err, "audio2video", *words)
+    assert len(line) < 300, len(line)  # a long text is shown as an excerpt around the column
+
+
+def test_hostile_schedules_in_a_real_process(clicks, tmp_path):
+    """Through the real interpreter stack: the deepest nesting allowed runs, one level more is
+    one line and exit status 2 (it was a RecursionError traceback); a 499-term sum is read."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    deepest = "(" * 99 + "0.3 + 0.1*onset" + ")" * 99
+    command = [sys.executable, "audio2video.py", "--path", str(clicks), "--dry_run", "--output",
+               str(tmp_path / "deep.mp4"), *map(str, FAST)]
+    allowed = subprocess.run([*command, f"--strength={deepest}", f"--scale={'-' * 98 + '7'}",
+                              f"--textstrength={' + '.join(['0.001'] * 499)}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr
+    refused = subprocess.run([*command, f"--strength=({deepest})"], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert_one_line_error(refused.returncode, refused.stderr, "audio2video", "--strength", "column 101",
+                          "nested too deeply")
 
 
 def test_constant_out_of_range_is_refused_and_a_schedule_is_clipped(run_tool, clicks, tmp_path, caplog):

@@ -192,3 +192,100 @@ def test_no_python_eval_or_exec_runs(monkeypatch, variables):
     monkeypatch.setattr(builtins, "eval", refuse)
     monkeypatch.setattr(builtins, "exec", refuse)
     assert evaluate("0:(0.4), 8:(where(beat > 0.5, 1, 0) + onset)", variables).shape == (N,)
+
+
+# ----------------------------------------------------------------------------- hostile texts
+
+def test_where_takes_any_non_zero_condition_as_true(variables):
+    # t - 3 is negative on frames 0..2, zero on frame 3, positive after: only frame 3 is "false"
+    values = evaluate("where(t - 3, 7, 9)", variables)
+    assert values[:3].tolist() == [7.0, 7.0, 7.0] and values[3] == 9.0 and set(values[4:]) == {7.0}
+
+
+def test_a_long_number_before_an_operator_parses_in_linear_time():
+    # The old number pattern [0-9]+\.?[0-9]* could split n digits n ways before failing on "*":
+    # 5,000 digits took 1.1 s, 20,000 about 15 s. Linear parsing reads 20,000 in milliseconds.
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ScheduleError, match="column 1: the number 11111111...11111111 .20000 characters. is too large"):
+        parse_schedule("1" * 20000 + "*onset", flag="--strength", names=NAMES)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("text, column", [
+    ("(" * 100 + "onset" + ")" * 100, 101),        # 198 parentheses raised RecursionError before
+    ("-" * 100 + "onset", 101),                     # so did 498 unary minuses
+    ("2**" * 100 + "2", 301),
+    ("sin(" * 100 + "t" + ")" * 100, 401),
+    ("0:(1), 5: " + "(" * 100 + "1" + ")" * 100, 111),
+])
+def test_nesting_beyond_the_limit_is_one_line_naming_the_column(text, column):
+    with pytest.raises(ScheduleError) as caught:
+        parse_schedule(text, flag="--strength", names=NAMES)
+    message = str(caught.value)
+    assert f"column {column}: nested too deeply: at most 100 levels" in message, message
+    assert len(message) < 250 and "\n" not in message
+
+
+def test_nesting_up_to_the_limit_and_long_sums_evaluate(variables):
+    onset, t = variables["onset"], variables["t"]
+    np.testing.assert_array_equal(evaluate("(" * 99 + "onset" + ")" * 99, variables), onset)
+    np.testing.assert_array_equal(evaluate("-" * 99 + "onset", variables), -onset)  # odd count: negative
+    expected = np.zeros(N)
+    for k in range(5000):  # 5,000 terms, added left to right (a 499-term sum raised RecursionError)
+        expected = expected + onset if k % 2 == 0 else expected - t
+    text = "0 + " + " + ".join("onset - t" for _ in range(2500))
+    np.testing.assert_array_equal(evaluate(text, variables), expected)
+    expected = np.ones(N)
+    for _ in range(3000):  # ((1*onset)/onset)*onset/onset ...: 6,000 factors
+        expected = expected * onset / onset
+    np.testing.assert_array_equal(evaluate("1" + "*onset/onset" * 3000, variables), expected)
+
+
+@pytest.mark.parametrize("text, column, words", [
+    ("0:(1), 9223372036854775808:(2)", 8, "keyframe 9223372036854775808 is past the largest frame number, 1000000000"),
+    ("0:(1), 1000000001:(2)", 8, "keyframe 1000000001 is past the largest frame number"),
+    ("0:(1), " + "9" * 5000 + ":(2)", 8, "keyframe 99999999...99999999 (5000 characters) is past"),
+])
+def test_keyframes_past_the_largest_frame_are_one_line(text, column, words):
+    with pytest.raises(ScheduleError) as caught:
+        parse_schedule(text, flag="--strength", names=NAMES)  # beyond int64 it was a TypeError
+    assert f"column {column}: {words}" in str(caught.value), str(caught.value)
+    assert len(str(caught.value)) < 250
+
+
+def test_the_largest_keyframe_is_read(variables):
+    values = evaluate("0:(0), 1000000000:(1)", variables)
+    np.testing.assert_allclose(values, variables["t"] / 1e9, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("text, column, char", [
+    ("\u0663", 1, "U+0663"),           # Arabic-Indic three: float() reads it as 3
+    ("0.\uff15 * onset", 3, "U+FF15"),  # fullwidth five
+    ("1\u00a0+ onset", 2, "U+00A0"),    # no-break space
+    ("\u00a00.5", 1, "U+00A0"),         # around a plain number, str.strip() would drop it
+    ("0:(1), \u0661\u0660:(2)", 8, "U+0661"),
+])
+def test_only_ascii_digits_and_spaces_are_read(text, column, char):
+    with pytest.raises(ScheduleError) as caught:
+        parse_schedule(text, flag="--strength", names=NAMES)
+    message = str(caught.value)
+    assert f"column {column}: unexpected character" in message and char in message, message
+    assert "only ASCII is read" in message
+    assert "\u00a0" not in message  # shown as '?' in the echo and escaped in the quote
+
+
+def test_a_long_bad_expression_shows_an_excerpt_around_the_column():
+    text = "0.5 + " + " + ".join("0.1*onset" for _ in range(300)) + " +* 1 + " + "rms + " * 300 + "1"
+    with pytest.raises(ScheduleError) as caught:
+        parse_schedule(text, flag="--strength", names=NAMES)
+    message = str(caught.value)
+    column = text.index("+* 1") + 2
+    assert len(text) > 5000 and len(message) < 200, len(message)
+    assert f"column {column}: expected a number, a name or '('" in message
+    shown = message.split('"')[1]
+    assert shown.startswith("...") and shown.endswith("...") and "+* 1" in shown
+    # a short text is shown whole, so the column can be counted in it
+    with pytest.raises(ScheduleError, match=r'^--strength "0.4 \+\* onset": column 6: '):
+        parse_schedule("0.4 +* onset", flag="--strength", names=NAMES)

@@ -1,5 +1,6 @@
 """video_stats on synthetic videos written with the project's own writer, and scripts/video_stats.py."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -129,9 +130,14 @@ def test_onset_per_frame_puts_each_click_in_its_frame():
     assert onset_per_frame(samples[:1000], 200, 300).shape == (300,)
 
 
-def test_pearson_against_numpy_and_undefined_cases():
+def test_pearson_against_hand_computed_values_and_undefined_cases():
+    # x - mean = (-1.5, -0.5, 1.5, 0.5), y - mean = (-1, -2, 2, 1): products sum to 6, squares to 5
+    # and 10, so r = 6 / sqrt(5 * 10) = 3 sqrt(2) / 5 (without centring it would be 36 / sqrt(30 * 46))
     x, y = np.array([1.0, 2, 4, 3]), np.array([2.0, 1, 5, 4])
-    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert pearson(x, y) == pytest.approx(3 * math.sqrt(2) / 5, rel=1e-12)
+    assert pearson(x, -y) == pytest.approx(-3 * math.sqrt(2) / 5, rel=1e-12)
+    assert pearson([1.0, 2, 3], [7.0, 9, 11]) == pytest.approx(1.0, rel=1e-12)  # y = 2x + 5
+    assert pearson([1.0, 2, 3, 4], [1.0, -1, -1, 1]) == pytest.approx(0.0, abs=1e-15)  # orthogonal
     assert pearson(x, np.ones(4)) is None and pearson([1.0], [2.0]) is None
 
 

@@ -26,8 +26,16 @@ returns a new tensor of ``x``'s dtype and device; ``r`` below is the amount (a P
 | `sparse_add` | x + r * (u < 0.05), u uniform in [0, 1) per element, seeded | the value added to a random 5 % of the elements | r = 0 |
 | `noise` | x + r * n, n standard normal per element, seeded | the noise's standard deviation | r = 0 |
 | `gaussian_blob` | x + r * exp(-(X^2 + Y^2) / (2 * 1.5^2)) / (2 pi 1.5^2), X and Y spanning [-5, 5] over the width and height | the bump's volume: its peak, at the centre, is 0.0707 r; its width sigma is 15 % of the side | r = 0 |
-| `erode` | minimum over a k x k window (stride 1, same size, per channel), k = 2 * floor(r + 0.5) + 1 | the window's radius in pixels | r < 0.5 |
-| `dilate` | maximum over the same window | the window's radius in pixels | r < 0.5 |
+| `erode` | minimum over a k x k window (stride 1, same size, per channel), k = 2 * floor(r + 0.5) + 1 | the window's radius in pixels (a window wider than the tensor is the whole tensor) | r < 0.5 |
+| `dilate` | maximum over the same window | the window's radius in pixels (the same) | r < 0.5 |
+
+Amounts: :func:`check_amount` refuses, with one line, an amount outside an operator's domain
+(NaN or infinite, ``invert`` 0, ``log`` base <= 0 or 1, ``reflect`` outside 0-3) and one so large
+that every bent value would lie beyond float32's range (``add``, ``subtract``, ``multiply``,
+``sparse_add``, ``noise``, ``gaussian_blob`` beyond 3.4e38, ``rescale`` beyond half that,
+``invert`` nearer 0 than 1/3.4e38); the frame loop checks every frame's amounts so before the
+model loads. Amounts that only overflow for some inputs (``multiply=1e30``, ``power=100``) are
+found after the bend, by the frame loop's check that each frame's latent is finite.
 
 Channel operators (``rotate_*``, ``reflect``) use the research code's 4x4 matrices on the channel
 axis. The latent has exactly 4 channels; inside UNet blocks (320 to 1280 channels) they act on
@@ -67,6 +75,12 @@ OPERATORS = ("add", "multiply", "subtract", "threshold", "soft_threshold", "inve
              "abs", "clamp", "rescale", "rotate_x", "rotate_y", "rotate_z", "reflect", "sparse_add",
              "noise", "gaussian_blob", "erode", "dilate")
 """The operator names :func:`apply` knows, in the order the documentation lists them."""
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# How large r makes the bent values at the most, for operators that add or scale by r.
+_AMOUNT_GAIN = {"add": 1.0, "subtract": 1.0, "multiply": 1.0, "sparse_add": 1.0, "noise": 1.0,
+                "gaussian_blob": 1.0, "rescale": 2.0}
 
 SEEDED_OPERATORS = ("sparse_add", "noise")
 """Operators that draw random numbers (from the ``generator`` given to :func:`apply`)."""
@@ -114,8 +128,9 @@ def apply(op: str, x: torch.Tensor, amount: float, *, generator: torch.Generator
 
     Returns a tensor of ``x``'s shape, dtype and device (``x`` itself at identity amounts, see
     :func:`is_identity`). ``generator``: the CPU generator ``sparse_add`` and ``noise`` draw from.
-    Raises ParameterError for an unknown operator or an amount outside the operator's domain."""
+    Raises ParameterError for an unknown operator or an amount :func:`check_amount` refuses."""
     if x.ndim != 4:
+        _check_op(op)
         raise ValueError(f"bending needs a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     amount = check_amount(op, amount)
     if is_identity(op, amount):
@@ -124,9 +139,10 @@ def apply(op: str, x: torch.Tensor, amount: float, *, generator: torch.Generator
 
 
 def check_amount(op: str, amount: float) -> float:
-    """``amount`` as a float when ``op`` (one of :data:`OPERATORS`) takes it; else ParameterError
-    (one line): an unknown operator, NaN, an infinity (except for ``clamp``), ``invert`` at 0,
-    a ``log`` base <= 0 or 1, a ``reflect`` channel outside 0 to 3. Host floats only."""
+    """``amount`` as a float when ``op`` (one of :data:`OPERATORS`) can take it; else ParameterError (one
+    line, starting ``bend OP:``): an unknown operator, a NaN or infinite amount (``clamp`` takes inf),
+    ``invert`` at 0, a ``log`` base <= 0 or 1, a ``reflect`` channel outside 0-3, or an amount that puts
+    every bent value beyond float32's range (see the module docstring). Host floats only."""
     _check_op(op)
     amount = float(amount)
     if math.isnan(amount) or (math.isinf(amount) and op != "clamp"):
@@ -139,6 +155,12 @@ def check_amount(op: str, amount: float) -> float:
                              f"it must be > 0 and not 1 (e.g. 2 or 1.5+rms)")
     if op == "reflect" and not 0 <= reflected_channel(amount) <= 3:
         raise ParameterError(f"bend reflect: the amount is the channel to flip, 0 to 3; got {amount:g}")
+    reach = abs(amount) * _AMOUNT_GAIN[op] if op in _AMOUNT_GAIN else 0.0
+    if op == "invert" and abs(amount) * FLOAT32_MAX < 1:
+        reach = math.inf
+    if reach > FLOAT32_MAX:
+        raise ParameterError(f"bend {op}: the amount {amount:g} would put the values beyond float32's range "
+                             f"(+-{FLOAT32_MAX:.3g}) and the picture would be lost; use a smaller amount")
     return amount
 
 
@@ -175,9 +197,16 @@ def _log(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
 
 
 def _power(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
+    if x.dtype in (torch.float16, torch.bfloat16) and abs(r) > torch.finfo(x.dtype).max:
+        return _power(x.float(), r, _generator).to(x.dtype)  # torch cannot hold such an exponent in x's dtype
     if r == int(r):
         return torch.pow(x, r)
     return torch.sign(x) * torch.pow(x.abs(), r)
+
+
+def _clamp(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
+    bound = min(abs(r), torch.finfo(x.dtype).max)  # a bound past the dtype's range clips only inf
+    return torch.clamp(x, -bound, bound)
 
 
 def _rescale(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
@@ -251,6 +280,10 @@ def _gaussian_blob(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
 
 def _dilate(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
     radius = morphology_radius(r)
+    if radius >= max(x.shape[2], x.shape[3]) - 1:
+        # the window covers the whole tensor from every pixel: each channel's maximum everywhere
+        # (max_pool2d would need a kernel of 2 * radius + 1, refused past int64 and slow long before)
+        return x.amax(dim=(2, 3), keepdim=True).expand_as(x).clone()
     return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)
 
 
@@ -263,7 +296,7 @@ _OPERATIONS = {
     "threshold": lambda x, r, g: torch.where(x.abs() >= r, x, torch.zeros_like(x)),
     "soft_threshold": lambda x, r, g: torch.sign(x) * torch.clamp_min(x.abs() - r, 0),
     "invert": _invert, "log": _log, "power": _power, "abs": lambda x, r, g: x.abs(),
-    "clamp": lambda x, r, g: torch.clamp(x, -abs(r), abs(r)), "rescale": _rescale,
+    "clamp": _clamp, "rescale": _rescale,
     "rotate_x": _rotate("rotate_x"), "rotate_y": _rotate("rotate_y"), "rotate_z": _rotate("rotate_z"),
     "reflect": _reflect, "sparse_add": _seeded("sparse_add"), "noise": _seeded("noise"), "gaussian_blob": _gaussian_blob,
     "erode": _erode, "dilate": _dilate,

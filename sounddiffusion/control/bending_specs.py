@@ -2,9 +2,9 @@
 
 ``WHERE`` is ``latent`` (the default: the noised latent of each frame, where ``--rms_bend`` acts),
 ``step=K`` (the latent before denoising step K of the frame, 0-based; K at or past the frame's last
-step is the final latent before decoding; a fraction 0 < f < 1 is a share of the frame's steps,
-see :func:`step_index`), or a UNet block, ``input_blocks.N``, ``middle_block`` or
-``output_blocks.N``: that block's output activations, bent for the whole batch (both halves of the
+step is the final latent before decoding; a fraction 0 <= f < 1 is a share of the frame's steps,
+see :func:`step_index`; ``step=0.0`` and ``step=0`` are the same step), or a UNet block,
+``input_blocks.N``, ``middle_block`` or ``output_blocks.N``: that block's output activations, bent for the whole batch (both halves of the
 classifier-free guidance batch) by a forward hook (:class:`BlockBender`).
 The operators themselves are in :mod:`sounddiffusion.control.bending`.
 """
@@ -33,7 +33,8 @@ class BendSpec:
     ``op``: one of :data:`OPERATORS`; ``amount``: the amount's text (a number or a schedule
     expression, compiled elsewhere); ``where``: ``"latent"``, ``"step"`` or a UNet block name
     (``"input_blocks.N"``, ``"middle_block"``, ``"output_blocks.N"``); ``step``: for ``"step"``,
-    a whole step index (0, 1, 2, ...) or a fraction 0 < f < 1 of the frame's steps, else None;
+    a whole step index (0, 1, 2, ...; inf for one too large to write out) or a fraction 0 <= f < 1
+    of the frame's steps, else None;
     ``text``: the ``--bend`` text as given, for messages."""
 
     op: str
@@ -49,7 +50,8 @@ class BendSpec:
 
 
 def _spec_error(text: str, problem: str) -> ParameterError:
-    return ParameterError(f"--bend {text!r}: {problem}")
+    shown = text if len(text) <= 60 else f"{text[:30]}...{text[-25:]}"
+    return ParameterError(f"--bend {shown!r}: {problem}")
 
 
 def parse_bend(text: str) -> BendSpec:
@@ -82,16 +84,19 @@ def parse_bend(text: str) -> BendSpec:
 
 
 def _parse_step(text: str, value: str) -> float:
+    """K of ``step=K``: ASCII digits (a step index; inf when it is too large for a float), or a
+    number 0 <= f < 1 (a fraction of the steps; 0.0 is step 0 either way)."""
     try:
-        step = float(value)
+        step = float(value) if value.isascii() else math.nan
     except ValueError:
         step = math.nan
     if step < 0:
         raise _spec_error(text, f"step {value} is negative; use an integer step >= 0 "
                                 f"or a fraction between 0 and 1 (e.g. step=0.8)")
-    if re.fullmatch(r"\d+", value) or 0 < step < 1:
+    if re.fullmatch(r"[0-9]+", value) or 0 <= step < 1:
         return step
-    raise _spec_error(text, f"step {value!r} is neither an integer >= 0 nor a fraction between 0 "
+    shown = value if len(value) <= 20 else f"{value[:17]}..."
+    raise _spec_error(text, f"step {shown!r} is neither an integer >= 0 nor a fraction between 0 "
                             f"and 1; use e.g. step=3 or step=0.8")
 
 
@@ -105,7 +110,7 @@ def step_index(spec: BendSpec, n_steps: int) -> int:
         raise ValueError(f"{spec.text or spec} is not a step=K bend")
     if 0 < spec.step < 1:
         return min(n_steps, math.floor(spec.step * n_steps + 1e-9))
-    return min(n_steps, int(spec.step))
+    return int(min(n_steps, spec.step))
 
 
 def check_block(spec: BendSpec, unet: torch.nn.Module) -> torch.nn.Module:

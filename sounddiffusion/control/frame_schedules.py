@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sounddiffusion.control.bending import check_amount
 from sounddiffusion.control.bending_specs import BendSpec, parse_bend
-from sounddiffusion.control.schedules import Schedule, clip_to_range, parse_schedule
+from sounddiffusion.control.schedules import Schedule, clip_to_range, excerpt, parse_schedule
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES
@@ -110,7 +111,7 @@ def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
     bends = []
     for text in settings.bend:
         spec = parse_bend(text)
-        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{text}"', names=names, hints=hints)))
+        bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{excerpt(text)}"', names=names, hints=hints)))
     return VideoSchedules(values, seed_jump, tuple(bends))
 
 
@@ -133,7 +134,11 @@ def evaluate_schedules(schedules: VideoSchedules, settings: VideoSettings,
                        variables: Mapping[str, np.ndarray | float], n_frames: int
                        ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(each scheduled flag's values (n_frames,) clipped to its range, the seed-jump frames as a
-    bool array (n_frames,), the bend amounts (n_bends, n_frames))."""
+    bool array (n_frames,), the bend amounts (n_bends, n_frames)).
+
+    Raises ParameterError naming the bend and the first frame whose amount its operator refuses
+    (:func:`sounddiffusion.control.bending.check_amount`; ``--rms_bend F`` is checked as an add of
+    F), so that an amount no frame can use fails before the model loads."""
     values = {}
     for flag in _flags(settings):
         raw = schedules.values[flag.name].evaluate(variables, n_frames)
@@ -144,7 +149,21 @@ def evaluate_schedules(schedules: VideoSchedules, settings: VideoSettings,
         jumps = np.zeros(n_frames, dtype=bool)
     amounts = np.array([amount.evaluate(variables, n_frames) for _, amount in schedules.bends],
                        dtype=np.float64).reshape(len(schedules.bends), n_frames)
+    _check_amounts("add", values["rms_bend"], "--rms_bend")
+    for (spec, _), row in zip(schedules.bends, amounts):
+        _check_amounts(spec.op, row, f"--bend {excerpt(spec.text or spec.op)!r}")
     return values, jumps, amounts
+
+
+def _check_amounts(op: str, amounts: np.ndarray, flag: str) -> None:
+    """ParameterError ``FLAG: frame N: ...`` at the first frame whose amount ``op`` refuses
+    (each distinct amount is checked once)."""
+    distinct, first = np.unique(amounts, return_index=True)
+    for k in np.argsort(first):
+        try:
+            check_amount(op, float(distinct[k]))
+        except ParameterError as problem:
+            raise ParameterError(f"{flag}: frame {first[k]}: {problem}") from None
 
 
 def report_columns(values: Mapping[str, np.ndarray], jumps: np.ndarray, amounts: np.ndarray,

@@ -14,10 +14,13 @@ from sounddiffusion.errors import ParameterError, PromptFileError
 Schedule = list[tuple[float, str]]
 """Text prompts in time: ``(seconds, prompt)`` pairs with strictly increasing times."""
 
-# [[H:]M:]S[.s], then whitespace or a colon (upstream wrote "0:20: text"), then the prompt
+# [[H:]M:]S[.s] in ASCII digits, then whitespace or a colon (upstream wrote "0:20: text"), then the prompt
 _PROMPT_LINE = re.compile(
-    r"(?:(?:(?P<h>\d+):)?(?P<m>\d+):)?(?P<s>\d+(?:\.\d+)?)(?::\s*|\s+)(?P<text>\S.*)"
+    r"(?:(?:(?P<h>[0-9]+):)?(?P<m>[0-9]+):)?(?P<s>[0-9]+(?:\.[0-9]+)?)(?::\s*|\s+)(?P<text>\S.*)"
 )
+
+MAX_PROMPT_SECONDS = 10 ** 6
+"""The latest time a prompt file may give (about 278 hours)."""
 _PROMPT_FORMAT = ("expected 'TIME prompt' with TIME as M:SS, M:SS.s, SS or SS.s "
                   "(optionally H:MM:SS, and a colon after TIME), e.g. '1:05 a stormy sea'")
 
@@ -26,10 +29,12 @@ def parse_prompt_file(path: str | Path) -> Schedule:
     """The schedule in a file of timestamped prompts, one per line: ``[(seconds, prompt), ...]``.
 
     Accepted lines: ``M:SS text``, ``M:SS.s text``, ``SS text``, ``SS.s text``, ``H:MM:SS text``,
-    each also with a colon after the time (``0:20: text``). Blank lines and lines starting with
-    ``#`` are skipped. Times must increase strictly. Raises :class:`PromptFileError` naming the
-    file (and the line number) when the file cannot be read, a line does not fit, times do not
-    increase or there is no prompt at all.
+    each also with a colon after the time (``0:20: text``), times in ASCII digits up to
+    :data:`MAX_PROMPT_SECONDS`. Blank lines and lines starting with ``#`` are skipped. Times must
+    increase strictly. The file is UTF-8, with or without a byte-order mark (as Windows editors
+    save it). Raises :class:`PromptFileError` naming the file (and the line number) when the file
+    cannot be read, a line does not fit, a time is too late, times do not increase or there is no
+    prompt at all.
     """
     return parse_timed_file(path, "prompt file", "prompt")
 
@@ -40,7 +45,7 @@ def parse_timed_file(path: str | Path, what: str, item: str) -> Schedule:
     ("section label")."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise PromptFileError(f"{what} {path} does not exist: check the path") from None
     except IsADirectoryError:
@@ -77,14 +82,29 @@ def _format(item: str) -> str:
 def _parse_timed_line(line: str, path: Path, number: int, item: str) -> tuple[float, str]:
     """``(seconds, text)`` of one stripped, non-comment line of a file of timed lines."""
     match = _PROMPT_LINE.fullmatch(line)
+    shown = line if len(line) <= 60 else f"{line[:57]}..."
     if match is None:
-        raise PromptFileError(f"{path}, line {number}: cannot read {line!r}; {_format(item)}")
-    hours, minutes, seconds = match["h"], match["m"], float(match["s"])
-    if (minutes is not None and seconds >= 60) or (hours is not None and int(minutes) >= 60):
-        raise PromptFileError(f"{path}, line {number}: {line!r} has 60 or more seconds or minutes "
+        raise PromptFileError(f"{path}, line {number}: cannot read {shown!r}; {_format(item)}")
+    h, m, s = match.group("h", "m", "s")
+    # Whole parts longer than the limit are refused before int() (which refuses 4,300 digits)
+    # and float() (which makes 10^400 infinite) read them.
+    if any(len(whole.lstrip("0")) > len(str(MAX_PROMPT_SECONDS)) for whole in (h or "", m or "", s.split(".")[0])):
+        raise _too_late(path, number, line[:match.start("text")])
+    hours, minutes, seconds = int(h or 0), int(m or 0), float(s)
+    if (m is not None and seconds >= 60) or (h is not None and minutes >= 60):
+        raise PromptFileError(f"{path}, line {number}: {shown!r} has 60 or more seconds or minutes "
                               f"after a colon; {_format(item)}")
-    total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + seconds
+    total = hours * 3600 + minutes * 60 + seconds
+    if total > MAX_PROMPT_SECONDS:
+        raise _too_late(path, number, line[:match.start("text")])
     return total, match["text"]
+
+
+def _too_late(path: Path, number: int, time: str) -> PromptFileError:
+    time = time.rstrip(": \t")
+    shown = time if len(time) <= 20 else f"{time[:8]}...{time[-8:]} ({len(time)} characters)"
+    return PromptFileError(f"{path}, line {number}: time {shown} is later than {MAX_PROMPT_SECONDS} s "
+                           f"(about 278 hours), the latest a prompt file takes; check the time")
 
 
 def start_end_schedule(start: str, end: str | None, duration: float) -> Schedule:

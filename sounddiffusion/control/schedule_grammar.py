@@ -13,6 +13,13 @@ Grammar (lowest precedence first; ``**`` binds tighter than a unary minus, as in
 A comparison gives 1.0 where it holds and 0.0 elsewhere. Names are the variables the caller
 allows and the constants ``pi`` and ``e``; a name may hold one dot, ``TRACK.ENVELOPE``
 (``drums.onset``: an envelope of a control track). Functions are exactly those in :data:`FUNCTIONS`.
+Only ASCII is read: digits 0-9, and spaces, tabs and line breaks of ASCII (other digits, such as
+Arabic-Indic or fullwidth ones, and other spaces, such as a no-break space, are mistakes).
+
+Parsing takes time linear in the text's length: the tokens are read by a regular expression that
+cannot backtrack, sums and products of any length are flat :class:`Chain` nodes, and nesting
+(parentheses, function calls, signs, powers) is limited to :data:`MAX_NESTING` levels, which keeps
+the recursive descent and the evaluation far from Python's recursion limit.
 Every mistake is a :class:`SyntaxProblem` with the 0-based offset into the text and what was
 expected there; :mod:`sounddiffusion.control.schedules` turns it into a one-line error.
 """
@@ -26,6 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 CONSTANTS = {"pi": math.pi, "e": math.e}
+
+MAX_NESTING = 100
+"""The most levels of parentheses, function calls, signs and powers inside one another."""
 
 # name -> (numpy function, smallest and largest argument count (None: any), how to call it)
 FUNCTIONS = {
@@ -51,9 +61,13 @@ _BINARY = {
 }
 _COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 
-_TOKEN = re.compile(r"""
-    (?P<space>\s+)
-  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+"""A number's text, ASCII digits only; each digit can be matched in one way only, so a match
+never backtracks over the digits (``[0-9]+\.?[0-9]*`` could split a run of n digits n ways)."""
+
+_TOKEN = re.compile(rf"""
+    (?P<space>[ \t\n\r\f\v]+)
+  | (?P<number>{NUMBER})
   | (?P<name>[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z][A-Za-z_0-9]*)?)
   | (?P<op>\*\*|<=|>=|==|!=|[-+*/<>(),:])
 """, re.VERBOSE)
@@ -84,6 +98,9 @@ def tokenize(text: str) -> list[Token]:
         match = _TOKEN.match(text, pos)
         if match is None:
             char = text[pos]
+            if not char.isascii():
+                raise SyntaxProblem(pos, f"unexpected character {char!r} (U+{ord(char):04X}): only ASCII is "
+                                    f"read; write digits as 0-9 and spaces as plain spaces")
             hint = {"^": "use ** for a power", ".": "attribute access is not allowed",
                     "=": "use == to compare"}.get(char, "use numbers, names, functions and + - * / ** ( ) , :")
             raise SyntaxProblem(pos, f"unexpected character {char!r}: {hint}")
@@ -135,6 +152,21 @@ class Binary:
 
 
 @dataclass(frozen=True)
+class Chain:
+    """``first op1 operand1 op2 operand2 ...`` for a sum (``+ -``) or a product (``* /``) of any
+    length, evaluated left to right: ((first op1 operand1) op2 operand2) ... (a flat node, so that
+    a sum of thousands of terms needs no deep recursion)."""
+    first: object
+    rest: tuple  # ((operator, node), ...)
+
+    def evaluate(self, variables: Mapping) -> np.ndarray | float:
+        result = self.first.evaluate(variables)
+        for operator, node in self.rest:
+            result = _BINARY[operator](result, node.evaluate(variables))
+        return result
+
+
+@dataclass(frozen=True)
 class Call:
     function: str
     arguments: tuple
@@ -155,17 +187,20 @@ def names_in(node) -> frozenset[str]:
     if isinstance(node, Name):
         return frozenset() if node.name in CONSTANTS else frozenset({node.name})
     children = {Negate: lambda n: (n.operand,), Binary: lambda n: (n.left, n.right),
+                Chain: lambda n: (n.first, *(operand for _, operand in n.rest)),
                 Call: lambda n: n.arguments}.get(type(node), lambda n: ())(node)
     return frozenset().union(*(names_in(child) for child in children))
 
 
 class Parser:
     """Recursive descent over the tokens of one text; :meth:`expression` reads one expression
-    and leaves the position after it (the caller checks what follows). ``hints``: for names that
-    exist only with some flag, what to give to have them (``{"section": "give --sections ..."}``)."""
+    and leaves the position after it (the caller checks what follows). Every recursion passes
+    through :meth:`unary`, which counts the nesting and refuses more than :data:`MAX_NESTING`.
+    ``hints``: for names that exist only with some flag, what to give to have them
+    (``{"section": "give --sections ..."}``)."""
 
     def __init__(self, tokens: list[Token], names: Collection[str], hints: Mapping[str, str] | None = None):
-        self.tokens, self.names, self.position = tokens, frozenset(names), 0
+        self.tokens, self.names, self.position, self.depth = tokens, frozenset(names), 0, 0
         self.hints = dict(hints or {})
 
     @property
@@ -196,31 +231,37 @@ class Parser:
         return left
 
     def sum(self):
-        node = self.product()
-        while self.at("+", "-"):
-            operator = self.advance().text
-            node = Binary(operator, node, self.product())
-        return node
+        return self._chain(self.product, ("+", "-"))
 
     def product(self):
-        node = self.unary()
-        while self.at("*", "/"):
+        return self._chain(self.unary, ("*", "/"))
+
+    def _chain(self, operand, operators: tuple[str, ...]):
+        first, rest = operand(), []
+        while self.at(*operators):
             operator = self.advance().text
-            node = Binary(operator, node, self.unary())
-        return node
+            rest.append((operator, operand()))
+        return Chain(first, tuple(rest)) if rest else first
 
     def unary(self):
-        if self.at("-"):
-            self.advance()
-            return Negate(self.unary())
-        if self.at("+"):
-            self.advance()
-            return self.unary()
-        node = self.atom()
-        if self.at("**"):
-            self.advance()
-            node = Binary("**", node, self.unary())
-        return node
+        if self.depth >= MAX_NESTING:
+            raise SyntaxProblem(self.current.offset, f"nested too deeply: at most {MAX_NESTING} levels of "
+                                f"parentheses, function calls, signs and powers inside one another")
+        self.depth += 1
+        try:
+            if self.at("-"):
+                self.advance()
+                return Negate(self.unary())
+            if self.at("+"):
+                self.advance()
+                return self.unary()
+            node = self.atom()
+            if self.at("**"):
+                self.advance()
+                node = Binary("**", node, self.unary())
+            return node
+        finally:
+            self.depth -= 1
 
     def atom(self):
         token = self.current
@@ -228,7 +269,7 @@ class Parser:
             self.advance()
             value = float(token.text)
             if not math.isfinite(value):
-                raise SyntaxProblem(token.offset, f"the number {token.text} is too large")
+                raise SyntaxProblem(token.offset, f"the number {shorten(token.text)} is too large")
             return Number(value)
         if token.kind == "name":
             self.advance()
@@ -285,4 +326,9 @@ class Parser:
 
 def describe(token: Token) -> str:
     """How a token is named in an error message."""
-    return "the end" if token.kind == "end" else f"'{token.text}'"
+    return "the end" if token.kind == "end" else f"'{shorten(token.text)}'"
+
+
+def shorten(text: str) -> str:
+    """A token's text for a message: whole up to 20 characters, else its ends and its length."""
+    return text if len(text) <= 20 else f"{text[:8]}...{text[-8:]} ({len(text)} characters)"

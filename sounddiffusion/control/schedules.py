@@ -20,7 +20,11 @@ Three forms are accepted wherever a flag takes a schedule:
 
 Every mistake is one :class:`ScheduleError` line naming the flag, the text, the 1-based column
 and what was expected there, e.g. ``--strength "0.4 +* onset": column 6: expected a number,
-a name or '(', found '*'``.
+a name or '(', found '*'``. A text longer than :data:`EXCERPT` characters is shown as an excerpt
+around the column (``"...0.4*onset +* 1 + 0.2*b..."``); the column still counts from the start of
+the whole text. Only ASCII is read (digits 0-9, plain spaces), parsing takes time linear in the
+text's length, nesting is limited (see :mod:`sounddiffusion.control.schedule_grammar`) and
+keyframe frames are at most :data:`MAX_KEYFRAME`.
 """
 from __future__ import annotations
 
@@ -31,13 +35,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sounddiffusion.control.schedule_grammar import (Negate, Number, Parser, SyntaxProblem, describe,
-                                                     names_in, tokenize)
+from sounddiffusion.control.schedule_grammar import (NUMBER, Negate, Number, Parser, SyntaxProblem,
+                                                     describe, names_in, shorten, tokenize)
 from sounddiffusion.errors import ScheduleError
 
 log = logging.getLogger(__name__)
 
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_PLAIN_NUMBER = re.compile(rf"[+-]?{NUMBER}")
+_ASCII_SPACE = " \t\n\r\f\v"
+
+MAX_KEYFRAME = 10 ** 9
+"""The largest keyframe frame number (about 16 months of video at 24 frames per second)."""
+
+EXCERPT = 60
+"""Texts longer than this many characters are shown in messages as an excerpt of about this size."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ class Schedule:
                                 f"non-zero values")
 
     def _where(self) -> str:
-        return f'{self.flag} "{_one_line(self.text)}"'
+        return f'{self.flag} "{excerpt(self.text)}"'
 
     def _keyframe_values(self, variables: Mapping, n_frames: int) -> np.ndarray:
         """Keyframes to per-frame values (rule in the module docstring)."""
@@ -125,8 +136,9 @@ def parse_schedule(text: str, *, flag: str, names: Collection[str], hints: Mappi
 
     Raises :class:`ScheduleError`: one line with the flag, the text, the 1-based column and what
     was expected there."""
-    if _PLAIN_NUMBER.fullmatch(text.strip()) and np.isfinite(float(text.strip())):
-        return Schedule(text, flag, frozenset(), True, float(text.strip()))
+    plain = text.strip(_ASCII_SPACE)
+    if _PLAIN_NUMBER.fullmatch(plain) and np.isfinite(float(plain)):
+        return Schedule(text, flag, frozenset(), True, float(plain))
     try:
         tokens = tokenize(text)
         parser = Parser(tokens, names, hints)
@@ -137,7 +149,7 @@ def parse_schedule(text: str, *, flag: str, names: Collection[str], hints: Mappi
         expression = parser.expression()
         _expect_end(parser)
     except SyntaxProblem as problem:
-        raise ScheduleError(f'{flag} "{_one_line(text)}": column {problem.offset + 1}: '
+        raise ScheduleError(f'{flag} "{excerpt(text, problem.offset)}": column {problem.offset + 1}: '
                             f"{problem.message}") from None
     return Schedule(text, flag, names_in(expression), False, None, _expression=expression)
 
@@ -174,7 +186,11 @@ def _keyframes(parser: Parser) -> tuple[Keyframe, ...]:
             raise SyntaxProblem(token.offset, f"expected a keyframe's frame number (a whole number, 0 or "
                                 f"more), found {describe(token)}")
         parser.advance()
-        frame = int(token.text)
+        digits = token.text.lstrip("0")
+        if len(digits) > len(str(MAX_KEYFRAME)) or int(digits or "0") > MAX_KEYFRAME:
+            raise SyntaxProblem(token.offset, f"keyframe {shorten(token.text)} is past the largest frame "
+                                f"number, {MAX_KEYFRAME}")
+        frame = int(digits or "0")
         if keyframes and frame <= keyframes[-1].frame:
             raise SyntaxProblem(token.offset, f"keyframe {frame} does not come after keyframe "
                                 f"{keyframes[-1].frame}: list keyframes in increasing frame order")
@@ -215,6 +231,15 @@ def _over_frames(value, n_frames: int) -> np.ndarray:
     return np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), (n_frames,)))
 
 
-def _one_line(text: str) -> str:
-    """``text`` with line breaks and tabs as spaces, so a message stays one line and columns hold."""
-    return re.sub(r"\s", " ", text)
+def excerpt(text: str, offset: int = 0) -> str:
+    """``text`` as shown in a one-line message: line breaks and tabs as spaces and other characters
+    a terminal would not print (a no-break space, control codes) as ``?``, one for one so that
+    columns hold, and, when it is longer than :data:`EXCERPT` characters, only about that many
+    around the 0-based ``offset``, with ``...`` where text was left out."""
+    text = "".join(" " if char in _ASCII_SPACE else char if char.isprintable() else "?" for char in text)
+    if len(text) <= EXCERPT:
+        return text
+    start = max(0, min(offset - EXCERPT // 2, len(text) - EXCERPT))
+    end = start + EXCERPT
+    return f"{'...' if start > 0 else ''}{text[start:end]}{'...' if end < len(text) else ''}"
+

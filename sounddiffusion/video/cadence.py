@@ -19,8 +19,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     ``sin((1-t) θ)/sin θ · a + sin(t θ)/sin θ · b`` with θ the angle between them. For two
     latents of equal norm every result has that norm, where lerp would shrink it towards the
     middle (by 1/√2 for orthogonal ones, as independent Gaussian noise is) and wash the
-    decoded picture out. Nearly parallel latents (θ < 1e-3) are lerped. t = 0 and t = 1 return
-    copies of ``a`` and ``b`` exactly. Computed in float32 at least, returned in ``a``'s dtype.
+    decoded picture out. Nearly parallel latents (θ < 1e-3, or an undefined θ: a zero latent)
+    are lerped. t = 0 and t = 1 return copies of ``a`` and ``b`` exactly. Computed in float32 at
+    least, returned in ``a``'s dtype. Lerp or slerp is chosen on the device (``torch.where``), so
+    nothing is read back to the host: on CUDA the in-between frames never wait for the GPU.
     """
     if a.shape != b.shape:
         raise ValueError(f"slerp needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -32,11 +34,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     x, y = a.to(work), b.to(work)
     cosine = torch.sum(x * y) / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
     theta = torch.arccos(cosine.clamp(-1.0, 1.0))
-    if not torch.isfinite(theta) or theta < _PARALLEL_ANGLE:
-        return torch.lerp(x, y, t).to(a.dtype)
+    parallel = ~torch.isfinite(theta) | (theta < _PARALLEL_ANGLE)
     sine = torch.sin(theta)
     mixed = (torch.sin((1 - t) * theta) / sine) * x + (torch.sin(t * theta) / sine) * y
-    return mixed.to(a.dtype)
+    return torch.where(parallel, torch.lerp(x, y, t), mixed).to(a.dtype)
 
 
 def cross_fade(rgb_a: np.ndarray, rgb_b: np.ndarray, t: float) -> np.ndarray:

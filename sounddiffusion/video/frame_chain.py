@@ -7,6 +7,11 @@ fresh seeded noise (``--latent_noise``): :func:`prepare_previous`. During img2im
 latent before a chosen step, or the final latent: :func:`frame_bends` says which apply to a frame,
 :func:`bend` applies them. Bends inside UNet blocks run through
 :class:`sounddiffusion.control.bending_specs.BlockBender` hooks, whose amounts the loop sets per frame.
+A frame whose ``int(strength x steps)`` is 0 runs no denoising step: img2img returns its starting
+latent, and no bend of any place applies to it (there is no noised latent, no step and no UNet
+pass to bend, and a bend of a frame that nothing denoises would compound frame after frame).
+:func:`nonfinite_latent_error` is the one-line error for a frame whose latent the bends (or the
+model) made infinite or NaN, which would decode to a black picture.
 
 Everything random is seeded from (``--seed``, frame, what), so a resumed render redoes a frame
 exactly; amounts are host floats from the plan, so nothing here reads values back from the GPU.
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sounddiffusion.control.bending import apply
+from sounddiffusion.control.bending import apply, is_identity
 from sounddiffusion.control.bending_specs import BendSpec, step_index
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.model.engine import Engine
@@ -84,8 +89,11 @@ def steps_of_frame(frame: Frame, steps: int, *, first: bool) -> int:
 
 def frame_bends(plan: FramePlan, frame: Frame, loudness: float, n_steps: int, *, first: bool) -> FrameBends:
     """The bends of ``frame`` (``loudness``: its slice's RMS) sorted by place, in the order given,
-    ``--rms_bend`` first. The first frame of a render has no noised latent: its latent bends wait."""
+    ``--rms_bend`` first. The first frame of a render has no noised latent: its latent bends wait.
+    An img2img frame of ``n_steps`` 0 has none at all (see the module docstring)."""
     bends = FrameBends()
+    if not first and n_steps == 0:
+        return bends
     if not first:
         bends.noised.append(Bend("add", loudness * frame.rms_bend, 0))
     for number, (spec, amount) in enumerate(zip(plan.bends, frame.bend_amounts)):
@@ -104,6 +112,22 @@ def bend(x: torch.Tensor, bends: list[Bend], seed: int, index: int) -> torch.Ten
     for one in bends:
         x = apply(one.op, x, one.amount, generator=stream_generator(seed, index, one.stream))
     return x
+
+
+def nonfinite_latent_error(plan: FramePlan, index: int) -> ParameterError:
+    """The error for frame ``index`` whose latent is not finite: it names the diffused frame the
+    latent comes from (``index`` itself, or the next diffused one for an in-between) and that
+    frame's bends with their amounts, or says that the model gave it when no bend acted."""
+    source = index if plan.diffused[index] else plan.next_diffused(index)
+    frame = plan.frame(source)
+    acting = [f"--rms_bend {frame.rms_bend:g}"] if frame.rms_bend else []
+    acting += [f"--bend {spec.text or spec.op!r} at {amount:g}" for spec, amount in zip(plan.bends, frame.bend_amounts)
+               if not is_identity(spec.op, amount)]
+    if acting:
+        return ParameterError(f"frame {source}: the bends ({', '.join(acting)}) made the latent infinite or NaN, "
+                              f"which decodes to a black picture: use smaller amounts")
+    return ParameterError(f"frame {source}: the model gave a latent that is infinite or NaN, which decodes to a "
+                          f"black picture; with --precision fp16, bf16 or autocast try --precision full")
 
 
 def block_specs(plan: FramePlan) -> list[BendSpec]:

@@ -5,17 +5,22 @@ a :class:`PixelBlend` of two latents for ``--cadence_blend pixel`` in-betweens â
 needed to resume after it (:class:`ChainState`). The worker decodes, writes the frame (and its PNG
 with ``--save_frames``), records the resume state and, every ``preview_frames`` frames, writes a
 preview. Errors in the worker are raised again in the caller at the next ``submit`` or at ``close``.
+A latent that is not finite (inf or NaN, which would decode to a black picture) stops the render
+with the error ``nonfinite_error(index)`` gives; the check is made here, where the picture is read
+back to the host anyway, so the sampling thread never waits for it.
 """
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sounddiffusion.errors import ParameterError
 from sounddiffusion.images import save_png
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.video.cadence import cross_fade
@@ -38,11 +43,14 @@ class PixelBlend:
 class FrameWriter:
     """See the module docstring. ``frames_dir``: where ``--save_frames`` PNGs go (None: nowhere);
     ``frame_parameters``: the render's settings, stored in each saved PNG with the frame's number
-    and time (``fps`` frames per second)."""
+    and time (``fps`` frames per second); ``nonfinite_error(index)``: the exception raised when
+    frame ``index``'s latent is not finite (default: a ParameterError naming the frame)."""
 
     def __init__(self, engine: Engine, render: VideoRender, *, frames_dir: Path | None,
                  preview_frames: int, audio_path: str, frame_parameters: dict | None = None,
-                 fps: float = 1.0):
+                 fps: float = 1.0, nonfinite_error: Callable[[int], BaseException] | None = None):
+        self.nonfinite_error = nonfinite_error or (lambda index: ParameterError(
+            f"frame {index}: the latent is infinite or NaN, which decodes to a black picture"))
         self.engine, self.render, self.frames_dir = engine, render, frames_dir
         self.preview_frames, self.audio_path = preview_frames, audio_path
         self.frame_parameters, self.fps = frame_parameters or {}, fps
@@ -52,15 +60,20 @@ class FrameWriter:
         self._thread = threading.Thread(target=self._work, name="frame-writer", daemon=True)
         self._thread.start()
 
-    def _picture(self, picture: torch.Tensor | PixelBlend) -> np.ndarray:
+    def _decode(self, index: int, latent: torch.Tensor) -> np.ndarray:
+        if not bool(torch.isfinite(latent).all()):
+            raise self.nonfinite_error(index)
+        return self.engine.decode(latent)[0]
+
+    def _picture(self, index: int, picture: torch.Tensor | PixelBlend) -> np.ndarray:
         if not isinstance(picture, PixelBlend):
-            return self.engine.decode(picture)[0]
+            return self._decode(index, picture)
         ends = []
-        for index, latent in ((picture.first_index, picture.first), (picture.second_index, picture.second)):
-            if index not in self._decoded:
+        for end, latent in ((picture.first_index, picture.first), (picture.second_index, picture.second)):
+            if end not in self._decoded:
                 self._decoded = {k: v for k, v in self._decoded.items() if k >= picture.first_index}
-                self._decoded[index] = self.engine.decode(latent)[0]
-            ends.append(self._decoded[index])
+                self._decoded[end] = self._decode(end, latent)
+            ends.append(self._decoded[end])
         return cross_fade(ends[0], ends[1], picture.t)
 
     def _work(self) -> None:
@@ -69,7 +82,7 @@ class FrameWriter:
                 continue
             index, picture, chain = item
             try:
-                rgb = self._picture(picture)
+                rgb = self._picture(index, picture)
                 frame_png = self.frames_dir / f"frame-{index:06d}.png" if self.frames_dir else None
                 # A resumed render may redo a frame whose PNG was saved: it is the same picture.
                 if frame_png is not None and not frame_png.exists():

@@ -36,7 +36,8 @@ from sounddiffusion.sound.control_tracks import file_digest
 from sounddiffusion.sound.features import featurize
 from sounddiffusion.video.cadence import slerp
 from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, block_specs, frame_bends,
-                                              prepare_previous, steps_of_frame, stream_generator)
+                                              nonfinite_latent_error, prepare_previous, steps_of_frame,
+                                              stream_generator)
 from sounddiffusion.video.frame_plan import Frame, FramePlan, plan_frames
 from sounddiffusion.video.frame_writer import FrameWriter, PixelBlend
 from sounddiffusion.video.render import VideoRender
@@ -197,7 +198,8 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     if settings.save_frames and frames_dir is None:
         frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
     writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
-                         audio_path=settings.audio, frame_parameters=recorded, fps=float(plan.fps))
+                         audio_path=settings.audio, frame_parameters=recorded, fps=float(plan.fps),
+                         nonfinite_error=lambda index: nonfinite_latent_error(plan, index))
     try:
         with tqdm(total=plan.n_frames, initial=start, unit="frame", desc="rendering",
                   dynamic_ncols=True) as bar:

@@ -23,6 +23,16 @@ how far a sound takes the picture from it, as with real weights. The block layou
 random :class:`UNetModel` is kept, its output added with weight ``unet_weight``, so that network
 bending inside UNet blocks (``--bend OP=A@output_blocks.N``) still has blocks to act on.
 
+A random UNet's share of the prediction is too small for a bend inside it to show (about
+0.01/255 of the picture), so the demo makes block bends visible another way: when a forward hook
+changes a block's output (a bend does; nothing else here does), the change, relative to the
+block's RMS activation, is drawn into the picture the denoiser is asked for
+(:func:`bend_picture`): each group of 4 channels read as the 4 picture channels (luminance, two
+colours, sharpness), as the channel operators read them, averaged over the groups and resized to
+the latent. ``dilate`` grows bright shapes, ``erode`` dark ones, ``add`` brightens, ``rotate_z``
+turns colours. Without a bend (or at an identity amount, where the hook returns the block's own
+output) nothing of this is computed: un-bent outputs are those of the prior and the UNet alone.
+
 Why ``latent_scale`` (6 in the demo's config, the autoencoder's too): the prior's texture then
 spreads about 1 in latent units, as Stable Diffusion's latents do, so img2img keeps or forgets
 the previous frame as it does with real weights: much at ``--strength 0.2``, little at 0.8.
@@ -49,6 +59,8 @@ CORRELATION_LENGTH = 1 / 8  # of the picture's shorter side
 # default): a brightness shift, a blob, the waves, a colour cast.
 BRIGHTNESS, BLOB, WAVES, COLOUR = 0.065, 0.2, 0.08, 0.09
 N_WAVES = 6  # rates 1 .. N_WAVES half-cycles per slice in the time course
+# Picture units per unit of a block bend's change relative to the block's RMS activation.
+BEND_GAIN = 0.25
 
 
 def course_descriptors(context: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,28 @@ def prior_mean(course: torch.Tensor, offset: torch.Tensor, height: int, width: i
     return torch.stack([luminance, colour_1, colour_2, sharpness], dim=1)
 
 
+def bend_picture(changes: list[tuple[torch.Tensor, torch.Tensor]], height: int, width: int) -> torch.Tensor:
+    """What block bends add to the asked-for picture: ``(B, 4, height, width)`` picture channels,
+    float32, from ``changes``, the (before, after) outputs ``(B, C, h', w')`` of the blocks whose
+    hooks changed them. Each change is divided by its block's RMS output (per batch item), its
+    channels read in groups of 4 as the 4 picture channels and averaged over the groups (fewer than
+    4 channels: their mean on all 4), resized to (height, width) bilinearly and summed, times
+    :data:`BEND_GAIN`."""
+    total = None
+    for before, after in changes:
+        before = before.float()
+        scale = before.square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+        change = (after.float() - before) / scale
+        groups = change.shape[1] // 4
+        if groups:
+            four = change[:, :4 * groups].unflatten(1, (groups, 4)).mean(dim=1)
+        else:
+            four = change.mean(dim=1, keepdim=True).expand(-1, 4, -1, -1)
+        picture = torch.nn.functional.interpolate(four, size=(height, width), mode="bilinear", align_corners=False)
+        total = picture if total is None else total + picture
+    return BEND_GAIN * total
+
+
 def texture_spectrum(height: int, width: int, device) -> torch.Tensor:
     """Per-channel variance of each Fourier mode of the prior's texture, ``(4, height, width // 2 + 1)``,
     in picture units, for ``torch.fft.rfft2(..., norm="ortho")``: a smooth field whose pixels have
@@ -184,7 +218,8 @@ class DemoDenoiser(UNetModel):
     ``linear_start``, ``linear_end``, ``timesteps``: the LatentDiffusion's noise schedule (the
     denoiser needs each timestep's noise level); ``latent_scale``: the autoencoder's, latents
     are that many times the picture channels. The empty prompt's conditioning is set with
-    :meth:`set_null_context` once the text encoder exists."""
+    :meth:`set_null_context` once the text encoder exists. Block bends are drawn into the picture
+    by :func:`bend_picture` (see the module documentation)."""
 
     def __init__(self, *, unet_weight=0.05, latent_scale=1.0, linear_start=0.00085, linear_end=0.012,
                  timesteps=1000, **unet):
@@ -200,6 +235,22 @@ class DemoDenoiser(UNetModel):
         self.register_buffer("null_course", torch.zeros(len(COURSE_GAINS)), persistent=False)
         self.register_buffer("null_means", torch.zeros(unet["context_dim"]), persistent=False)
         self.register_buffer("null_spread", torch.ones(()), persistent=False)
+        # Each block's own output, kept by a hook that runs before any other (a bend's) hook, so
+        # that run_block sees what the other hooks changed.
+        self._own_output, self._bent = {}, []
+        for block in (*self.input_blocks, self.middle_block, *self.output_blocks):
+            block.register_forward_hook(self._keep_own_output, prepend=True)
+
+    def _keep_own_output(self, block, _inputs, output):
+        self._own_output[block] = output
+
+    def run_block(self, block, h, emb, context):
+        """The block's output after its hooks; when they changed it, (own, changed) is noted."""
+        output = super().run_block(block, h, emb, context)
+        own = self._own_output.pop(block, output)
+        if output is not own:
+            self._bent.append((own, output))
+        return output
 
     @torch.no_grad()
     def set_null_context(self, null_context: torch.Tensor) -> None:
@@ -220,9 +271,14 @@ class DemoDenoiser(UNetModel):
 
     def forward(self, x, timesteps, context=None):
         """As :meth:`UNetModel.forward`: the noise in x, ``(B, 4, h, w)`` in x's dtype."""
+        self._bent = []
         learned = super().forward(x, timesteps, context)
+        bent, self._bent = self._bent, []
+        self._own_output.clear()
         height, width = x.shape[-2:]
         mean = self.latent_scale * prior_mean(*self.asked(context), height, width)
+        if bent:
+            mean = mean + self.latent_scale * bend_picture(bent, height, width)
         spectrum = self.latent_scale**2 * texture_spectrum(height, width, x.device)
         eps = gaussian_denoiser_eps(x, self.alphas_cumprod[timesteps.long()], mean, spectrum)
         return (eps + self.unet_weight * learned.float()).to(x.dtype)

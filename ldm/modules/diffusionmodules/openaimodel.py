@@ -287,11 +287,11 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         skips = []
         for module in self.input_blocks:
-            h = module(h, emb, context)
+            h = self.run_block(module, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run_block(self.middle_block, h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self.run_block(module, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
 
     def _guidance_projection(self, guidance_scale, batch_size, device):
@@ -306,3 +306,8 @@ class UNetModel(nn.Module):
         embedding = guidance_scale_embedding(offset.expand(batch_size), self.time_cond_proj_dim)
         projection = self.time_embedding["cond_proj"]
         return projection(embedding.to(projection.weight.dtype))
+
+    def run_block(self, block, h, emb, context):
+        """One of the input, middle or output blocks on ``h``: its output, after its forward
+        hooks (those of network bending among them). A subclass may look at it here."""
+        return block(h, emb, context)
