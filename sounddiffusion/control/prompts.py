@@ -26,7 +26,8 @@ def parse_prompt_file(path: str | Path) -> Schedule:
 
     Accepted lines: ``M:SS text``, ``M:SS.s text``, ``SS text``, ``SS.s text``, ``H:MM:SS text``,
     each also with a colon after the time (``0:20: text``). Blank lines and lines starting with
-    ``#`` are skipped. Times must increase strictly. Raises :class:`PromptFileError` naming the
+    ``#`` are skipped. A prompt may end with ``--neg NEGATIVE`` (Deforum's convention, see
+    :func:`split_negative`); the text is kept whole here. Times must increase strictly. Raises :class:`PromptFileError` naming the
     file (and the line number) when the file cannot be read, a line does not fit, times do not
     increase or there is no prompt at all.
     """
@@ -70,6 +71,29 @@ def _parse_prompt_line(line: str, path: Path, number: int) -> tuple[float, str]:
                               f"after a colon; {_PROMPT_FORMAT}")
     total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + seconds
     return total, match["text"]
+
+
+NEGATIVE_MARK = "--neg"
+"""Deforum's convention: in ``a city at night --neg blurry, text`` what follows the mark is the negative prompt."""
+
+
+def split_negative(prompt: str) -> tuple[str, str | None]:
+    """``(prompt, negative prompt)`` of a prompt written ``prompt --neg negative`` (Deforum's convention),
+    both stripped; ``(prompt, None)`` when it holds no ``--neg``."""
+    positive, mark, negative = prompt.partition(NEGATIVE_MARK)
+    if not mark:
+        return prompt, None
+    return positive.strip(), negative.strip()
+
+
+def negative_weights_at(weights: Sequence[tuple[str, float]], default: str
+                        ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The prompts mixed at a time (:func:`prompt_weights_at`) split into (positive prompts, negative
+    prompts) with the same weights: a prompt without ``--neg`` has ``default`` (``--negative_prompt``)
+    as its negative; "" stands for the empty prompt."""
+    split = [(split_negative(prompt), weight) for prompt, weight in weights]
+    return ([(positive, weight) for (positive, _), weight in split],
+            [(default if negative is None else negative, weight) for (_, negative), weight in split])
 
 
 def start_end_schedule(start: str, end: str | None, duration: float) -> Schedule:

@@ -11,7 +11,7 @@ schedule reads an envelope or a report is asked for.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from sounddiffusion.control.bending_specs import BendSpec
-from sounddiffusion.control.frame_schedules import (VideoSchedules, envelopes_of, evaluate_schedules,
-                                                    parse_video_schedules)
-from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
+from sounddiffusion.control.frame_schedules import (VideoSchedules, envelopes_of, evaluate_lora_weights,
+                                                    evaluate_schedules, parse_video_schedules)
+from sounddiffusion.control.prompts import (negative_weights_at, parse_prompt_file, prompt_weights_at,
+                                            split_negative, start_end_schedule)
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, envelopes, parse_smoothing, snap_to_beats
 from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_length,
@@ -37,7 +38,9 @@ def frame_seed(seed: int, index: int) -> int:
 class Frame:
     """Frame ``index`` of a render: its time (s), the numbers its img2img step uses, its noise
     seed, the prompts mixed in with their weights, each bend's amount, whether it is diffused
-    (else made between its diffused neighbours) and whether its colours are matched first."""
+    (else made between its diffused neighbours) and whether its colours are matched first; the
+    negative prompts guidance pushes away from, with the prompts' weights ("": the empty prompt),
+    and each ``--lora``'s weight."""
 
     index: int
     time: float
@@ -53,6 +56,8 @@ class Frame:
     bend_amounts: tuple[float, ...]
     diffused: bool
     match_colors: bool
+    negative_weights: list[tuple[str, float]] = field(default_factory=list)
+    lora_weights: tuple[float, ...] = ()
 
 
 @dataclass
@@ -61,8 +66,9 @@ class FramePlan:
 
     ``audio`` is the sound file and ``n_samples`` its length in mono 44.1 kHz samples;
     ``values`` the scheduled flags' (n_frames,) arrays; ``bend_amounts`` (n_bends, n_frames);
-    ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt);
-    ``envelopes`` the sound's analysis when it was needed, else None."""
+    ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt)
+    (a prompt may end with ``--neg NEGATIVE``; ``negative_prompt`` is the others' negative);
+    ``lora_weights`` (n_loras, n_frames); ``envelopes`` the sound's analysis when it was needed, else None."""
 
     audio: Path
     n_samples: int
@@ -78,6 +84,8 @@ class FramePlan:
     schedules: VideoSchedules
     seed_jumps: np.ndarray
     envelopes: Envelopes | None = None
+    negative_prompt: str = ""
+    lora_weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     _slices: Iterator[np.ndarray] | None = field(default=None, repr=False)
     _next_index: int = field(default=0, repr=False)
 
@@ -87,14 +95,22 @@ class FramePlan:
 
     def frame(self, index: int) -> Frame:
         value = {name: float(values[index]) for name, values in self.values.items()}
+        prompts, negatives = negative_weights_at(prompt_weights_at(self.schedule, self.time_of(index)),
+                                                 self.negative_prompt)
         return Frame(index=index, time=self.time_of(index), strength=value["strength"], scale=value["scale"],
                      textstrength=value["textstrength"], rms_bend=value["rms_bend"],
                      latent_noise=value["latent_noise"], contrast=value["contrast"],
                      color_coherence_strength=value["color_coherence_strength"],
-                     noise_seed=int(self.noise_seeds[index]),
-                     prompt_weights=prompt_weights_at(self.schedule, self.time_of(index)),
+                     noise_seed=int(self.noise_seeds[index]), prompt_weights=prompts,
                      bend_amounts=tuple(float(a) for a in self.bend_amounts[:, index]),
-                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]))
+                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]),
+                     negative_weights=negatives,
+                     lora_weights=tuple(float(w) for w in self.lora_weights[:, index]) if len(self.lora_weights) else ())
+
+    def negative_prompts(self) -> list[str]:
+        """The negative prompts frames push away from (``--negative_prompt``, ``--neg``), each once."""
+        found = [self.negative_prompt, *(split_negative(prompt)[1] or "" for _, prompt in self.schedule)]
+        return list(dict.fromkeys(text for text in found if text))
 
     def next_diffused(self, index: int) -> int:
         """The first diffused frame after ``index`` (the last frame is always diffused)."""
@@ -114,14 +130,16 @@ class FramePlan:
         return next(self._slices)
 
 
-def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
+def plan_frames(settings: VideoSettings, *, analyse: bool = False,
+                loras: Sequence[tuple[str, str]] = ()) -> FramePlan:
     """The plan of a render. Parses every schedule first (a mistake fails before anything is read),
     decodes the sound once to know its length and, when a schedule reads an envelope (or
-    ``analyse``), analyses it.
+    ``analyse``), analyses it. ``loras``: (file, weight text) of each ``--lora``, whose weights
+    the plan evaluates per frame as it does the other schedules.
 
     Raises ScheduleError/ParameterError for a bad schedule, AudioError for a sound that cannot be
     read and PromptFileError for a bad prompt file."""
-    schedules = parse_video_schedules(settings)
+    schedules = parse_video_schedules(settings, loras)
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
     n_samples = sound_length(settings.audio)
@@ -129,15 +147,16 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
     analysed = None
     if analyse or schedules.needs_analysis() or settings.snap_prompts == "beat":
         analysed = envelopes(settings.audio, fps=fps, smoothing=smoothing)
-    values, jumps, amounts = evaluate_schedules(schedules, settings, envelopes_of(analysed, n_frames, float(fps)),
-                                                n_frames)
+    variables = envelopes_of(analysed, n_frames, float(fps))
+    values, jumps, amounts = evaluate_schedules(schedules, settings, variables, n_frames)
     diffused = cadence_frames(values["cadence"])
     return FramePlan(audio=Path(settings.audio), n_samples=n_samples, fps=fps, n_frames=n_frames, values=values,
                      noise_seeds=noise_seeds(settings.seed, jumps, hold=settings.seed_jump is not None),
                      bends=tuple(spec for spec, _ in schedules.bends), bend_amounts=amounts, diffused=diffused,
                      color_frames=color_frames(settings, diffused),
                      schedule=prompt_schedule(settings, n_frames, fps, analysed), schedules=schedules,
-                     seed_jumps=jumps, envelopes=analysed)
+                     seed_jumps=jumps, envelopes=analysed, negative_prompt=settings.negative_prompt,
+                     lora_weights=evaluate_lora_weights(schedules, variables, n_frames))
 
 
 def noise_seeds(seed: int, jumps: np.ndarray, *, hold: bool) -> np.ndarray:
