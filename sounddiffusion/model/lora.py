@@ -254,7 +254,7 @@ def _load(model, specs, schedulable: bool) -> LoraPatch:
     else:
         patch.weights = weights
     for info, w in zip(files, weights):
-        log.info("LoRA %s (%s) merged at %g", info.name, info.short_hash, w)
+        log.info("LoRA %s (%s) %s %g", info.name, info.short_hash, "loaded, weight now" if schedulable else "merged at", w)
     return patch
 
 
