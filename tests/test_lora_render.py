@@ -189,3 +189,35 @@ def test_audio2img_on_ray_workers_applies_the_lora_as_a_single_run(run_tool, tmp
         assert read_png_parameters(single) == read_png_parameters(on_ray)
     plain = np.asarray(Image.open(tmp_path / "plain" / "s0" / "fft-00000.png"))
     assert not np.array_equal(plain, np.asarray(Image.open(tmp_path / "ray" / "s0" / "fft-00000.png")))
+
+
+# ----------------------------------------------------------------------------- the engine between frames
+
+def test_a_text_encoder_weight_set_per_frame_reaches_the_prompts_conditioning(tmp_path):
+    from sounddiffusion.model.loading import load_engine
+    from sounddiffusion.model.lora_specs import parse_lora_specs
+    from sounddiffusion.settings import ModelSettings
+
+    lora = tiny_lora(tmp_path / "style.safetensors")
+    model = ModelSettings(config=TINY[1], ckpt=TINY[3], device="cpu")
+    scheduled = load_engine(model, loras=parse_lora_specs([f"{lora}:0.5*onset"], schedules=True))
+    before = scheduled.text_conditioning("a red house").clone()
+    scheduled.set_lora_weights([1.0])
+    constant = load_engine(ModelSettings(config=TINY[1], ckpt=TINY[3], device="cpu", lora=(f"{lora}:1",)))
+    assert torch.equal(scheduled.text_conditioning("a red house"), constant.text_conditioning("a red house"))
+    assert not torch.equal(before, constant.text_conditioning("a red house"))
+    scheduled.set_lora_weights([0.0])
+    assert torch.equal(scheduled.text_conditioning("a red house"), before)
+
+
+def test_the_demo_keeps_its_grey_empty_prompt_picture_under_a_text_encoder_lora(run_tool, tmp_path):
+    """The demo measures pictures against the empty prompt's conditioning: a LoRA on its text encoder
+    changes that conditioning, and the demo measures against the new one (else the empty prompt would
+    no longer give the plain field)."""
+    text_only = save(tmp_path / "text.safetensors", kohya(TEXT_Q, *random_pair(64, 64, 8, seed=1)))
+    pictures = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", text_only])):
+        status, _, err = run_tool("txt2img", ["--outdir", tmp_path / name, *DEMO[:-1], "10", "--prompt", "", *extra])
+        assert status == 0, err
+        pictures[name] = np.asarray(Image.open(tmp_path / name / "samples" / "sample-00000.png")).astype(int)
+    assert np.abs(pictures["lora"] - pictures["plain"]).max() <= 2  # 8 measured against the old empty prompt; only the small random UNet's share moves
