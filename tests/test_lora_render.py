@@ -220,4 +220,5 @@ def test_the_demo_keeps_its_grey_empty_prompt_picture_under_a_text_encoder_lora(
         status, _, err = run_tool("txt2img", ["--outdir", tmp_path / name, *DEMO[:-1], "10", "--prompt", "", *extra])
         assert status == 0, err
         pictures[name] = np.asarray(Image.open(tmp_path / name / "samples" / "sample-00000.png")).astype(int)
-    assert np.abs(pictures["lora"] - pictures["plain"]).max() <= 2  # 8 measured against the old empty prompt; only the small random UNet's share moves
+    # Measured against the old empty prompt: 8 levels off; against the new one only the random UNet's share moves.
+    assert np.abs(pictures["lora"] - pictures["plain"]).max() <= 2
