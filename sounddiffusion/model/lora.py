@@ -148,7 +148,7 @@ def _model_family(model) -> tuple[str, str, str]:
     width = f" ({widths[0]}-wide text conditioning)" if widths else ""
     if isinstance(model.model.diffusion_model, DemoDenoiser):  # a toy of SD v1's layout, but narrower
         return family, f"--demo model{width}", ("LoRAs made for SD v1 need real SD v1 weights: leave out --demo "
-                                                "and pass the checkpoint with --ckpt (README: LoRA files)")
+                                                "and pass the checkpoint with --ckpt (README: LoRA files and negative prompts)")
     return family, f"{family} model{width}", f"use a LoRA made for {family}"
 
 
