@@ -14,11 +14,11 @@ can change weights per frame (scheduled ones start at 0 until the first frame se
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-import logging
 from pathlib import Path
 
 from torch import nn
@@ -41,11 +41,6 @@ class LoraSpec:
     path: Path
     weight: str
     constant: float | None
-
-    @property
-    def flag(self) -> str:
-        """How the flag reads in messages: ``--lora style.safetensors``."""
-        return f"--lora {self.path}"
 
 
 def _weight(text: str, *, schedules: bool, flag: str) -> float | None | bool:
@@ -72,7 +67,7 @@ def parse_lora_spec(text: str, *, schedules: bool = False) -> LoraSpec:
     a valid schedule), ModelError for the file; one line each, before any model loads."""
     text = str(text)
     whole = Path(text)
-    if whole.is_file() or ":" not in text:
+    if _is_file(whole) or ":" not in text:
         spec = LoraSpec(whole, "1.0", 1.0)
     else:
         spec = _split(text, schedules=schedules)
@@ -90,13 +85,21 @@ def _split(text: str, *, schedules: bool) -> LoraSpec:
             return LoraSpec(Path(path), weight.strip(), value)
     for i in colons:  # no weight reads: if the text before a colon is a file, its weight is wrong
         path, weight = text[:i], text[i + 1:]
-        if Path(path).is_file():
+        if _is_file(Path(path)):
             if schedules:  # the schedule's own error names the column
                 parse_schedule(weight, flag=f"--lora {path}", names=VARIABLES)
             raise ParameterError(f"--lora {text}: the weight {weight!r} is not a number; give PATH:WEIGHT "
                                  f"such as {path}:0.8" + ("" if schedules else
                                                          " (a schedule as the weight: audio2video.py only)"))
     return LoraSpec(Path(text), "1.0", 1.0)  # a missing file: check_lora_file says so
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; False for a text no file can have (a name too long, say)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def parse_lora_specs(texts: Sequence[str], *, schedules: bool = False) -> tuple[LoraSpec, ...]:
