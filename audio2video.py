@@ -66,7 +66,7 @@ def build_parser():
     out.add_argument("--pixel_roundtrip", action="store_true",
                      help="decode and re-encode every frame between steps, as upstream did "
                           "(slower; slightly different pictures)")
-    cli.add_model_args(parser)
+    cli.add_model_args(parser, lora_schedules=True)
     cli.add_ray_args(parser, "song")
     return parser
 

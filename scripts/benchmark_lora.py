@@ -5,14 +5,22 @@ projection (attn1 and attn2: to_q, to_k, to_v, to_out.0; 128 layers), written to
 
     python scripts/benchmark_lora.py                               # CPU, float32, rank 16, 20 frames
     python scripts/benchmark_lora.py --device cuda --dtype float16
+    python scripts/benchmark_lora.py --render --device cpu          # a real audio2video render, demo model
 
 Prints the time of load_loras (read, map, up @ down once), of one set_weights call per frame (every
 call changes the weight, so every touched tensor is rewritten: W = W0 + w * delta), and the memory the
 patch keeps (the originals and one delta per touched tensor).
+
+``--render``: renders the same 4 s click track with audio2video on the demo model (``--render_size``
+pixels, 10 steps, strength 0.5) three times: without a LoRA, with a rank-16 LoRA on every attention
+projection of its UNet at a constant weight (merged once), and at the scheduled weight
+``0.2 + 0.8*onset`` (set on every diffused frame); prints seconds per frame of each and the time spent
+in ``Engine.set_lora_weights``.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import statistics
 import sys
@@ -70,13 +78,87 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def click_track(path: Path, seconds: float = 4.0, bpm: float = 120.0, sr: int = 44100) -> Path:
+    """A quiet tone with a click on every beat: onsets that swing a scheduled weight."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    y = 0.05 * np.sin(2 * np.pi * 220 * t)
+    for start in np.arange(0.25, seconds, 60.0 / bpm):
+        i, n = int(start * sr), sr // 20
+        y[i:i + n] += 0.8 * np.exp(-np.arange(len(y[i:i + n])) / (sr / 200)) * np.sin(2 * np.pi * 1500 * t[:len(y[i:i + n])])
+    sf.write(path, y.astype(np.float32), sr)
+    return path
+
+
+def render_cost(args) -> int:
+    """audio2video on the demo model without a LoRA, with a constant one and with a scheduled one,
+    ``args.repeats`` times each in turn (the medians are printed: CPU time of this process, which a
+    busy machine disturbs less than wall time, and wall time)."""
+    from dataclasses import replace
+
+    from sounddiffusion.logs import configure_logging
+    from sounddiffusion.model.engine import Engine
+    from sounddiffusion.model.loading import build_demo_model
+    from sounddiffusion.settings import ModelSettings, VideoSettings
+    from sounddiffusion.video.loop import run_audio2video
+
+    configure_logging(False)
+    logging.getLogger("sounddiffusion").setLevel(logging.WARNING)
+    spent = []
+    set_lora_weights = Engine.set_lora_weights
+
+    def timed(engine, weights):
+        synchronize(engine.device)
+        started = time.perf_counter()
+        set_lora_weights(engine, weights)
+        synchronize(engine.device)
+        spent.append(time.perf_counter() - started)
+    Engine.set_lora_weights = timed
+    seconds, fps = 2.0, 12
+    frames = int(seconds * fps)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        sound = click_track(folder / "clicks.wav", seconds=seconds)
+        layers = attention_lora(build_demo_model().model.diffusion_model, args.rank, folder / "style.safetensors")
+        lora = str(folder / "style.safetensors")
+        cases = {"no LoRA": (), "constant 0.7": (f"{lora}:0.7",),
+                 "scheduled 0.2 + 0.8*onset": (f"{lora}:0.2 + 0.8*onset",)}
+        results = {name: [] for name in cases}
+        for repeat in range(args.repeats + 1):  # the first round warms up (imports, caches) and is not counted
+            for name, loras in cases.items():
+                spent.clear()
+                settings = VideoSettings(audio=str(sound), fps=fps, strength="0.5", ddim_steps=10, seed=1,
+                                         H=args.render_size, W=args.render_size,
+                                         output=str(folder / f"{repeat}-{len(results[name])}-{len(loras)}.mp4"))
+                cpu, wall = time.process_time(), time.perf_counter()
+                run_audio2video(replace(settings), ModelSettings(demo=True, device=args.device, lora=loras))
+                if repeat:
+                    results[name].append((time.process_time() - cpu, time.perf_counter() - wall, sum(spent),
+                                          len(spent)))
+    print(f"audio2video, demo model, {args.render_size}x{args.render_size}, 10 steps at strength 0.5, {fps} fps, "
+          f"{seconds:g} s ({frames} frames); rank-{args.rank} LoRA on its {layers} attention layers; {args.device}; "
+          f"medians of {args.repeats} renders, model load included")
+    for name, runs in results.items():
+        cpu, wall, lora_s, calls = (statistics.median(values) for values in zip(*runs))
+        print(f"  {name:27s} CPU {cpu / frames * 1e3:7.1f} ms/frame, wall {wall / frames * 1e3:7.1f} ms/frame, "
+              f"set_lora_weights {lora_s / max(calls, 1) * 1e3:.2f} ms per frame")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--render", action="store_true", help="time a real audio2video render on the demo model")
+    parser.add_argument("--render_size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.render:
+        return render_cost(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     started = time.perf_counter()
     model = full_size_unet_model(device, dtype)

@@ -85,8 +85,9 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
                    help="render every prompt in this file, one per line")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--config --ckpt --demo --device --precision --compile --cuda_graphs."""
+def add_model_args(parser: argparse.ArgumentParser, *, lora_schedules: bool = False) -> None:
+    """--config --ckpt --demo --device --precision --compile --cuda_graphs --lora (whose weight may be
+    a schedule with ``lora_schedules``: audio2video)."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=None,
                    help=f"model config (CompVis YAML format); default: picked from the checkpoint's "
@@ -110,6 +111,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda_graphs", action="store_true",
                    help="CUDA only: replay each UNet call from a captured CUDA graph (one per picture "
                         "size) instead of launching its kernels one by one; experimental, off by default")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="merge a LoRA file (.safetensors, or .pt/.ckpt read without running code) into "
+                        "the model, repeatable; WEIGHT (default 1.0, negative allowed) follows the colon "
+                        "after the path (C:\\loras\\style.safetensors:0.8 works)"
+                        + ("; a number or a schedule over the music, e.g. style.safetensors:\"0.2 + 0.8*low\""
+                           if lora_schedules else "")
+                        + " (README: LoRA files and negative prompts)")
 
 
 def settings_from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
@@ -134,6 +142,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True
     g.add_argument("--scale", type=str if scheduled else float, default="7.5" if scheduled else 7.5,
                    help="classifier-free guidance scale: how strongly the conditioning steers"
                         + (SCHEDULE_HELP if scheduled else ""))
+    g.add_argument("--negative_prompt", default="", metavar="TEXT",
+                   help="what the picture should not look like: guidance pushes away from TEXT instead of "
+                        "from the empty prompt (needs --scale above 1)"
+                        + ("; a --prompt_file line 'TIME prompt --neg negative' has its own" if scheduled else ""))
     g.add_argument("--seed", type=int, default=42, help="random seed: same seed, same result")
     g.add_argument("--H", type=int, default=None,
                    help=f"image height in pixels (default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)")

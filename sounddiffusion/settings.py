@@ -62,8 +62,10 @@ class JobSettings:
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings(JobSettings):
     """Which model, where and in what precision (``--config --ckpt --demo --device --precision
-    --compile --cuda_graphs``). ``config`` None: the default config; ``ckpt`` None: the checkpoint
-    in :data:`CHECKPOINT_DIR`. ``cuda_graphs``: replay the UNet from CUDA graphs (CUDA only)."""
+    --compile --cuda_graphs --lora``). ``config`` None: the default config; ``ckpt`` None: the checkpoint
+    in :data:`CHECKPOINT_DIR`. ``cuda_graphs``: replay the UNet from CUDA graphs (CUDA only).
+    ``lora``: the ``--lora PATH[:WEIGHT]`` texts as given (:mod:`sounddiffusion.model.lora_specs`);
+    outputs record each file by content (name, sha256, weight) instead of its path."""
 
     config: str | None = None
     ckpt: str | None = None
@@ -72,17 +74,23 @@ class ModelSettings(JobSettings):
     precision: str = "auto"
     compile: bool = False
     cuda_graphs: bool = False
+    lora: tuple[str, ...] = ()
 
-    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "compile", "cuda_graphs"})
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "compile", "cuda_graphs", "lora"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "lora", tuple(str(text) for text in self.lora))
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings(JobSettings):
-    """Denoising steps, eta, classifier-free guidance scale, seed and picture size in pixels."""
+    """Denoising steps, eta, classifier-free guidance scale, seed and picture size in pixels.
+    ``negative_prompt``: the text guidance pushes away from ("": the empty prompt, as without one)."""
 
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     scale: float = 7.5
+    negative_prompt: str = ""
     seed: int = 42
     H: int = DEFAULT_SIZE
     W: int = DEFAULT_SIZE

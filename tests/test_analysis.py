@@ -11,8 +11,7 @@ import soundfile
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, GRID_NAMES, Smoothing, envelopes,
                                            parse_smoothing, smooth, snap_to_beats)
-from sounddiffusion.sound.audio import (SAMPLE_RATE, frame_bounds, frame_count, load_audio, slice_rms,
-                                        sound_blocks, sound_length, stream_frame_slices)
+from sounddiffusion.sound.audio import (SAMPLE_RATE, frame_bounds, frame_count, load_audio, slice_rms)
 
 SR = SAMPLE_RATE
 RAW = {name: Smoothing(rescale="none") for name in ENVELOPE_NAMES}

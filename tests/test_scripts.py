@@ -112,3 +112,17 @@ def test_default_config_is_found_from_another_folder(tmp_path, tiny_dir):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert status.returncode == 2, status.stderr
     assert "does not fit" in status.stderr and "is missing" not in status.stderr, status.stderr
+
+
+def test_make_demo_lora_writes_a_file_every_layer_of_the_demo_takes(run_tool, tmp_path):
+    from conftest import load_module
+
+    lora = tmp_path / "demo-style.safetensors"
+    assert load_module(REPO / "scripts" / "make_demo_lora.py", "make_demo_lora").main([str(lora)]) == 0
+    pictures = {}
+    for weight in ("0", "1"):
+        status, _, err = run_tool("txt2img", ["--prompt", "a forest", "--outdir", tmp_path / weight,
+                                              "--lora", f"{lora}:{weight}", *FAST])
+        assert status == 0 and "match no layer" not in err, err  # every module of the file names a demo layer
+        pictures[weight] = np.asarray(Image.open(tmp_path / weight / "samples" / "sample-00000.png")).astype(int)
+    assert np.abs(pictures["1"] - pictures["0"]).mean() > 5

@@ -54,12 +54,12 @@ class AutoencoderKL(pl.LightningModule):
         return self.decoder(self.post_quant_conv(z))
 
 
-# Orthonormal luminance / colour-opponent transform of RGB: the latent's first three channels.
-# On the CPU explicitly: this module may first be imported under load_model_from_config's
-# torch.device("meta"), which would otherwise leave the constant without data for good.
-_OPPONENT = torch.tensor([[1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5],
-                          [1 / 2**0.5, 0.0, -1 / 2**0.5],
-                          [1 / 6**0.5, -2 / 6**0.5, 1 / 6**0.5]], device="cpu")
+# Orthonormal luminance / colour-opponent transform of RGB: the latent's first three channels. Plain
+# numbers, not a tensor: this module may first be imported inside torch.device("meta") (a checkpoint
+# model built without memory), which would make a module-level tensor a meta tensor for good.
+_OPPONENT = ((1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5),
+             (1 / 2**0.5, 0.0, -1 / 2**0.5),
+             (1 / 6**0.5, -2 / 6**0.5, 1 / 6**0.5))
 
 
 class BlockMeanAutoencoder(nn.Module):
@@ -85,7 +85,7 @@ class BlockMeanAutoencoder(nn.Module):
         radius = int(3 * blur_sigma + 0.5)
         kernel = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * blur_sigma**2))
         self.register_buffer("blur_kernel", kernel / kernel.sum(), persistent=False)
-        self.register_buffer("opponent", _OPPONENT.clone(), persistent=False)
+        self.register_buffer("opponent", torch.tensor(_OPPONENT), persistent=False)
 
     def encode(self, x):
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of ``factor`` -> a posterior with no

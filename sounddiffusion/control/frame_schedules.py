@@ -9,8 +9,10 @@ The bends of ``--bend`` are schedules too (their amounts), read with the same pa
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from pathlib import Path
 
 import numpy as np
 
@@ -78,24 +80,28 @@ def _flags(settings: VideoSettings) -> list[Scheduled]:
 
 @dataclass(frozen=True)
 class VideoSchedules:
-    """The parsed schedules of a render: one per scheduled flag, ``seed_jump`` (or None), and the
-    bends with their amount schedules, in the order given."""
+    """The parsed schedules of a render: one per scheduled flag, ``seed_jump`` (or None), the
+    bends with their amount schedules, in the order given, and each ``--lora``'s weight by the
+    file's name (numbers and schedules alike; weights are not clipped: negative ones are allowed)."""
 
     values: dict[str, Schedule]
     seed_jump: Schedule | None
     bends: tuple[tuple[BendSpec, Schedule], ...]
+    loras: tuple[tuple[str, Schedule], ...] = ()
 
     def all(self) -> list[Schedule]:
         extra = [self.seed_jump] if self.seed_jump is not None else []
-        return [*self.values.values(), *extra, *(amount for _, amount in self.bends)]
+        return [*self.values.values(), *extra, *(amount for _, amount in self.bends),
+                *(weight for _, weight in self.loras)]
 
     def needs_analysis(self) -> bool:
         """Whether a schedule reads an envelope (the sound must then be analysed)."""
         return any(schedule.names_used - set(PLAIN_NAMES) for schedule in self.all())
 
 
-def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
-    """Parse every scheduled flag and bend of ``settings``; constants must lie in their range.
+def parse_video_schedules(settings: VideoSettings, loras: Sequence[tuple[str, str]] = ()) -> VideoSchedules:
+    """Parse every scheduled flag and bend of ``settings`` and the ``loras``' weights, (file, weight
+    text) pairs; constants must lie in their range.
 
     Raises ScheduleError / ParameterError (one line naming the flag) before anything is loaded."""
     names, hints = schedule_names(settings)
@@ -112,7 +118,9 @@ def parse_video_schedules(settings: VideoSettings) -> VideoSchedules:
     for text in settings.bend:
         spec = parse_bend(text)
         bends.append((spec, parse_schedule(spec.amount, flag=f'--bend "{excerpt(text)}"', names=names, hints=hints)))
-    return VideoSchedules(values, seed_jump, tuple(bends))
+    weights = tuple((Path(path).stem, parse_schedule(text, flag=f"--lora {excerpt(path)}", names=names, hints=hints))
+                    for path, text in loras)
+    return VideoSchedules(values, seed_jump, tuple(bends), weights)
 
 
 def _check_constant(flag: Scheduled, value: float) -> None:
@@ -166,13 +174,26 @@ def _check_amounts(op: str, amounts: np.ndarray, flag: str) -> None:
             raise ParameterError(f"{flag}: frame {first[k]}: {problem}") from None
 
 
+def evaluate_lora_weights(schedules: VideoSchedules, variables: Mapping[str, np.ndarray | float],
+                          n_frames: int) -> np.ndarray:
+    """Each ``--lora``'s weight on every frame, (n_loras, n_frames) float64, unclipped."""
+    return np.array([weight.evaluate(variables, n_frames) for _, weight in schedules.loras],
+                    dtype=np.float64).reshape(len(schedules.loras), n_frames)
+
+
 def report_columns(values: Mapping[str, np.ndarray], jumps: np.ndarray, amounts: np.ndarray,
-                   schedules: VideoSchedules) -> dict[str, np.ndarray]:
+                   schedules: VideoSchedules, lora_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The scheduled values as used, by column name, for NAME.schedule.csv and its plot: the flags
-    that are scheduled (not constant), the seed jumps, and every bend's amount."""
+    that are scheduled (not constant), the seed jumps, every bend's amount and the scheduled
+    ``--lora`` weights (``lora_weights`` (n_loras, n_frames), columns "lora NAME")."""
     columns = {name: values[name] for name, schedule in schedules.values.items() if not schedule.is_constant}
     if schedules.seed_jump is not None:
         columns["seed_jump"] = jumps.astype(np.float64)
     for (spec, _), row in zip(schedules.bends, amounts):
         columns[f"bend {spec.text or spec.op}"] = row
+    if lora_weights is not None:
+        for number, ((name, weight), row) in enumerate(zip(schedules.loras, lora_weights), 1):
+            if not weight.is_constant:
+                key = f"lora {name}" if f"lora {name}" not in columns else f"lora {number} {name}"
+                columns[key] = row
     return columns

@@ -30,11 +30,12 @@ def parse_prompt_file(path: str | Path) -> Schedule:
 
     Accepted lines: ``M:SS text``, ``M:SS.s text``, ``SS text``, ``SS.s text``, ``H:MM:SS text``,
     each also with a colon after the time (``0:20: text``), times in ASCII digits up to
-    :data:`MAX_PROMPT_SECONDS`. Blank lines and lines starting with ``#`` are skipped. Times must
-    increase strictly. The file is UTF-8, with or without a byte-order mark (as Windows editors
-    save it). Raises :class:`PromptFileError` naming the file (and the line number) when the file
-    cannot be read, a line does not fit, a time is too late, times do not increase or there is no
-    prompt at all.
+    :data:`MAX_PROMPT_SECONDS`. Blank lines and lines starting with ``#`` are skipped. A prompt may
+    end with ``--neg NEGATIVE`` (Deforum's convention, see :func:`split_negative`); the text is kept
+    whole here. Times must increase strictly. The file is UTF-8, with or without a byte-order mark
+    (as Windows editors save it). Raises :class:`PromptFileError` naming the file (and the line
+    number) when the file cannot be read, a line does not fit, a time is too late, times do not
+    increase or there is no prompt at all.
     """
     return parse_timed_file(path, "prompt file", "prompt")
 
@@ -105,6 +106,29 @@ def _too_late(path: Path, number: int, time: str) -> PromptFileError:
     shown = time if len(time) <= 20 else f"{time[:8]}...{time[-8:]} ({len(time)} characters)"
     return PromptFileError(f"{path}, line {number}: time {shown} is later than {MAX_PROMPT_SECONDS} s "
                            f"(about 278 hours), the latest a prompt file takes; check the time")
+
+
+NEGATIVE_MARK = "--neg"
+"""Deforum's convention: in ``a city at night --neg blurry, text`` what follows the mark is the negative prompt."""
+
+
+def split_negative(prompt: str) -> tuple[str, str | None]:
+    """``(prompt, negative prompt)`` of a prompt written ``prompt --neg negative`` (Deforum's convention),
+    both stripped; ``(prompt, None)`` when it holds no ``--neg``."""
+    positive, mark, negative = prompt.partition(NEGATIVE_MARK)
+    if not mark:
+        return prompt, None
+    return positive.strip(), negative.strip()
+
+
+def negative_weights_at(weights: Sequence[tuple[str, float]], default: str
+                        ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The prompts mixed at a time (:func:`prompt_weights_at`) split into (positive prompts, negative
+    prompts) with the same weights: a prompt without ``--neg`` has ``default`` (``--negative_prompt``)
+    as its negative; "" stands for the empty prompt."""
+    split = [(split_negative(prompt), weight) for prompt, weight in weights]
+    return ([(positive, weight) for (positive, _), weight in split],
+            [(default if negative is None else negative, weight) for (_, negative), weight in split])
 
 
 def start_end_schedule(start: str, end: str | None, duration: float) -> Schedule:

@@ -53,8 +53,9 @@ from sounddiffusion.jobs.cluster import (ClusterSummary, Worker, make_batch, rec
 from sounddiffusion.jobs.image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sounds,
                                             render_chunk, run_parameters, sound_image_set)
 from sounddiffusion.jobs.manifest import Manifest, file_key, settings_digest
-from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
+from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, parse_lora_specs
 from sounddiffusion.settings import (ClusterSettings, JobSettings, ModelSettings, SoundImageSettings,
                                      VideoSettings)
 from sounddiffusion.sound.audio import load_audio, sounds_in_folder
@@ -167,8 +168,10 @@ def run_audio2img_batch(settings: SoundImageSettings, model: ModelSettings) -> C
     Returns the job's summary; its ``problems`` are the sounds skipped or failed."""
     sounds = list_sounds(settings)
     refuse_same_names(sounds, "sound", "OUTDIR/<sound name>/")
+    loras = parse_lora_specs(model.lora)  # a bad --lora fails here, not in every worker
     outdir = ensure_output_dir(settings.outdir)
-    items = file_items(sounds, settings, model)
+    warn_negative_prompt_without_guidance(settings.negative_prompt, settings.scale)
+    items = file_items(sounds, settings, model, loras)
     return run_items(items, MakeSoundWorker(settings, model), settings,
                      manifest=Manifest(outdir / MANIFEST_NAME), unit="sound", batch_size=settings.batch_size)
 
@@ -192,7 +195,7 @@ class SongWorker:
 
     def __init__(self, settings: VideoSettings, model: ModelSettings, engine: Engine | None = None):
         self.settings, self.model = settings, model
-        self.engine = engine or load_engine(model)
+        self.engine = engine or load_engine(model, loras=parse_lora_specs(model.lora, schedules=True))
 
     def process(self, item: FileItem) -> list[str]:
         """Render the video of the song at ``item.path``; returns [the MP4's path]."""
@@ -225,8 +228,9 @@ def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> Clus
     music_request(settings)  # --bpm, --sections ... are one line before anything loads, not a skip per song
     songs = list_songs(settings)
     refuse_same_names(songs, "song", "OUTDIR/<song name>.mp4")
+    loras = parse_lora_specs(model.lora, schedules=True)
     outdir = ensure_output_dir(settings.outdir)
-    items = file_items(songs, settings, model)
+    items = file_items(songs, settings, model, loras)
     return run_items(items, MakeSongWorker(settings, model), settings,
                      manifest=Manifest(outdir / MANIFEST_NAME), unit="song")
 
@@ -234,9 +238,12 @@ def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> Clus
 # ----------------------------------------------------------------------------- shared
 
 
-def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSettings) -> list[FileItem]:
-    """One item per path, keyed by the file and the settings that change the outputs."""
-    digest = settings_digest({**settings.parameters(), **model.parameters()})
+def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSettings,
+               loras: Sequence[LoraSpec] = ()) -> list[FileItem]:
+    """One item per path, keyed by the file and the settings that change the outputs (the LoRA
+    files by content and weight, as the outputs record them)."""
+    digest = settings_digest({**settings.parameters(), **model.parameters(),
+                              "lora": lora_record(loras, lora_infos(loras))})
     return [FileItem(key=file_key(path, settings=digest), path=str(path)) for path in paths]
 
 

@@ -24,7 +24,7 @@ from sounddiffusion.errors import AudioError, PromptFileError
 from sounddiffusion.files import ensure_output_dir, next_numbered_path
 from sounddiffusion.images import load_init_image, make_grid, save_png
 from sounddiffusion.model.conditioning import condition
-from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
 from sounddiffusion.settings import (AudioConditioningSettings, ImageSettings, ModelSettings,
                                      PromptImageSettings, SoundImageSettings)
@@ -73,9 +73,10 @@ class ImageSet:
 
 
 def run_parameters(settings: ImageSettings, model: ModelSettings, engine: Engine) -> dict:
-    """Everything needed to reproduce an image: the job's and the model's settings plus the checkpoint."""
+    """Everything needed to reproduce an image: the job's and the model's settings plus the checkpoint
+    and the LoRA files by content (name, sha256, short hash, weight)."""
     return {**settings.parameters(), **model.parameters(), "checkpoint": engine.checkpoint,
-            "checkpoint_hash": engine.checkpoint_hash}
+            "checkpoint_hash": engine.checkpoint_hash, "lora": engine.loras}
 
 
 def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], settings: ImageSettings,
@@ -86,7 +87,7 @@ def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], setting
     shape = engine.latent_shape(1, settings.H, settings.W)
     noise = torch.cat([engine.noise(shape, seed) for seed in seeds])
     common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=settings.scale,
-                  eta=settings.ddim_eta, seed=seeds[0])
+                  eta=settings.ddim_eta, seed=seeds[0], uncond=engine.negative_conditioning(settings.negative_prompt))
     if init_latent is None:
         latents = engine.txt2img(conds, x_T=noise, **common)
     else:
@@ -186,6 +187,7 @@ def run_txt2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWr
     """CompVis's txt2img: OUTDIR/samples/sample-NNNNN.png per image, OUTDIR/grid-NNNN.png per prompt."""
     # Inputs and the output folder are checked before the model loads: mistakes show at once.
     prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
+    warn_negative_prompt_without_guidance(settings.negative_prompt, settings.scale)
     engine = load_engine(model)
     return _render_prompts(engine, settings, model, prompts, outdir)
 
@@ -194,6 +196,7 @@ def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWr
     """CompVis's img2img from ``settings.init_img`` at ``settings.strength``; outputs as txt2img."""
     init = load_init_image(settings.init_img, settings.W, settings.H)
     prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
+    warn_negative_prompt_without_guidance(settings.negative_prompt, settings.scale)
     engine = load_engine(model)
     return _render_prompts(engine, settings, model, prompts, outdir,
                            init_latent=engine.encode_image(init[None]))
@@ -271,6 +274,7 @@ def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> ImagesW
     if first is None:
         raise AudioError(f"none of the {len(sounds)} sounds could be read; the first: {skipped[0][1]}")
     outdir = ensure_output_dir(settings.outdir)
+    warn_negative_prompt_without_guidance(settings.negative_prompt, settings.scale)
     engine = load_engine(model)
     params = run_parameters(settings, model, engine)
     chunk: list[ImageSet] = []

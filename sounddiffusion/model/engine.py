@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sounddiffusion.errors import ParameterError
+
+log = logging.getLogger(__name__)
 
 LATENT_SCALE = 8  # the autoencoder's downsampling factor
 
@@ -41,7 +44,9 @@ class Engine:
     """A loaded model on a device, with the operations the entry points need.
 
     ``model`` is an ``ldm.models.diffusion.ddpm.LatentDiffusion`` in eval mode.
-    ``checkpoint``/``checkpoint_hash`` identify the weights in saved parameters.
+    ``checkpoint``/``checkpoint_hash`` identify the weights in saved parameters; ``loras`` the
+    merged LoRA files as outputs record them (:func:`sounddiffusion.model.lora_specs.lora_record`),
+    ``lora_patch`` their :class:`~sounddiffusion.model.lora.LoraPatch` (None without LoRAs).
     """
 
     model: torch.nn.Module
@@ -49,8 +54,33 @@ class Engine:
     precision: str
     checkpoint: str
     checkpoint_hash: str
+    loras: list[dict] = field(default_factory=list)
+    lora_patch: object | None = field(default=None, repr=False)
     _text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _samplers: dict[str, object] = field(default_factory=dict, repr=False)
+
+    # -- LoRA weights
+
+    def set_lora_weights(self, weights: Sequence[float]) -> None:
+        """Merges the LoRA files at ``weights`` (one per ``--lora``, in order) for what is sampled next.
+
+        Nothing happens when they are the weights already merged; otherwise only the weights the
+        changed files touch are rewritten (:meth:`LoraPatch.set_weights`), and when those include the
+        text encoder's, the prompts' conditionings are computed anew."""
+        weights = tuple(float(w) for w in weights)
+        if self.lora_patch is None or weights == self.lora_patch.weights:
+            return
+        self.lora_patch.set_weights(weights)
+        if any(name.startswith("cond_stage_model.") for name, _ in self.lora_patch.touched):
+            self.text_encoder_changed()
+
+    def text_encoder_changed(self) -> None:
+        """Forgets the cached text conditionings after the text encoder's weights changed; the demo
+        model measures its pictures against the empty prompt's conditioning, so that is taken anew."""
+        self._text_cache.clear()
+        unet = self.model.model.diffusion_model
+        if hasattr(unet, "set_null_context"):  # ldm's DemoDenoiser
+            unet.set_null_context(self.text_conditioning(""))
 
     @property
     def context_dim(self) -> int:
@@ -164,6 +194,11 @@ class Engine:
                                  unconditional_conditioning=uncond, generator=step_generator(seed),
                                  verbose=verbose, before_step=_counted(before_step) if before_step else None)
 
+    def negative_conditioning(self, negative_prompt: str) -> torch.Tensor | None:
+        """The (77, D) conditioning guidance pushes away from for ``negative_prompt``; None for ""
+        (the samplers then use the empty prompt's, as without a negative prompt)."""
+        return self.text_conditioning(negative_prompt) if negative_prompt else None
+
     def _uncond(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         if uncond is None:
             uncond = self.text_conditioning("")
@@ -190,3 +225,14 @@ class Engine:
             pixels = self.model.decode_first_stage(latents.to(self.device, self.dtype))
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def warn_negative_prompt_without_guidance(negative_prompt: str, scale: float) -> None:
+    """One warning when a negative prompt is given but the guidance ``scale`` (the largest of a
+    render's) is at most 1: classifier-free guidance, eps_u + scale * (eps_c - eps_u) with eps_u
+    the negative prompt's prediction, pushes away from it only for scale > 1. At 1 the sampler
+    makes no unconditional prediction at all (few-step samplers such as LCM run there)."""
+    if negative_prompt and scale <= 1:
+        effect = "has no effect" if scale == 1 else "is mixed into the picture instead of avoided"
+        log.warning("--negative_prompt %r %s at --scale %g: guidance pushes away from it only at a scale above 1",
+                    negative_prompt, effect, scale)

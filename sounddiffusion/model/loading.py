@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ldm.checkpoint_keys import SD_V1, SD_V2
 
 from sounddiffusion.errors import DeviceError, ModelError, ParameterError
 from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.lora_specs import LoraSpec, lora_record, merge_loras, parse_lora_specs
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
                                      ModelSettings, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
 
@@ -247,18 +249,21 @@ def build_demo_model() -> torch.nn.Module:
     return model
 
 
-def load_engine(settings: ModelSettings) -> Engine:
+def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = None) -> Engine:
     """Build the model of ``settings`` once for a run.
 
     ``demo`` builds ``configs/stable-diffusion/v1-demo.yaml`` (``config``/``ckpt`` must then be
     unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`, its config picked
     or checked by :func:`model_config_for`, and loaded through ``ldm.util.load_model_from_config``
-    (no download, strict key checks). ``compile``, ``cuda_graphs``: see :func:`engine_for_model`."""
+    (no download, strict key checks). ``compile``, ``cuda_graphs``: see :func:`engine_for_model`.
+    ``loras``: the ``--lora`` specs already parsed (audio2video's, whose weights may be schedules the
+    frame loop sets); None: ``settings.lora`` with number weights, checked before the model loads."""
     from ldm.util import load_model_from_config
 
     target = pick_device(settings.device)
     weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
     check_cuda_graphs(settings.cuda_graphs, target)
+    loras = parse_lora_specs(settings.lora) if loras is None else loras
     if settings.demo:
         model = build_demo_model()
         name, fingerprint = "demo", DEMO_FINGERPRINT
@@ -270,7 +275,7 @@ def load_engine(settings: ModelSettings) -> Engine:
         name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
                             checkpoint_hash=fingerprint, compile=settings.compile,
-                            cuda_graphs=settings.cuda_graphs)
+                            cuda_graphs=settings.cuda_graphs, loras=loras)
 
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
@@ -313,7 +318,8 @@ def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
 
 def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision: str = "auto",
                      checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False,
-                     cuda_graphs: bool = False, channels_last: bool | None = None) -> Engine:
+                     cuda_graphs: bool = False, channels_last: bool | None = None,
+                     loras: Sequence[LoraSpec] = ()) -> Engine:
     """An :class:`Engine` around an already built ``LatentDiffusion`` (e.g. the benchmark's).
 
     The weights are cast for ``precision`` and moved to ``device`` (the model is changed in place).
@@ -321,7 +327,10 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     ``cuda_graphs``: replay the UNet's calls from CUDA graphs, one captured per picture size
     (:mod:`sounddiffusion.model.cuda_graphs`; CUDA only, ParameterError elsewhere).
     ``channels_last``: keep the UNet's and VAE's convolution weights, and so their activations, in
-    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only."""
+    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only.
+    ``loras``: LoRA files merged once the weights are on their device and dtype, the only place
+    LoRAs are merged (:func:`~sounddiffusion.model.lora_specs.merge_loras`; with a scheduled weight
+    the engine's ``set_lora_weights`` changes them per frame)."""
     target = pick_device(device)
     dtype = weight_dtype(precision, target)
     check_cuda_graphs(cuda_graphs, target)
@@ -341,14 +350,21 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     if channels_last if channels_last is not None else target.type == "cuda":
         unet.to(memory_format=torch.channels_last)
         model.first_stage_model.to(memory_format=torch.channels_last)
+    patch = merge_loras(model, loras)
+    scheduled = any(spec.constant is None for spec in loras)
     if target.type == "cpu" and dtype == torch.float32:
         _prepack_for_cpu([model.first_stage_model] if compile else [unet, model.first_stage_model])
     if compile:
-        options = {"freezing": True} if target.type == "cpu" else None
+        # Freezing folds the weights into the compiled code: per-frame LoRA weights would not reach it.
+        options = {"freezing": True} if target.type == "cpu" and not scheduled else None
         unet.forward = torch.compile(unet.forward, dynamic=False, options=options)
     if cuda_graphs:
         from sounddiffusion.model.cuda_graphs import use_static_calls
 
         use_static_calls(unet)
-    return Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
-                  checkpoint_hash=checkpoint_hash)
+    engine = Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
+                    checkpoint_hash=checkpoint_hash, lora_patch=patch,
+                    loras=lora_record(loras, patch.files) if patch is not None else [])
+    if patch is not None and any(name.startswith("cond_stage_model.") for name, _ in patch.touched):
+        engine.text_encoder_changed()
+    return engine

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.modules.diffusionmodules.demo_denoiser import DemoDenoiser
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from sounddiffusion.errors import ModelError, ParameterError
 
@@ -137,13 +138,18 @@ def _checked_weights(weights, paths) -> tuple[float, ...]:
     return tuple(float(w) for w in weights)
 
 
-def _model_family(model) -> tuple[str, str]:
-    """(family, description), e.g. ("SD v1", "SD v1 model (768-wide text conditioning)")."""
+def _model_family(model) -> tuple[str, str, str]:
+    """(family, description, advice), e.g. ("SD v1", "SD v1 model (768-wide text conditioning)",
+    "use a LoRA made for SD v1")."""
     text = model.cond_stage_model
     family = ("SD v1" if isinstance(text, FrozenCLIPEmbedder) else "SD 2.x" if isinstance(text, FrozenOpenCLIPEmbedder)
               else "Stable Diffusion")
     widths = [m.in_features for name, m in model.model.diffusion_model.named_modules() if name.endswith("attn2.to_k")]
-    return family, f"{family} model ({widths[0]}-wide text conditioning)" if widths else f"{family} model"
+    width = f" ({widths[0]}-wide text conditioning)" if widths else ""
+    if isinstance(model.model.diffusion_model, DemoDenoiser):  # a toy of SD v1's layout, but narrower
+        return family, f"--demo model{width}", ("LoRAs made for SD v1 need real SD v1 weights: leave out --demo "
+                                                "and pass the checkpoint with --ckpt (README: LoRA files and negative prompts)")
+    return family, f"{family} model{width}", f"use a LoRA made for {family}"
 
 
 def _file_family(modules: dict[str, LoraModule]) -> str | None:
@@ -197,15 +203,15 @@ def _matched_modules(path: Path, modules: dict[str, LoraModule], others: list[st
             matched[target] = module
     file_family = _file_family(modules)
     made_for = f" is for {file_family} and" if file_family else ""
-    family, model_name = _model_family(model)
+    family, model_name, advice = _model_family(model)
     if not matched:
         raise ModelError(f"LoRA {path}{made_for} fits no layer of this {model_name}: none of its {len(modules)} "
-                         f"modules (e.g. {unmatched[0]!r}) names one; use a LoRA made for {family}")
+                         f"modules (e.g. {unmatched[0]!r}) names one; {advice}")
     for target, module in matched.items():
         shape = _target_shape(model, target)
         if not _fits(module, shape):
             raise ModelError(f"LoRA {path}{made_for} does not fit this {model_name}: its {target.layer} is "
-                             f"{_layer_shape(module)}, the model's {tuple(shape)}; use a LoRA made for {family}")
+                             f"{_layer_shape(module)}, the model's {tuple(shape)}; {advice}")
     if unmatched or others:
         log.warning("LoRA %s: %d of its %d modules match no layer of this model, and %d of its tensors belong "
                     "to no LoRA module; they are left out (debug logging lists them)",
@@ -248,7 +254,7 @@ def _load(model, specs, schedulable: bool) -> LoraPatch:
     else:
         patch.weights = weights
     for info, w in zip(files, weights):
-        log.info("LoRA %s (%s) merged at %g", info.name, info.short_hash, w)
+        log.info("LoRA %s (%s) %s %g", info.name, info.short_hash, "loaded, weight now" if schedulable else "merged at", w)
     return patch
 
 

@@ -12,7 +12,7 @@ schedule reads an envelope or a report is asked for.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from sounddiffusion.control.bending_specs import BendSpec
-from sounddiffusion.control.frame_schedules import (VideoSchedules, evaluate_schedules, parse_video_schedules,
-                                                    plain_variables)
+from sounddiffusion.control.frame_schedules import (VideoSchedules, evaluate_lora_weights, evaluate_schedules,
+                                                    parse_video_schedules, plain_variables)
 from sounddiffusion.control.music_analysis import analyse_music, music_request
-from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
+from sounddiffusion.control.prompts import (negative_weights_at, parse_prompt_file, prompt_weights_at,
+                                            split_negative, start_end_schedule)
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, parse_smoothing, snap_times
 from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_length,
@@ -41,7 +42,9 @@ def frame_seed(seed: int, index: int) -> int:
 class Frame:
     """Frame ``index`` of a render: its time (s), the numbers its img2img step uses, its noise
     seed, the prompts mixed in with their weights, each bend's amount, whether it is diffused
-    (else made between its diffused neighbours) and whether its colours are matched first."""
+    (else made between its diffused neighbours) and whether its colours are matched first; the
+    negative prompts guidance pushes away from, with the prompts' weights ("": the empty prompt),
+    and each ``--lora``'s weight."""
 
     index: int
     time: float
@@ -57,6 +60,8 @@ class Frame:
     bend_amounts: tuple[float, ...]
     diffused: bool
     match_colors: bool
+    negative_weights: list[tuple[str, float]] = field(default_factory=list)
+    lora_weights: tuple[float, ...] = ()
 
 
 @dataclass
@@ -65,10 +70,11 @@ class FramePlan:
 
     ``audio`` is the sound file and ``n_samples`` its length in mono 44.1 kHz samples;
     ``values`` the scheduled flags' (n_frames,) arrays; ``bend_amounts`` (n_bends, n_frames);
-    ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt);
-    ``envelopes`` the sound's analysis when it was needed, else None, and ``tracks`` its control
-    tracks' by name; ``snapped``: (asked, snapped) seconds of each prompt moved by ``--snap_prompts``
-    (empty when none were)."""
+    ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt)
+    (a prompt may end with ``--neg NEGATIVE``; ``negative_prompt`` is the others' negative);
+    ``lora_weights`` (n_loras, n_frames); ``envelopes`` the sound's analysis when it was needed, else
+    None, and ``tracks`` its control tracks' by name; ``snapped``: (asked, snapped) seconds of each
+    prompt moved by ``--snap_prompts`` (empty when none were)."""
 
     audio: Path
     n_samples: int
@@ -86,6 +92,8 @@ class FramePlan:
     envelopes: Envelopes | None = None
     tracks: Mapping[str, Envelopes] = field(default_factory=dict)
     snapped: tuple[tuple[float, float], ...] = ()
+    negative_prompt: str = ""
+    lora_weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     _slices: Iterator[np.ndarray] | None = field(default=None, repr=False)
     _next_index: int = field(default=0, repr=False)
 
@@ -95,14 +103,22 @@ class FramePlan:
 
     def frame(self, index: int) -> Frame:
         value = {name: float(values[index]) for name, values in self.values.items()}
+        prompts, negatives = negative_weights_at(prompt_weights_at(self.schedule, self.time_of(index)),
+                                                 self.negative_prompt)
         return Frame(index=index, time=self.time_of(index), strength=value["strength"], scale=value["scale"],
                      textstrength=value["textstrength"], rms_bend=value["rms_bend"],
                      latent_noise=value["latent_noise"], contrast=value["contrast"],
                      color_coherence_strength=value["color_coherence_strength"],
-                     noise_seed=int(self.noise_seeds[index]),
-                     prompt_weights=prompt_weights_at(self.schedule, self.time_of(index)),
+                     noise_seed=int(self.noise_seeds[index]), prompt_weights=prompts,
                      bend_amounts=tuple(float(a) for a in self.bend_amounts[:, index]),
-                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]))
+                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]),
+                     negative_weights=negatives,
+                     lora_weights=tuple(float(w) for w in self.lora_weights[:, index]) if len(self.lora_weights) else ())
+
+    def negative_prompts(self) -> list[str]:
+        """The negative prompts frames push away from (``--negative_prompt``, ``--neg``), each once."""
+        found = [self.negative_prompt, *(split_negative(prompt)[1] or "" for _, prompt in self.schedule)]
+        return list(dict.fromkeys(text for text in found if text))
 
     def next_diffused(self, index: int) -> int:
         """The first diffused frame after ``index`` (the last frame is always diffused)."""
@@ -122,15 +138,17 @@ class FramePlan:
         return next(self._slices)
 
 
-def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
+def plan_frames(settings: VideoSettings, *, analyse: bool = False,
+                loras: Sequence[tuple[str, str]] = ()) -> FramePlan:
     """The plan of a render. Parses every schedule and checks the music flags first (a mistake
     fails before anything is read; a control track's file is opened), decodes the sound once to
     know its length and, when a schedule reads an envelope, prompts are snapped (or ``analyse``),
-    analyses it and its control tracks.
+    analyses it and its control tracks. ``loras``: (file, weight text) of each ``--lora``, whose
+    weights the plan evaluates per frame as it does the other schedules.
 
     Raises ScheduleError/ParameterError for a bad schedule or value, AudioError for a sound that
     cannot be read and PromptFileError for a bad prompt or sections file."""
-    schedules = parse_video_schedules(settings)
+    schedules = parse_video_schedules(settings, loras)
     request = music_request(settings)
     _warn_unread_tracks(schedules, [track.name for track in request.tracks])
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
@@ -149,7 +167,9 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
                      bends=tuple(spec for spec, _ in schedules.bends), bend_amounts=amounts, diffused=diffused,
                      color_frames=color_frames(settings, diffused), schedule=schedule, schedules=schedules,
                      seed_jumps=jumps, envelopes=analysed.mix if analysed is not None else None,
-                     tracks=dict(analysed.tracks) if analysed is not None else {}, snapped=snapped)
+                     tracks=dict(analysed.tracks) if analysed is not None else {}, snapped=snapped,
+                     negative_prompt=settings.negative_prompt,
+                     lora_weights=evaluate_lora_weights(schedules, variables, n_frames))
 
 
 def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:

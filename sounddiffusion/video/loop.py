@@ -28,8 +28,9 @@ from sounddiffusion.files import ensure_output_dir, unique_output_path
 from sounddiffusion.images import load_init_image
 from sounddiffusion.model.conditioning import blend_conditionings, condition
 from sounddiffusion.model.cuda_graphs import StaticShapeCalls
-from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine, unet_skeleton
+from sounddiffusion.model.lora_specs import parse_lora_specs
 from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import slice_rms
 from sounddiffusion.sound.control_tracks import file_digest
@@ -55,13 +56,22 @@ def frame_conditioning(engine: Engine, audio_slice: np.ndarray, frame: Frame,
                      empty_cond=engine.text_conditioning(""), textstrength=frame.textstrength)
 
 
+def frame_negative(engine: Engine, frame: Frame) -> torch.Tensor | None:
+    """The (77, D) conditioning guidance pushes away from at ``frame``: its negative prompts blended
+    with the prompts' weights; None when all are "" (the empty prompt, as without negative prompts)."""
+    if not any(negative for negative, _ in frame.negative_weights):
+        return None
+    return blend_conditionings(frame.negative_weights, engine.text_conditioning)
+
+
 def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tensor, frame: Frame,
                 bends: FrameBends, settings: VideoSettings) -> torch.Tensor:
     """Frame ``frame``'s latent (1, 4, h, w): txt2img without a previous latent, else img2img,
-    with the frame's bends on the noised latent and before their steps."""
+    with the frame's bends on the noised latent and before their steps, guided away from its
+    negative prompts."""
     noise = engine.noise(engine.latent_shape(1, settings.H, settings.W), frame.noise_seed)
     common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=frame.scale,
-                  eta=settings.ddim_eta, seed=frame.noise_seed + 1)
+                  eta=settings.ddim_eta, seed=frame.noise_seed + 1, uncond=frame_negative(engine, frame))
     before_step = ((lambda step, x: bend(x, bends.steps.get(step, []), settings.seed, frame.index))
                    if bends.steps else None)
     if previous is None:
@@ -73,8 +83,9 @@ def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tenso
 
 def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: ChainState, frame: Frame,
             blocks: BlockBender | None) -> torch.Tensor:
-    """Sample ``frame`` from the chain: its conditioning, the previous latent prepared (colour,
-    contrast, noise), img2img with its bends, final bends, ``--pixel_roundtrip``."""
+    """Sample ``frame`` from the chain: its LoRA weights, its conditioning, the previous latent
+    prepared (colour, contrast, noise), img2img with its bends, final bends, ``--pixel_roundtrip``."""
+    engine.set_lora_weights(frame.lora_weights)  # before the conditioning: a LoRA may change the text encoder
     audio_slice = plan.audio_slice(frame.index)
     cond = frame_conditioning(engine, audio_slice, frame, settings)
     first = chain.latent is None
@@ -145,7 +156,7 @@ def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engin
     sections = [list(section) for section in plan.envelopes.sections] if plan.envelopes is not None else []
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
             "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
-            "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
+            "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash, "lora": engine.loras,
             "init_img": file_digest(settings.init_img) if settings.init_img else None,
             "control": controls or None, "sections": sections or None}
 
@@ -157,7 +168,7 @@ def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
 
     if plan.envelopes is None:
         return []
-    columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules)
+    columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules, plan.lora_weights)
     ensure_output_dir(settings.requested_output().parent)
     written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, tracks=plan.tracks,
                                   snapped=plan.snapped, overwrite=True)]
@@ -176,10 +187,14 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     ``dry_run``: of the schedule CSV, written without loading the model).
 
     ``engine``: ``model`` already loaded (batch jobs render many songs with one load)."""
-    plan = plan_frames(settings, analyse=settings.plot or settings.dry_run)
+    loras = parse_lora_specs(model.lora, schedules=True)  # the files are checked before anything renders
+    plan = plan_frames(settings, analyse=settings.plot or settings.dry_run,
+                       loras=[(str(spec.path), spec.weight) for spec in loras])
     reports = write_reports(settings, plan) if plan.envelopes is not None else []
     if settings.dry_run:
         return reports[0]
+    for negative in plan.negative_prompts()[:1]:
+        warn_negative_prompt_without_guidance(negative, float(plan.values["scale"].max()))
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
     ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
@@ -188,7 +203,7 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     if engine is None:
         for spec in block_specs(plan):  # block names against the model's layout, before it loads
             check_block(spec, unet_skeleton(model))
-        engine = load_engine(model)
+        engine = load_engine(model, loras=loras)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
