@@ -24,8 +24,8 @@ from sounddiffusion.errors import DeviceError, OutputError, ParameterError, User
 from sounddiffusion.flags import FlagGroup
 from sounddiffusion.logs import configure_logging
 from sounddiffusion.settings import (CHECKPOINT_DIR, CRF_RANGE, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE,
-                                     DEVICES, JobSettings, MAX_FPS, ModelSettings, PRECISIONS,
-                                     V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
+                                     DEVICES, JobSettings, MAX_FPS, ModelSettings, PRECISIONS, SAMPLERS,
+                                     V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, pick_sampler, shown_path)
 
 log = logging.getLogger("sounddiffusion")
 SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
@@ -86,7 +86,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--config --ckpt --demo --device --precision --compile --cuda_graphs."""
+    """--config --ckpt --vae --demo --device --precision --compile --cuda_graphs."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=None,
                    help=f"model config (CompVis YAML format); default: picked from the checkpoint's "
@@ -96,6 +96,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help=f"checkpoint (.ckpt or .safetensors); default: model.ckpt or "
                         f"model.safetensors in {shown_path(CHECKPOINT_DIR)}/, else the one file in "
                         f"{shown_path(V2_CHECKPOINT_DIR)}/")
+    g.add_argument("--vae", default=None, metavar="taesd:PATH",
+                   help="encode and decode pictures with the tiny autoencoder TAESD (a folder or file from "
+                        "madebyollin/taesd, which you download) instead of the checkpoint's: faster frames and "
+                        "previews, slightly softer pictures (README: Fast sampling)")
     g.add_argument("--demo", action="store_true",
                    help="use the small built-in demo model (hand-designed, abstract pictures that follow "
                         "the sound; README: The demo model) to try the tools without downloading a checkpoint")
@@ -122,12 +126,16 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     return settings_from_args(ModelSettings, args)
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True, scheduled: bool = False) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True, scheduled: bool = False,
+                      default_sampler: str = "ddim") -> None:
     """Sampler, steps, guidance, seed and image geometry (txt2img's flags). ``scheduled``: --scale
-    takes a schedule (audio2video)."""
+    takes a schedule (audio2video); ``default_sampler``: the entry point's, named in --help."""
     g = parser.add_argument_group("sampling")
+    g.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help=f"default {default_sampler}; lcm: LCM models and LCM-LoRA, 2-8 steps at --scale 1-2; "
+                        f"euler_a: SD-Turbo, 1-4 steps at --scale 0 (README: Fast sampling)")
     if plms_flag:
-        g.add_argument("--plms", action="store_true", help="use the PLMS sampler (default: DDIM)")
+        g.add_argument("--plms", action="store_true", help="use the PLMS sampler (= --sampler plms)")
     g.add_argument("--ddim_steps", type=int, default=50, help="number of denoising steps")
     g.add_argument("--ddim_eta", type=float, default=0.0,
                    help="DDIM eta (0 = deterministic DDIM; PLMS needs 0)")
@@ -271,11 +279,8 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.scale >= 0, f"--scale {args.scale}: the guidance scale cannot be negative")
     if hasattr(args, "ddim_eta"):
         need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
-        uses_plms = getattr(args, "plms", False) or (hasattr(args, "ddim") and not args.ddim)
-        if uses_plms:
-            ddim = "add --ddim" if hasattr(args, "ddim") else "leave out --plms"
-            need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
-                                     f"needs eta 0; {ddim} to sample with DDIM for eta > 0")
+    if hasattr(args, "sampler"):
+        _check_sampler_args(args)
     if getattr(args, "ray_workers", None) is not None:
         need(args.ray is not None, f"--ray_workers {args.ray_workers}: give --ray too")
         need(args.ray_workers >= 1, f"--ray_workers {args.ray_workers}: use at least 1")
@@ -303,6 +308,20 @@ def validate_args(args: argparse.Namespace) -> None:
         else:
             need(0 <= args.textstrength <= 1, f"--textstrength {args.textstrength}: use a value in "
                                               f"[0, 1] (0 = sound only, 1 = text only)")
+
+
+def _check_sampler_args(args: argparse.Namespace) -> None:
+    """--sampler against --plms / --ddim, eta, steps and a constant --strength (audio2video's
+    scheduled one is checked frame by frame when its frames are planned)."""
+    from sounddiffusion.model.samplers import check_sampling, check_strength
+
+    switch = "plms" if getattr(args, "plms", False) else "ddim" if getattr(args, "ddim", False) else None
+    sampler = pick_sampler(args.sampler, default="plms" if hasattr(args, "ddim") else "ddim", switch=switch)
+    to_ddim = ("leave out --plms" if switch == "plms" else "use --sampler ddim" if args.sampler
+               else "add --ddim")
+    check_sampling(sampler, args.ddim_steps, args.ddim_eta, to_ddim)
+    if isinstance(getattr(args, "strength", None), (int, float)):
+        check_strength(sampler, args.ddim_steps, args.strength)
 
 
 def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:

@@ -75,7 +75,7 @@ class ImageSet:
 def run_parameters(settings: ImageSettings, model: ModelSettings, engine: Engine) -> dict:
     """Everything needed to reproduce an image: the job's and the model's settings plus the checkpoint."""
     return {**settings.parameters(), **model.parameters(), "checkpoint": engine.checkpoint,
-            "checkpoint_hash": engine.checkpoint_hash}
+            "checkpoint_hash": engine.checkpoint_hash, "vae_hash": engine.vae_hash}
 
 
 def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], settings: ImageSettings,
@@ -196,7 +196,7 @@ def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWr
     prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
     engine = load_engine(model)
     return _render_prompts(engine, settings, model, prompts, outdir,
-                           init_latent=engine.encode_image(init[None]))
+                           init_latent=engine.encode_image(init[None], why="img2img's --init-img"))
 
 
 # ----------------------------------------------------------------------------- audio2img

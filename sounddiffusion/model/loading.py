@@ -1,6 +1,6 @@
 """Turning model settings into a ready :class:`~sounddiffusion.model.engine.Engine`: checkpoint and config
 resolution (the config picked from the checkpoint's family when ``--config`` is not given),
-``--demo``, device and precision, CPU weight pre-packing, ``torch.compile``.
+``--demo``, ``--vae taesd:PATH``, device and precision, CPU weight pre-packing, ``torch.compile``.
 
 Every entry point goes through :func:`load_engine`; scripts that build a model themselves (the
 benchmark) wrap it with :func:`engine_for_model`.
@@ -18,6 +18,7 @@ from ldm.checkpoint_keys import SD_V1, SD_V2
 
 from sounddiffusion.errors import DeviceError, ModelError, ParameterError
 from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
                                      ModelSettings, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
 
@@ -253,12 +254,14 @@ def load_engine(settings: ModelSettings) -> Engine:
     ``demo`` builds ``configs/stable-diffusion/v1-demo.yaml`` (``config``/``ckpt`` must then be
     unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`, its config picked
     or checked by :func:`model_config_for`, and loaded through ``ldm.util.load_model_from_config``
-    (no download, strict key checks). ``compile``, ``cuda_graphs``: see :func:`engine_for_model`."""
+    (no download, strict key checks). ``vae``: TAESD, read first so that a wrong file fails before
+    the model loads. ``compile``, ``cuda_graphs``: see :func:`engine_for_model`."""
     from ldm.util import load_model_from_config
 
     target = pick_device(settings.device)
     weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
     check_cuda_graphs(settings.cuda_graphs, target)
+    vae = load_tiny_vae(settings.vae) if settings.vae else None
     if settings.demo:
         model = build_demo_model()
         name, fingerprint = "demo", DEMO_FINGERPRINT
@@ -270,7 +273,7 @@ def load_engine(settings: ModelSettings) -> Engine:
         name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
                             checkpoint_hash=fingerprint, compile=settings.compile,
-                            cuda_graphs=settings.cuda_graphs)
+                            cuda_graphs=settings.cuda_graphs, vae=vae)
 
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
@@ -313,7 +316,8 @@ def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
 
 def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision: str = "auto",
                      checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False,
-                     cuda_graphs: bool = False, channels_last: bool | None = None) -> Engine:
+                     cuda_graphs: bool = False, channels_last: bool | None = None,
+                     vae: TinyVae | None = None) -> Engine:
     """An :class:`Engine` around an already built ``LatentDiffusion`` (e.g. the benchmark's).
 
     The weights are cast for ``precision`` and moved to ``device`` (the model is changed in place).
@@ -321,7 +325,8 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     ``cuda_graphs``: replay the UNet's calls from CUDA graphs, one captured per picture size
     (:mod:`sounddiffusion.model.cuda_graphs`; CUDA only, ParameterError elsewhere).
     ``channels_last``: keep the UNet's and VAE's convolution weights, and so their activations, in
-    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only."""
+    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only. ``vae``: TAESD in place
+    of the model's autoencoder (moved and cast with the model)."""
     target = pick_device(device)
     dtype = weight_dtype(precision, target)
     check_cuda_graphs(cuda_graphs, target)
@@ -350,5 +355,7 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
         from sounddiffusion.model.cuda_graphs import use_static_calls
 
         use_static_calls(unet)
+    if vae is not None:
+        vae.autoencoder.to(target, dtype)
     return Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
-                  checkpoint_hash=checkpoint_hash)
+                  checkpoint_hash=checkpoint_hash, vae=vae)

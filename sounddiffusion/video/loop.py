@@ -37,6 +37,7 @@ from sounddiffusion.video.cadence import slerp
 from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, block_specs, frame_bends,
                                               prepare_previous, steps_of_frame, stream_generator)
 from sounddiffusion.video.frame_plan import Frame, FramePlan, plan_frames
+from sounddiffusion.video.frame_steps import check_frame_strengths, sampler_columns
 from sounddiffusion.video.frame_writer import FrameWriter, PixelBlend
 from sounddiffusion.video.render import VideoRender
 
@@ -78,7 +79,7 @@ def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: Cha
     first = chain.latent is None
     previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
                                                    settings.color_coherence, settings.seed)
-    n_steps = steps_of_frame(frame, settings.ddim_steps, first=first)
+    n_steps = steps_of_frame(frame, settings.sampler, settings.ddim_steps, first=first)
     bends = frame_bends(plan, frame, slice_rms(audio_slice), n_steps, first=first)
     if blocks is not None:
         blocks.set_amounts(frame.bend_amounts)
@@ -139,23 +140,25 @@ def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engin
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
             "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
             "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
-            "init_img": _file_digest(settings.init_img) if settings.init_img else None}
+            "vae_hash": engine.vae_hash, "init_img": _file_digest(settings.init_img) if settings.init_img else None}
 
 
 def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
+def write_reports(settings: VideoSettings, plan: FramePlan, embeds_guidance: bool = False) -> list[Path]:
     """NAME.schedule.csv (when the sound was analysed) and, with ``--plot``, NAME.schedule.png,
-    next to the requested output; each run writes them anew."""
+    next to the requested output; each run writes them anew. The CSV also holds the sampler's
+    steps of every frame (:func:`~sounddiffusion.video.frame_steps.sampler_columns`)."""
     from sounddiffusion.control.schedule_report import plot_schedule, write_schedule_csv
 
     if plan.envelopes is None:
         return []
     columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules)
     ensure_output_dir(settings.requested_output().parent)
-    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, overwrite=True)]
+    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes,
+                                  {**columns, **sampler_columns(plan, settings, embeds_guidance)}, overwrite=True)]
     if settings.plot:
         written.append(plot_schedule(settings.report_path(".png"), plan.envelopes, columns,
                                      title=Path(settings.audio).name, overwrite=True))
@@ -164,12 +167,21 @@ def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
     return written
 
 
+def check_encoder(engine: Engine, settings: VideoSettings) -> None:
+    """Before the first frame: a decoder-only ``--vae`` TAESD cannot serve a render that encodes pictures."""
+    needs = [flag for flag, on in (("--init-img", settings.init_img), ("--pixel_roundtrip", settings.pixel_roundtrip),
+                                   ("--color_coherence", settings.color_coherence != "none")) if on]
+    if needs:
+        engine.check_can_encode(" and ".join(needs))
+
+
 def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: Engine | None = None) -> Path:
     """Render the video of ``settings.audio``; returns the path of the finished MP4 (with
     ``dry_run``: of the schedule CSV, written without loading the model).
 
     ``engine``: ``model`` already loaded (batch jobs render many songs with one load)."""
     plan = plan_frames(settings, analyse=settings.plot or settings.dry_run)
+    check_frame_strengths(plan, settings)
     reports = write_reports(settings, plan) if plan.envelopes is not None else []
     if settings.dry_run:
         return reports[0]
@@ -180,6 +192,9 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
         for spec in block_specs(plan):  # block names against the model's layout, before it loads
             check_block(spec, unet_skeleton(model))
         engine = load_engine(model)
+    check_encoder(engine, settings)
+    if reports and engine.embeds_guidance:  # one UNet evaluation per step at any scale
+        write_reports(settings, plan, embeds_guidance=True)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
