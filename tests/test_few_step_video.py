@@ -38,14 +38,15 @@ def recorded_settings(video) -> dict:
 
 def random_taesd(folder, seed=0, encoder=True):
     """TAESD files as madebyollin/taesd publishes them (taesd_encoder.pth, taesd_decoder.pth: bare
-    state dicts of the two Sequentials), filled with random weights ~ N(0, 2 / fan-in)."""
+    state dicts of the two Sequentials), filled with random weights ~ N(0, 1 / fan-in), biases ~ N(0, 0.1^2):
+    decoded pictures then spread over [-1, 1] (most pixels unsaturated)."""
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     halves = {"taesd_decoder.pth": tiny_decoder()}
     if encoder:
         halves["taesd_encoder.pth"] = tiny_encoder()
     for name, network in halves.items():
-        state = {key: (torch.randn(t.shape, generator=generator) * (2.0 / t[0].numel()) ** 0.5 if t.ndim > 1
+        state = {key: (torch.randn(t.shape, generator=generator) / t[0].numel() ** 0.5 if t.ndim > 1
                        else 0.1 * torch.randn(t.shape, generator=generator))
                  for key, t in network.state_dict().items()}
         torch.save(state, folder / name)
@@ -121,16 +122,17 @@ def test_engine_decode_is_taesds(tmp_path):
 
     folder = random_taesd(tmp_path / "taesd")
     engine = load_engine(ModelSettings(demo=True, device="cpu", vae=f"taesd:{folder}"))
-    latents = 2 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         pixels = load_taesd(folder).decode(latents)  # (B, 3, 64, 64) in about [-1, 1]
-    want = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(engine.decode(latents), want)
-    assert want.std() > 5  # not a flat picture: the comparison can tell decoders apart
+    assert (pixels.abs() < 1).float().mean() > 0.5  # mostly unclamped: the comparison tells decoders apart
+    want = ((pixels.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
     pictures = engine.decode(latents)
+    # the engine pre-packs TAESD's weights for oneDNN on a CPU: the same sums in another order
+    assert pictures.dtype == np.uint8 and np.abs(pictures - want).max() <= 1
     with torch.no_grad():
-        assert torch.allclose(engine.encode_image(pictures),
-                              load_taesd(folder).encode(torch.tensor(pictures).permute(0, 3, 1, 2) / 127.5 - 1))
+        want = load_taesd(folder).encode(torch.tensor(pictures).permute(0, 3, 1, 2) / 127.5 - 1)
+    assert torch.allclose(engine.encode_image(pictures), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("vae,words", [

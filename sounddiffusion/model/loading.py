@@ -346,8 +346,11 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     if channels_last if channels_last is not None else target.type == "cuda":
         unet.to(memory_format=torch.channels_last)
         model.first_stage_model.to(memory_format=torch.channels_last)
+    if vae is not None:
+        vae.autoencoder.to(target, dtype)
     if target.type == "cpu" and dtype == torch.float32:
-        _prepack_for_cpu([model.first_stage_model] if compile else [unet, model.first_stage_model])
+        autoencoder = vae.autoencoder if vae is not None else model.first_stage_model  # the one in use
+        _prepack_for_cpu([autoencoder] if compile else [unet, autoencoder])
     if compile:
         options = {"freezing": True} if target.type == "cpu" else None
         unet.forward = torch.compile(unet.forward, dynamic=False, options=options)
@@ -355,7 +358,5 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
         from sounddiffusion.model.cuda_graphs import use_static_calls
 
         use_static_calls(unet)
-    if vae is not None:
-        vae.autoencoder.to(target, dtype)
     return Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
                   checkpoint_hash=checkpoint_hash, vae=vae)
