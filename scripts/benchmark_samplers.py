@@ -109,8 +109,9 @@ def time_render_loop(engine, way: Way, options, sound: Path, workdir: Path, init
             render.close()
         return chain, time.perf_counter() - started
 
-    chain, _ = block(1, 2, chain, "warmup")
-    _, seconds = block(2, 2 + options.frames, chain, f"timed-{time.monotonic_ns()}")
+    run = time.monotonic_ns()  # every round renders into new files
+    chain, _ = block(1, 2, chain, f"warmup-{run}")
+    _, seconds = block(2, 2 + options.frames, chain, f"timed-{run}")
     return seconds / options.frames
 
 

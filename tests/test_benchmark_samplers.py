@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_samplers_mode_writes_its_table(tmp_path, capsys):
     bench = load_module(REPO / "scripts" / "benchmark.py", "benchmark_script_samplers")
     out = tmp_path / "table.md"
-    assert bench.main(["--samplers", "--size", "64", "--frames", "1", "--rounds", "1", "--no_whole_command",
+    assert bench.main(["--samplers", "--size", "64", "--frames", "1", "--rounds", "2", "--no_whole_command",
                        "--decode_repeats", "1", "--decode_size", "64", "--strength", "0.6", "--out", str(out)]) == 0
     text = out.read_text()
     assert capsys.readouterr().out == text
