@@ -524,7 +524,8 @@ def parse_args(argv=None):
     few.add_argument("--samplers", action="store_true",
                      help="frames/s of audio2video at PLMS 25 steps, LCM 4 steps and Euler ancestral 2 steps "
                           "(--size default 128, --frames default 12 per round), and KL vs TAESD decode time")
-    few.add_argument("--rounds", type=int, default=2, help="render-loop rounds, ways interleaved; the best counts")
+    few.add_argument("--rounds", type=int, default=2,
+                     help="rounds of the render loop and of the whole command, ways interleaved; the best counts")
     few.add_argument("--no_whole_command", dest="whole_command", action="store_false",
                      help="skip timing audio2video.py itself on the whole sound")
     few.add_argument("--decode_repeats", type=int, default=3, help="timed decodes per autoencoder")
