@@ -2,7 +2,8 @@
 """Music-reactive video: the picture evolves with the sound, which is muxed back in.
 
 Frame 0 comes from txt2img (or --init-img), every next frame from img2img on the previous one,
-each conditioned on its own slice of the sound (PLMS by default).
+each conditioned on its own slice of the sound (PLMS by default; --sampler lcm or euler_a with a
+few-step model renders several times faster, README: Fast sampling).
 
     python audio2video.py --demo --path examples/audio/chords.wav --fps 8
     python audio2video.py --path song.mp3 --fps 12 --strength 0.5 --textprompt "a neon city at night"
@@ -42,11 +43,11 @@ def build_parser():
     parser.add_argument("--rms_bend", default="0", metavar="F",
                         help="add loudness (slice RMS) x F to the noised latent ('network bending'; "
                              "0 = off, upstream used 0.8); the same as --bend \"add=F*rms\"" + cli.SCHEDULE_HELP)
-    parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS for img2img")
+    parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS (= --sampler ddim)")
     cli.add_music_reactive_args(parser)
     cli.add_flag_group(parser, MUSIC_FLAGS)
     cli.add_coherence_args(parser)
-    cli.add_sampling_args(parser, plms_flag=False, scheduled=True)
+    cli.add_sampling_args(parser, plms_flag=False, scheduled=True, default_sampler="plms")
     parser.set_defaults(ddim_steps=25)
     out = parser.add_argument_group("output")
     out.add_argument("--outdir", default="outputs/audio2video", help="folder for the video")
@@ -60,7 +61,8 @@ def build_parser():
                           "a folder beside the video (NAME-frames/)")
     out.add_argument("--preview_every", type=float, default=0, metavar="SECONDS",
                      help="write a playable in-progress video, NAME.preview.mp4, every SECONDS of video "
-                          "(0 = never); it is removed when the render finishes")
+                          "(0 = never; with --vae taesd:PATH its frames, as all, are TAESD's cheap decodes); it "
+                          "is removed when the render finishes")
     out.add_argument("--resume", action="store_true",
                      help="continue an interrupted render of the same output from its last frame")
     out.add_argument("--pixel_roundtrip", action="store_true",

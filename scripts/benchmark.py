@@ -30,6 +30,13 @@ renders its frames anyway.
     python scripts/benchmark.py --device cuda --quick    # the same work, 4 frames per way (< 3 min)
     python scripts/benchmark.py --device cuda --ways ours --cuda_graphs   # ours with CUDA graphs
 
+``--samplers`` measures something else: frames/s of audio2video with the default sampler (PLMS 25
+steps) against LCM (4 steps, scale 1) and Euler ancestral (2 steps, scale 0) at the same strength on
+the demo model, and the decode time of the KL autoencoder against TAESD (scripts/benchmark_samplers.py):
+
+    python scripts/benchmark.py --samplers --device cpu      # demo model 128x128, then SD v1 decoders at 512
+    python scripts/benchmark.py --samplers --device cuda --size 512 --ckpt model.safetensors
+
 ``--device cuda --quick`` keeps the full mode's work per frame (512x512, 25 denoising steps) and
 times 4 frames per way: on one H200 (2026-11-29) building the model took about 30 s and 10
 frames per way of all four ways about 130 s in all, of which about 50 s were timed frames, so 4
@@ -513,6 +520,18 @@ def parse_args(argv=None):
     parser.add_argument("--config", default=str(FULL_CONFIG.relative_to(REPO)),
                         help="model config, filled with random weights (smaller ones are for tests)")
     parser.add_argument("--out", default=None, help="markdown file (default: outputs/benchmark-<mode>-<UTC time>.md)")
+    few = parser.add_argument_group("--samplers: few-step samplers and TAESD against the defaults")
+    few.add_argument("--samplers", action="store_true",
+                     help="frames/s of audio2video at PLMS 25 steps, LCM 4 steps and Euler ancestral 2 steps "
+                          "(--size default 128, --frames default 12 per round), and KL vs TAESD decode time")
+    few.add_argument("--rounds", type=int, default=2,
+                     help="rounds of the render loop and of the whole command, ways interleaved; the best counts")
+    few.add_argument("--no_whole_command", dest="whole_command", action="store_false",
+                     help="skip timing audio2video.py itself on the whole sound")
+    few.add_argument("--decode_repeats", type=int, default=3, help="timed decodes per autoencoder")
+    few.add_argument("--decode_size", type=int, default=512, help="side of the decoded picture in pixels")
+    few.add_argument("--sound", default=str(SOUND), help="the sound rendered")
+    few.add_argument("--ckpt", default=None, help="a checkpoint instead of the demo model")
     return parser.parse_args(argv)
 
 
@@ -548,6 +567,8 @@ def main(argv=None) -> int:
     if args.cuda_graphs and args.device != "cuda":
         print("benchmark.py: error: --cuda_graphs needs --device cuda", file=sys.stderr)
         return 2
+    if args.samplers:
+        return samplers_main(args, argv, started)
     mode = args.device + ("-quick" if args.quick else "")
     settings = MODES[mode]
     ways = list(WAYS) if args.ways is None else [w for w in args.ways.split(",") if w]
@@ -593,6 +614,20 @@ def main(argv=None) -> int:
     text = report(results, job, mode, memory.note, command, started, extra, f"{model_name} ({Path(args.config).name})")
     path = write_new_text(args.out or REPO / "outputs" / f"benchmark-{mode}-{started:%Y%m%d-%H%M%S}.md", text)
     log.info("wrote %s", path)
+    print(text, end="")
+    return 0
+
+
+def samplers_main(args, argv, started: datetime.datetime) -> int:
+    """``--samplers``: scripts/benchmark_samplers.py's comparison, written to a file and printed."""
+    from scripts import benchmark_samplers
+
+    args.size, args.frames = args.size or 128, args.frames or 12
+    args.fps, args.prompt = FPS, PROMPT
+    command = "python " + " ".join(shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *(argv or sys.argv[1:])])
+    text = benchmark_samplers.run(args, machine_description(torch.device(args.device)), command)
+    name = f"benchmark-samplers-{args.device}-{started:%Y%m%d-%H%M%S}.md"
+    log.info("wrote %s", write_new_text(args.out or REPO / "outputs" / name, text))
     print(text, end="")
     return 0
 

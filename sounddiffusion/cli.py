@@ -21,14 +21,12 @@ import sys
 from typing import Callable, Sequence, TypeVar
 
 from sounddiffusion.errors import DeviceError, OutputError, ParameterError, UserError
-from sounddiffusion.flags import FlagGroup
+from sounddiffusion.flags import SCHEDULE_HELP, FlagGroup
 from sounddiffusion.logs import configure_logging
-from sounddiffusion.settings import (CHECKPOINT_DIR, CRF_RANGE, DEFAULT_CONFIG, DEFAULT_SIZE, DEMO_SIZE,
-                                     DEVICES, JobSettings, MAX_FPS, ModelSettings, PRECISIONS,
-                                     V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
+from sounddiffusion.settings import (CRF_RANGE, DEFAULT_SIZE, DEMO_SIZE, MAX_FPS, JobSettings, ModelSettings,
+                                     pick_sampler)
 
 log = logging.getLogger("sounddiffusion")
-SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
 Settings = TypeVar("Settings", bound=JobSettings)
 
 EXIT_USER_ERROR = 2
@@ -86,38 +84,11 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, lora_schedules: bool = False) -> None:
-    """--config --ckpt --demo --device --precision --compile --cuda_graphs --lora (whose weight may be
-    a schedule with ``lora_schedules``: audio2video)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--config", default=None,
-                   help=f"model config (CompVis YAML format); default: picked from the checkpoint's "
-                        f"keys: {shown_path(DEFAULT_CONFIG)} for SD v1, {shown_path(V2_CONFIG)} for "
-                        f"SD 2.x ({V2_V_CONFIG.name} when the file name contains 768)")
-    g.add_argument("--ckpt", default=None,
-                   help=f"checkpoint (.ckpt or .safetensors); default: model.ckpt or "
-                        f"model.safetensors in {shown_path(CHECKPOINT_DIR)}/, else the one file in "
-                        f"{shown_path(V2_CHECKPOINT_DIR)}/")
-    g.add_argument("--demo", action="store_true",
-                   help="use the small built-in demo model (hand-designed, abstract pictures that follow "
-                        "the sound; README: The demo model) to try the tools without downloading a checkpoint")
-    g.add_argument("--device", default="auto", choices=DEVICES,
-                   help="where to run: auto picks CUDA, then Apple MPS, then CPU")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: fp16 on CUDA, float32 elsewhere; full: float32; autocast: "
-                        "mixed precision as upstream; fp16/bf16: half-precision weights")
-    g.add_argument("--compile", action="store_true",
-                   help="compile the UNet with torch.compile: faster steps once the first one has "
-                        "compiled it (minutes; on a CPU it needs a C++ compiler); pays off for videos")
-    g.add_argument("--cuda_graphs", action="store_true",
-                   help="CUDA only: replay each UNet call from a captured CUDA graph (one per picture "
-                        "size) instead of launching its kernels one by one; experimental, off by default")
-    g.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
-                   help="merge a LoRA file (.safetensors, or .pt/.ckpt read without running code) into "
-                        "the model, repeatable; WEIGHT (default 1.0, negative allowed) follows the colon "
-                        "after the path (C:\\loras\\style.safetensors:0.8 works)"
-                        + ("; a number or a schedule over the music, e.g. style.safetensors:\"0.2 + 0.8*low\""
-                           if lora_schedules else "")
-                        + " (README: LoRA files and negative prompts)")
+    """--config --ckpt --vae --demo --device --precision --compile --cuda_graphs --lora (whose weight
+    may be a schedule with ``lora_schedules``: audio2video)."""
+    from sounddiffusion.model.flags import model_flags
+
+    add_flag_group(parser, model_flags(lora_schedules=lora_schedules))
 
 
 def settings_from_args(cls: type[Settings], args: argparse.Namespace) -> Settings:
@@ -130,29 +101,13 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     return settings_from_args(ModelSettings, args)
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True, scheduled: bool = False) -> None:
-    """Sampler, steps, guidance, seed and image geometry (txt2img's flags). ``scheduled``: --scale
-    takes a schedule (audio2video)."""
-    g = parser.add_argument_group("sampling")
-    if plms_flag:
-        g.add_argument("--plms", action="store_true", help="use the PLMS sampler (default: DDIM)")
-    g.add_argument("--ddim_steps", type=int, default=50, help="number of denoising steps")
-    g.add_argument("--ddim_eta", type=float, default=0.0,
-                   help="DDIM eta (0 = deterministic DDIM; PLMS needs 0)")
-    g.add_argument("--scale", type=str if scheduled else float, default="7.5" if scheduled else 7.5,
-                   help="classifier-free guidance scale: how strongly the conditioning steers"
-                        + (SCHEDULE_HELP if scheduled else ""))
-    g.add_argument("--negative_prompt", default="", metavar="TEXT",
-                   help="what the picture should not look like: guidance pushes away from TEXT instead of "
-                        "from the empty prompt (needs --scale above 1)"
-                        + ("; a --prompt_file line 'TIME prompt --neg negative' has its own" if scheduled else ""))
-    g.add_argument("--seed", type=int, default=42, help="random seed: same seed, same result")
-    g.add_argument("--H", type=int, default=None,
-                   help=f"image height in pixels (default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)")
-    g.add_argument("--W", type=int, default=None,
-                   help=f"image width in pixels (default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)")
-    g.add_argument("--C", type=int, default=4, help="latent channels")
-    g.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True, scheduled: bool = False,
+                      default_sampler: str = "ddim") -> None:
+    """Sampler, steps, guidance, negative prompt, seed and image geometry (txt2img's flags).
+    ``scheduled``: --scale takes a schedule (audio2video); ``default_sampler``: the entry point's."""
+    from sounddiffusion.model.flags import sampling_flags
+
+    add_flag_group(parser, sampling_flags(plms_flag=plms_flag, scheduled=scheduled, default_sampler=default_sampler))
 
 
 def add_image_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
@@ -284,11 +239,8 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.scale >= 0, f"--scale {args.scale}: the guidance scale cannot be negative")
     if hasattr(args, "ddim_eta"):
         need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
-        uses_plms = getattr(args, "plms", False) or (hasattr(args, "ddim") and not args.ddim)
-        if uses_plms:
-            ddim = "add --ddim" if hasattr(args, "ddim") else "leave out --plms"
-            need(args.ddim_eta == 0, f"--ddim_eta {args.ddim_eta}: PLMS is deterministic and "
-                                     f"needs eta 0; {ddim} to sample with DDIM for eta > 0")
+    if hasattr(args, "sampler"):
+        _check_sampler_args(args)
     if getattr(args, "ray_workers", None) is not None:
         need(args.ray is not None, f"--ray_workers {args.ray_workers}: give --ray too")
         need(args.ray_workers >= 1, f"--ray_workers {args.ray_workers}: use at least 1")
@@ -316,6 +268,20 @@ def validate_args(args: argparse.Namespace) -> None:
         else:
             need(0 <= args.textstrength <= 1, f"--textstrength {args.textstrength}: use a value in "
                                               f"[0, 1] (0 = sound only, 1 = text only)")
+
+
+def _check_sampler_args(args: argparse.Namespace) -> None:
+    """--sampler against --plms / --ddim, eta, steps and a constant --strength (audio2video's
+    scheduled one is checked frame by frame when its frames are planned)."""
+    from sounddiffusion.model.samplers import check_sampling, check_strength
+
+    switch = "plms" if getattr(args, "plms", False) else "ddim" if getattr(args, "ddim", False) else None
+    sampler = pick_sampler(args.sampler, default="plms" if hasattr(args, "ddim") else "ddim", switch=switch)
+    to_ddim = ("leave out --plms" if switch == "plms" else "use --sampler ddim" if args.sampler
+               else "add --ddim")
+    check_sampling(sampler, args.ddim_steps, args.ddim_eta, to_ddim)
+    if isinstance(getattr(args, "strength", None), (int, float)):
+        check_strength(sampler, args.ddim_steps, args.strength)
 
 
 def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:

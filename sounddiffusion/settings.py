@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
+from sounddiffusion.errors import ParameterError
+
 REPO = Path(__file__).resolve().parents[1]
 """The installation: the folder that holds ``configs/``, ``models/`` and this package."""
 
@@ -33,6 +35,8 @@ MAX_FPS = 120
 # The MP4's H.264 quality (libx264's constant rate factor): 0 best and largest .. 51 worst and smallest.
 DEFAULT_CRF = 18
 CRF_RANGE = (0, 51)
+SAMPLERS = ("ddim", "plms", "lcm", "euler_a")
+"""``--sampler``'s choices: CompVis's DDIM and PLMS, and the few-step LCM and Euler ancestral."""
 
 
 def shown_path(path: Path) -> Path:
@@ -61,14 +65,17 @@ class JobSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings(JobSettings):
-    """Which model, where and in what precision (``--config --ckpt --demo --device --precision
+    """Which model, where and in what precision (``--config --ckpt --vae --demo --device --precision
     --compile --cuda_graphs --lora``). ``config`` None: the default config; ``ckpt`` None: the checkpoint
-    in :data:`CHECKPOINT_DIR`. ``cuda_graphs``: replay the UNet from CUDA graphs (CUDA only).
+    in :data:`CHECKPOINT_DIR`; ``vae`` None: the checkpoint's own (KL) autoencoder, else
+    ``"taesd:PATH"``, the tiny autoencoder TAESD at PATH encodes and decodes pictures instead
+    (:mod:`sounddiffusion.model.tiny_vae`). ``cuda_graphs``: replay the UNet from CUDA graphs (CUDA only).
     ``lora``: the ``--lora PATH[:WEIGHT]`` texts as given (:mod:`sounddiffusion.model.lora_specs`);
     outputs record each file by content (name, sha256, weight) instead of its path."""
 
     config: str | None = None
     ckpt: str | None = None
+    vae: str | None = None
     demo: bool = False
     device: str = "auto"
     precision: str = "auto"
@@ -82,11 +89,31 @@ class ModelSettings(JobSettings):
         object.__setattr__(self, "lora", tuple(str(text) for text in self.lora))
 
 
+def pick_sampler(sampler: str | None, *, default: str, switch: str | None = None) -> str:
+    """The sampler a run uses: ``--sampler`` when given, else the one the entry point's old switch
+    names (``switch``: "plms" for ``--plms``, "ddim" for audio2video's ``--ddim``; None when the
+    switch is off or absent), else ``default``. Raises ParameterError for an unknown name or a
+    ``--sampler`` that contradicts the switch (``--plms --sampler lcm``)."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ParameterError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
+    if switch is not None and sampler is not None and sampler != switch:
+        raise ParameterError(f"--{switch} and --sampler {sampler} ask for two samplers: give only "
+                             f"--sampler {sampler} (--{switch} is the same as --sampler {switch})")
+    return sampler or switch or default
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings(JobSettings):
-    """Denoising steps, eta, classifier-free guidance scale, seed and picture size in pixels.
-    ``negative_prompt``: the text guidance pushes away from ("": the empty prompt, as without one)."""
+    """Sampler, denoising steps, eta, classifier-free guidance scale, seed and picture size in pixels.
+    ``negative_prompt``: the text guidance pushes away from ("": the empty prompt, as without one).
 
+    ``sampler``: one of :data:`SAMPLERS`; None picks the entry point's default
+    (:meth:`_sampler_switch`, else ``DEFAULT_SAMPLER``), so that after construction it always
+    names the sampler used and the metadata says which."""
+
+    DEFAULT_SAMPLER: ClassVar[str] = "ddim"
+
+    sampler: str | None = None
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     scale: float = 7.5
@@ -94,6 +121,14 @@ class SamplingSettings(JobSettings):
     seed: int = 42
     H: int = DEFAULT_SIZE
     W: int = DEFAULT_SIZE
+
+    def __post_init__(self):
+        object.__setattr__(self, "sampler", pick_sampler(self.sampler, default=self.DEFAULT_SAMPLER,
+                                                         switch=self._sampler_switch()))
+
+    def _sampler_switch(self) -> str | None:
+        """The sampler an entry point's own switch (``--plms``, ``--ddim``) asks for, None when off."""
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,9 +173,12 @@ class ImageSettings(SamplingSettings):
 
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"outdir", "skip_grid", "skip_save", "n_rows"})
 
-    @property
-    def sampler(self) -> str:
-        return "plms" if self.plms else "ddim"
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "plms", self.sampler == "plms")  # --plms and --sampler plms record alike
+
+    def _sampler_switch(self) -> str | None:
+        return "plms" if self.plms else None
 
     def image_seed(self, round_index: int, sample_index: int) -> int:
         """The seed of one image."""
@@ -180,7 +218,7 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     ``strength``: how far each img2img frame departs from the previous one; ``rms_bend``: the
     slice's loudness x F added to the noised latent; ``seed_jump``: frames where it is > 0.5 take
     new img2img noise (held in between); ``bend``: network-bending specs, applied in order;
-    ``ddim``: DDIM instead of PLMS; ``pixel_roundtrip``: decode and re-encode every frame, as
+    ``ddim``: DDIM instead of PLMS (the default sampler here); ``pixel_roundtrip``: decode and re-encode every frame, as
     upstream did; ``color_coherence``: match each frame's colours to frame 0's (or the init
     image's) in this colour space before img2img, every ``color_coherence_every`` frames;
     ``cadence``: diffuse every Nth frame and make the ones between from their neighbours.
@@ -236,7 +274,11 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
         {"audio", "init_img", "prompt_file", "control", "sections", "outdir", "output", "save_frames",
          "preview_every", "resume", "plot", "dry_run", "input_folder", *ClusterSettings.OUTPUT_FIELDS})
 
+    DEFAULT_SAMPLER: ClassVar[str] = "plms"
+
     def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "ddim", self.sampler == "ddim")  # --ddim and --sampler ddim record alike
         # Numbers given in code (not from the command line) are kept as the text of the number.
         for name in ("strength", "scale", "textstrength", "rms_bend", "color_coherence_strength", "cadence",
                      "latent_noise", "contrast"):
@@ -247,9 +289,8 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
         object.__setattr__(self, "control", tuple(self.control))
         object.__setattr__(self, "fps", float(self.fps))
 
-    @property
-    def sampler(self) -> str:
-        return "ddim" if self.ddim else "plms"
+    def _sampler_switch(self) -> str | None:
+        return "ddim" if self.ddim else None
 
     def requested_output(self) -> Path:
         """``output``, or OUTDIR/<sound name>.mp4 (the render numbers it if the name is taken)."""

@@ -76,7 +76,7 @@ def run_parameters(settings: ImageSettings, model: ModelSettings, engine: Engine
     """Everything needed to reproduce an image: the job's and the model's settings plus the checkpoint
     and the LoRA files by content (name, sha256, short hash, weight)."""
     return {**settings.parameters(), **model.parameters(), "checkpoint": engine.checkpoint,
-            "checkpoint_hash": engine.checkpoint_hash, "lora": engine.loras}
+            "checkpoint_hash": engine.checkpoint_hash, "lora": engine.loras, "vae_hash": engine.vae_hash}
 
 
 def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], settings: ImageSettings,
@@ -199,7 +199,7 @@ def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWr
     warn_negative_prompt_without_guidance(settings.negative_prompt, settings.scale)
     engine = load_engine(model)
     return _render_prompts(engine, settings, model, prompts, outdir,
-                           init_latent=engine.encode_image(init[None]))
+                           init_latent=engine.encode_image(init[None], why="img2img's --init-img"))
 
 
 # ----------------------------------------------------------------------------- audio2img

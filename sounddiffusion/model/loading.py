@@ -1,6 +1,6 @@
 """Turning model settings into a ready :class:`~sounddiffusion.model.engine.Engine`: checkpoint and config
 resolution (the config picked from the checkpoint's family when ``--config`` is not given),
-``--demo``, device and precision, CPU weight pre-packing, ``torch.compile``.
+``--demo``, ``--vae taesd:PATH``, device and precision, CPU weight pre-packing, ``torch.compile``.
 
 Every entry point goes through :func:`load_engine`; scripts that build a model themselves (the
 benchmark) wrap it with :func:`engine_for_model`.
@@ -20,6 +20,7 @@ from ldm.checkpoint_keys import SD_V1, SD_V2
 from sounddiffusion.errors import DeviceError, ModelError, ParameterError
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.lora_specs import LoraSpec, lora_record, merge_loras, parse_lora_specs
+from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
                                      ModelSettings, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
 
@@ -255,7 +256,8 @@ def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = N
     ``demo`` builds ``configs/stable-diffusion/v1-demo.yaml`` (``config``/``ckpt`` must then be
     unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`, its config picked
     or checked by :func:`model_config_for`, and loaded through ``ldm.util.load_model_from_config``
-    (no download, strict key checks). ``compile``, ``cuda_graphs``: see :func:`engine_for_model`.
+    (no download, strict key checks). ``vae``: TAESD, read first so that a wrong file fails before
+    the model loads. ``compile``, ``cuda_graphs``: see :func:`engine_for_model`.
     ``loras``: the ``--lora`` specs already parsed (audio2video's, whose weights may be schedules the
     frame loop sets); None: ``settings.lora`` with number weights, checked before the model loads."""
     from ldm.util import load_model_from_config
@@ -264,6 +266,7 @@ def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = N
     weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
     check_cuda_graphs(settings.cuda_graphs, target)
     loras = parse_lora_specs(settings.lora) if loras is None else loras
+    vae = load_tiny_vae(settings.vae) if settings.vae else None
     if settings.demo:
         model = build_demo_model()
         name, fingerprint = "demo", DEMO_FINGERPRINT
@@ -275,7 +278,7 @@ def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = N
         name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
                             checkpoint_hash=fingerprint, compile=settings.compile,
-                            cuda_graphs=settings.cuda_graphs, loras=loras)
+                            cuda_graphs=settings.cuda_graphs, loras=loras, vae=vae)
 
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
@@ -319,7 +322,7 @@ def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:
 def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision: str = "auto",
                      checkpoint: str = "in-memory", checkpoint_hash: str = "", compile: bool = False,
                      cuda_graphs: bool = False, channels_last: bool | None = None,
-                     loras: Sequence[LoraSpec] = ()) -> Engine:
+                     loras: Sequence[LoraSpec] = (), vae: TinyVae | None = None) -> Engine:
     """An :class:`Engine` around an already built ``LatentDiffusion`` (e.g. the benchmark's).
 
     The weights are cast for ``precision`` and moved to ``device`` (the model is changed in place).
@@ -327,7 +330,8 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     ``cuda_graphs``: replay the UNet's calls from CUDA graphs, one captured per picture size
     (:mod:`sounddiffusion.model.cuda_graphs`; CUDA only, ParameterError elsewhere).
     ``channels_last``: keep the UNet's and VAE's convolution weights, and so their activations, in
-    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only.
+    NHWC layout, which tensor-core convolutions prefer; None: on CUDA only. ``vae``: TAESD in place
+    of the model's autoencoder (moved and cast with the model).
     ``loras``: LoRA files merged once the weights are on their device and dtype, the only place
     LoRAs are merged (:func:`~sounddiffusion.model.lora_specs.merge_loras`; with a scheduled weight
     the engine's ``set_lora_weights`` changes them per frame)."""
@@ -350,10 +354,13 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
     if channels_last if channels_last is not None else target.type == "cuda":
         unet.to(memory_format=torch.channels_last)
         model.first_stage_model.to(memory_format=torch.channels_last)
+    if vae is not None:
+        vae.autoencoder.to(target, dtype)
     patch = merge_loras(model, loras)
     scheduled = any(spec.constant is None for spec in loras)
     if target.type == "cpu" and dtype == torch.float32:
-        _prepack_for_cpu([model.first_stage_model] if compile else [unet, model.first_stage_model])
+        autoencoder = vae.autoencoder if vae is not None else model.first_stage_model  # the one in use
+        _prepack_for_cpu([autoencoder] if compile else [unet, autoencoder])
     if compile:
         # Freezing folds the weights into the compiled code: per-frame LoRA weights would not reach it.
         options = {"freezing": True} if target.type == "cpu" and not scheduled else None
@@ -363,7 +370,7 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
 
         use_static_calls(unet)
     engine = Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
-                    checkpoint_hash=checkpoint_hash, lora_patch=patch,
+                    checkpoint_hash=checkpoint_hash, lora_patch=patch, vae=vae,
                     loras=lora_record(loras, patch.files) if patch is not None else [])
     if patch is not None and any(name.startswith("cond_stage_model.") for name, _ in patch.touched):
         engine.text_encoder_changed()

@@ -27,6 +27,7 @@ from sounddiffusion.control.bending import apply, is_identity
 from sounddiffusion.control.bending_specs import BendSpec, step_index
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.samplers import img2img_step_count
 from sounddiffusion.video.color import adjust_contrast, match_colors
 from sounddiffusion.video.frame_plan import Frame, FramePlan
 
@@ -81,10 +82,11 @@ class FrameBends:
     final: list[Bend] = field(default_factory=list)
 
 
-def steps_of_frame(frame: Frame, steps: int, *, first: bool) -> int:
+def steps_of_frame(frame: Frame, sampler: str, steps: int, *, first: bool) -> int:
     """How many denoising steps the frame runs: all for txt2img (the first frame without an init
-    picture, or strength 1), else ``int(strength * steps)`` as upstream."""
-    return steps if first else min(steps, int(frame.strength * steps))
+    picture, or strength 1), else what img2img at its strength runs with ``sampler`` (DDIM/PLMS:
+    ``int(strength * steps)`` as upstream; :func:`~sounddiffusion.model.samplers.img2img_step_count`)."""
+    return steps if first else img2img_step_count(sampler, steps, frame.strength)
 
 
 def frame_bends(plan: FramePlan, frame: Frame, loudness: float, n_steps: int, *, first: bool) -> FrameBends:

@@ -40,6 +40,7 @@ from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, bloc
                                               nonfinite_latent_error, prepare_previous, steps_of_frame,
                                               stream_generator)
 from sounddiffusion.video.frame_plan import Frame, FramePlan, plan_frames
+from sounddiffusion.video.frame_steps import check_frame_strengths, sampler_columns
 from sounddiffusion.video.frame_writer import FrameWriter, PixelBlend
 from sounddiffusion.video.render import VideoRender
 
@@ -91,7 +92,7 @@ def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: Cha
     first = chain.latent is None
     previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
                                                    settings.color_coherence, settings.seed)
-    n_steps = steps_of_frame(frame, settings.ddim_steps, first=first)
+    n_steps = steps_of_frame(frame, settings.sampler, settings.ddim_steps, first=first)
     bends = frame_bends(plan, frame, slice_rms(audio_slice), n_steps, first=first)
     if blocks is not None:
         blocks.set_amounts(frame.bend_amounts)
@@ -157,21 +158,23 @@ def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engin
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
             "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
             "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash, "lora": engine.loras,
-            "init_img": file_digest(settings.init_img) if settings.init_img else None,
+            "vae_hash": engine.vae_hash, "init_img": file_digest(settings.init_img) if settings.init_img else None,
             "control": controls or None, "sections": sections or None}
 
 
-def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
+def write_reports(settings: VideoSettings, plan: FramePlan, embeds_guidance: bool = False) -> list[Path]:
     """NAME.schedule.csv (when the sound was analysed) and, with ``--plot``, NAME.schedule.png,
-    next to the requested output; each run writes them anew."""
+    next to the requested output; each run writes them anew. The CSV also holds the sampler's
+    steps of every frame (:func:`~sounddiffusion.video.frame_steps.sampler_columns`)."""
     from sounddiffusion.control.schedule_report import plot_schedule, write_schedule_csv
 
     if plan.envelopes is None:
         return []
     columns = report_columns(plan.values, plan.seed_jumps, plan.bend_amounts, plan.schedules, plan.lora_weights)
     ensure_output_dir(settings.requested_output().parent)
-    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes, columns, tracks=plan.tracks,
-                                  snapped=plan.snapped, overwrite=True)]
+    written = [write_schedule_csv(settings.report_path(".csv"), plan.envelopes,
+                                  {**columns, **sampler_columns(plan, settings, embeds_guidance)},
+                                  tracks=plan.tracks, snapped=plan.snapped, overwrite=True)]
     if settings.plot:
         snapped = [(asked, moved, prompt) for (asked, moved), (_, prompt) in zip(plan.snapped, plan.schedule)]
         written.append(plot_schedule(settings.report_path(".png"), plan.envelopes, columns,
@@ -182,6 +185,14 @@ def write_reports(settings: VideoSettings, plan: FramePlan) -> list[Path]:
     return written
 
 
+def check_encoder(engine: Engine, settings: VideoSettings) -> None:
+    """Before the first frame: a decoder-only ``--vae`` TAESD cannot serve a render that encodes pictures."""
+    needs = [flag for flag, on in (("--init-img", settings.init_img), ("--pixel_roundtrip", settings.pixel_roundtrip),
+                                   ("--color_coherence", settings.color_coherence != "none")) if on]
+    if needs:
+        engine.check_can_encode(" and ".join(needs))
+
+
 def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: Engine | None = None) -> Path:
     """Render the video of ``settings.audio``; returns the path of the finished MP4 (with
     ``dry_run``: of the schedule CSV, written without loading the model).
@@ -190,6 +201,7 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     loras = parse_lora_specs(model.lora, schedules=True)  # the files are checked before anything renders
     plan = plan_frames(settings, analyse=settings.plot or settings.dry_run,
                        loras=[(str(spec.path), spec.weight) for spec in loras])
+    check_frame_strengths(plan, settings)
     reports = write_reports(settings, plan) if plan.envelopes is not None else []
     if settings.dry_run:
         return reports[0]
@@ -204,6 +216,9 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
         for spec in block_specs(plan):  # block names against the model's layout, before it loads
             check_block(spec, unet_skeleton(model))
         engine = load_engine(model, loras=loras)
+    check_encoder(engine, settings)
+    if reports and engine.embeds_guidance:  # one UNet evaluation per step at any scale
+        write_reports(settings, plan, embeds_guidance=True)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
