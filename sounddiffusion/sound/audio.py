@@ -20,7 +20,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from sounddiffusion.errors import AudioError, ParameterError
+from sounddiffusion.errors import AudioAccessError, AudioError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,11 @@ def _decoded_blocks(path: Path, sr: int) -> Iterator[tuple[int, np.ndarray]]:
     try:
         file = path.open("rb")
     except PermissionError:
-        raise AudioError(f"cannot read audio file {path}: permission denied; "
-                         f"make it readable (chmod +r) or copy it somewhere you can read") from None
+        raise AudioAccessError(f"cannot read audio file {path}: permission denied; "
+                               f"make it readable (chmod +r) or copy it somewhere you can read") from None
     except OSError as exc:
-        raise AudioError(f"cannot read audio file {path} ({exc.strerror or exc}): "
-                         f"check the disk and the file") from None
+        raise AudioAccessError(f"cannot read audio file {path} ({exc.strerror or exc}): "
+                               f"check the disk and the file") from None
     decoded = 0  # samples libsndfile has given
     with file:
         try:
