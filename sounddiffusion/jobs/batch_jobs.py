@@ -28,7 +28,7 @@ sound (``FEATURE-00000.png`` .. and ``grid-0000.png``: what a first single-proce
 empty folder gives) instead of numbering them after existing files, and a try starts by removing
 files of those names whose parameters chunk is the item's own (an earlier, interrupted try:
 the same pictures); a file of that name from another run is never replaced (the sound is
-skipped, with its name in the reason). A song whose worker died continues its unfinished render
+deferred, with its name in the reason). A song whose worker died continues its unfinished render
 (``--resume``) instead of starting over. Sounds or songs of the same file name would share
 their outputs' names and are refused up front.
 """
