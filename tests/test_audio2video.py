@@ -1,5 +1,6 @@
 """audio2video.py end to end on the demo model: the MP4 ffmpeg reads, sound-driven frames, resume."""
 
+import json
 import math
 
 import numpy as np
@@ -157,3 +158,41 @@ def test_preview_is_playable(run_tool, tmp_path, monkeypatch):
     assert status == 130
     info = probe_video(tmp_path / "song.preview.mp4")
     assert info["frames"] == 4 and info["has_audio"]
+
+
+def _edit_checkpoint_extra(state, **changes):
+    """Change the JSON extra of a render's checkpoint.npz, as a hand or a script could."""
+    with np.load(state / "checkpoint.npz") as saved:
+        entries = {key: saved[key] for key in saved.files}
+    extra = json.loads(str(entries["__extra__"]))
+    entries["__extra__"] = np.str_(json.dumps({**extra, **changes}))
+    np.savez(state / "checkpoint.npz", allow_pickle=False, **entries)
+    return extra
+
+
+def test_resume_writes_frames_only_beside_the_video_whatever_the_state_says(run_tool, tmp_path, monkeypatch):
+    """The --save_frames folder comes from the video's name: a state file edited to point
+    elsewhere is refused in one line, and nothing is written there."""
+    from cli_checks import assert_one_line_error
+
+    sound = _tone_then_noise(tmp_path / "song.wav")
+    (tmp_path / "song-frames").mkdir()  # taken: this render's frames go to song-frames-0001
+    args = ["--path", sound, "--fps", 4, "--output", tmp_path / "song.mp4", "--save_frames", *FAST]
+    real_next_latent = loop.next_latent
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(real_next_latent, 3))
+    assert run_tool("audio2video", args)[0] == 130
+    monkeypatch.setattr(loop, "next_latent", real_next_latent)
+    state = tmp_path / "song.mp4.render"
+    assert _edit_checkpoint_extra(state)["frames_dir"] == "song-frames-0001"  # a name, not a path
+    elsewhere = tmp_path / "elsewhere"
+    for stored in (str(elsewhere / "song-frames-0001"), "../song-frames-0001", "song.mp4.render"):
+        _edit_checkpoint_extra(state, frames_dir=stored)
+        status, _, err = run_tool("audio2video", [*args, "--resume"])
+        assert_one_line_error(status, err, "audio2video", "damaged", "frames folder", str(state))
+        assert not elsewhere.exists() and not (tmp_path.parent / "song-frames-0001").exists()
+    # A full path beside the video (as earlier versions stored it) is still followed.
+    _edit_checkpoint_extra(state, frames_dir=str(tmp_path / "song-frames-0001"))
+    status, _, err = run_tool("audio2video", [*args, "--resume"])
+    assert status == 0, err
+    assert sorted(p.name for p in (tmp_path / "song-frames-0001").iterdir()) == [f"frame-{i:06d}.png" for i in range(8)]
+    assert not any((tmp_path / "song-frames").iterdir())

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from sounddiffusion.control.bending_specs import BlockBender, check_block
 from sounddiffusion.control.frame_schedules import report_columns
+from sounddiffusion.errors import OutputError
 from sounddiffusion.files import ensure_output_dir, unique_output_path
 from sounddiffusion.images import load_init_image
 from sounddiffusion.model.conditioning import blend_conditionings, condition
@@ -39,8 +41,11 @@ from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, bloc
 from sounddiffusion.video.frame_plan import Frame, FramePlan, plan_frames
 from sounddiffusion.video.frame_writer import FrameWriter, PixelBlend
 from sounddiffusion.video.render import VideoRender
+from sounddiffusion.video.render_state import STATE_SUFFIX
 
 log = logging.getLogger(__name__)
+
+FRAMES_SUFFIX = "-frames"  # --save_frames: NAME-frames/ beside NAME.mp4
 
 
 def frame_conditioning(engine: Engine, audio_slice: np.ndarray, frame: Frame,
@@ -185,9 +190,9 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
                               settings=recorded, resume=settings.resume,
                               segment_frames=preview_frames or None, crf=settings.crf)
-    start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings)
+    start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings, path)
     if settings.save_frames and frames_dir is None:
-        frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
+        frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + FRAMES_SUFFIX)))
     writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
                          audio_path=settings.audio, frame_parameters=recorded, fps=float(plan.fps))
     try:
@@ -209,16 +214,36 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     return render.finish(settings.audio, metadata={"comment": json.dumps(recorded, sort_keys=True)})
 
 
-def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None, settings: VideoSettings
-                  ) -> tuple[int, ChainState, Path | None]:
+def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None, settings: VideoSettings,
+                  video: Path) -> tuple[int, ChainState, Path | None]:
     """The first frame to render, the chain it continues and the --save_frames folder in use."""
     saved = render.load_checkpoint()
     if saved is not None:
         last_index, arrays, extra = saved
         log.info("resuming after frame %d", last_index)
-        frames_dir = Path(extra["frames_dir"]) if extra.get("frames_dir") else None
+        frames_dir = saved_frames_dir(video, extra.get("frames_dir"))
         return last_index + 1, ChainState.from_resume_data(arrays, extra, engine), frames_dir
     if init_rgb is not None:
         reference = init_rgb if settings.color_coherence != "none" else None
         return 0, ChainState(-1, engine.encode_image(init_rgb[None]), reference), None
     return 0, ChainState(), None
+
+
+def saved_frames_dir(video: Path, stored: object) -> Path | None:
+    """The --save_frames folder of the render of ``video`` that a checkpoint names (``stored``:
+    its name, or None), always beside the video: ``STEM-frames`` or a numbered ``STEM-frames-NNNN``.
+
+    Anything else (another folder, a path elsewhere: an edited state file) raises
+    :class:`OutputError` rather than writing frames there. A full path stored by an earlier
+    version is accepted when it names such a folder beside the video."""
+    if stored is None:
+        return None
+    candidate = Path(stored) if isinstance(stored, str) else None
+    pattern = re.compile(re.escape(video.stem + FRAMES_SUFFIX) + r"(-\d{4})?")
+    if candidate is None or not pattern.fullmatch(candidate.name) or not (
+            candidate.parent == Path(".") or candidate.parent.resolve() == video.parent.resolve()):
+        state = video.with_name(video.name + STATE_SUFFIX)
+        raise OutputError(f"the render state in {state} is damaged: it names {str(stored)[:200]!r} as the "
+                          f"frames folder, not {video.stem}{FRAMES_SUFFIX}[-NNNN] beside the video; delete "
+                          f"{state} and start again")
+    return video.parent / candidate.name
