@@ -187,9 +187,9 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
         engine = load_engine(model)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
     recorded = render_settings(settings, model, engine, plan)
+    # Segments of fixed length, whatever --preview_every: the MP4's bytes do not depend on it.
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
-                              settings=recorded, resume=settings.resume,
-                              segment_frames=preview_frames or None, crf=settings.crf)
+                              settings=recorded, resume=settings.resume, crf=settings.crf)
     start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings, path)
     if settings.save_frames and frames_dir is None:
         frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + FRAMES_SUFFIX)))
