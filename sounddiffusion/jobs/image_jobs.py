@@ -29,7 +29,7 @@ from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.loading import load_engine
 from sounddiffusion.settings import (AudioConditioningSettings, ImageSettings, ModelSettings,
                                      PromptImageSettings, SoundImageSettings)
-from sounddiffusion.sound.audio import load_audio, sounds_in_folder
+from sounddiffusion.sound.audio import load_audio, sound_warning, sounds_in_folder
 from sounddiffusion.sound.features import featurize
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,9 @@ def sound_image_set(engine: Engine, path: Path, samples: np.ndarray, settings: S
     The per-sound step of :func:`run_audio2img` and of the batch workers
     (:mod:`sounddiffusion.jobs.batch_jobs`), so both make the same pictures and metadata."""
     folder = ensure_output_dir(outdir / path.stem)
+    warning = sound_warning(path, len(samples), float(np.abs(samples).max(initial=0.0)))
+    if warning:
+        log.warning("%s", warning)
     return ImageSet(cond=sound_conditioning(engine, samples, settings),
                     parameters={**params, "sound": str(path)}, folder=folder,
                     prefix=settings.feature, grid_folder=folder)

@@ -11,6 +11,7 @@ schedule reads an envelope or a report is asked for.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -24,8 +25,10 @@ from sounddiffusion.control.frame_schedules import (VideoSchedules, envelopes_of
 from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, envelopes, parse_smoothing, snap_to_beats
-from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_length,
+from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_extent, sound_warning,
                                         stream_frame_slices)
+
+log = logging.getLogger(__name__)
 
 
 def frame_seed(seed: int, index: int) -> int:
@@ -106,7 +109,7 @@ class FramePlan:
         Read forward from the file (frames skipped by ``--cadence`` are read past); asking for
         an earlier frame than the next one reads anew from the start."""
         if self._slices is None or index < self._next_index:
-            blocks = sound_blocks(self.audio, warn_non_finite=False)  # sound_length has warned
+            blocks = sound_blocks(self.audio, warn_non_finite=False)  # sound_extent has warned
             self._slices, self._next_index = stream_frame_slices(blocks, self.n_samples, self.fps, start=index), index
         for _ in range(index - self._next_index):
             next(self._slices)
@@ -124,7 +127,10 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
     schedules = parse_video_schedules(settings)
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
-    n_samples = sound_length(settings.audio)
+    n_samples, peak = sound_extent(settings.audio)
+    warning = sound_warning(settings.audio, n_samples, peak)
+    if warning:
+        log.warning("%s", warning)
     n_frames = frame_count(n_samples, fps)
     analysed = None
     if analyse or schedules.needs_analysis() or settings.snap_prompts == "beat":
