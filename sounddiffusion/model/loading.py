@@ -18,6 +18,7 @@ from ldm.checkpoint_keys import SD_V1, SD_V2
 
 from sounddiffusion.errors import DeviceError, ModelError, ParameterError
 from sounddiffusion.model.engine import Engine
+from sounddiffusion.model.memory import available_memory, check_memory
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
                                      ModelSettings, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
 
@@ -256,21 +257,47 @@ def load_engine(settings: ModelSettings) -> Engine:
     (no download, strict key checks). ``compile``, ``cuda_graphs``: see :func:`engine_for_model`."""
     from ldm.util import load_model_from_config
 
-    target = pick_device(settings.device)
-    weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
-    check_cuda_graphs(settings.cuda_graphs, target)
+    target = check_model_settings(settings)
+    name, fingerprint = checkpoint_identity(settings)
     if settings.demo:
         model = build_demo_model()
-        name, fingerprint = "demo", DEMO_FINGERPRINT
     else:
         path = resolve_checkpoint(settings.ckpt)
         log.info("loading %s", path)
         model_config = model_config_for(path, settings.config)
         model = load_model_from_config(model_config, str(path), device="cpu")
-        name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
                             checkpoint_hash=fingerprint, compile=settings.compile,
                             cuda_graphs=settings.cuda_graphs)
+
+
+def check_model_settings(settings: ModelSettings, *, height: int | None = None, width: int | None = None,
+                         pictures: int = 1) -> torch.device:
+    """What :func:`load_engine` would refuse about ``settings``, found before anything loads: the
+    device, the precision on it, ``--cuda_graphs``, the checkpoint file and a ``--config`` that
+    cannot be read; with ``height`` and ``width``, also a picture size whose run cannot fit in
+    the device's memory (:func:`~sounddiffusion.model.memory.check_memory`, ``pictures`` sampled
+    together). Returns the device."""
+    target = pick_device(settings.device)
+    weight_dtype(settings.precision, target)
+    check_cuda_graphs(settings.cuda_graphs, target)
+    if not settings.demo:
+        resolve_checkpoint(settings.ckpt)
+        if settings.config:
+            load_config(settings.config)
+    if height is not None and width is not None:
+        check_memory(settings, target, height, width, pictures)
+    return target
+
+
+def checkpoint_identity(settings: ModelSettings) -> tuple[str, str]:
+    """(name, fingerprint) of the model ``settings`` loads, as the engine records them in outputs'
+    metadata, found without loading it: ("demo", :data:`DEMO_FINGERPRINT`), or the checkpoint's
+    file name and :func:`checkpoint_fingerprint`."""
+    if settings.demo:
+        return "demo", DEMO_FINGERPRINT
+    path = resolve_checkpoint(settings.ckpt)
+    return path.name, checkpoint_fingerprint(path)
 
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
@@ -281,18 +308,6 @@ def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
     config = load_config(DEMO_CONFIG if settings.demo else settings.config or DEFAULT_CONFIG)
     with torch.device("meta"):
         return instantiate_from_config(config.model.params.unet_config)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can still give (Linux MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:

@@ -31,7 +31,7 @@ from sounddiffusion.files import ensure_output_dir, unique_output_path
 from sounddiffusion.images import load_init_image
 from sounddiffusion.model.conditioning import blend_conditionings, condition
 from sounddiffusion.model.engine import Engine
-from sounddiffusion.model.loading import load_engine, unet_skeleton
+from sounddiffusion.model.loading import checkpoint_identity, load_engine, unet_skeleton
 from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import slice_rms
 from sounddiffusion.sound.features import featurize
@@ -139,11 +139,13 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
     return chain
 
 
-def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engine, plan: FramePlan) -> dict:
-    """The settings a resumed render must share with the first run, also stored in the MP4."""
+def render_settings(settings: VideoSettings, model: ModelSettings, checkpoint: tuple[str, str],
+                    plan: FramePlan) -> dict:
+    """The settings a resumed render must share with the first run, also stored in the MP4;
+    ``checkpoint``: the model's (name, fingerprint), as :func:`checkpoint_identity` gives them."""
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
             "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
-            "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
+            "checkpoint": checkpoint[0], "checkpoint_hash": checkpoint[1],
             "init_img": _file_digest(settings.init_img) if settings.init_img else None}
 
 
@@ -180,13 +182,18 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
         return reports[0]
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
-    ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
+    # Everything that can be refused is, before the model loads: the folder, the blocks bent,
+    # the render state (--resume, an unfinished render, another process).
+    ensure_output_dir(path.parent)
     if engine is None:
-        for spec in block_specs(plan):  # block names against the model's layout, before it loads
+        for spec in block_specs(plan):
             check_block(spec, unet_skeleton(model))
+    checkpoint = checkpoint_identity(model) if engine is None else (engine.checkpoint, engine.checkpoint_hash)
+    recorded = render_settings(settings, model, checkpoint, plan)
+    VideoRender.check(path, plan.fps, settings.W, settings.H, recorded, resume=settings.resume)
+    if engine is None:
         engine = load_engine(model)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
-    recorded = render_settings(settings, model, engine, plan)
     # Segments of fixed length, whatever --preview_every: the MP4's bytes do not depend on it.
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
                               settings=recorded, resume=settings.resume, crf=settings.crf)

@@ -117,8 +117,7 @@ class VideoRender:
             raise ValueError(f"segment_frames must be at least 1, got {segment_frames}")
         ensure_output_dir(output_path.parent)
         render = cls(output_path, fps, width, height, segment_frames, crf)
-        record = {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
-                  "settings": json.loads(json.dumps(settings)), "segment_frames": segment_frames}
+        record = {**_state_record(fps, width, height, settings), "segment_frames": segment_frames}
         try:
             if resume:
                 stored = render._state.check_resumable(record)
@@ -131,6 +130,15 @@ class VideoRender:
             render.close()
             raise
         return render
+
+    @staticmethod
+    def check(output_path: str | os.PathLike, fps: float | Fraction, width: int, height: int,
+              settings: Mapping, resume: bool = False) -> None:
+        """Refuse now, changing nothing, what :meth:`open` with these arguments would refuse about
+        the state folder (an unfinished render where a fresh one starts, no render or one with
+        other settings to resume, one another process renders): a check before the model loads."""
+        record = _state_record(fps_fraction(fps), width, height, settings)
+        RenderState(Path(output_path)).check_startable(record, resume)
 
     @property
     def frames_done(self) -> int:
@@ -261,3 +269,9 @@ class VideoRender:
         return mux_segments(segments, self.state_dir, self.fps, self._frames_done,
                             audio_path, output_path=self.output_path, metadata=metadata,
                             retry=RESUME_HINT)
+
+
+def _state_record(fps: Fraction, width: int, height: int, settings: Mapping) -> dict:
+    """What the state folder records of a render and a resume must match (settings as JSON)."""
+    return {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
+            "settings": json.loads(json.dumps(settings))}

@@ -129,9 +129,7 @@ class RenderState:
             raise output_error(err, self.folder) from err
         self._take_lock()
         if self._has_finished_frames():
-            raise OutputError(
-                f"an unfinished render of {self.output_path} exists: add --resume to continue "
-                f"it, or delete {self.folder} to start again")
+            raise self._unfinished()
         leftovers = [path for path in self.folder.iterdir() if path.name != _LOCK_FILE]
         if leftovers:
             log.info("an earlier render of %s stopped before its first frame: starting again", self.output_path)
@@ -175,6 +173,21 @@ class RenderState:
                 f"({'; '.join(differences)}): resume with the settings it was started with, "
                 f"or delete {self.folder} to start again")
         return stored
+
+    def check_startable(self, record: dict, resume: bool) -> None:
+        """Refuse now, changing nothing, what :meth:`create` (``resume`` False) or
+        :meth:`check_resumable` would refuse: an unfinished render where a fresh one starts, no
+        render or one of other settings to resume, a render another process holds. For a check
+        before the model loads; the lock is not kept."""
+        try:
+            if resume:
+                self.check_resumable(record)
+            elif self.folder.is_dir():
+                self._take_lock()
+                if self._has_finished_frames():
+                    raise self._unfinished()
+        finally:
+            self.release()
 
     def recover(self) -> Progress:
         """Find where a stopped render ended, from its segments, PNGs and checkpoint.
@@ -288,6 +301,10 @@ class RenderState:
         """Whether the state folder holds a finished frame (a checkpoint or a segment)."""
         return ((self.folder / _CHECKPOINT_FILE).exists()
                 or any(self.folder.glob("segment-*.mp4")))
+
+    def _unfinished(self) -> OutputError:
+        return OutputError(f"an unfinished render of {self.output_path} exists: add --resume to continue "
+                           f"it, or delete {self.folder} to start again")
 
     def _damaged(self, why: str) -> OutputError:
         return OutputError(f"the render state in {self.folder} is damaged: {why}; "
