@@ -461,8 +461,8 @@ def test_no_traceback_reaches_a_real_terminal(tmp_path, sound, image):
     runs = [subprocess.Popen([sys.executable, script[tool], "--outdir", tmp_path / "out", *map(str, argv)],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for tool, argv, _ in cases]
-    debug = subprocess.Popen([sys.executable, "audio2video.py", "--path", tmp_path / "missing.wav", "--debug"],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    debug = subprocess.Popen([sys.executable, "audio2video.py", "--path", tmp_path / "missing.wav", "--demo",
+                              "--debug"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for (tool, _, words), process in zip(cases, runs):
         out, err = process.communicate(timeout=300)
         assert_one_line_error(process.returncode, err, tool, words)

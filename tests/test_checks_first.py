@@ -87,6 +87,25 @@ def test_mistake_is_refused_before_the_model_loads(run_tool, monkeypatch, files,
     assert not list(files["TMP"].rglob("*.render"))
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--ckpt", "missing.safetensors"], ["checkpoint", "missing.safetensors", "does not exist"]),
+    (["--config", "missing.yaml", "--ckpt", "tests/data/tiny-v1/model.safetensors"], ["config", "missing.yaml"]),
+    ([], ["no checkpoint in", "stable-diffusion-v1", "--demo"])])
+def test_checkpoint_mistakes_are_refused_before_the_sound_is_read(run_tool, monkeypatch, files, flags, words):
+    """Without --demo: a checkpoint or config that is not there is refused before the model loads
+    and before the sound is analysed (which takes a while for a long song)."""
+    import sounddiffusion.video.frame_plan
+    from sounddiffusion.model import loading
+
+    monkeypatch.setattr(loading, "CHECKPOINT_DIR", files["TMP"] / "models" / "ldm" / "stable-diffusion-v1")
+    monkeypatch.setattr(loading, "V2_CHECKPOINT_DIR", files["TMP"] / "models" / "ldm" / "stable-diffusion-v2")
+    for loader in (*LOADERS, "sounddiffusion.video.frame_plan.plan_frames", "sounddiffusion.video.loop.plan_frames"):
+        monkeypatch.setattr(loader, must_not_load)
+    flags = [str(files["TMP"] / f) if f.startswith("missing") else f for f in flags]
+    status, _, err = run_tool("audio2video", ["--path", files["SOUND"], "--outdir", files["OUT"], *flags])
+    assert_one_line_error(status, err, "audio2video", *words)
+
+
 @pytest.mark.parametrize("case", ["fresh start over an unfinished render", "resume with other settings",
                                   "resume while another process renders"])
 def test_render_state_mistakes_are_refused_before_the_model_loads(run_tool, monkeypatch, files, case):

@@ -2,9 +2,16 @@
 refused in one line before anything loads, instead of the kernel killing the run without a word.
 
 :func:`memory_needed` estimates a run's peak from the model config alone (see its formula);
-:func:`available_memory` says what the device can still give. The constants were measured on a
-CPU (peak resident memory of one call, ``/tmp`` script in the commit that added them): the
-estimate aims at what a run needs at least, so that only sizes that cannot fit are refused.
+:func:`available_memory` says what the device can still give; :func:`check_memory` refuses. The
+constants come from the peak resident memory of single calls on a CPU (float32, each in a fresh
+process, random weights of configs/stable-diffusion/v1-inference.yaml), against the estimate:
+
+    SD v1 decoder 256x256 298 MiB (est. 196), 384x384 573 (452), 512x512 994 (832), 768x768 2168 (2052)
+    SD v1 UNet, guidance batch of 2, 768x768: 734 MiB (est. 517; ~300 MiB of it at any size)
+    demo block-mean decoder 1024x1024 180 MiB (est. 172); demo UNet 1024x1024 173 MiB (est. 96)
+
+The estimate aims at what a run needs at least, so that only sizes that cannot fit are refused.
+It is not measured on CUDA or MPS yet.
 """
 from __future__ import annotations
 
