@@ -96,7 +96,8 @@ WAYS = ("ours", "upstream-autocast", "upstream-full", "diffusers")
 def build_weights(config_path: Path = FULL_CONFIG) -> tuple[torch.nn.Module, object]:
     """The full-size SD v1 ``LatentDiffusion`` with the engine's deterministic random weights, on
     the CPU in float32, and its config."""
-    from sounddiffusion.model.loading import load_config, random_weights_model
+    from sounddiffusion.model.configs import load_config
+    from sounddiffusion.model.loading import random_weights_model
 
     config = load_config(config_path)
     return random_weights_model(config).eval().requires_grad_(False), config
@@ -318,7 +319,7 @@ def run_diffusers(model, config, job: Job, memory: PeakMemory) -> Result:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from sounddiffusion.model.conditioning import condition
-    from sounddiffusion.model.loading import weight_dtype
+    from sounddiffusion.model.devices import weight_dtype
     from sounddiffusion.sound.audio import frame_slice, load_audio
     from sounddiffusion.sound.features import featurize
 

@@ -135,7 +135,9 @@ def decode_times(device: torch.device, repeats: int, size: int = 512) -> tuple[f
     from ldm.models.taesd import TinyAutoencoder, decode_seconds
     from ldm.modules.prepack import prepack_weights
     from ldm.util import instantiate_from_config
-    from sounddiffusion.model.loading import init_random_weights, load_config, weight_dtype
+    from sounddiffusion.model.configs import load_config
+    from sounddiffusion.model.devices import weight_dtype
+    from sounddiffusion.model.loading import init_random_weights
 
     config = load_config(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")
     dtype = weight_dtype("auto", device)

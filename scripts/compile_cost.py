@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.util import load_model_from_config  # noqa: E402
-from sounddiffusion.model.loading import engine_for_model, load_config  # noqa: E402
+from sounddiffusion.model.configs import load_config
+from sounddiffusion.model.loading import engine_for_model# noqa: E402
 
 
 def main(argv=None) -> int:

@@ -238,7 +238,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if isinstance(getattr(args, "scale", None), (int, float)):
         need(args.scale >= 0, f"--scale {args.scale}: the guidance scale cannot be negative")
     if hasattr(args, "ddim_eta"):
-        need(args.ddim_eta >= 0, f"--ddim_eta {args.ddim_eta}: eta cannot be negative")
+        need(0 <= args.ddim_eta < float("inf"), f"--ddim_eta {args.ddim_eta}: use a number of 0 or more")
     if hasattr(args, "sampler"):
         _check_sampler_args(args)
     if getattr(args, "ray_workers", None) is not None:
@@ -261,6 +261,12 @@ def validate_args(args: argparse.Namespace) -> None:
                                       f"(worst, smallest); 18 looks like the frames at a modest size")
     if hasattr(args, "fps"):
         need(0 < args.fps <= MAX_FPS, f"--fps {args.fps}: use a frame rate above 0 and at most {MAX_FPS}")
+    if hasattr(args, "preview_every"):
+        need(0 <= args.preview_every < float("inf"),
+             f"--preview_every {args.preview_every}: give seconds of video between previews, or 0 for none")
+    if getattr(args, "output", None) is not None:
+        need(os.path.splitext(args.output)[1].lower() == ".mp4",
+             f"--output {args.output}: the video is written as MP4 (H.264 and AAC); give a name ending in .mp4")
     if isinstance(getattr(args, "textstrength", None), (int, float)):
         if args.normalize == "text-range":
             need(args.textstrength > 0, f"--textstrength {args.textstrength}: --normalize text-range "
@@ -282,6 +288,21 @@ def _check_sampler_args(args: argparse.Namespace) -> None:
     check_sampling(sampler, args.ddim_steps, args.ddim_eta, to_ddim)
     if isinstance(getattr(args, "strength", None), (int, float)):
         check_strength(sampler, args.ddim_steps, args.strength)
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """The model's flags against this machine, before anything loads: device, precision,
+    --cuda_graphs, the checkpoint and --config files, and whether --H x --W fits in memory with
+    the pictures sampled together (not with --ray: its workers may run elsewhere). Not for
+    --dry_run, which loads no model."""
+    if not hasattr(args, "ckpt") or getattr(args, "dry_run", False):
+        return
+    from sounddiffusion.model.loading import check_model_settings
+
+    batched = getattr(args, "input_folder", None) or getattr(args, "from_file", None)
+    pictures = getattr(args, "n_samples", 1) * (getattr(args, "batch_size", 1) if batched else 1)
+    size = {} if getattr(args, "ray", None) is not None else {"height": args.H, "width": args.W}
+    check_model_settings(model_settings(args), pictures=pictures, **size)
 
 
 def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
@@ -319,6 +340,7 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
     fill_size_defaults(args)
     try:
         validate_args(args)
+        check_before_loading(args)
         status = main(args)
     except KeyboardInterrupt as exc:
         # A job may say what was kept and how to go on (audio2video: --resume).

@@ -1,5 +1,6 @@
 """audio2video.py end to end on the demo model: the MP4 ffmpeg reads, sound-driven frames, resume."""
 
+import json
 import math
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monke
     assert status == 2 and "--resume" in err  # a fresh start must not clobber the unfinished render
     status, _, err = run_tool("audio2video", [*args, "--output", output, "--resume"])
     assert status == 0, err
-    assert np.array_equal(decoded_frames(output), decoded_frames(tmp_path / "whole" / "song.mp4"))
+    assert output.read_bytes() == (tmp_path / "whole" / "song.mp4").read_bytes()  # metadata and all
     saved = sorted(p.name for p in (tmp_path / "parts" / "song-frames").glob("*.png"))
     assert saved == [f"frame-{i:06d}.png" for i in range(8)]
 
@@ -157,3 +158,66 @@ def test_preview_is_playable(run_tool, tmp_path, monkeypatch):
     assert status == 130
     info = probe_video(tmp_path / "song.preview.mp4")
     assert info["frames"] == 4 and info["has_audio"]
+
+
+def _edit_checkpoint_extra(state, **changes):
+    """Change the JSON extra of a render's checkpoint.npz, as a hand or a script could."""
+    with np.load(state / "checkpoint.npz") as saved:
+        entries = {key: saved[key] for key in saved.files}
+    extra = json.loads(str(entries["__extra__"]))
+    entries["__extra__"] = np.str_(json.dumps({**extra, **changes}))
+    np.savez(state / "checkpoint.npz", allow_pickle=False, **entries)
+    return extra
+
+
+def test_resume_writes_frames_only_beside_the_video_whatever_the_state_says(run_tool, tmp_path, monkeypatch):
+    """The --save_frames folder comes from the video's name: a state file edited to point
+    elsewhere is refused in one line, and nothing is written there."""
+    from cli_checks import assert_one_line_error
+
+    sound = _tone_then_noise(tmp_path / "song.wav")
+    (tmp_path / "song-frames").mkdir()  # taken: this render's frames go to song-frames-0001
+    args = ["--path", sound, "--fps", 4, "--output", tmp_path / "song.mp4", "--save_frames", *FAST]
+    real_next_latent = loop.next_latent
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(real_next_latent, 3))
+    assert run_tool("audio2video", args)[0] == 130
+    monkeypatch.setattr(loop, "next_latent", real_next_latent)
+    state = tmp_path / "song.mp4.render"
+    assert _edit_checkpoint_extra(state)["frames_dir"] == "song-frames-0001"  # a name, not a path
+    elsewhere = tmp_path / "elsewhere"
+    for stored in (str(elsewhere / "song-frames-0001"), "../song-frames-0001", "song.mp4.render"):
+        _edit_checkpoint_extra(state, frames_dir=stored)
+        status, _, err = run_tool("audio2video", [*args, "--resume"])
+        assert_one_line_error(status, err, "audio2video", "damaged", "frames folder", str(state))
+        assert not elsewhere.exists() and not (tmp_path.parent / "song-frames-0001").exists()
+    # A full path beside the video (as earlier versions stored it) is still followed.
+    _edit_checkpoint_extra(state, frames_dir=str(tmp_path / "song-frames-0001"))
+    status, _, err = run_tool("audio2video", [*args, "--resume"])
+    assert status == 0, err
+    assert sorted(p.name for p in (tmp_path / "song-frames-0001").iterdir()) == [f"frame-{i:06d}.png" for i in range(8)]
+    assert not any((tmp_path / "song-frames").iterdir())
+
+
+def test_resumed_render_is_the_same_mp4_whatever_the_previews(run_tool, tmp_path, monkeypatch):
+    """5 s at 4 fps: segments of 16 frames (4 s) whatever --preview_every. A render with a
+    preview every second, stopped in its second segment and resumed without previews, gives the
+    bytes of an uninterrupted render without previews: the same frames, segments and metadata."""
+    sound = tmp_path / "song.wav"
+    sf.write(sound, (0.3 * np.sin(np.arange(5 * 44100) / 9)).astype(np.float32), 44100)
+    args = ["--path", sound, "--fps", 4, *FAST]
+    whole = tmp_path / "whole.mp4"
+    status, _, err = run_tool("audio2video", [*args, "--output", whole])
+    assert status == 0, err
+    real_next_latent = loop.next_latent
+    monkeypatch.setattr(loop, "next_latent", stop_at_frame(real_next_latent, 18))
+    output = tmp_path / "parts.mp4"
+    status, _, _ = run_tool("audio2video", [*args, "--output", output, "--preview_every", "1"])
+    assert status == 130
+    assert probe_video(tmp_path / "parts.preview.mp4")["frames"] == 16
+    segments = sorted(p.name for p in (tmp_path / "parts.mp4.render").glob("segment-*"))
+    assert segments == ["segment-000000-000016.mp4"]
+    monkeypatch.setattr(loop, "next_latent", real_next_latent)
+    status, _, err = run_tool("audio2video", [*args, "--output", output, "--resume"])
+    assert status == 0, err
+    assert output.read_bytes() == whole.read_bytes()
+    assert probe_video(output)["frames"] == 20

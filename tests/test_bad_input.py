@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, write_sound
+from cli_checks import DEMO, TINY, assert_one_line_error, snapshot, stderr_lines, write_sound
 from malicious_pickles import PAYLOADS
 from sounddiffusion.model import engine as engine_module, loading
 from sounddiffusion.model.conditioning import NORMALIZE_MODES, condition
@@ -160,12 +160,15 @@ def test_silence_gives_finite_conditioning_in_every_mode(demo_engine, feature):
 
 
 @pytest.mark.parametrize("tool", ["audio2img", "audio2video"])
-@pytest.mark.parametrize("kind", ["silent", "shorter than a frame"])
+@pytest.mark.parametrize("kind", ["silent", "shorter than a frame", "a tone"])
 def test_silent_or_very_short_sound_renders(run_tool, tmp_path, image, monkeypatch, tool, kind):
     """1 s of digital silence, or 200 samples (less than one 1/24 s frame): a picture, or a video
-    with every frame and the sound, and finite numbers everywhere on the way."""
+    with every frame and the sound, and finite numbers everywhere on the way; one warning line
+    says that the pictures cannot follow such a sound (none for a second of a tone)."""
     if kind == "silent":
         sound, frames = write_sound(tmp_path / "quiet.wav", 1.0, kind="silence"), 24
+    elif kind == "a tone":
+        sound, frames = write_sound(tmp_path / "tone.wav", 1.0), 24
     else:
         sound, frames = tmp_path / "blip.wav", 1
         sf.write(sound, 0.5 * np.sin(np.arange(200) / 3), 44100)
@@ -177,6 +180,12 @@ def test_silent_or_very_short_sound_renders(run_tool, tmp_path, image, monkeypat
         argv += ["--strength", "0.5"]  # 1 of the 2 steps: every frame samples
     status, _, err = run_tool(tool, argv)
     assert status == 0, err
+    warnings = stderr_lines(err)
+    if kind == "a tone":
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(f"{sound} "), warnings
+        assert ("is silent" if kind == "silent" else "lasts only 4.5 ms (200 samples)") in warnings[0]
     if tool == "audio2img":
         assert spy.calls == 1
         picture = np.asarray(Image.open(outdir / sound.stem / "melspectrogram-00000.png"))
@@ -454,8 +463,8 @@ def test_no_traceback_reaches_a_real_terminal(tmp_path, sound, image):
     runs = [subprocess.Popen([sys.executable, script[tool], "--outdir", tmp_path / "out", *map(str, argv)],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for tool, argv, _ in cases]
-    debug = subprocess.Popen([sys.executable, "audio2video.py", "--path", tmp_path / "missing.wav", "--debug"],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    debug = subprocess.Popen([sys.executable, "audio2video.py", "--path", tmp_path / "missing.wav", "--demo",
+                              "--debug"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for (tool, _, words), process in zip(cases, runs):
         out, err = process.communicate(timeout=300)
         assert_one_line_error(process.returncode, err, tool, words)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sounddiffusion.errors import AudioError, ParameterError
-from sounddiffusion.jobs.cluster import (ClusterError, actor_options, import_ray, make_batch, run_on_ray,
-                                         takes_batches)
+from sounddiffusion.errors import AudioError, OutputError, ParameterError
+from sounddiffusion.jobs.cluster import ClusterError, actor_options, import_ray, run_on_ray
 from sounddiffusion.jobs.manifest import Manifest
+from sounddiffusion.jobs.outcomes import make_batch, takes_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,8 @@ class MakeNoiseWorker:
     """make_worker: picklable settings whose call builds the worker (in the actor's process)."""
 
     outdir: str
-    unreadable: tuple[str, ...] = ()   # keys whose "sound" cannot be read (UserError)
+    unreadable: tuple[str, ...] = ()   # keys whose "sound" cannot be read (a permanent UserError)
+    locked: tuple[str, ...] = ()       # keys whose output is locked while OUTDIR/lock-held exists
     die_on: str | None = None          # key whose first try kills the worker process
     marker: str | None = None          # exists once that first try happened
     seconds: float = 0.05              # per item, so that both workers get items
@@ -61,6 +62,8 @@ class NoiseWorker:
             time.sleep(0.05)
         if item.key in s.unreadable:
             raise AudioError(f"{item.key}: not a sound file")
+        if item.key in s.locked and (Path(s.outdir) / "lock-held").exists():
+            raise OutputError(f"another process is rendering {item.key} now")
         if item.key == s.die_on and not os.path.exists(s.marker):
             Path(s.marker).touch()
             os._exit(1)  # the process dies mid-item, as when killed or out of memory
@@ -169,15 +172,20 @@ def test_worker_killed_mid_item_is_restarted_and_item_made_once(ray_local, tmp_p
     assert all((tmp_path / f"{item.key}.npy").exists() for item in items)
 
 
-def test_unreadable_item_is_skipped_and_stays_skipped(ray_local, tmp_path):
+def test_unreadable_item_is_skipped_and_stays_skipped_a_locked_one_is_tried_again(ray_local, tmp_path):
     items = make_items(5)
-    summary, manifest = run_job(ray_local, tmp_path, items, unreadable=("item-01",))
-    assert summary.finished == 4
+    (tmp_path / "lock-held").touch()
+    summary, manifest = run_job(ray_local, tmp_path, items, unreadable=("item-01",), locked=("item-03",))
+    assert summary.finished == 3
     assert summary.skipped == [("item-01", "item-01: not a sound file")]
+    assert summary.deferred == [("item-03", "another process is rendering item-03 now")]
     entry = manifest.latest()["item-01"]
     assert (entry["status"], entry["outputs"], entry["error"]) == ("skipped", [], "item-01: not a sound file")
-    again, _ = run_job(ray_local, tmp_path, items, unreadable=("item-01",))
-    assert (again.already_done, again.finished, len(again.skipped_earlier)) == (5, 0, 1)
+    assert manifest.latest()["item-03"]["status"] == "deferred"
+    (tmp_path / "lock-held").unlink()  # the other process has finished
+    again, _ = run_job(ray_local, tmp_path, items, unreadable=("item-01",), locked=("item-03",))
+    assert (again.already_done, again.finished, len(again.skipped_earlier), again.deferred) == (4, 1, 1, [])
+    assert manifest.latest()["item-03"]["status"] == "finished"
     assert "item-01: not a sound file" in again.report()
 
 

@@ -25,7 +25,8 @@ from sounddiffusion.control.bending import apply
 from sounddiffusion.control.bending_specs import BlockBender, parse_bend
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.model.cuda_graphs import StaticShapeCalls, use_static_calls
-from sounddiffusion.model.loading import build_demo_model, engine_for_model, load_config
+from sounddiffusion.model.configs import load_config
+from sounddiffusion.model.loading import build_demo_model, engine_for_model
 from sounddiffusion.video import loop
 from sounddiffusion.video.frame_writer import FrameWriter
 

@@ -190,6 +190,8 @@ def test_batch_lists_every_file_counts_grids_apart_and_ends_with_status_3(tmp_pa
     assert f"6 images and 2 grids from 2 sounds in {outdir}" in result.stdout
     problems = "\n".join(stderr_lines(result.stderr))
     assert "1 of 3 sounds skipped" in problems and str(folder / "b-notes.wav") in problems
+    # The note as the sound is passed over: a sentence, on a line of its own.
+    assert f"\nskipping a sound: {folder / 'b-notes.wav'} is not an audio file" in "\n" + result.stdout
 
 
 def test_batch_without_skipped_sounds_ends_with_status_0(run_tool, tmp_path, caplog):

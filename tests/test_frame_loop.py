@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from sounddiffusion.images import load_init_image
-from sounddiffusion.model.loading import engine_for_model, load_config, load_engine
+from sounddiffusion.model.configs import load_config
+from sounddiffusion.model.loading import engine_for_model, load_engine
 from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import SAMPLE_RATE, frame_bounds
 from sounddiffusion.video import loop

@@ -109,7 +109,7 @@ def test_audio2img_on_ray_same_pictures_resumes_and_remakes_only_deleted(run_too
     status, out, err = run_tool("audio2img", [*common, "--outdir", clustered, *RAY])
     wait_for_free_cpus(ray_local)
     assert status == 0, err
-    assert "1 sounds made" in caplog.text
+    assert "1 sound made" in caplog.text
     assert [Path(e["key"].split(" ")[1]).name for e in entries(clustered)[4:]] == ["s1.wav"]
     assert pngs(clustered) == expected
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.parent.name != "s1")
@@ -123,8 +123,8 @@ def test_audio2img_on_ray_same_pictures_resumes_and_remakes_only_deleted(run_too
     status, _, err = run_tool("audio2img", [*common, "--outdir", clustered, *RAY])
     wait_for_free_cpus(ray_local)
     assert status == 3
-    assert "1 sounds made" in caplog.text and "broken.wav" in caplog.text
-    assert "1 of 6 sounds skipped or failed" in caplog.text
+    assert "1 sound made" in caplog.text and "broken.wav" in caplog.text
+    assert "1 of 6 sounds not made" in caplog.text and "1 sound skipped (the input cannot be made" in caplog.text
     broken, added = entries(clustered)[-2:]
     assert broken["key"].split(" ")[1].endswith("broken.wav") and broken["status"] == "skipped"
     assert "broken.wav" in broken["error"] and broken["outputs"] == []
@@ -247,3 +247,46 @@ def test_ray_missing_is_a_one_line_error(run_tool, sounds, tmp_path, monkeypatch
     status, _, err = run_tool(tool, [source, sounds, "--outdir", tmp_path / "out", *FAST[:1], "--ray"])
     assert status == 2
     assert err.strip() == f"{tool}.py: error: Ray is not installed: pip install -r requirements-cluster.txt"
+
+
+def test_audio2video_folder_defers_a_locked_song_and_a_leftover_render_and_makes_them_next_time(
+        run_tool, tmp_path, caplog):
+    """Without Ray: a song another process is rendering, and one whose leftover render has other
+    settings, are deferred (tried again by the next run); a file that is no sound stays skipped."""
+    from sounddiffusion.video.render_state import RenderState
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for name, freq in (("a", 220.0), ("b", 330.0), ("d", 440.0)):
+        synth(songs / f"{name}.wav", freq, seconds=0.5)
+    (songs / "c.wav").write_text("not a sound, " * 40)
+    outdir = tmp_path / "videos"
+    outdir.mkdir()
+    busy = RenderState(outdir / "a.mp4")
+    busy.create({"format": 1, "fps": "4", "width": 64, "height": 64, "settings": {}})  # holds the lock
+    leftover = RenderState(outdir / "b.mp4")
+    leftover.create({"format": 1, "fps": "4", "width": 64, "height": 64, "settings": {"seed": 99}})
+    leftover.release()
+    caplog.set_level(logging.INFO, logger="sounddiffusion")
+    args = ["--input_folder", songs, "--outdir", outdir, *VIDEO]
+    status, _, err = run_tool("audio2video", args)
+    assert status == 3, err
+    latest = {Path(e["key"].split(" ")[1]).name: e for e in entries(outdir)}
+    assert {name: e["status"] for name, e in latest.items()} == \
+        {"a.wav": "deferred", "b.wav": "deferred", "c.wav": "skipped", "d.wav": "finished"}
+    assert "another process is rendering" in latest["a.wav"]["error"]
+    assert "cannot resume the render" in latest["b.wav"]["error"]
+    assert "1 song skipped (the input cannot be made" in caplog.text
+    assert "2 songs deferred (tried again on the next run)" in caplog.text
+    assert "3 of 4 songs not made" in caplog.text
+
+    busy.release()  # the other process has finished...
+    busy.remove()
+    leftover.remove()  # ...and the leftover render is deleted, as the message advised
+    caplog.clear()
+    status, _, err = run_tool("audio2video", args)
+    assert status == 3, err  # c.wav still cannot be made
+    latest = {Path(e["key"].split(" ")[1]).name: e["status"] for e in entries(outdir)}
+    assert latest == {"a.wav": "finished", "b.wav": "finished", "c.wav": "skipped", "d.wav": "finished"}
+    assert sorted(p.name for p in outdir.glob("*.mp4")) == ["a.mp4", "b.mp4", "d.mp4"]
+    assert "2 songs made" in caplog.text and "1 song skipped" in caplog.text and "deferred (" not in caplog.text

@@ -1,5 +1,6 @@
-"""scripts/txt2img.py and scripts/img2img.py on the demo model; the example shell scripts."""
+"""scripts/txt2img.py, img2img.py, png_parameters.py and video_stats.py's errors; the example shell scripts."""
 
+import json
 import re
 import subprocess
 import sys
@@ -126,3 +127,55 @@ def test_make_demo_lora_writes_a_file_every_layer_of_the_demo_takes(run_tool, tm
         assert status == 0 and "match no layer" not in err, err  # every module of the file names a demo layer
         pictures[weight] = np.asarray(Image.open(tmp_path / weight / "samples" / "sample-00000.png")).astype(int)
     assert np.abs(pictures["1"] - pictures["0"]).mean() > 5
+
+
+def test_png_parameters_works_from_any_folder(tmp_path):
+    """The README's way to read a PNG's parameters, run from another folder without PYTHONPATH."""
+    from sounddiffusion.images import save_png
+
+    parameters = {"seed": 42, "feature": "fft", "prompt": "caf\u00e9 at dawn", "sound": "sounds/a.wav"}
+    save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "made.png", parameters)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    env = {key: value for key, value in __import__("os").environ.items() if key != "PYTHONPATH"}
+    script = str(REPO / "scripts" / "png_parameters.py")
+    run = subprocess.run([sys.executable, script, "made.png"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == parameters
+    run = subprocess.run([sys.executable, script, "missing.png"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("png_parameters.py: error:") and "missing.png" in run.stderr
+    run = subprocess.run([sys.executable, script, "plain.png"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (1, "", "png_parameters.py: plain.png carries no parameters\n")
+
+
+def test_video_stats_of_a_sound_or_junk_says_so_in_a_line_of_its_own(run_script_tool, tmp_path):
+    """No raw ffmpeg text reaches the user (it is logged at debug level)."""
+    from cli_checks import write_sound
+
+    sound = write_sound(tmp_path / "song.wav", seconds=0.5)
+    junk = tmp_path / "video.mp4"
+    junk.write_text("not a video")
+    for path, words in ((sound, "holds sound but no pictures"), (junk, "is not a video ffmpeg can read")):
+        status, out, err = run_script_tool("video_stats", [path])
+        assert status == 2 and out == "", err
+        assert err == f"video_stats.py: error: {path} {words}" + err.split(words, 1)[1] and err.count("\n") == 1, err
+        assert "Stream" not in err and "@ 0x" not in err and len(err) < 200, err
+
+
+@pytest.fixture
+def run_script_tool(capsys):
+    """Run scripts/NAME.py in this process through cli.run: (status, stdout, stderr)."""
+    from conftest import load_module
+    from sounddiffusion import cli
+
+    def run(name, argv):
+        module = load_module(REPO / "scripts" / f"{name}.py", f"script_{name}")
+        capsys.readouterr()
+        status = cli.run(module.main, module.build_parser(), [str(a) for a in argv])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run

@@ -16,12 +16,13 @@ from safetensors.torch import save_file
 
 from cli_checks import assert_one_line_error, stop_at_frame
 from conftest import DATA, REPO
-from sounddiffusion.model import loading
+from ldm.checkpoint import checkpoint_family
+from sounddiffusion.model import configs, loading
+from sounddiffusion.model.configs import config_for_family
+from sounddiffusion.model.loading import load_engine
 from sounddiffusion.video import loop
 from sounddiffusion.video.frame_chain import ChainState
 from video_probe import probe_video
-from ldm.checkpoint import checkpoint_family
-from sounddiffusion.model.loading import config_for_family, load_engine
 from sounddiffusion.settings import DEFAULT_CONFIG, ModelSettings, V2_CONFIG, V2_V_CONFIG, VideoSettings
 
 TINY_V2, TINY_V2_V = DATA / "tiny-v2", DATA / "tiny-v2-v"
@@ -63,8 +64,8 @@ def test_config_for_family_table():
 @pytest.fixture
 def tiny_configs_as_defaults(monkeypatch):
     """The tiny models' configs stand in for the full-size SD 2.x ones the auto-pick chooses."""
-    monkeypatch.setattr(loading, "V2_CONFIG", TINY_V2 / "config.yaml")
-    monkeypatch.setattr(loading, "V2_V_CONFIG", TINY_V2_V / "config.yaml")
+    monkeypatch.setattr(configs, "V2_CONFIG", TINY_V2 / "config.yaml")
+    monkeypatch.setattr(configs, "V2_V_CONFIG", TINY_V2_V / "config.yaml")
 
 
 def test_txt2img_without_config_picks_v2_and_says_so(run_tool, tmp_path, caplog, tiny_configs_as_defaults):

@@ -124,12 +124,13 @@ def test_preview_has_the_frames_done_so_far(tmp_path, sound):
         first = decoded_frames(preview)
         add_frames(render, 12)
         assert probe_video(render.write_preview(sound))["frames"] == 12
-        # The finished segments are copied, not encoded again.
-        np.testing.assert_array_equal(decoded_frames(preview)[:7], first)
+        # The finished segment is copied, not encoded again.
+        np.testing.assert_array_equal(decoded_frames(preview)[:5], first[:5])
         add_frames(render, 19)
         path = render.finish(sound)
     assert not preview.exists()
-    # Segments of 5, 2, 5, 5 and 2 frames join without gaps or repeated frames.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.mp4", "sound.wav"]
+    # Segments of 5, 5, 5 and 4 frames join without gaps or repeated frames.
     info = probe_video(path)
     assert (info["frames"], info["fps"]) == (19, 8)
     assert info["video_duration"] == pytest.approx(19 / 8, abs=0.01)
@@ -153,6 +154,29 @@ def test_resume_after_close_gives_the_same_video(tmp_path, sound):
         result = render.finish(sound)
     # Same frames into the same encoder settings: x264 gives the same stream.
     np.testing.assert_array_equal(decoded_frames(result), reference)
+
+
+def test_previews_and_interruptions_leave_the_segments_and_the_bytes_alone(tmp_path, sound):
+    """Segments start at fixed frames (multiples of segment_frames): a render with previews at
+    odd points, interrupted mid-segment and resumed (without saying segment_frames again) is
+    the same MP4, byte for byte, as one made in a single go."""
+    reference = render_uninterrupted(tmp_path / "reference.mp4", 8, 19, sound).read_bytes()
+    path = tmp_path / "song.mp4"
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, segment_frames=5) as render:
+        for stop in (3, 7, 12):
+            add_frames(render, stop)
+            render.write_preview(sound)
+        add_frames(render, 13)
+    state = tmp_path / "song.mp4.render"
+    assert sorted(p.name for p in state.glob("segment-*")) == ["segment-000000-000005.mp4",
+                                                               "segment-000005-000010.mp4"]
+    with VideoRender.open(path, 8, SIZE, SIZE, SETTINGS, resume=True) as render:
+        assert render.segment_frames == 5  # as stored, not the default of 32 at 8 fps
+        add_frames(render, 16)
+        assert probe_video(render.write_preview(sound))["frames"] == 16
+        add_frames(render, 19)
+        result = render.finish(sound)
+    assert result.read_bytes() == reference
 
 
 CHILD = textwrap.dedent("""

@@ -16,9 +16,11 @@ Each worker loads the model once (:func:`~sounddiffusion.model.loading.load_engi
 a frozen, picklable "make worker" dataclass (:class:`MakeSoundWorker`, :class:`MakeSongWorker`)
 inside its Ray actor. Seeds follow the item, never the worker.
 
-A job's manifest, OUTDIR/manifest.jsonl, records every finished, skipped (unreadable) or failed
-item; the same command again makes only what is missing. When some items were skipped or
-failed, the job says so at the end and its summary lists them (the tools then exit with status 3).
+A job's manifest, OUTDIR/manifest.jsonl, records every finished, skipped (unreadable), deferred
+(a cause that may pass: a render lock held elsewhere, a leftover render with other settings) or
+failed item; the same command again makes what is missing, deferred or failed. When some items
+were not made, the job says so at the end and its summary lists them by kind (the tools then
+exit with status 3).
 
 Retries and names: Ray runs an item again when its worker process died while making it, so an
 item must be safe to make twice. audio2img on Ray names its pictures by their index in the
@@ -26,7 +28,7 @@ sound (``FEATURE-00000.png`` .. and ``grid-0000.png``: what a first single-proce
 empty folder gives) instead of numbering them after existing files, and a try starts by removing
 files of those names whose parameters chunk is the item's own (an earlier, interrupted try:
 the same pictures); a file of that name from another run is never replaced (the sound is
-skipped, with its name in the reason). A song whose worker died continues its unfinished render
+deferred, with its name in the reason). A song whose worker died continues its unfinished render
 (``--resume``) instead of starting over. Sounds or songs of the same file name would share
 their outputs' names and are refused up front.
 """
@@ -48,11 +50,13 @@ from sounddiffusion.control.music_analysis import music_request
 from sounddiffusion.errors import OutputError, ParameterError, UserError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.images import read_png_parameters
-from sounddiffusion.jobs.cluster import (ClusterSummary, Worker, make_batch, record_result, run_on_ray,
-                                         takes_batches)
+from sounddiffusion.jobs.cluster import run_on_ray
 from sounddiffusion.jobs.image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sounds,
                                             render_chunk, run_parameters, sound_image_set)
 from sounddiffusion.jobs.manifest import Manifest, file_key, settings_digest
+from sounddiffusion.jobs.outcomes import (ClusterSummary, Worker, make_batch, record_result, start_summary,
+                                          takes_batches)
+from sounddiffusion.logs import counted
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
 from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, parse_lora_specs
@@ -272,8 +276,10 @@ def run_items(items: list[FileItem], make_worker: Callable[[], Worker], settings
         summary = run_in_process(items, make_worker, manifest=manifest, unit=unit, batch_size=batch_size)
     (log.warning if summary.problems else log.info)("%s\nmanifest: %s", summary.report(unit), manifest.path)
     if summary.problems:
-        log.warning("%d of %d %ss skipped or failed (listed above and in %s); failed ones run again "
-                    "with the same command", len(summary.problems), summary.total, unit, manifest.path)
+        again = len(summary.deferred) + len(summary.failed)
+        log.warning("%d of %s not made (listed above and in %s); the same command tries the %d "
+                    "deferred or failed again", len(summary.problems), counted(summary.total, unit),
+                    manifest.path, again)
     return summary
 
 
@@ -283,22 +289,20 @@ def run_in_process(items: list[FileItem], make_worker: Callable[[], Worker], *, 
     (``batch_size`` items for a worker that takes batches, else one): the same manifest and
     summary; the worker is built only when something is left to make."""
     started = time.monotonic()
-    plan = manifest.plan(items)
-    summary = ClusterSummary(total=len(plan.todo) + len(plan.done), already_done=len(plan.done),
-                             skipped_earlier=[(k, e["error"] or "") for k, e in plan.skipped.items()])
+    todo, summary = start_summary(manifest, items)
     label = f"local@{socket.gethostname()}"
-    worker = make_worker() if plan.todo else None
+    worker = make_worker() if todo else None
     size = batch_size if worker is not None and takes_batches(worker) else 1
     try:
-        with tqdm(total=len(plan.todo), unit=unit, desc="rendering", dynamic_ncols=True) as bar:
-            for first in range(0, len(plan.todo), size):
-                batch = plan.todo[first:first + size]
+        with tqdm(total=len(todo), unit=unit, desc="rendering", dynamic_ncols=True) as bar:
+            for first in range(0, len(todo), size):
+                batch = todo[first:first + size]
                 for item, result in zip(batch, make_batch(worker, batch)):
                     record_result(manifest, summary, item.key, result, label)
                     bar.update(1)
     except KeyboardInterrupt:
         done = summary.already_done + summary.finished
-        raise KeyboardInterrupt(f"{done} of {summary.total} {unit}s are done (manifest {manifest.path}); "
+        raise KeyboardInterrupt(f"{done} of {counted(summary.total, unit)} are done (manifest {manifest.path}); "
                                 f"run the same command again to make the rest") from None
     summary.seconds = time.monotonic() - started
     return summary

@@ -17,8 +17,10 @@ as it arrives and shows one progress bar for the whole job.
   another is still starting). What a worker computes depends on the item only (seeds follow the
   item, not the worker or the batch), so any worker gives the same outputs.
 - A worker that raises (or, in a batch, returns) :class:`~sounddiffusion.errors.UserError`
-  (an unreadable sound) gets its item recorded as skipped with the reason; any other
-  exception records it as failed (it runs again on the next run). A worker process that dies
+  gets its item recorded as skipped (the input is at fault: an unreadable sound) or deferred
+  (the cause may pass: a render lock held elsewhere; it runs again on the next run), with the
+  reason; any other exception records it as failed (it runs again on the next run); see
+  :mod:`sounddiffusion.jobs.outcomes`. A worker process that dies
   (killed, out of memory) is restarted by Ray and its whole batch runs again; after
   :data:`TASK_RETRIES` retries every item of the batch is recorded as failed.
 - Ctrl-C stops handing out items, cancels the queued ones and shuts the workers down; what is
@@ -35,13 +37,15 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
 from sounddiffusion.errors import ParameterError, UserError
-from sounddiffusion.jobs.manifest import FAILED, FINISHED, Keyed, Manifest, SKIPPED
+from sounddiffusion.jobs.manifest import FAILED, Keyed, Manifest
+from sounddiffusion.jobs.outcomes import (ClusterSummary, ItemResult, Worker, make_batch, record_result,
+                                          start_summary, takes_batches)
+from sounddiffusion.logs import counted
 from sounddiffusion.settings import REPO
 
 log = logging.getLogger(__name__)
@@ -53,57 +57,6 @@ WAIT_NOTE_S = 60.0   # a note when no worker has started after this long
 
 class ClusterError(UserError):
     """The Ray job cannot go on: Ray is missing, the cluster cannot be reached, no worker runs."""
-
-
-class Worker(Protocol):
-    """What ``make_worker()`` returns: makes one item's outputs and returns their paths.
-
-    It may also have ``process_batch(items) -> [(output paths, None) or ([], exception)]``,
-    one pair per item in order (a UserError: that item is skipped): it then gets batches."""
-
-    def process(self, item: Any) -> list[str]: ...
-
-
-ItemResult = tuple[str, list[str], "str | None", float]  # (status, output paths, reason, seconds)
-
-
-@dataclass
-class ClusterSummary:
-    """What a job did. ``total`` items, of which ``already_done`` were settled by an earlier run
-    (their skipped ones in ``skipped_earlier``), ``finished`` made now; ``skipped`` and
-    ``failed`` list (key, reason) of this run; ``per_worker`` the items each worker finished;
-    ``seconds`` the wall time of this run."""
-
-    total: int
-    already_done: int = 0
-    finished: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    skipped_earlier: list[tuple[str, str]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    per_worker: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def items_per_second(self) -> float:
-        """Items finished now per second of wall time (0 when nothing ran)."""
-        return self.finished / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def problems(self) -> list[tuple[str, str]]:
-        """(key, reason) of every item that is not made: skipped now or before, or failed."""
-        return self.skipped + self.skipped_earlier + self.failed
-
-    def report(self, unit: str = "item") -> str:
-        """Lines for the end of a job: counts, per-worker counts, skipped and failed items."""
-        lines = [f"{self.finished} {unit}s made in {self.seconds:.1f} s "
-                 f"({self.items_per_second:.2f}/s), {self.already_done} done before, "
-                 f"{len(self.skipped)} skipped, {len(self.failed)} failed, of {self.total}"]
-        lines += [f"  {name}: {count} {unit}s" for name, count in sorted(self.per_worker.items())]
-        for title, pairs in (("skipped", self.skipped + self.skipped_earlier), ("failed", self.failed)):
-            if pairs:
-                lines.append(f"{len(pairs)} {unit}s {title}:")
-                lines += [f"  {reason}" if key in reason else f"  {key}: {reason}" for key, reason in pairs]
-        return "\n".join(lines)
 
 
 def import_ray():
@@ -148,61 +101,6 @@ class WorkerHost:
         return make_batch(worker, items)
 
 
-def takes_batches(worker: Worker) -> bool:
-    """True when ``worker`` has a ``process_batch`` method (see :class:`Worker`)."""
-    return callable(getattr(worker, "process_batch", None))
-
-
-def make_batch(worker: Worker, items: Sequence[Keyed]) -> list[ItemResult]:
-    """Make ``items`` with ``worker``: one ``process_batch`` call when it takes batches, else
-    ``process`` per item. Returns (status, output paths, reason, seconds) per item, in order:
-    FINISHED, SKIPPED (a UserError: its message) or FAILED (another exception: its type and
-    message). The call's seconds are shared out equally among its items."""
-    started = time.perf_counter()
-    try:
-        if takes_batches(worker):
-            pairs = list(worker.process_batch(list(items)))
-        else:
-            pairs = [_process_one(worker, item) for item in items]
-        if len(pairs) != len(items):
-            raise RuntimeError(f"process_batch gave {len(pairs)} results for {len(items)} items")
-        outcomes = [_outcome(item, [os.fspath(p) for p in outputs], error)
-                    for item, (outputs, error) in zip(items, pairs)]
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the batch's failure does not end the job
-        outcomes = [_outcome(item, [], exc) for item in items]
-    share = (time.perf_counter() - started) / max(1, len(items))
-    return [(*outcome, share) for outcome in outcomes]
-
-
-def _process_one(worker: Worker, item: Keyed) -> tuple[list[str], BaseException | None]:
-    try:
-        return worker.process(item), None
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - one item's failure does not end the job
-        return [], exc
-
-
-def _outcome(item: Keyed, outputs: list[str], error: BaseException | None) -> tuple[str, list[str], str | None]:
-    if error is None:
-        return FINISHED, outputs, None
-    if isinstance(error, UserError):
-        return SKIPPED, [], str(error)
-    log.error("%s failed", item.key, exc_info=error)
-    return FAILED, [], f"{type(error).__name__}: {error}"
-
-
-def record_result(manifest: Manifest, summary: ClusterSummary, key: str, result: ItemResult,
-                  worker: str) -> None:
-    """Write one item's ``result`` to ``manifest`` and count it in ``summary``."""
-    status, outputs, error, seconds = result
-    manifest.record(key, status, outputs, worker, error, seconds=seconds)
-    if status == FINISHED:
-        summary.finished += 1
-        summary.per_worker[worker] = summary.per_worker.get(worker, 0) + 1
-    else:
-        (summary.skipped if status == SKIPPED else summary.failed).append((key, error or ""))
-        log.warning("%s %s: %s", status, key, error)
-
-
 def run_on_ray(items: Sequence[Keyed], make_worker: Callable[[], Worker], *, address: str | None,
                workers: int | None, manifest: Manifest, desc: str, unit: str = "item",
                batch_size: int = 1) -> ClusterSummary:
@@ -222,17 +120,15 @@ def run_on_ray(items: Sequence[Keyed], make_worker: Callable[[], Worker], *, add
     if batch_size < 1:
         raise ParameterError(f"batch size {batch_size}: give at least 1")
     ray = import_ray()
-    plan = manifest.plan(items)
-    summary = ClusterSummary(total=len(plan.todo) + len(plan.done), already_done=len(plan.done),
-                             skipped_earlier=[(k, e["error"] or "") for k, e in plan.skipped.items()])
-    if plan.todo:
-        log.info("%d of %d %ss to make (%d done before; manifest %s)", len(plan.todo),
-                 summary.total, unit, summary.already_done, manifest.path)
+    todo, summary = start_summary(manifest, items)
+    if todo:
+        log.info("%d of %s to make (%d done before; manifest %s)", len(todo),
+                 counted(summary.total, unit), summary.already_done, manifest.path)
         owns_ray = not ray.is_initialized()
         if owns_ray:
             connect(ray, address)
         try:
-            _Job(ray, plan.todo, make_worker, workers, manifest, summary, desc, unit, batch_size).run()
+            _Job(ray, todo, make_worker, workers, manifest, summary, desc, unit, batch_size).run()
         finally:
             if owns_ray:
                 ray.shutdown()
@@ -308,7 +204,7 @@ class _Job:
         except KeyboardInterrupt:
             self._cancel()
             done = self.summary.already_done + self.summary.finished
-            raise KeyboardInterrupt(f"{done} of {self.summary.total} {self.unit}s are done "
+            raise KeyboardInterrupt(f"{done} of {counted(self.summary.total, self.unit)} are done "
                                     f"(manifest {self.manifest.path}); run the same command "
                                     f"again to make the rest") from None
         finally:
@@ -320,8 +216,8 @@ class _Job:
         waiting_since = time.monotonic()
         while self.queue or self.in_flight:
             if not self.ready and not self.starting:
-                raise ClusterError(f"every Ray worker died; {len(self.queue) + len(self.in_flight)} "
-                                   f"{self.unit}s left: run the same command again to make them")
+                left = counted(len(self.queue) + len(self.in_flight), self.unit)
+                raise ClusterError(f"every Ray worker died; {left} left: run the same command again to make them")
             self._hand_out()
             done, _ = self.ray.wait([*self.starting, *self.in_flight], num_returns=1, timeout=5.0)
             if not done:

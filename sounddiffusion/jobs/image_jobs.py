@@ -23,12 +23,13 @@ from tqdm import tqdm
 from sounddiffusion.errors import AudioError, PromptFileError
 from sounddiffusion.files import ensure_output_dir, next_numbered_path
 from sounddiffusion.images import load_init_image, make_grid, save_png
+from sounddiffusion.logs import counted
 from sounddiffusion.model.conditioning import condition
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
 from sounddiffusion.settings import (AudioConditioningSettings, ImageSettings, ModelSettings,
                                      PromptImageSettings, SoundImageSettings)
-from sounddiffusion.sound.audio import load_audio, sounds_in_folder
+from sounddiffusion.sound.audio import load_audio, sound_warning, sounds_in_folder
 from sounddiffusion.sound.features import featurize
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,8 @@ class ImagesWritten:
 
     def summary(self, inputs: int, what: str, outdir: Path) -> str:
         """"6 images and 2 grids from 2 sounds in OUTDIR" (``what``: "sound" or "prompt")."""
-        return (f"{_count(len(self.images), 'image')} and {_count(len(self.grids), 'grid')} from "
-                f"{_count(inputs, what)} in {outdir}")
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+        return (f"{counted(len(self.images), 'image')} and {counted(len(self.grids), 'grid')} from "
+                f"{counted(inputs, what)} in {outdir}")
 
 
 @dataclass
@@ -231,7 +228,7 @@ def readable_sounds(sounds: list[Path], skipped: list[tuple[Path, str]]
             if len(sounds) == 1:
                 raise
             skipped.append((path, str(exc)))
-            log.info("skipping %s", exc)
+            log.info("skipping a sound: %s", exc)
             continue
         yield number, path, samples
 
@@ -253,6 +250,9 @@ def sound_image_set(engine: Engine, path: Path, samples: np.ndarray, settings: S
     The per-sound step of :func:`run_audio2img` and of the batch workers
     (:mod:`sounddiffusion.jobs.batch_jobs`), so both make the same pictures and metadata."""
     folder = ensure_output_dir(outdir / path.stem)
+    warning = sound_warning(path, len(samples), float(np.abs(samples).max(initial=0.0)))
+    if warning:
+        log.warning("%s", warning)
     return ImageSet(cond=sound_conditioning(engine, samples, settings),
                     parameters={**params, "sound": str(path)}, folder=folder,
                     prefix=settings.feature, grid_folder=folder)
@@ -290,6 +290,6 @@ def run_audio2img(settings: SoundImageSettings, model: ModelSettings) -> ImagesW
         bar.update(len(sounds) - bar.n)
     log.info("%s", written.summary(len(sounds) - len(skipped), "sound", outdir))
     if skipped:
-        log.warning("%d of %d sounds skipped:\n%s", len(skipped), len(sounds),
+        log.warning("%d of %s skipped:\n%s", len(skipped), counted(len(sounds), "sound"),
                     "\n".join(f"  {reason}" for _, reason in skipped))
     return written

@@ -1,4 +1,4 @@
-"""A job's manifest: one JSON line per finished, skipped or failed item, next to the outputs.
+"""A job's manifest: one JSON line per finished, skipped, deferred or failed item, next to the outputs.
 
 A batch job (many sounds, many songs) records every item it settles in a JSON-lines file, so that
 running the same command again continues where it stopped::
@@ -7,16 +7,20 @@ running the same command again continues where it stopped::
      "outputs": ["a/mfcc-00000.png"], "worker": "w1@node3", "error": null, "seconds": 2.31,
      "time": "2026-11-30T10:00:00Z"}
 
-- ``status`` is ``finished`` (the outputs were made), ``skipped`` (the item cannot be made, e.g.
-  an unreadable sound: ``error`` says why) or ``failed`` (something unexpected went wrong:
-  ``error``; a failed item is tried again on the next run).
+- ``status`` is ``finished`` (the outputs were made), ``skipped`` (the input itself cannot be
+  made, e.g. an unreadable sound: ``error`` says why; it is not tried again until the input
+  changes), ``deferred`` (a mistake whose cause may pass or lies outside the input: a render
+  lock held by another process, a leftover render with other settings, a full disk: ``error``;
+  tried again on the next run) or ``failed`` (something unexpected went wrong: ``error``;
+  tried again on the next run).
 - ``outputs`` are relative to the manifest's folder when they lie inside it, else absolute, so
   the output folder can be moved as a whole.
 - Later lines win: an item made again (its outputs were deleted) gets a new line.
 
 Each line is appended with one ``write`` call on a file opened with ``O_APPEND`` and synced
 before :meth:`Manifest.record` returns, so a crash leaves at most a torn last line; reading
-ignores lines that are not complete JSON objects, and the next record starts on a fresh line.
+ignores lines that are not well-formed entries (torn, not JSON, fields of the wrong type: one
+warning gives their count), and the next record starts on a fresh line.
 Only one process (the job's driver) should write a manifest at a time.
 
 Keys are stable strings per item; :func:`file_key` makes them for input files: the path as given,
@@ -41,8 +45,8 @@ from sounddiffusion.errors import OutputError
 
 log = logging.getLogger(__name__)
 
-FINISHED, SKIPPED, FAILED = "finished", "skipped", "failed"
-STATUSES = (FINISHED, SKIPPED, FAILED)
+FINISHED, SKIPPED, DEFERRED, FAILED = "finished", "skipped", "deferred", "failed"
+STATUSES = (FINISHED, SKIPPED, DEFERRED, FAILED)
 
 
 class Keyed(Protocol):
@@ -76,8 +80,9 @@ def settings_digest(settings: Mapping) -> str:
 
 @dataclass
 class ManifestPlan:
-    """Which items of a job still have to run: ``todo`` in the job's order; ``done`` the entries
-    of the items that are settled (finished with all outputs present, or skipped)."""
+    """Which items of a job still have to run: ``todo`` in the job's order (new, deferred,
+    failed, or finished with an output missing); ``done`` the entries of the items that are
+    settled (finished with all outputs present, or skipped)."""
 
     todo: list
     done: dict[str, dict] = field(default_factory=dict)
@@ -104,10 +109,12 @@ class Manifest:
         """Append one entry for ``key`` and sync it to disk; returns the entry as written.
 
         ``status`` is one of :data:`STATUSES`; ``outputs`` the files made (any paths);
-        ``worker`` who made them; ``error`` the reason of a skipped or failed item; ``seconds``
+        ``worker`` who made them; ``error`` the reason of an item not finished; ``seconds``
         the time the item took. Raises :class:`OutputError` when the manifest cannot be written."""
         if status not in STATUSES:
             raise ValueError(f"status {status!r}: expected one of {STATUSES}")
+        if status != FINISHED and not isinstance(error, str):
+            raise ValueError(f"a {status} item needs its reason as error, got {error!r}")
         entry = {"key": key, "status": status, "outputs": [self._stored(p) for p in outputs],
                  "worker": worker, "error": error, "seconds": seconds,
                  "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -139,7 +146,8 @@ class Manifest:
     # ------------------------------------------------------------------------- reading
 
     def entries(self) -> Iterable[dict]:
-        """Every complete entry in file order; torn or foreign lines are skipped."""
+        """Every well-formed entry in file order (see :func:`is_entry`); the other lines (torn,
+        foreign, edited by hand) are left out with one warning that counts them."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -147,18 +155,21 @@ class Manifest:
         except OSError as err:
             raise OutputError(f"cannot read the manifest {self.path} ({err.strerror or err}): "
                               f"fix its permissions or move it away to start afresh") from err
-        entries = []
+        entries, ignored = [], []
         for number, raw in enumerate(data.split(b"\n"), 1):
             if not raw.strip():
                 continue
             try:
                 entry = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                log.warning("%s, line %d: not a complete entry, ignored", self.path, number)
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("key"), str) \
-                    and entry.get("status") in STATUSES and isinstance(entry.get("outputs"), list):
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                entry = None
+            if is_entry(entry):
                 entries.append(entry)
+            else:
+                ignored.append(number)
+        if ignored:
+            log.warning("%s: %d line(s) are not well-formed entries and are ignored (the first: line %d); "
+                        "their items are made again", self.path, len(ignored), ignored[0])
         return entries
 
     def latest(self) -> dict[str, dict]:
@@ -167,7 +178,7 @@ class Manifest:
 
     def done(self) -> dict[str, dict]:
         """The last entry of every key whose item is finished or skipped (outputs not checked)."""
-        return {key: entry for key, entry in self.latest().items() if entry["status"] != FAILED}
+        return {key: entry for key, entry in self.latest().items() if entry["status"] in (FINISHED, SKIPPED)}
 
     def output_paths(self, entry: Mapping) -> list[Path]:
         """The outputs of ``entry`` as paths (relative ones resolved against the manifest's folder)."""
@@ -183,7 +194,8 @@ class Manifest:
         """Split ``items`` into those to (re)run and the settled ones.
 
         An item is settled when its last entry is ``skipped``, or ``finished`` and all its
-        outputs still exist; missing outputs are made again; failed items run again. An item
+        outputs still exist; missing outputs are made again; deferred and failed items run
+        again. An item
         whose key comes twice runs once (a warning names it)."""
         latest = self.latest()
         plan = ManifestPlan(todo=[])
@@ -199,6 +211,18 @@ class Manifest:
             else:
                 plan.todo.append(item)
         return plan
+
+
+def is_entry(entry: object) -> bool:
+    """True for a well-formed entry: a JSON object whose ``key`` is a string, ``status`` one of
+    :data:`STATUSES`, ``outputs`` a list of non-empty path strings without NUL and ``error`` a
+    string (the reason) unless the status is ``finished``."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and entry.get("status") in STATUSES):
+        return False
+    outputs = entry.get("outputs")
+    if not (isinstance(outputs, list) and all(isinstance(p, str) and p and "\0" not in p for p in outputs)):
+        return False
+    return entry["status"] == FINISHED or isinstance(entry.get("error"), str)
 
 
 def _ends_with_newline(fd: int) -> bool:

@@ -15,24 +15,22 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint_keys import SD_V1, SD_V2
-
-from sounddiffusion.errors import DeviceError, ModelError, ParameterError
+from sounddiffusion.errors import DeviceError, ModelError
+from sounddiffusion.model.configs import load_config, model_config_for
+from sounddiffusion.model.devices import check_cuda_graphs, pick_device, weight_dtype
 from sounddiffusion.model.engine import Engine
-from sounddiffusion.model.lora_specs import LoraSpec, lora_record, merge_loras, parse_lora_specs
-from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae
+from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, merge_loras, parse_lora_specs
+from sounddiffusion.model.memory import available_memory, check_memory
+from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae, vae_path, weights_hash
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
-                                     ModelSettings, V2_CHECKPOINT_DIR, V2_CONFIG, V2_V_CONFIG, shown_path)
+                                     ModelSettings, V2_CHECKPOINT_DIR, shown_path)
 
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 20221024  # of the random weights (demo UNet and text encoder, benchmark models)
 DEMO_FINGERPRINT = "demo-3"  # in outputs' metadata; --resume refuses a render of another demo
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-FAMILY_NAMES = {SD_V1: "SD v1", SD_V2: "SD 2.x"}
 
-
-# ----------------------------------------------------------------------------- resolution
 
 def resolve_checkpoint(ckpt: str | None) -> Path:
     """The checkpoint file to load: ``ckpt`` if given, else the first of ``CHECKPOINT_NAMES``
@@ -73,125 +71,6 @@ def _v2_folder_checkpoint() -> Path | None:
         raise ModelError(f"{shown_path(V2_CHECKPOINT_DIR)}/ holds {len(files)} checkpoints ({names}): "
                          f"pick one with --ckpt")
     return files[0] if files else None
-
-
-def config_for_family(family: str | None, checkpoint_name: str) -> Path:
-    """The config for a checkpoint of ``family`` ("sd-v1", "sd-v2" or None) named ``checkpoint_name``.
-
-    SD 2.x: ``v2-inference-v.yaml`` (v-prediction) when the name contains "768" (the 768-v and 512
-    base files have the same keys, only the name tells them apart), else ``v2-inference.yaml``;
-    SD v1 and unknown files: ``v1-inference.yaml``."""
-    if family == SD_V2:
-        return V2_V_CONFIG if "768" in checkpoint_name else V2_CONFIG
-    return DEFAULT_CONFIG
-
-
-def config_family(config) -> str | None:
-    """"sd-v1", "sd-v2" or None for a loaded config, from its text encoder (OpenCLIP: SD 2.x)."""
-    target = str(config.model.get("params", {}).get("cond_stage_config", {}).get("target", ""))
-    if target.endswith(".FrozenOpenCLIPEmbedder"):
-        return SD_V2
-    if target.endswith(".FrozenCLIPEmbedder"):
-        return SD_V1
-    return None
-
-
-def _picked_config_note(config: Path, family: str | None, checkpoint: Path) -> str:
-    """The one line that says which config was picked for ``checkpoint``, and how to choose another."""
-    shown = shown_path(config)
-    if family is None:
-        return (f"config {shown}: the model family of {shown_path(checkpoint)} cannot be told from its keys; "
-                f"pass --config for another")
-    why = f"{shown_path(checkpoint)} is {FAMILY_NAMES[family]}"
-    if config == V2_V_CONFIG:
-        return (f"config {shown} ({why}, v-prediction as its name says 768); "
-                f"pass --config {shown_path(V2_CONFIG)} if it is not a 768-v model")
-    if config == V2_CONFIG:
-        return f"config {shown} ({why}); for a 768-v model pass --config {shown_path(V2_V_CONFIG)}"
-    return f"config {shown} ({why}); pass --config for another"
-
-
-def model_config_for(checkpoint: Path, config: str | Path | None):
-    """The loaded config to build ``checkpoint``'s model from.
-
-    ``config`` None: :func:`config_for_family` of the file's family, named in a log line. Given: it
-    must build the file's family; otherwise ModelError says which family the file is and which config
-    to pass. Raises CheckpointError for a file whose keys cannot be read."""
-    from ldm.checkpoint import checkpoint_family
-
-    family = checkpoint_family(checkpoint)
-    if config is None:
-        chosen = config_for_family(family, checkpoint.name)
-        log.info("%s", _picked_config_note(chosen, family, checkpoint))
-        return load_config(chosen)
-    model_config = load_config(config)
-    builds = config_family(model_config)
-    if family and builds and family != builds:
-        fitting = shown_path(config_for_family(family, checkpoint.name))
-        raise ModelError(f"{shown_path(checkpoint)} is an {FAMILY_NAMES[family]} checkpoint but {config} "
-                         f"builds {FAMILY_NAMES[builds]}: pass --config {fitting} (or leave out --config)")
-    return model_config
-
-
-def load_config(path: str | Path):
-    """Read a CompVis-format YAML config. Raises ModelError when missing or not valid YAML."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"config {path} is missing: leave out --config for the default "
-                         f"({shown_path(DEFAULT_CONFIG)}) or pass the path of an existing config")
-    try:
-        config = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ModelError(f"config {path} is not valid YAML ({reason}): fix it or use "
-                         f"configs/stable-diffusion/v1-inference.yaml") from None
-    if not hasattr(config, "get") or "model" not in config or "target" not in config.model:
-        raise ModelError(f"config {path} has no 'model: target: ...' section: it is not a "
-                         f"Stable Diffusion config; use configs/stable-diffusion/v1-inference.yaml")
-    config.source_path = str(path)
-    return config
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA, else Apple MPS, else CPU. Raises DeviceError for an unavailable device."""
-    from ldm.util import default_device
-
-    if name in (None, "auto"):
-        return default_device()
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda, but PyTorch sees no CUDA GPU here: install a CUDA build "
-                          "of torch (see README), or use --device cpu")
-    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError("--device mps, but Apple MPS is not available here: use --device cpu")
-    return torch.device(name)
-
-
-def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the weights are cast to for ``--precision`` on ``device``."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision in ("full", "autocast"):
-        return torch.float32
-    if device.type == "mps":
-        raise ParameterError(f"--precision {precision}: Apple MPS runs float32; use --precision full")
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ParameterError("--precision fp16 needs a CUDA GPU: on CPU use full (or bf16)")
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    raise ParameterError(f"--precision {precision}: use one of auto, full, autocast, fp16, bf16")
-
-
-def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:
-    """Raises ParameterError when ``--cuda_graphs`` is asked for on a device other than CUDA."""
-    if cuda_graphs and device.type != "cuda":
-        raise ParameterError(f"--cuda_graphs needs a CUDA GPU, but the model runs on {device.type}: "
-                             f"leave --cuda_graphs out")
 
 
 def checkpoint_fingerprint(path: Path) -> str:
@@ -262,24 +141,63 @@ def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = N
     frame loop sets); None: ``settings.lora`` with number weights, checked before the model loads."""
     from ldm.util import load_model_from_config
 
-    target = pick_device(settings.device)
-    weight_dtype(settings.precision, target)  # a bad --precision fails before the model loads
-    check_cuda_graphs(settings.cuda_graphs, target)
+    target = check_model_settings(settings)
+    name, fingerprint = checkpoint_identity(settings)
     loras = parse_lora_specs(settings.lora) if loras is None else loras
     vae = load_tiny_vae(settings.vae) if settings.vae else None
     if settings.demo:
         model = build_demo_model()
-        name, fingerprint = "demo", DEMO_FINGERPRINT
     else:
         path = resolve_checkpoint(settings.ckpt)
         log.info("loading %s", path)
         model_config = model_config_for(path, settings.config)
         model = load_model_from_config(model_config, str(path), device="cpu")
-        name, fingerprint = path.name, checkpoint_fingerprint(path)
     return engine_for_model(model, device=str(target), precision=settings.precision, checkpoint=name,
                             checkpoint_hash=fingerprint, compile=settings.compile,
                             cuda_graphs=settings.cuda_graphs, loras=loras, vae=vae)
 
+
+def check_model_settings(settings: ModelSettings, *, height: int | None = None, width: int | None = None,
+                         pictures: int = 1) -> torch.device:
+    """What :func:`load_engine` would refuse about ``settings``, found before anything loads: the
+    device, the precision on it, ``--cuda_graphs``, the checkpoint file and a ``--config`` that
+    cannot be read; with ``height`` and ``width``, also a picture size whose run cannot fit in
+    the device's memory (:func:`~sounddiffusion.model.memory.check_memory`, ``pictures`` sampled
+    together). Returns the device."""
+    target = pick_device(settings.device)
+    weight_dtype(settings.precision, target)
+    check_cuda_graphs(settings.cuda_graphs, target)
+    if not settings.demo:
+        resolve_checkpoint(settings.ckpt)
+        if settings.config:
+            load_config(settings.config)
+    if height is not None and width is not None:
+        check_memory(settings, target, height, width, pictures)
+    return target
+
+
+def checkpoint_identity(settings: ModelSettings) -> tuple[str, str]:
+    """(name, fingerprint) of the model ``settings`` loads, as the engine records them in outputs'
+    metadata, found without loading it: ("demo", :data:`DEMO_FINGERPRINT`), or the checkpoint's
+    file name and :func:`checkpoint_fingerprint`."""
+    if settings.demo:
+        return "demo", DEMO_FINGERPRINT
+    path = resolve_checkpoint(settings.ckpt)
+    return path.name, checkpoint_fingerprint(path)
+
+
+
+def model_record(settings: ModelSettings, loras: Sequence[LoraSpec] = (), engine: Engine | None = None) -> dict:
+    """What outputs record of the model, found without loading it (``engine``: when it is loaded
+    already, from it): the checkpoint's name and fingerprint (:func:`checkpoint_identity`), the
+    LoRA files by content with their weights' texts, and the hash of ``--vae``'s TAESD weights."""
+    if engine is not None:
+        return {"checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
+                "lora": engine.loras, "vae_hash": engine.vae_hash}
+    name, fingerprint = checkpoint_identity(settings)
+    return {"checkpoint": name, "checkpoint_hash": fingerprint,
+            "lora": lora_record(loras, lora_infos(loras)) if loras else [],
+            "vae_hash": weights_hash(vae_path(settings.vae)) if settings.vae else None}
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
     """The UNet of the config ``settings`` would load, built on the meta device (no memory, no
@@ -289,18 +207,6 @@ def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
     config = load_config(DEMO_CONFIG if settings.demo else settings.config or DEFAULT_CONFIG)
     with torch.device("meta"):
         return instantiate_from_config(config.model.params.unet_config)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can still give (Linux MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _prepack_for_cpu(modules: list[torch.nn.Module]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from sounddiffusion.errors import AudioError, ParameterError
+from sounddiffusion.errors import AudioAccessError, AudioError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ def sounds_in_folder(folder: str | Path, what: str = "sound files") -> list[Path
     return sounds
 
 
+MIN_SOUND_SECONDS = 0.1  # shorter sounds get a warning (sound_warning)
+
+
 def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Read a sound file as mono float32 samples ``(n_samples,)`` at ``sr`` samples per second.
 
@@ -75,7 +78,30 @@ def sound_length(path: str | Path, sr: int = SAMPLE_RATE) -> int:
     """``len(load_audio(path, sr))``, found by decoding the file block by block without keeping it.
 
     Raises what :func:`load_audio` raises; warns about non-finite samples as it does."""
-    return sum(len(block) for block in sound_blocks(path, sr))
+    return sound_extent(path, sr)[0]
+
+
+def sound_extent(path: str | Path, sr: int = SAMPLE_RATE) -> tuple[int, float]:
+    """(``len(load_audio(path, sr))``, the largest absolute sample), found block by block as
+    :func:`sound_length` does; raises and warns as it does."""
+    n_samples, peak = 0, 0.0
+    for block in sound_blocks(path, sr):
+        n_samples += len(block)
+        peak = max(peak, float(np.abs(block).max(initial=0.0)))
+    return n_samples, peak
+
+
+def sound_warning(path: str | Path, n_samples: int, peak: float, sr: int = SAMPLE_RATE) -> str | None:
+    """One line for a sound its pictures cannot follow, else None: digital silence (``peak``,
+    the largest absolute sample, is 0) or a sound shorter than :data:`MIN_SOUND_SECONDS`
+    (``n_samples`` at ``sr``): a likely mistake that would still render without complaint."""
+    if peak == 0:
+        return (f"{path} is silent (every sample is 0): the pictures cannot follow it (a plain field); "
+                f"check that it is the sound you meant")
+    if n_samples < MIN_SOUND_SECONDS * sr:
+        return (f"{path} lasts only {1000 * n_samples / sr:.1f} ms ({n_samples} samples): too short for the "
+                f"pictures to follow it; check that it is the sound you meant")
+    return None
 
 
 def sound_blocks(path: str | Path, sr: int = SAMPLE_RATE, *, warn_non_finite: bool = True
@@ -164,11 +190,11 @@ def _decoded_blocks(path: Path, sr: int) -> Iterator[tuple[int, np.ndarray]]:
     try:
         file = path.open("rb")
     except PermissionError:
-        raise AudioError(f"cannot read audio file {path}: permission denied; "
-                         f"make it readable (chmod +r) or copy it somewhere you can read") from None
+        raise AudioAccessError(f"cannot read audio file {path}: permission denied; "
+                               f"make it readable (chmod +r) or copy it somewhere you can read") from None
     except OSError as exc:
-        raise AudioError(f"cannot read audio file {path} ({exc.strerror or exc}): "
-                         f"check the disk and the file") from None
+        raise AudioAccessError(f"cannot read audio file {path} ({exc.strerror or exc}): "
+                               f"check the disk and the file") from None
     decoded = 0  # samples libsndfile has given
     with file:
         try:

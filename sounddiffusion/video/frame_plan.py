@@ -27,7 +27,7 @@ from sounddiffusion.control.prompts import (negative_weights_at, parse_prompt_fi
                                             split_negative, start_end_schedule)
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, parse_smoothing, snap_times
-from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_length,
+from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_extent, sound_warning,
                                         stream_frame_slices)
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class FramePlan:
         Read forward from the file (frames skipped by ``--cadence`` are read past); asking for
         an earlier frame than the next one reads anew from the start."""
         if self._slices is None or index < self._next_index:
-            blocks = sound_blocks(self.audio, warn_non_finite=False)  # sound_length has warned
+            blocks = sound_blocks(self.audio, warn_non_finite=False)  # sound_extent has warned
             self._slices, self._next_index = stream_frame_slices(blocks, self.n_samples, self.fps, start=index), index
         for _ in range(index - self._next_index):
             next(self._slices)
@@ -153,7 +153,10 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False,
     _warn_unread_tracks(schedules, [track.name for track in request.tracks])
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
-    n_samples = sound_length(settings.audio)
+    n_samples, peak = sound_extent(settings.audio)
+    warning = sound_warning(settings.audio, n_samples, peak)
+    if warning:
+        log.warning("%s", warning)
     n_frames = frame_count(n_samples, fps)
     analysed = None
     if analyse or schedules.needs_analysis() or settings.snap_prompts != "none":

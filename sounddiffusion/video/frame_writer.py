@@ -89,8 +89,9 @@ class FrameWriter:
                     save_png(rgb, frame_png,
                              {**self.frame_parameters, "frame": index, "time": round(index / self.fps, 6)})
                 arrays, extra = chain.resume_data()
+                # Only the folder's name: it lies beside the video, wherever the state says.
                 self.render.add_frame(rgb, arrays, {**extra, "frame": index,
-                                                    "frames_dir": str(self.frames_dir) if self.frames_dir else None})
+                                                    "frames_dir": self.frames_dir.name if self.frames_dir else None})
                 if self.preview_frames and (index + 1) % self.preview_frames == 0:
                     self.render.write_preview(self.audio_path)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread

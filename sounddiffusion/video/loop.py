@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,13 @@ from tqdm import tqdm
 
 from sounddiffusion.control.bending_specs import BlockBender, check_block, check_graph_bends
 from sounddiffusion.control.frame_schedules import report_columns
+from sounddiffusion.errors import OutputError
 from sounddiffusion.files import ensure_output_dir, unique_output_path
 from sounddiffusion.images import load_init_image
 from sounddiffusion.model.conditioning import blend_conditionings, condition
 from sounddiffusion.model.cuda_graphs import StaticShapeCalls
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
-from sounddiffusion.model.loading import load_engine, unet_skeleton
+from sounddiffusion.model.loading import load_engine, model_record, unet_skeleton
 from sounddiffusion.model.lora_specs import parse_lora_specs
 from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import slice_rms
@@ -43,8 +45,11 @@ from sounddiffusion.video.frame_plan import Frame, FramePlan, plan_frames
 from sounddiffusion.video.frame_steps import check_frame_strengths, sampler_columns
 from sounddiffusion.video.frame_writer import FrameWriter, PixelBlend
 from sounddiffusion.video.render import VideoRender
+from sounddiffusion.video.render_state import STATE_SUFFIX
 
 log = logging.getLogger(__name__)
+
+FRAMES_SUFFIX = "-frames"  # --save_frames: NAME-frames/ beside NAME.mp4
 
 
 def frame_conditioning(engine: Engine, audio_slice: np.ndarray, frame: Frame,
@@ -150,15 +155,15 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
     return chain
 
 
-def render_settings(settings: VideoSettings, model: ModelSettings, engine: Engine, plan: FramePlan) -> dict:
-    """The settings a resumed render must share with the first run, also stored in the MP4. Control
-    tracks are recorded by their files' content, sections by the times they gave."""
+def render_settings(settings: VideoSettings, model: ModelSettings, record: dict, plan: FramePlan) -> dict:
+    """The settings a resumed render must share with the first run, also stored in the MP4;
+    ``record``: what outputs record of the model (:func:`~sounddiffusion.model.loading.model_record`).
+    Control tracks and the init image are recorded by their files' content, sections by their times."""
     controls = {spec.partition("=")[0]: file_digest(spec.partition("=")[2]) for spec in settings.control}
     sections = [list(section) for section in plan.envelopes.sections] if plan.envelopes is not None else []
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
-            "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule,
-            "checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash, "lora": engine.loras,
-            "vae_hash": engine.vae_hash, "init_img": file_digest(settings.init_img) if settings.init_img else None,
+            "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule, **record,
+            "init_img": file_digest(settings.init_img) if settings.init_img else None,
             "control": controls or None, "sections": sections or None}
 
 
@@ -209,24 +214,28 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
         warn_negative_prompt_without_guidance(negative, float(plan.values["scale"].max()))
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
-    ensure_output_dir(path.parent)  # before the model loads, so that a wrong folder fails at once
+    # Everything that can be refused is, before the model loads: the folder, the blocks bent,
+    # the render state (--resume, an unfinished render, another process).
+    ensure_output_dir(path.parent)
     if model.cuda_graphs:
         check_graph_bends(block_specs(plan))
     if engine is None:
-        for spec in block_specs(plan):  # block names against the model's layout, before it loads
+        for spec in block_specs(plan):
             check_block(spec, unet_skeleton(model))
+    recorded = render_settings(settings, model, model_record(model, loras, engine), plan)
+    VideoRender.check(path, plan.fps, settings.W, settings.H, recorded, resume=settings.resume)
+    if engine is None:
         engine = load_engine(model, loras=loras)
     check_encoder(engine, settings)
     if reports and engine.embeds_guidance:  # one UNet evaluation per step at any scale
         write_reports(settings, plan, embeds_guidance=True)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
-    recorded = render_settings(settings, model, engine, plan)
+    # Segments of fixed length, whatever --preview_every: the MP4's bytes do not depend on it.
     render = VideoRender.open(path, fps=plan.fps, width=settings.W, height=settings.H,
-                              settings=recorded, resume=settings.resume,
-                              segment_frames=preview_frames or None, crf=settings.crf)
-    start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings)
+                              settings=recorded, resume=settings.resume, crf=settings.crf)
+    start, chain, frames_dir = _resume_point(render, engine, init_rgb, settings, path)
     if settings.save_frames and frames_dir is None:
-        frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + "-frames")))
+        frames_dir = ensure_output_dir(unique_output_path(path.with_name(path.stem + FRAMES_SUFFIX)))
     writer = FrameWriter(engine, render, frames_dir=frames_dir, preview_frames=preview_frames,
                          audio_path=settings.audio, frame_parameters=recorded, fps=float(plan.fps),
                          nonfinite_error=lambda index: nonfinite_latent_error(plan, index))
@@ -249,16 +258,36 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     return render.finish(settings.audio, metadata={"comment": json.dumps(recorded, sort_keys=True)})
 
 
-def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None, settings: VideoSettings
-                  ) -> tuple[int, ChainState, Path | None]:
+def _resume_point(render: VideoRender, engine: Engine, init_rgb: np.ndarray | None, settings: VideoSettings,
+                  video: Path) -> tuple[int, ChainState, Path | None]:
     """The first frame to render, the chain it continues and the --save_frames folder in use."""
     saved = render.load_checkpoint()
     if saved is not None:
         last_index, arrays, extra = saved
         log.info("resuming after frame %d", last_index)
-        frames_dir = Path(extra["frames_dir"]) if extra.get("frames_dir") else None
+        frames_dir = saved_frames_dir(video, extra.get("frames_dir"))
         return last_index + 1, ChainState.from_resume_data(arrays, extra, engine), frames_dir
     if init_rgb is not None:
         reference = init_rgb if settings.color_coherence != "none" else None
         return 0, ChainState(-1, engine.encode_image(init_rgb[None]), reference), None
     return 0, ChainState(), None
+
+
+def saved_frames_dir(video: Path, stored: object) -> Path | None:
+    """The --save_frames folder of the render of ``video`` that a checkpoint names (``stored``:
+    its name, or None), always beside the video: ``STEM-frames`` or a numbered ``STEM-frames-NNNN``.
+
+    Anything else (another folder, a path elsewhere: an edited state file) raises
+    :class:`OutputError` rather than writing frames there. A full path stored by an earlier
+    version is accepted when it names such a folder beside the video."""
+    if stored is None:
+        return None
+    candidate = Path(stored) if isinstance(stored, str) else None
+    pattern = re.compile(re.escape(video.stem + FRAMES_SUFFIX) + r"(-\d{4})?")
+    if candidate is None or not pattern.fullmatch(candidate.name) or not (
+            candidate.parent == Path(".") or candidate.parent.resolve() == video.parent.resolve()):
+        state = video.with_name(video.name + STATE_SUFFIX)
+        raise OutputError(f"the render state in {state} is damaged: it names {str(stored)[:200]!r} as the "
+                          f"frames folder, not {video.stem}{FRAMES_SUFFIX}[-NNNN] beside the video; delete "
+                          f"{state} and start again")
+    return video.parent / candidate.name

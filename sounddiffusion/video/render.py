@@ -11,6 +11,12 @@ counts as finished once its PNG and its checkpoint are on disk. So a kill at any
 resume=True)`` re-feeds the PNGs of the unfinished segment into a new encoder and the caller
 continues from :meth:`VideoRender.load_checkpoint`. Frames are encoded by a child ffmpeg process
 (:mod:`sounddiffusion.video.ffmpeg`) while the caller computes the next one.
+
+Segments start at fixed frame numbers, multiples of ``segment_frames`` (4 s of video by default,
+kept in the state folder), whatever the previews and interruptions: a resumed render encodes
+the interrupted segment again from its first frame, so it gives the same MP4, byte for byte, as
+an uninterrupted one (with the same ffmpeg on the same machine). A preview encodes the frames of
+the unfinished segment into a file of its own, used for that preview only.
 :meth:`VideoRender.finish` joins the segments without re-encoding, adds the sound as AAC, gives
 the MP4 its final name only when it is complete and removes the state folder.
 
@@ -32,6 +38,7 @@ import numpy as np
 
 from sounddiffusion.errors import OutputError, ParameterError
 from sounddiffusion.files import ensure_output_dir, publish_file, unique_output_path
+from sounddiffusion.logs import counted
 from sounddiffusion.settings import DEFAULT_CRF
 from sounddiffusion.sound.audio import fps_fraction
 from sounddiffusion.video.ffmpeg import SegmentEncoder, mux_segments
@@ -88,8 +95,9 @@ class VideoRender:
         ``settings``: a JSON object of every setting that changes the frames (prompt, seed,
         strength, checkpoint hash, ...), but not those that don't (preview interval, paths);
         a resume with other settings, fps or size is refused with :class:`ParameterError`.
-        ``segment_frames``: frames per encoded segment, by default ``DEFAULT_SEGMENT_SECONDS``
-        of video; choose ``fps * preview interval`` so that segment ends meet preview points.
+        ``segment_frames``: frames per encoded segment, by default ``DEFAULT_SEGMENT_SECONDS`` of
+        video; segment k holds frames [k * segment_frames, (k + 1) * segment_frames). It is
+        stored with the state, and a resume keeps the stored value whatever is passed.
         ``crf``: the H.264 quality (0 best .. 51 worst); segments of one video must share it, so
         put it in ``settings`` too for the resume check.
 
@@ -109,11 +117,12 @@ class VideoRender:
             raise ValueError(f"segment_frames must be at least 1, got {segment_frames}")
         ensure_output_dir(output_path.parent)
         render = cls(output_path, fps, width, height, segment_frames, crf)
-        record = {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
-                  "settings": json.loads(json.dumps(settings))}
+        record = {**_state_record(fps, width, height, settings), "segment_frames": segment_frames}
         try:
             if resume:
-                render._state.check_resumable(record)
+                stored = render._state.check_resumable(record)
+                if isinstance(stored.get("segment_frames"), int) and stored["segment_frames"] >= 1:
+                    render.segment_frames = stored["segment_frames"]
                 render._frames_done, render._encoded, render._segments = render._state.recover()
             else:
                 render._state.create(record)
@@ -121,6 +130,15 @@ class VideoRender:
             render.close()
             raise
         return render
+
+    @staticmethod
+    def check(output_path: str | os.PathLike, fps: float | Fraction, width: int, height: int,
+              settings: Mapping, resume: bool = False) -> None:
+        """Refuse now, changing nothing, what :meth:`open` with these arguments would refuse about
+        the state folder (an unfinished render where a fresh one starts, no render or one with
+        other settings to resume, one another process renders): a check before the model loads."""
+        record = _state_record(fps_fraction(fps), width, height, settings)
+        RenderState(Path(output_path)).check_startable(record, resume)
 
     @property
     def frames_done(self) -> int:
@@ -154,7 +172,7 @@ class VideoRender:
             self.close()
             raise
         self._frames_done = index + 1
-        if self._frames_done - self._encoded >= self.segment_frames:
+        if self._frames_done % self.segment_frames == 0:
             self._close_segment()
 
     def write_preview(self, audio_path: str | os.PathLike | None, *,
@@ -162,14 +180,22 @@ class VideoRender:
         """Replace the preview MP4 (``STEM.preview.mp4``) with the frames finished so far.
 
         The preview has the matching stretch of the sound at ``audio_path`` (None: silent).
-        The current segment is closed so that every finished frame is in it. Returns the
-        preview's path, or None while no frame is finished. ``metadata``: MP4 tags, as for
-        :meth:`finish`.
+        The finished segments are copied; the frames of the unfinished one are encoded from
+        their PNGs into a segment for this preview only, so the segments of the video still
+        start at their fixed frames. Returns the preview's path, or None while no frame is
+        finished. ``metadata``: MP4 tags, as for :meth:`finish`.
         """
         if self._frames_done == 0:
             return None
-        self._close_segment()
-        temp = self._mux(audio_path, metadata)
+        part = self._state.preview_part_path()
+        segments = list(self._segments)
+        try:
+            if self._frames_done > self._encoded:
+                part.unlink(missing_ok=True)
+                segments.append(self._new_encoder().finish(part))
+            temp = self._mux(segments, audio_path, metadata)
+        finally:
+            part.unlink(missing_ok=True)
         return publish_file(temp, self.preview_path, overwrite=True, retry=RESUME_HINT)
 
     def finish(self, audio_path: str | os.PathLike | None, *,
@@ -184,12 +210,12 @@ class VideoRender:
         if self._frames_done == 0:
             raise OutputError(f"no frames were rendered for {self.output_path}: nothing to write")
         self._close_segment()
-        temp = self._mux(audio_path, metadata)
+        temp = self._mux(self._segments, audio_path, metadata)
         final = publish_file(temp, unique_output_path(self.output_path), retry=RESUME_HINT)
         self.preview_path.unlink(missing_ok=True)
         self.close()  # Windows deletes no file that is open
         self._state.remove()
-        log.info("wrote %s (%d frames)", final, self._frames_done)
+        log.info("wrote %s (%s)", final, counted(self._frames_done, "frame"))
         return final
 
     def close(self) -> None:
@@ -209,16 +235,20 @@ class VideoRender:
     def _current_encoder(self) -> SegmentEncoder:
         """The encoder of the unfinished segment; a new one is first fed the segment's PNGs."""
         if self._encoder is None:
-            encoder = SegmentEncoder(self.state_dir, self._encoded, self.fps, self.width,
-                                     self.height, crf=self.crf, retry=RESUME_HINT)
-            try:
-                for index in range(self._encoded, self._frames_done):
-                    encoder.write(self._state.read_frame(index))
-            except BaseException:
-                encoder.abort()
-                raise
-            self._encoder = encoder
+            self._encoder = self._new_encoder()
         return self._encoder
+
+    def _new_encoder(self) -> SegmentEncoder:
+        """An encoder of the unfinished segment, fed the PNGs of its frames finished so far."""
+        encoder = SegmentEncoder(self.state_dir, self._encoded, self.fps, self.width,
+                                 self.height, crf=self.crf, retry=RESUME_HINT)
+        try:
+            for index in range(self._encoded, self._frames_done):
+                encoder.write(self._state.read_frame(index))
+        except BaseException:
+            encoder.abort()
+            raise
+        return encoder
 
     def _close_segment(self) -> None:
         """Encode the finished frames not yet in a segment into one, then drop their PNGs."""
@@ -230,12 +260,18 @@ class VideoRender:
         self._encoded = end
         self._state.drop_frames(start, end)
 
-    def _mux(self, audio_path: str | os.PathLike | None,
+    def _mux(self, segments: list[Path], audio_path: str | os.PathLike | None,
              metadata: Mapping[str, str] | None) -> Path:
-        """Join the segments (no re-encoding) and add the sound, cut to the video's length.
+        """Join ``segments`` (no re-encoding) and add the sound, cut to the video's length.
 
         Returns a temporary MP4 in the state folder for :func:`publish_file`.
         """
-        return mux_segments(self._segments, self.state_dir, self.fps, self._frames_done,
+        return mux_segments(segments, self.state_dir, self.fps, self._frames_done,
                             audio_path, output_path=self.output_path, metadata=metadata,
                             retry=RESUME_HINT)
+
+
+def _state_record(fps: Fraction, width: int, height: int, settings: Mapping) -> dict:
+    """What the state folder records of a render and a resume must match (settings as JSON)."""
+    return {"format": STATE_FORMAT, "fps": str(fps), "width": width, "height": height,
+            "settings": json.loads(json.dumps(settings))}

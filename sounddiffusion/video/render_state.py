@@ -2,8 +2,9 @@
 
 A render of ``song.mp4`` owns the state folder ``song.mp4.render/`` beside it::
 
-    settings.json                     fps, size and the frame-affecting settings it started with
+    settings.json                     fps, size, segment length, the frame-affecting settings
     segment-000000-000040.mp4         finished H.264 segments: frames [0, 40), [40, 80), ...
+    preview-part.mp4                  the unfinished segment's frames while a preview is made
     frame-000080.png, ...             lossless copies of the frames of the unfinished segment
     checkpoint.npz                    the caller's resume data for the last finished frame
     lock                              locked while a process renders into the folder
@@ -43,6 +44,7 @@ RESUME_HINT = "run again with --resume"
 _SETTINGS_FILE = "settings.json"
 _CHECKPOINT_FILE = "checkpoint.npz"
 _LOCK_FILE = "lock"
+_PREVIEW_PART = "preview-part.mp4"
 _SEGMENT_NAME = re.compile(r"segment-(\d{6})-(\d{6})\.mp4")
 _FRAME_NAME = re.compile(r"frame-(\d{6})\.png")
 # Checkpoint entries that are not the caller's arrays.
@@ -127,9 +129,7 @@ class RenderState:
             raise output_error(err, self.folder) from err
         self._take_lock()
         if self._has_finished_frames():
-            raise OutputError(
-                f"an unfinished render of {self.output_path} exists: add --resume to continue "
-                f"it, or delete {self.folder} to start again")
+            raise self._unfinished()
         leftovers = [path for path in self.folder.iterdir() if path.name != _LOCK_FILE]
         if leftovers:
             log.info("an earlier render of %s stopped before its first frame: starting again", self.output_path)
@@ -146,10 +146,10 @@ class RenderState:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
 
-    def check_resumable(self, record: dict) -> None:
+    def check_resumable(self, record: dict) -> dict:
         """Lock the folder and refuse to resume a render that does not exist
         (:class:`OutputError`) or was started with another ``record`` (:class:`ParameterError`
-        listing each difference)."""
+        listing each difference in fps, size or settings). Returns the stored record."""
         if not self.folder.is_dir():
             raise OutputError(
                 f"there is no unfinished render of {self.output_path} to resume "
@@ -172,6 +172,22 @@ class RenderState:
                 f"cannot resume the render of {self.output_path} with other settings "
                 f"({'; '.join(differences)}): resume with the settings it was started with, "
                 f"or delete {self.folder} to start again")
+        return stored
+
+    def check_startable(self, record: dict, resume: bool) -> None:
+        """Refuse now, changing nothing, what :meth:`create` (``resume`` False) or
+        :meth:`check_resumable` would refuse: an unfinished render where a fresh one starts, no
+        render or one of other settings to resume, a render another process holds. For a check
+        before the model loads; the lock is not kept."""
+        try:
+            if resume:
+                self.check_resumable(record)
+            elif self.folder.is_dir():
+                self._take_lock()
+                if self._has_finished_frames():
+                    raise self._unfinished()
+        finally:
+            self.release()
 
     def recover(self) -> Progress:
         """Find where a stopped render ended, from its segments, PNGs and checkpoint.
@@ -181,7 +197,7 @@ class RenderState:
         remaining PNGs are for the caller to encode again. Raises :class:`OutputError` when
         the files do not fit together.
         """
-        for leftover in self.folder.glob(".*.tmp"):
+        for leftover in [*self.folder.glob(".*.tmp"), *self.folder.glob(_PREVIEW_PART)]:
             leftover.unlink(missing_ok=True)
         checkpoint = self.load_checkpoint()
         frames_done = 0 if checkpoint is None else checkpoint.frame_index + 1
@@ -252,6 +268,10 @@ class RenderState:
     def frame_path(self, index: int) -> Path:
         return self.folder / f"frame-{index:06d}.png"
 
+    def preview_part_path(self) -> Path:
+        """Where a preview puts the unfinished segment's frames while it is made (then deleted)."""
+        return self.folder / _PREVIEW_PART
+
     def segment_path(self, start: int, end: int) -> Path:
         """The name of the finished segment of frames [start, end)."""
         return self.folder / f"segment-{start:06d}-{end:06d}.mp4"
@@ -281,6 +301,10 @@ class RenderState:
         """Whether the state folder holds a finished frame (a checkpoint or a segment)."""
         return ((self.folder / _CHECKPOINT_FILE).exists()
                 or any(self.folder.glob("segment-*.mp4")))
+
+    def _unfinished(self) -> OutputError:
+        return OutputError(f"an unfinished render of {self.output_path} exists: add --resume to continue "
+                           f"it, or delete {self.folder} to start again")
 
     def _damaged(self, why: str) -> OutputError:
         return OutputError(f"the render state in {self.folder} is damaged: {why}; "

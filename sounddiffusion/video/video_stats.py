@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, fields
@@ -45,6 +46,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from sounddiffusion.errors import ParameterError
+from sounddiffusion.logs import counted
 from sounddiffusion.sound.audio import SAMPLE_RATE
 from sounddiffusion.video.ffmpeg import ffmpeg_exe
 
@@ -147,7 +149,7 @@ def video_stats(path: str | os.PathLike, *, progress: bool = False) -> VideoStat
             flicker_hf[-2] = _reversing_change(luma_before, luma_last, luma)
         luma_before, luma_last = luma_last, luma
         if progress and time.monotonic() - last_note > _PROGRESS_SECONDS:
-            log.info("%s: %d frames measured", path.name, len(flicker))
+            log.info("%s: %s measured", path.name, counted(len(flicker), "frame"))
             last_note = time.monotonic()
     if not flicker:
         raise ParameterError(f"{path} has no video frames ffmpeg can decode: give a video file")
@@ -170,8 +172,10 @@ def _read_frames(path: Path):
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration) as err:
         reader.close()
-        reason = " ".join(str(err).split())[-300:]
-        raise ParameterError(f"{path} is not a video ffmpeg can read ({reason}): "
+        log.debug("ffmpeg cannot open %s: %s", path, err)  # its own words, for --debug
+        if re.search(r"Stream #\S+: Audio", str(err)) and not re.search(r"Stream #\S+: Video", str(err)):
+            raise ParameterError(f"{path} holds sound but no pictures: give a video file (MP4, MOV, ...)") from err
+        raise ParameterError(f"{path} is not a video ffmpeg can read (damaged, or another kind of file): "
                              f"give an MP4 or another video file") from err
     width, height = meta["size"]
     yield meta
@@ -179,9 +183,8 @@ def _read_frames(path: Path):
         for buffer in reader:
             yield np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
     except (OSError, RuntimeError) as err:
-        reason = " ".join(str(err).split())[-300:]
-        raise ParameterError(f"ffmpeg stopped decoding {path} ({reason}): "
-                             f"the file may be damaged or incomplete") from err
+        log.debug("ffmpeg stopped decoding %s: %s", path, err)
+        raise ParameterError(f"ffmpeg stopped decoding {path}: the file may be damaged or incomplete") from err
     finally:
         reader.close()
 
