@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+SCHEDULE_HELP = "; a number or a schedule over the music (README: Music-reactive control)"
+"""Ends the help of every flag that takes a schedule."""
+
 
 @dataclass(frozen=True)
 class Flag:

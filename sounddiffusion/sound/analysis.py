@@ -57,17 +57,14 @@ import numpy as np
 import scipy.ndimage
 
 from sounddiffusion.errors import AudioError, ParameterError
-from sounddiffusion.sound.audio import (SAMPLE_RATE, fps_fraction, frame_count, iter_frame_slices, slice_rms,
-                                        sound_blocks, sound_length, stream_frame_slices)
+from sounddiffusion.sound.audio import (SAMPLE_RATE, fps_fraction, frame_count, iter_frame_slices, sound_blocks,
+                                        sound_length, stream_frame_slices)
+from sounddiffusion.sound.frame_features import MEASURES, FrameMeasures
 from sounddiffusion.sound.onset_stream import HOP, OnsetStream
 
 log = logging.getLogger(__name__)
 
 ENVELOPE_NAMES = ("rms", "onset", "beat", "low", "mid", "high", "centroid", "flux")
-LOW_HZ = 200.0
-"""Upper edge of ``low`` and lower edge of ``mid`` (Hz)."""
-HIGH_HZ = 2000.0
-"""Upper edge of ``mid`` and lower edge of ``high`` (Hz)."""
 RESCALES = ("peak", "minmax", "none")
 
 
@@ -162,7 +159,7 @@ def smooth(values: np.ndarray, smoothing: Smoothing, fps: float | Fraction) -> n
     if smoothing.median > 1 and len(x):
         x = scipy.ndimage.median_filter(x, size=smoothing.median, mode="nearest")
     if (smoothing.attack or smoothing.release) and len(x):
-        x = _follow(x, _pole(smoothing.attack, fps), _pole(smoothing.release, fps))
+        x = _follow(x, follower_pole(smoothing.attack, fps), follower_pole(smoothing.release, fps))
     if smoothing.gate:
         x[x < smoothing.gate] = 0.0
     if smoothing.rescale == "peak":
@@ -174,15 +171,22 @@ def smooth(values: np.ndarray, smoothing: Smoothing, fps: float | Fraction) -> n
     return np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def _pole(seconds: float, fps: float | Fraction) -> float:
+def follower_pole(seconds: float, fps: float | Fraction) -> float:
+    """The envelope follower's pole ``a = exp(-1 / (seconds * fps))`` (0 for 0 seconds)."""
     return math.exp(-1.0 / (seconds * float(fps))) if seconds > 0 else 0.0
+
+
+def follow_step(level: float, value: float, attack: float, release: float) -> float:
+    """One frame of the envelope follower: ``level + (1 - a) * (value - level)`` with ``a`` the
+    ``attack`` pole while rising and the ``release`` pole while falling."""
+    pole = attack if value > level else release
+    return level + (1.0 - pole) * (value - level)
 
 
 def _follow(x: np.ndarray, attack: float, release: float) -> np.ndarray:
     out, level = np.empty_like(x), 0.0
     for i, value in enumerate(x.tolist()):
-        pole = attack if value > level else release
-        level = level + (1.0 - pole) * (value - level)
+        level = follow_step(level, value, attack, release)
         out[i] = level
     return out
 
@@ -276,34 +280,15 @@ def _samples(audio: np.ndarray) -> np.ndarray:
 def _frame_features(slices, n_frames: int, starts: np.ndarray, n_samples: int, sr: int):
     """Raw rms, low, mid, high, centroid and flux per frame, the (min, max) sample per frame and
     the hop-rate onset envelopes (mean and median over mel bands)."""
-    n_fft = int(np.max(np.diff(starts))) if n_frames else 1
-    frequencies = np.fft.rfftfreq(n_fft, 1.0 / sr)
-    doubled = np.full(len(frequencies), 2.0)
-    doubled[0] = 1.0
-    if n_fft % 2 == 0:
-        doubled[-1] = 1.0
-    bands = (frequencies < LOW_HZ, (frequencies >= LOW_HZ) & (frequencies < HIGH_HZ), frequencies >= HIGH_HZ)
-    names = ("rms", "low", "mid", "high", "centroid", "flux")
-    raw = {name: np.zeros(n_frames) for name in names}
+    measures = FrameMeasures(int(np.max(np.diff(starts))) if n_frames else 1, sr)
+    raw = {name: np.zeros(n_frames) for name in MEASURES}
     peaks = np.zeros((n_frames, 2))
     onsets = OnsetStream(n_samples, sr)
-    windows, previous = {}, np.zeros(len(frequencies))
     for i, piece in enumerate(slices):
         onsets.push(piece)
-        raw["rms"][i] = slice_rms(piece)
+        for name, value in measures.measure(piece).items():
+            raw[name][i] = value
         peaks[i] = (piece.min(), piece.max()) if len(piece) else (0.0, 0.0)
-        if len(piece) not in windows:
-            window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(len(piece)) / len(piece))
-            windows[len(piece)] = (window, n_fft * float(np.sum(window ** 2)) or 1.0)
-        window, scale = windows[len(piece)]
-        power = np.abs(np.fft.rfft(piece * window, n=n_fft)) ** 2 * doubled / scale
-        for name, band in zip(("low", "mid", "high"), bands):
-            raw[name][i] = math.sqrt(power[band].sum())
-        total = power.sum()
-        raw["centroid"][i] = float(frequencies @ power) / total / (sr / 2) if total > 0 else 0.0
-        magnitude = np.sqrt(power)
-        raw["flux"][i] = math.sqrt(float(np.sum(np.maximum(0.0, magnitude - previous) ** 2)))
-        previous = magnitude
     onset_mean, onset_median = onsets.finish()
     return raw, peaks, onset_mean, onset_median
 

@@ -12,6 +12,11 @@ which :func:`librosa.beat.beat_track` uses), delayed by librosa's three frames s
 One difference, made so that the envelope can be streamed: librosa floors the dB spectrogram 80 dB
 below its loudest bin over the whole sound; here the floor is 80 dB below the loudest bin so
 far. It changes only the faint parts before the loudest note.
+
+Value ``k`` needs only the samples before ``k * 512`` (the centred window of the later STFT frame of
+the difference ends there), so a live sound gets it as soon as those samples are in: with
+``n_samples=None`` the stream has no end and :meth:`OnsetStream.take` hands out the values as
+they are completed.
 """
 from __future__ import annotations
 
@@ -29,10 +34,12 @@ DELAY = 1 + N_FFT // (2 * HOP)
 
 class OnsetStream:
     """Feed the samples of a sound of ``n_samples`` samples at ``sr`` with :meth:`push` (any
-    piece sizes; samples past ``n_samples`` must be zeros), then call :meth:`finish` once."""
+    piece sizes; samples past ``n_samples`` must be zeros), then call :meth:`finish` once; or,
+    for a sound without end (``n_samples=None``), call :meth:`take` after each push."""
 
-    def __init__(self, n_samples: int, sr: int):
-        self.n_stft = 1 + n_samples // HOP  # librosa's frame count for a centred STFT
+    def __init__(self, n_samples: int | None, sr: int):
+        # librosa's frame count for a centred STFT; unbounded for a live sound
+        self.n_stft = 1 + n_samples // HOP if n_samples is not None else np.iinfo(np.int64).max
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
         self.mel = librosa.filters.mel(sr=sr, n_fft=N_FFT, n_mels=N_MELS, fmax=0.5 * sr).astype(np.float32)
         self.buffer = np.zeros(N_FFT // 2, np.float32)  # samples from padded position buffer_start on
@@ -41,6 +48,7 @@ class OnsetStream:
         self.previous_db = None
         self.loudest_db = -np.inf
         self.mean_parts, self.median_parts = [], []
+        self.taken = False
 
     def push(self, samples: np.ndarray) -> None:
         """Take the next samples and compute every STFT frame they complete."""
@@ -65,6 +73,18 @@ class OnsetStream:
             differences = np.concatenate(parts) if parts else np.zeros(0)
             envelopes.append(np.concatenate([np.zeros(DELAY), differences])[: self.n_stft])
         return envelopes[0], envelopes[1]
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``mean`` and ``median`` values completed since the last call (float64, equal
+        lengths; the first call starts with librosa's three leading zeros): concatenated over all
+        calls they are :meth:`finish`'s envelopes, value ``k`` belonging to sample ``k * 512``.
+        Use either this or :meth:`finish` on one stream."""
+        lead = [] if self.taken else [np.zeros(DELAY)]
+        self.taken = True
+        mean = np.concatenate([*lead, *self.mean_parts]) if lead or self.mean_parts else np.zeros(0)
+        median = np.concatenate([*lead, *self.median_parts]) if lead or self.median_parts else np.zeros(0)
+        self.mean_parts, self.median_parts = [], []
+        return mean, median
 
     def _differences(self, windows: np.ndarray) -> None:
         power = np.abs(np.fft.rfft(windows * self.window, axis=-1)) ** 2

@@ -13,6 +13,7 @@ exactly; amounts are host floats from the plan, so nothing here reads values bac
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from sounddiffusion.control.bending_specs import BendSpec, step_index
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.video.color import adjust_contrast, match_colors
-from sounddiffusion.video.frame_plan import Frame, FramePlan
+from sounddiffusion.video.frame_plan import Frame
 
 _NOISE_STREAM = 0  # the stream of --latent_noise; bend i draws from stream i + 1
 
@@ -82,13 +83,15 @@ def steps_of_frame(frame: Frame, steps: int, *, first: bool) -> int:
     return steps if first else min(steps, int(frame.strength * steps))
 
 
-def frame_bends(plan: FramePlan, frame: Frame, loudness: float, n_steps: int, *, first: bool) -> FrameBends:
-    """The bends of ``frame`` (``loudness``: its slice's RMS) sorted by place, in the order given,
+def frame_bends(specs: Sequence[BendSpec], frame: Frame, loudness: float, n_steps: int, *, first: bool
+                ) -> FrameBends:
+    """The bends of ``frame`` (``specs``: the run's ``--bend`` specs, one amount each in
+    ``frame.bend_amounts``; ``loudness``: its slice's RMS) sorted by place, in the order given,
     ``--rms_bend`` first. The first frame of a render has no noised latent: its latent bends wait."""
     bends = FrameBends()
     if not first:
         bends.noised.append(Bend("add", loudness * frame.rms_bend, 0))
-    for number, (spec, amount) in enumerate(zip(plan.bends, frame.bend_amounts)):
+    for number, (spec, amount) in enumerate(zip(specs, frame.bend_amounts)):
         bend_now = Bend(spec.op, amount, number + 1)
         if spec.where == "latent":
             if not first:
@@ -106,9 +109,9 @@ def bend(x: torch.Tensor, bends: list[Bend], seed: int, index: int) -> torch.Ten
     return x
 
 
-def block_specs(plan: FramePlan) -> list[BendSpec]:
-    """The plan's bends that act inside UNet blocks."""
-    return [spec for spec in plan.bends if spec.is_block]
+def block_specs(specs: Sequence[BendSpec]) -> list[BendSpec]:
+    """The bends of ``specs`` that act inside UNet blocks."""
+    return [spec for spec in specs if spec.is_block]
 
 
 def prepare_previous(engine: Engine, previous: torch.Tensor, frame: Frame, reference: np.ndarray | None,
