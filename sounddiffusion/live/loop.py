@@ -15,6 +15,7 @@ run in their own. :func:`run_live` ties them together and returns a :class:`Live
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -32,7 +33,7 @@ from sounddiffusion.errors import ScheduleError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.live.controls import LiveControls, live_frame
 from sounddiffusion.live.envelopes import LiveBeats, LiveEnvelopes
-from sounddiffusion.live.input import SoundInput, open_input
+from sounddiffusion.live.input import Block, SoundInput, open_input
 from sounddiffusion.live.record import LiveRecorder
 from sounddiffusion.live.server import LiveServer
 from sounddiffusion.live.state import LiveState
@@ -111,83 +112,94 @@ def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls) -> N
     engine.decode(chain.latent)
 
 
-def live_loop(engine: Engine, controls: LiveControls, source: SoundInput, state: LiveState,
-              recorder: LiveRecorder | None) -> float:
-    """Make pictures from ``source`` until its sound ends or ``--seconds`` of it have come;
-    returns the seconds of sound taken. See the module docstring."""
-    settings, _, _ = controls.current()
-    envelopes = LiveEnvelopes(settings.fps, smoothing=parse_smoothing(settings.smoothing) if settings.smoothing else None)
-    limit = round(settings.seconds * SAMPLE_RATE) if settings.seconds else None
-    max_f = math.ceil(settings.seconds * settings.fps) if settings.seconds else 0.0
-    specs = tuple(spec for spec, _ in controls.current()[1].bends)  # bends are set at the start
-    now = {"index": 0, "seed": settings.seed}
-    blocks = block_bender(engine, specs, lambda i: stream_generator(now["seed"], now["index"], i + 1))
-    chain, last_jump, samples, waiting = ChainState(), 0, 0, 0
-    shown_values, shown_version, frame_end_time = None, -1, 0.0
-    ended = False
-    if blocks is not None:
-        blocks.__enter__()
-    try:
-        while not ended:
-            try:
-                block = source.blocks.get(timeout=WAIT_S)
-            except queue.Empty:
-                continue
-            while block is not None:  # everything that has come in, newest last
-                piece = block.samples if limit is None else block.samples[: max(0, limit - samples)]
-                piece_end = block.captured - (len(block.samples) - len(piece)) / SAMPLE_RATE  # its last sample's
-                samples += len(piece)
-                if recorder is not None:
-                    recorder.add_sound(piece, piece_end)
-                completed = envelopes.push(piece)
-                if completed:
-                    waiting += completed
-                    frame_end_time = piece_end - (samples - envelopes.pending_start) / SAMPLE_RATE
-                if limit is not None and samples >= limit:
-                    ended = True
-                    break
-                try:
-                    block = source.blocks.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                ended = True
-            state.hear(envelopes.values, envelopes.bpm, samples / SAMPLE_RATE)
-            if not waiting:
-                continue
-            settings, schedules, version = controls.current()
-            values = np.array(list(envelopes.values.values()))
-            if (shown_values is not None and version == shown_version
-                    and np.max(np.abs(values - shown_values)) <= settings.rest):
-                state.count(rested=waiting)
-                waiting = 0
-                continue
-            state.count(dropped=waiting - 1)
-            waiting = 0
-            index = envelopes.frames - 1
-            try:
-                frame, last_jump = live_frame(settings, schedules, envelopes.variables(index, max_f), index, last_jump)
-            except ScheduleError as exc:
-                log.warning("frame %d is skipped: %s", index, exc)
-                state.count(dropped=1)
-                continue
-            now.update(index=index, seed=settings.seed)
-            latent = diffuse_slice(engine, envelopes.last_slice, specs, settings, chain, frame, blocks)
-            reference = chain.reference
-            rgb = engine.decode(latent)[0]
-            if reference is None and settings.color_coherence != "none":
-                reference = rgb
-            chain = ChainState(index, latent, reference)
-            jpeg = jpeg_of(rgb)
-            ready = time.monotonic()
-            state.publish(jpeg, ready, (ready - frame_end_time) * 1000.0)
-            if recorder is not None:
-                recorder.show(rgb, ready)
-            shown_values, shown_version = values, version
-    finally:
-        if blocks is not None:
-            blocks.__exit__(None, None, None)
-    return samples / SAMPLE_RATE
+class LiveLoop:
+    """Makes pictures from ``source`` with ``engine`` until its sound ends or ``--seconds`` of it have
+    come (:meth:`run`); see the module docstring. ``samples``: the sound taken so far."""
+
+    def __init__(self, engine: Engine, controls: LiveControls, source: SoundInput, state: LiveState,
+                 recorder: LiveRecorder | None):
+        self.engine, self.controls, self.source, self.state, self.recorder = engine, controls, source, state, recorder
+        settings, schedules, _ = controls.current()
+        smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
+        self.envelopes = LiveEnvelopes(settings.fps, smoothing=smoothing)
+        self.limit = round(settings.seconds * SAMPLE_RATE) if settings.seconds else None
+        self.max_f = math.ceil(settings.seconds * settings.fps) if settings.seconds else 0.0
+        self.specs = tuple(spec for spec, _ in schedules.bends)  # the bends are those of the start
+        self.now = {"index": 0, "seed": settings.seed}  # what the block bends' generators read
+        self.blocks = block_bender(engine, self.specs,
+                                   lambda i: stream_generator(self.now["seed"], self.now["index"], i + 1))
+        self.chain, self.last_jump = ChainState(), 0
+        self.samples, self.waiting, self.ended = 0, 0, False
+        self.frame_end_time = 0.0  # when the newest complete frame's last sample was captured
+        self.shown_values: np.ndarray | None = None
+        self.shown_version = -1
+
+    def run(self) -> None:
+        with self.blocks if self.blocks is not None else contextlib.nullcontext():
+            while not self.ended:
+                self.listen(wait=True)
+                if self.waiting:
+                    self.picture()
+
+    def listen(self, *, wait: bool) -> None:
+        """Take every block of sound that has come in (waiting up to :data:`WAIT_S` for one with ``wait``)."""
+        try:
+            block = self.source.blocks.get(timeout=WAIT_S) if wait else self.source.blocks.get_nowait()
+            while not self.ended:
+                self.take(block)
+                block = self.source.blocks.get_nowait()
+        except queue.Empty:
+            pass
+        self.state.hear(self.envelopes.values, self.envelopes.bpm, self.samples / SAMPLE_RATE)
+
+    def take(self, block: Block | None) -> None:
+        """One block of sound (None: the end), cut at ``--seconds``: recorded and analysed."""
+        if block is None:
+            self.ended = True
+            return
+        piece = block.samples if self.limit is None else block.samples[: max(0, self.limit - self.samples)]
+        piece_end = block.captured - (len(block.samples) - len(piece)) / SAMPLE_RATE  # its last sample's
+        self.samples += len(piece)
+        if self.recorder is not None:
+            self.recorder.add_sound(piece, piece_end)
+        completed = self.envelopes.push(piece)
+        if completed:
+            self.waiting += completed
+            self.frame_end_time = piece_end - (self.samples - self.envelopes.pending_start) / SAMPLE_RATE
+        self.ended = self.limit is not None and self.samples >= self.limit
+
+    def picture(self) -> None:
+        """The picture of the newest complete frame of the sound, unless the sound stands still."""
+        settings, schedules, version = self.controls.current()
+        values = np.array(list(self.envelopes.values.values()))
+        waiting, self.waiting = self.waiting, 0
+        if (settings.rest > 0 and self.shown_values is not None and version == self.shown_version
+                and np.max(np.abs(values - self.shown_values)) <= settings.rest):
+            self.state.count(rested=waiting)
+            return
+        self.state.count(dropped=waiting - 1)
+        index = self.envelopes.frames - 1
+        try:
+            frame, self.last_jump = live_frame(settings, schedules, self.envelopes.variables(index, self.max_f),
+                                               index, self.last_jump)
+        except ScheduleError as exc:
+            log.warning("frame %d is skipped: %s", index, exc)
+            self.state.count(dropped=1)
+            return
+        self.now.update(index=index, seed=settings.seed)
+        latent = diffuse_slice(self.engine, self.envelopes.last_slice, self.specs, settings, self.chain, frame,
+                               self.blocks)
+        rgb = self.engine.decode(latent)[0]
+        reference = self.chain.reference
+        if reference is None and settings.color_coherence != "none":
+            reference = rgb  # the first picture's colours are what the show keeps
+        self.chain = ChainState(index, latent, reference)
+        jpeg = jpeg_of(rgb)
+        ready = time.monotonic()
+        self.state.publish(jpeg, ready, (ready - self.frame_end_time) * 1000.0)
+        if self.recorder is not None:
+            self.recorder.show(rgb, ready)
+        self.shown_values, self.shown_version = values, version
 
 
 def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | None = None,
@@ -219,11 +231,14 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
             announce(line)
         recorder = LiveRecorder(settings.record, settings.fps, settings.W, settings.H) if settings.record else None
         state.started = time.monotonic()
+        frames = LiveLoop(engine, controls, source, state, recorder)
         try:
             with source:
-                summary.seconds = live_loop(engine, controls, source, state, recorder)
+                frames.run()
         except KeyboardInterrupt:
             log.info("stopped")
+            frames.listen(wait=False)  # the sound heard while the last picture was on show
+        summary.seconds = frames.samples / SAMPLE_RATE
         if recorder is not None:
             recorder, finishing = None, recorder
             summary.recording = finishing.finish()
@@ -234,7 +249,6 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
         schedule_log.removeFilter(filter_once)
     status = state.status()
     summary.frames, summary.rested, summary.dropped = status["frames"], status["rested"], status["dropped"]
-    summary.seconds = summary.seconds or status["seconds"]
     summary.latencies_ms = state.latencies()
     announce(f"live: {summary.line()}")
     if summary.recording is not None:

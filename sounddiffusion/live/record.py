@@ -76,7 +76,7 @@ class LiveRecorder:
             final = publish_file(temp, unique_output_path(self.path))
         finally:
             self.abort()
-        log.info("recorded %s (%d frames, %.1f s)", final, self.frames, self.frames / self.fps)
+        log.debug("recorded %s (%d frames, %.1f s)", final, self.frames, self.frames / self.fps)
         return final
 
     def abort(self) -> None:
