@@ -19,6 +19,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -257,8 +258,7 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
 
 
 def set_cpu_threads(engine_device: torch.device) -> None:
-    """On a CPU, torch uses all cores but one: the sound and the server need one to keep up."""
-    import os
-
+    """On a CPU, torch uses all cores but one: the sound and the server need one to keep up
+    (unless OMP_NUM_THREADS says how many)."""
     if engine_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
