@@ -1,10 +1,7 @@
 """live.py's parts without a model: per-frame numbers and controls, the recording's clock, the sound
 input, the address checks, and the mistakes that fail before the model loads."""
-import math
 import socket
 import sys
-import time
-from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -15,7 +15,8 @@ file's values, frame for frame, and which cannot:
   they divide by the loudest (and lift the quietest) so far, forgetting with a time constant of
   :data:`RESCALE_MEMORY_S` seconds, so that one loud hit does not flatten the rest of a set.
 - ``beat`` and ``bpm``: :class:`LiveBeats` runs librosa's tracker, as the file analysis does, on the
-  last :data:`BEAT_WINDOW_S` seconds of the onset envelope every :data:`BEAT_UPDATE_S` seconds, and
+  last :data:`BEAT_WINDOW_S` seconds of the onset envelope every :data:`BEAT_UPDATE_S` seconds (with
+  the tempo estimated anew every :data:`TEMPO_UPDATE_S` seconds), and
   predicts the beats after the last one it found from its tempo: ``beat`` is 1 on a frame holding
   a predicted beat and falls linearly to 0 just before the next, as in a file.
 """
@@ -41,6 +42,8 @@ BEAT_WINDOW_S = 8.0
 """Seconds of onset envelope the live beat tracker reads (librosa's tempo window)."""
 BEAT_UPDATE_S = 0.5
 """Seconds of sound between two runs of the live beat tracker."""
+TEMPO_UPDATE_S = 2.0
+"""Seconds of sound between two estimates of the tempo (the costlier part; tempos change slowly)."""
 BEAT_START_S = 2.0
 """Seconds of sound before the first run of the live beat tracker."""
 
@@ -91,6 +94,8 @@ class LiveBeats:
         self.bpm = 0.0
         self.anchor: int | None = None  # hop of the last beat the tracker found
         self.period = 0.0  # hops per beat
+        self.tempo = 0.0  # the last estimate, and the hop count at which the next one is due
+        self.next_tempo = 0
 
     def push(self, median_onsets: np.ndarray) -> None:
         """Take the next onset values; the tracker runs when its next turn is reached."""
@@ -111,9 +116,13 @@ class LiveBeats:
 
     def _track_window(self, onsets: np.ndarray) -> None:
         if len(onsets) < 2 or not onsets.any():
-            self.bpm, self.anchor = 0.0, None
+            self.bpm, self.anchor, self.tempo = 0.0, None, 0.0
             return
-        tempo = float(np.atleast_1d(librosa.feature.tempo(onset_envelope=onsets, sr=self.sr, hop_length=HOP))[0])
+        if self.tempo <= 0 or self.hops >= self.next_tempo:
+            self.tempo = float(np.atleast_1d(librosa.feature.tempo(onset_envelope=onsets, sr=self.sr,
+                                                                   hop_length=HOP))[0])
+            self.next_tempo = self.hops + round(TEMPO_UPDATE_S * self.sr / HOP)
+        tempo = self.tempo
         _, beats = librosa.beat.beat_track(onset_envelope=onsets, sr=self.sr, hop_length=HOP, bpm=tempo)
         if tempo <= 0 or not len(beats):
             self.bpm, self.anchor = 0.0, None

@@ -1,8 +1,8 @@
 """The live frame loop: audio2video's chain (img2img from the previous picture) on the newest sound.
 
 The sound comes in blocks (:mod:`sounddiffusion.live.input`) and is cut into frames at ``--fps``
-as a file would be; every frame's envelopes are computed as it completes
-(:mod:`sounddiffusion.live.envelopes`). When the loop is free it samples the newest complete frame
+as a file would be; every frame's envelopes are computed as it completes, in the listener's
+thread (:mod:`sounddiffusion.live.listener`). When the loop is free it samples the newest complete frame
 only (:func:`sounddiffusion.video.loop.diffuse_slice`, the file renderer's step), with the numbers
 its schedules give over the envelopes now (:func:`sounddiffusion.live.controls.live_frame`): frames
 of the sound that completed while a picture was being made are dropped, never queued, so the
@@ -10,8 +10,8 @@ latency stays that of one picture. While no envelope has changed by more than ``
 last picture (silence, a held note) and the controls are unchanged, the loop rests: the gate is
 on the sound, not on the picture.
 
-Everything runs in the caller's thread (Ctrl-C lands here); the web server and the sound input
-run in their own. :func:`run_live` ties them together and returns a :class:`LiveSummary`.
+The pictures are made in the caller's thread (Ctrl-C lands here); the web server, the sound
+input and the listener run in their own. :func:`run_live` ties them together and returns a :class:`LiveSummary`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import io
 import logging
 import math
 import os
-import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +33,15 @@ from sounddiffusion.errors import ScheduleError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.live.controls import LiveControls, live_frame
 from sounddiffusion.live.envelopes import LiveBeats, LiveEnvelopes
-from sounddiffusion.live.input import Block, SoundInput, open_input
+from sounddiffusion.live.input import open_input
+from sounddiffusion.live.listener import Heard, Listener
 from sounddiffusion.live.record import LiveRecorder
 from sounddiffusion.live.server import LiveServer
 from sounddiffusion.live.state import LiveState
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.loading import load_engine, unet_skeleton
 from sounddiffusion.settings import LiveSettings, ModelSettings
-from sounddiffusion.sound.analysis import parse_smoothing
+from sounddiffusion.sound.analysis import ENVELOPE_NAMES, parse_smoothing
 from sounddiffusion.sound.audio import SAMPLE_RATE
 from sounddiffusion.video.frame_chain import ChainState, block_specs, stream_generator
 from sounddiffusion.video.loop import block_bender, diffuse_slice
@@ -49,7 +49,7 @@ from sounddiffusion.video.loop import block_bender, diffuse_slice
 log = logging.getLogger(__name__)
 
 JPEG_QUALITY = 90
-WAIT_S = 0.25  # how long the loop waits for sound before it looks at the clock again
+WAIT_S = 0.25  # how long the loop waits for a frame of sound before it looks again
 
 
 @dataclass
@@ -114,90 +114,56 @@ def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls) -> N
 
 
 class LiveLoop:
-    """Makes pictures from ``source`` with ``engine`` until its sound ends or ``--seconds`` of it have
-    come (:meth:`run`); see the module docstring. ``samples``: the sound taken so far."""
+    """Makes pictures with ``engine`` of the frames ``listener`` hears until its sound ends
+    (:meth:`run`); see the module docstring."""
 
-    def __init__(self, engine: Engine, controls: LiveControls, source: SoundInput, state: LiveState,
+    def __init__(self, engine: Engine, controls: LiveControls, listener: Listener, state: LiveState,
                  recorder: LiveRecorder | None):
-        self.engine, self.controls, self.source, self.state, self.recorder = engine, controls, source, state, recorder
+        self.engine, self.controls, self.listener, self.state, self.recorder = engine, controls, listener, state, recorder
         settings, schedules, _ = controls.current()
-        smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
-        self.envelopes = LiveEnvelopes(settings.fps, smoothing=smoothing)
-        self.limit = round(settings.seconds * SAMPLE_RATE) if settings.seconds else None
-        self.max_f = math.ceil(settings.seconds * settings.fps) if settings.seconds else 0.0
         self.specs = tuple(spec for spec, _ in schedules.bends)  # the bends are those of the start
         self.now = {"index": 0, "seed": settings.seed}  # what the block bends' generators read
         self.blocks = block_bender(engine, self.specs,
                                    lambda i: stream_generator(self.now["seed"], self.now["index"], i + 1))
-        self.chain, self.last_jump = ChainState(), 0
-        self.samples, self.waiting, self.ended = 0, 0, False
-        self.frame_end_time = 0.0  # when the newest complete frame's last sample was captured
+        self.chain, self.last_jump, self.last_heard = ChainState(), 0, -1
         self.shown_values: np.ndarray | None = None
         self.shown_version = -1
 
     def run(self) -> None:
         with self.blocks if self.blocks is not None else contextlib.nullcontext():
-            while not self.ended:
-                self.listen(wait=True)
-                if self.waiting:
-                    self.picture()
+            while True:
+                heard = self.listener.newest(after=self.last_heard, timeout=WAIT_S)
+                if heard is not None:
+                    self.picture(heard)
+                elif self.listener.ended:
+                    return
 
-    def listen(self, *, wait: bool) -> None:
-        """Take every block of sound that has come in (waiting up to :data:`WAIT_S` for one with ``wait``)."""
-        try:
-            block = self.source.blocks.get(timeout=WAIT_S) if wait else self.source.blocks.get_nowait()
-            while not self.ended:
-                self.take(block)
-                block = self.source.blocks.get_nowait()
-        except queue.Empty:
-            pass
-        self.state.hear(self.envelopes.values, self.envelopes.bpm, self.samples / SAMPLE_RATE)
-
-    def take(self, block: Block | None) -> None:
-        """One block of sound (None: the end), cut at ``--seconds``: recorded and analysed."""
-        if block is None:
-            self.ended = True
-            return
-        piece = block.samples if self.limit is None else block.samples[: max(0, self.limit - self.samples)]
-        piece_end = block.captured - (len(block.samples) - len(piece)) / SAMPLE_RATE  # its last sample's
-        self.samples += len(piece)
-        if self.recorder is not None:
-            self.recorder.add_sound(piece, piece_end)
-        completed = self.envelopes.push(piece)
-        if completed:
-            self.waiting += completed
-            self.frame_end_time = piece_end - (self.samples - self.envelopes.pending_start) / SAMPLE_RATE
-        self.ended = self.limit is not None and self.samples >= self.limit
-
-    def picture(self) -> None:
-        """The picture of the newest complete frame of the sound, unless the sound stands still."""
+    def picture(self, heard: Heard) -> None:
+        """The picture of frame ``heard``, unless the sound has stood still since the last one."""
         settings, schedules, version = self.controls.current()
-        values = np.array(list(self.envelopes.values.values()))
-        waiting, self.waiting = self.waiting, 0
+        values = np.array([heard.variables[name] for name in ENVELOPE_NAMES])
+        waiting, self.last_heard = heard.index - self.last_heard, heard.index
         if (settings.rest > 0 and self.shown_values is not None and version == self.shown_version
                 and np.max(np.abs(values - self.shown_values)) <= settings.rest):
             self.state.count(rested=waiting)
             return
         self.state.count(dropped=waiting - 1)
-        index = self.envelopes.frames - 1
         try:
-            frame, self.last_jump = live_frame(settings, schedules, self.envelopes.variables(index, self.max_f),
-                                               index, self.last_jump)
+            frame, self.last_jump = live_frame(settings, schedules, heard.variables, heard.index, self.last_jump)
         except ScheduleError as exc:
-            log.warning("frame %d is skipped: %s", index, exc)
+            log.warning("frame %d is skipped: %s", heard.index, exc)
             self.state.count(dropped=1)
             return
-        self.now.update(index=index, seed=settings.seed)
-        latent = diffuse_slice(self.engine, self.envelopes.last_slice, self.specs, settings, self.chain, frame,
-                               self.blocks)
+        self.now.update(index=heard.index, seed=settings.seed)
+        latent = diffuse_slice(self.engine, heard.samples, self.specs, settings, self.chain, frame, self.blocks)
         rgb = self.engine.decode(latent)[0]
         reference = self.chain.reference
         if reference is None and settings.color_coherence != "none":
             reference = rgb  # the first picture's colours are what the show keeps
-        self.chain = ChainState(index, latent, reference)
+        self.chain = ChainState(heard.index, latent, reference)
         jpeg = jpeg_of(rgb)
         ready = time.monotonic()
-        self.state.publish(jpeg, ready, (ready - self.frame_end_time) * 1000.0)
+        self.state.publish(jpeg, ready, (ready - heard.captured) * 1000.0)
         if self.recorder is not None:
             self.recorder.show(rgb, ready)
         self.shown_values, self.shown_version = values, version
@@ -232,14 +198,20 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
             announce(line)
         recorder = LiveRecorder(settings.record, settings.fps, settings.W, settings.H) if settings.record else None
         state.started = time.monotonic()
-        frames = LiveLoop(engine, controls, source, state, recorder)
+        listener = Listener(source, settings.fps, smoothing=parse_smoothing(settings.smoothing) if settings.smoothing
+                            else None, limit=round(settings.seconds * SAMPLE_RATE) if settings.seconds else None,
+                            max_f=math.ceil(settings.seconds * settings.fps) if settings.seconds else 0.0,
+                            state=state, recorder=recorder)
         try:
             with source:
-                frames.run()
+                listener.start()
+                try:
+                    LiveLoop(engine, controls, listener, state, recorder).run()
+                finally:
+                    listener.stop()  # with the sound heard while the last picture was on show
         except KeyboardInterrupt:
             log.info("stopped")
-            frames.listen(wait=False)  # the sound heard while the last picture was on show
-        summary.seconds = frames.samples / SAMPLE_RATE
+        summary.seconds = listener.samples / SAMPLE_RATE
         if recorder is not None:
             recorder, finishing = None, recorder
             summary.recording = finishing.finish()
