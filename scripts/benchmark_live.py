@@ -8,6 +8,10 @@ of sound after one load of the model and its warm-up, and writes a markdown tabl
 - frames/s: pictures made / seconds of sound (what the page shows, averaged over the run);
 - latency: from the capture of the last sample of the sound a picture was made from to its
   JPEG being ready to send (mean, median, 95th percentile, largest), in ms;
+- making one: the mean wall-clock time of the frame loop's step that makes a picture (numbers,
+  conditioning, img2img, decoding, JPEG), so 1000 / it is the most pictures per second this
+  machine could show at the moment; the latency is about 1 to 2 of these (a frame of sound waits
+  for the picture in progress, then for its own);
 - dropped: frames of the sound (at ``--fps``) that completed while a picture was being made and
   got none; rested: frames the loop rested on (none with ``--rest 0``, the default here).
 
@@ -26,6 +30,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +79,21 @@ def main(argv=None) -> int:
     import torch
 
     from sounddiffusion.files import write_new_text
-    from sounddiffusion.live.loop import run_live
+    from sounddiffusion.live.loop import LiveLoop, run_live
     from sounddiffusion.logs import configure_logging
     from sounddiffusion.model.loading import load_engine
     from sounddiffusion.settings import LiveSettings, ModelSettings
 
     configure_logging(False)
+    making = []  # seconds of each picture step
+    picture = LiveLoop.picture
+
+    def timed(self, heard):
+        started = time.perf_counter()
+        picture(self, heard)
+        making.append(time.perf_counter() - started)
+
+    LiveLoop.picture = timed
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = ModelSettings(demo=args.ckpt is None, ckpt=args.ckpt, device=args.device, precision=args.precision)
@@ -90,11 +104,13 @@ def main(argv=None) -> int:
         settings = LiveSettings(input=args.input, loop=True, seconds=args.seconds, port=0, H=size, W=size,
                                 ddim_steps=args.ddim_steps, strength=args.strength, fps=args.fps, rest=args.rest)
         load_before = os.getloadavg()[0]
+        making.clear()
         summary = run_live(settings, model, engine=engine, announce=lambda line: print(line, flush=True))
         lat = np.array(summary.latencies_ms)
         steps = int(float(args.strength) * args.ddim_steps) if args.strength.replace(".", "", 1).isdigit() else "?"
         rows.append(f"| {size}x{size} | DDIM {args.ddim_steps} x {args.strength} = {steps} | {torch.get_num_threads()} | "
                     f"{summary.frames} | {summary.seconds:.1f} | {summary.frames / summary.seconds:.2f} | "
+                    f"{1000 * np.mean(making):.0f} | "
                     f"{lat.mean():.0f} | {np.median(lat):.0f} | {np.percentile(lat, 95):.0f} | {lat.max():.0f} | "
                     f"{summary.dropped} | {summary.rested} | {load_before:.1f} / {os.getloadavg()[0]:.1f} |")
     command = "python scripts/benchmark_live.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -105,8 +121,8 @@ def main(argv=None) -> int:
         f"{Path(args.input).name} looped in real time; live.py --fps {args.fps:g} --rest {args.rest:g}",
         "",
         "| size | sampler, steps x strength = steps per picture | torch threads | pictures | sound (s) | frames/s "
-        "| latency mean (ms) | median | 95th pct. | max | dropped | rested | load avg. before / after |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| making one (ms) | latency mean (ms) | median | 95th pct. | max | dropped | rested | load avg. before / after |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         *rows, ""])
     print(table)
     out = Path(args.out) if args.out else REPO / "outputs" / f"benchmark-live-{started:%Y%m%d-%H%M%S}.md"
