@@ -11,6 +11,7 @@ few-step model renders several times faster, README: Fast sampling).
 """
 
 from sounddiffusion import cli
+from sounddiffusion.control.frame_schedules import CHAIN_FLAGS
 from sounddiffusion.settings import DEFAULT_CRF
 from sounddiffusion.sound.music_flags import MUSIC_FLAGS
 
@@ -29,10 +30,7 @@ def build_parser():
                              "each as --path SONG gives it); OUTDIR/manifest.jsonl records the "
                              "finished ones, so the same command again continues")
     parser.add_argument("--fps", type=float, default=12, help="video frames per second (fractions allowed)")
-    parser.add_argument("--strength", default="0.5",
-                        help="how much each frame departs from the previous one: 0 keeps it, "
-                             "1.0 corresponds to full destruction of information in the previous image"
-                             + cli.SCHEDULE_HELP)
+    cli.add_flag_group(parser, CHAIN_FLAGS)
     cli.add_audio_conditioning_args(parser, scheduled=True)
     parser.add_argument("--textpromptend", default=None,
                         help="text the prompt moves to by the end of the video (linear interpolation)")
@@ -40,9 +38,6 @@ def build_parser():
                         help="timestamped prompts, one per line ('0:20 text', '12.5 text'), interpolated")
     parser.add_argument("--init-img", dest="init_img", default=None, metavar="IMG",
                         help="start from this image instead of txt2img (resized and center-cropped)")
-    parser.add_argument("--rms_bend", default="0", metavar="F",
-                        help="add loudness (slice RMS) x F to the noised latent ('network bending'; "
-                             "0 = off, upstream used 0.8); the same as --bend \"add=F*rms\"" + cli.SCHEDULE_HELP)
     parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS (= --sampler ddim)")
     cli.add_music_reactive_args(parser)
     cli.add_flag_group(parser, MUSIC_FLAGS)

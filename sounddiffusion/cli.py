@@ -139,8 +139,9 @@ def add_audio_conditioning_args(parser: argparse.ArgumentParser, *, scheduled: b
                         + (SCHEDULE_HELP if scheduled else ""))
 
 
-def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
-    """audio2video's per-frame control: schedules, seed jumps, bends, envelope smoothing, reports."""
+def add_music_reactive_args(parser: argparse.ArgumentParser, *, files: bool = True) -> None:
+    """audio2video's per-frame control: schedules, seed jumps, bends, envelope smoothing and, with
+    ``files`` (a sound known in advance), prompt snapping and reports."""
     from sounddiffusion.control.bending import OPERATORS
     from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES, SNAP_UNITS
 
@@ -159,6 +160,8 @@ def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
                         "middle_block or output_blocks.N (README: Network bending)")
     g.add_argument("--smoothing", default=None, metavar="SPEC",
                    help="change the envelopes' smoothing, e.g. \"onset:release=0.3,gate=0.5;centroid:median=9\"")
+    if not files:
+        return
     g.add_argument("--snap_prompts", default="none", choices=("none", *SNAP_UNITS),
                    help="move --prompt_file times to the nearest beat, downbeat or section start")
     g.add_argument("--plot", action="store_true",
@@ -167,8 +170,8 @@ def add_music_reactive_args(parser: argparse.ArgumentParser) -> None:
                    help="write NAME.schedule.csv (and the plot with --plot) and stop: no model, no video")
 
 
-def add_coherence_args(parser: argparse.ArgumentParser) -> None:
-    """audio2video's cures for colour drift, burn-in and slow renders."""
+def add_coherence_args(parser: argparse.ArgumentParser, *, cadence: bool = True) -> None:
+    """audio2video's cures for colour drift, burn-in and (with ``cadence``) slow renders."""
     from sounddiffusion.video.color import COLOR_SPACES
 
     g = parser.add_argument_group("coherence and cadence")
@@ -179,10 +182,11 @@ def add_coherence_args(parser: argparse.ArgumentParser) -> None:
                    help="match colours on every Nth frame only")
     g.add_argument("--color_coherence_strength", default="1", metavar="F",
                    help="blend of matched (1) and unmatched (0) colours" + SCHEDULE_HELP)
-    g.add_argument("--cadence", default="1", metavar="N",
-                   help="diffuse every Nth frame and interpolate the frames between" + SCHEDULE_HELP)
-    g.add_argument("--cadence_blend", default="latent", choices=("latent", "pixel"),
-                   help="in-between frames: slerp of the latents, or a cross-fade of the pictures")
+    if cadence:
+        g.add_argument("--cadence", default="1", metavar="N",
+                       help="diffuse every Nth frame and interpolate the frames between" + SCHEDULE_HELP)
+        g.add_argument("--cadence_blend", default="latent", choices=("latent", "pixel"),
+                       help="in-between frames: slerp of the latents, or a cross-fade of the pictures")
     g.add_argument("--latent_noise", default="0", metavar="F",
                    help="seeded fresh noise x F added to the chained latent before each img2img step "
                         "(against burn-in)" + SCHEDULE_HELP)

@@ -300,3 +300,39 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
         """``NAME.schedule.csv`` / ``.png`` next to the requested output."""
         path = self.requested_output()
         return path.with_name(f"{path.stem}.schedule{suffix}")
+
+
+LIVE_HOST = "127.0.0.1"
+LIVE_PORT = 8765
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveSettings(VideoSettings):
+    """live.py: audio2video's frame chain on a sound that arrives as it plays, shown on a web page.
+
+    The chain's numbers are :class:`VideoSettings`' (their schedules read envelopes computed as the
+    sound arrives, :mod:`sounddiffusion.live.envelopes`); its file-only fields (``audio``, ``outdir``,
+    ``cadence``, ``resume``, ...) keep their defaults. ``fps``: the rate the envelopes and schedules
+    count frames in (``t``, keyframes) and the recording's frame rate; the pictures come as fast as
+    the machine makes them. ``input``: ``"mic"`` (the default input device, or ``device_index``)
+    or a sound file played in real time (``loop``: again and again). ``host``/``port``: where the
+    page is served. ``record``: an MP4 of what was shown with the sound. ``seconds``: stop after
+    this much sound (None: at Ctrl-C or the file's end). ``rest``: the loop rests while no
+    envelope has changed by more than this since the last picture (0: never rests)."""
+
+    input: str = "mic"
+    loop: bool = False
+    device_index: int | None = None
+    host: str = LIVE_HOST
+    port: int = LIVE_PORT
+    record: str | None = None
+    seconds: float | None = None
+    rest: float = 0.02
+    ddim_steps: int = 4
+
+    # DDIM works with any checkpoint; --sampler lcm (an LCM model or LCM-LoRA) or euler_a (SD-Turbo)
+    # are faster where the model was made for them (README: Live).
+    DEFAULT_SAMPLER: ClassVar[str] = "ddim"
+
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = VideoSettings.OUTPUT_FIELDS | {
+        "input", "loop", "device_index", "host", "port", "record", "seconds"}

@@ -18,7 +18,7 @@ DEMO = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "2"]
 TINY = ["--config", "tests/data/tiny-v1/config.yaml", "--ckpt", "tests/data/tiny-v1/model.safetensors",
         "--H", "64", "--W", "64", "--ddim_steps", "2"]
 PROGS = {"audio2img": "audio2img.py", "audio2video": "audio2video.py", "txt2img": "txt2img.py",
-         "img2img": "img2img.py"}
+         "img2img": "img2img.py", "live": "live.py"}
 _PROGRESS = re.compile(r"^[\w ]+: +\d+%\|")
 
 

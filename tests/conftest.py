@@ -112,6 +112,7 @@ EXAMPLE_SCRIPTS = ("images_from_folder.sh", "music_video.sh", "sweep_strength_fp
 ENTRY_POINTS = {
     "audio2img": REPO / "audio2img.py",
     "audio2video": REPO / "audio2video.py",
+    "live": REPO / "live.py",
     "txt2img": REPO / "scripts" / "txt2img.py",
     "img2img": REPO / "scripts" / "img2img.py",
 }

@@ -20,6 +20,7 @@ from sounddiffusion.control.bending import check_amount
 from sounddiffusion.control.bending_specs import BendSpec, parse_bend
 from sounddiffusion.control.schedules import Schedule, clip_to_range, excerpt, parse_schedule
 from sounddiffusion.errors import ParameterError
+from sounddiffusion.flags import SCHEDULE_HELP, Flag, FlagGroup
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES
 from sounddiffusion.sound.control_tracks import track_names
@@ -65,6 +66,15 @@ SCHEDULED = (
     Scheduled("color_coherence_strength", 0.0, 1.0, "0 leaves colours alone, 1 matches them fully"),
 )
 """The scheduled flags of audio2video and their ranges (``--seed_jump`` is a condition, unclipped)."""
+
+
+CHAIN_FLAGS = FlagGroup("frame chain", (
+    Flag(("--strength",), "how much each frame departs from the previous one: 0 keeps it, 1.0 corresponds to full "
+                          "destruction of information in the previous image" + SCHEDULE_HELP, default="0.5"),
+    Flag(("--rms_bend",), "add loudness (slice RMS) x F to the noised latent ('network bending'; 0 = off, upstream "
+                          "used 0.8); the same as --bend \"add=F*rms\"" + SCHEDULE_HELP, default="0", metavar="F"),
+), "each frame is img2img from the previous one (audio2video.py, live.py)")
+"""The img2img chain's own flags, shared by the entry points that chain frames."""
 
 
 def text_range(settings: VideoSettings) -> Scheduled:
@@ -179,6 +189,19 @@ def evaluate_lora_weights(schedules: VideoSchedules, variables: Mapping[str, np.
     """Each ``--lora``'s weight on every frame, (n_loras, n_frames) float64, unclipped."""
     return np.array([weight.evaluate(variables, n_frames) for _, weight in schedules.loras],
                     dtype=np.float64).reshape(len(schedules.loras), n_frames)
+
+
+def values_at(schedules: VideoSchedules, settings: VideoSettings, variables: Mapping[str, float], index: int
+              ) -> tuple[dict[str, float], bool, tuple[float, ...]]:
+    """One frame's numbers, for a live sound: (each scheduled flag's value clipped to its range,
+    whether the seed jumps, each bend's amount), as :func:`evaluate_schedules` gives them for
+    frame ``index`` (see :meth:`~sounddiffusion.control.schedules.Schedule.value_at`)."""
+    values = {}
+    for flag in _flags(settings):
+        raw = np.array([schedules.values[flag.name].value_at(variables, index)])
+        values[flag.name] = float(clip_to_range(raw, low=flag.low, high=flag.high, flag=f"--{flag.name}")[0])
+    jump = schedules.seed_jump is not None and schedules.seed_jump.value_at(variables, index) > 0.5
+    return values, jump, tuple(amount.value_at(variables, index) for _, amount in schedules.bends)
 
 
 def report_columns(values: Mapping[str, np.ndarray], jumps: np.ndarray, amounts: np.ndarray,

@@ -93,6 +93,19 @@ class Schedule:
         self._check_finite(np.arange(n_frames), values)
         return values
 
+    def value_at(self, variables: Mapping[str, float], index: int) -> float:
+        """The value on frame ``index`` alone, for a sound that arrives as it plays: ``variables``
+        hold each name's value on that frame (floats, ``t`` = ``index``). The same as
+        ``evaluate(...)[index]`` over a whole sound whose variables had these values, except that
+        the frames before an expression keyframe take its value with this frame's variables.
+        Raises :class:`ScheduleError` as :meth:`evaluate` does."""
+        if self.is_constant:
+            return self.constant
+        if self._keyframes:  # keyframes count frames from 0: lay them out up to this frame
+            n_frames = max(index, self._keyframes[-1].frame) + 1
+            return float(self.evaluate(variables, n_frames)[index])
+        return float(self.evaluate(variables, 1)[0])
+
     def _check_finite(self, frames: np.ndarray, values: np.ndarray) -> None:
         """ScheduleError naming the first of ``frames`` whose value is not a finite number."""
         bad = np.flatnonzero(~np.isfinite(values))

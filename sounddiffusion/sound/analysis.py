@@ -171,7 +171,7 @@ def smooth(values: np.ndarray, smoothing: Smoothing, fps: float | Fraction) -> n
     if smoothing.median > 1 and len(x):
         x = scipy.ndimage.median_filter(x, size=smoothing.median, mode="nearest")
     if (smoothing.attack or smoothing.release) and len(x):
-        x = _follow(x, _pole(smoothing.attack, fps), _pole(smoothing.release, fps))
+        x = _follow(x, follower_pole(smoothing.attack, fps), follower_pole(smoothing.release, fps))
     if smoothing.gate:
         x[x < smoothing.gate] = 0.0
     if smoothing.rescale == "peak":
@@ -183,15 +183,22 @@ def smooth(values: np.ndarray, smoothing: Smoothing, fps: float | Fraction) -> n
     return np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def _pole(seconds: float, fps: float | Fraction) -> float:
+def follower_pole(seconds: float, fps: float | Fraction) -> float:
+    """The envelope follower's pole ``a = exp(-1 / (seconds * fps))`` (0 for 0 seconds)."""
     return math.exp(-1.0 / (seconds * float(fps))) if seconds > 0 else 0.0
+
+
+def follow_step(level: float, value: float, attack: float, release: float) -> float:
+    """One frame of the envelope follower: ``level + (1 - a) * (value - level)`` with ``a`` the
+    ``attack`` pole while rising and the ``release`` pole while falling."""
+    pole = attack if value > level else release
+    return level + (1.0 - pole) * (value - level)
 
 
 def _follow(x: np.ndarray, attack: float, release: float) -> np.ndarray:
     out, level = np.empty_like(x), 0.0
     for i, value in enumerate(x.tolist()):
-        pole = attack if value > level else release
-        level = level + (1.0 - pole) * (value - level)
+        level = follow_step(level, value, attack, release)
         out[i] = level
     return out
 

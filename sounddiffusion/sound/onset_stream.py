@@ -20,6 +20,11 @@ the whole sound), capped at the largest value the rest of the envelope reaches: 
 held chord rises from silence, far more than any later note rises from the one before, and
 uncapped it would shrink every other onset when the envelope is divided by its peak. The
 ``median`` envelope (the beat tracker's) stays librosa's.
+
+Value ``k`` needs only the samples before ``k * 512`` (the centred window of the later STFT frame of
+the difference ends there), so a live sound gets it as soon as those samples are in: with
+``n_samples=None`` the stream has no end and :meth:`OnsetStream.take` hands out the values as
+they are completed.
 """
 from __future__ import annotations
 
@@ -37,10 +42,12 @@ DELAY = 1 + N_FFT // (2 * HOP)
 
 class OnsetStream:
     """Feed the samples of a sound of ``n_samples`` samples at ``sr`` with :meth:`push` (any
-    piece sizes; samples past ``n_samples`` must be zeros), then call :meth:`finish` once."""
+    piece sizes; samples past ``n_samples`` must be zeros), then call :meth:`finish` once; or,
+    for a sound without end (``n_samples=None``), call :meth:`take` after each push."""
 
-    def __init__(self, n_samples: int, sr: int):
-        self.n_stft = 1 + n_samples // HOP  # librosa's frame count for a centred STFT
+    def __init__(self, n_samples: int | None, sr: int):
+        # librosa's frame count for a centred STFT; unbounded for a live sound
+        self.n_stft = 1 + n_samples // HOP if n_samples is not None else np.iinfo(np.int64).max
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
         self.mel = librosa.filters.mel(sr=sr, n_fft=N_FFT, n_mels=N_MELS, fmax=0.5 * sr).astype(np.float32)
         self.buffer = np.zeros(N_FFT // 2, np.float32)  # samples from padded position buffer_start on
@@ -50,6 +57,7 @@ class OnsetStream:
         self.first_db = None  # the first STFT frame's mel dB, for the onset at t = 0
         self.loudest_db = -np.inf
         self.mean_parts, self.median_parts = [], []
+        self.taken = False
 
     def push(self, samples: np.ndarray) -> None:
         """Take the next samples and compute every STFT frame they complete."""
@@ -79,6 +87,18 @@ class OnsetStream:
             start = float(np.mean(np.maximum(self.first_db, floor) - floor))
             mean[0] = max(mean[0], min(start, float(mean[1:].max(initial=0.0))))
         return mean, envelopes[1]
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``mean`` and ``median`` values completed since the last call (float64, equal
+        lengths; the first call starts with librosa's three leading zeros): concatenated over all
+        calls they are :meth:`finish`'s envelopes, value ``k`` belonging to sample ``k * 512``.
+        Use either this or :meth:`finish` on one stream."""
+        lead = [] if self.taken else [np.zeros(DELAY)]
+        self.taken = True
+        mean = np.concatenate([*lead, *self.mean_parts]) if lead or self.mean_parts else np.zeros(0)
+        median = np.concatenate([*lead, *self.median_parts]) if lead or self.median_parts else np.zeros(0)
+        self.mean_parts, self.median_parts = [], []
+        return mean, median
 
     def _differences(self, windows: np.ndarray) -> None:
         power = np.abs(np.fft.rfft(windows * self.window, axis=-1)) ** 2

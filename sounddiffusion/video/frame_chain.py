@@ -18,6 +18,7 @@ exactly; amounts are host floats from the plan, so nothing here reads values bac
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,8 +90,10 @@ def steps_of_frame(frame: Frame, sampler: str, steps: int, *, first: bool) -> in
     return steps if first else img2img_step_count(sampler, steps, frame.strength)
 
 
-def frame_bends(plan: FramePlan, frame: Frame, loudness: float, n_steps: int, *, first: bool) -> FrameBends:
-    """The bends of ``frame`` (``loudness``: its slice's RMS) sorted by place, in the order given,
+def frame_bends(specs: Sequence[BendSpec], frame: Frame, loudness: float, n_steps: int, *, first: bool
+                ) -> FrameBends:
+    """The bends of ``frame`` (``specs``: the run's ``--bend`` specs, one amount each in
+    ``frame.bend_amounts``; ``loudness``: its slice's RMS) sorted by place, in the order given,
     ``--rms_bend`` first. The first frame of a render has no noised latent: its latent bends wait.
     An img2img frame of ``n_steps`` 0 has none at all (see the module docstring)."""
     bends = FrameBends()
@@ -98,7 +101,7 @@ def frame_bends(plan: FramePlan, frame: Frame, loudness: float, n_steps: int, *,
         return bends
     if not first:
         bends.noised.append(Bend("add", loudness * frame.rms_bend, 0))
-    for number, (spec, amount) in enumerate(zip(plan.bends, frame.bend_amounts)):
+    for number, (spec, amount) in enumerate(zip(specs, frame.bend_amounts)):
         bend_now = Bend(spec.op, amount, number + 1)
         if spec.where == "latent":
             if not first:
@@ -132,9 +135,9 @@ def nonfinite_latent_error(plan: FramePlan, index: int) -> ParameterError:
                           f"black picture; with --precision fp16, bf16 or autocast try --precision full")
 
 
-def block_specs(plan: FramePlan) -> list[BendSpec]:
-    """The plan's bends that act inside UNet blocks."""
-    return [spec for spec in plan.bends if spec.is_block]
+def block_specs(specs: Sequence[BendSpec]) -> list[BendSpec]:
+    """The bends of ``specs`` that act inside UNet blocks."""
+    return [spec for spec in specs if spec.is_block]
 
 
 def prepare_previous(engine: Engine, previous: torch.Tensor, frame: Frame, reference: np.ndarray | None,

@@ -64,6 +64,20 @@ class Frame:
     lora_weights: tuple[float, ...] = ()
 
 
+def frame_of(index: int, time: float, values: Mapping[str, float], *, noise_seed: int,
+             prompt_weights: list[tuple[str, float]], bend_amounts: tuple[float, ...], diffused: bool = True,
+             match_colors: bool = False, negative_weights: list[tuple[str, float]] | None = None,
+             lora_weights: tuple[float, ...] = ()) -> Frame:
+    """Frame ``index`` at ``time`` seconds from the values of the scheduled flags on it (by flag
+    name, :data:`~sounddiffusion.control.frame_schedules.SCHEDULED`), for a file's plan or a live frame."""
+    return Frame(index=index, time=time, strength=values["strength"], scale=values["scale"],
+                 textstrength=values["textstrength"], rms_bend=values["rms_bend"],
+                 latent_noise=values["latent_noise"], contrast=values["contrast"],
+                 color_coherence_strength=values["color_coherence_strength"], noise_seed=noise_seed,
+                 prompt_weights=prompt_weights, bend_amounts=bend_amounts, diffused=diffused,
+                 match_colors=match_colors, negative_weights=negative_weights or [], lora_weights=lora_weights)
+
+
 @dataclass
 class FramePlan:
     """Every frame's numbers, indexed by frame; see the module docstring.
@@ -102,18 +116,14 @@ class FramePlan:
         return float(index / self.fps)
 
     def frame(self, index: int) -> Frame:
-        value = {name: float(values[index]) for name, values in self.values.items()}
         prompts, negatives = negative_weights_at(prompt_weights_at(self.schedule, self.time_of(index)),
                                                  self.negative_prompt)
-        return Frame(index=index, time=self.time_of(index), strength=value["strength"], scale=value["scale"],
-                     textstrength=value["textstrength"], rms_bend=value["rms_bend"],
-                     latent_noise=value["latent_noise"], contrast=value["contrast"],
-                     color_coherence_strength=value["color_coherence_strength"],
-                     noise_seed=int(self.noise_seeds[index]), prompt_weights=prompts,
-                     bend_amounts=tuple(float(a) for a in self.bend_amounts[:, index]),
-                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]),
-                     negative_weights=negatives,
-                     lora_weights=tuple(float(w) for w in self.lora_weights[:, index]) if len(self.lora_weights) else ())
+        return frame_of(index, self.time_of(index), {name: float(values[index]) for name, values in self.values.items()},
+                        noise_seed=int(self.noise_seeds[index]), prompt_weights=prompts,
+                        bend_amounts=tuple(float(a) for a in self.bend_amounts[:, index]),
+                        diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]),
+                        negative_weights=negatives,
+                        lora_weights=tuple(float(w) for w in self.lora_weights[:, index]) if len(self.lora_weights) else ())
 
     def negative_prompts(self) -> list[str]:
         """The negative prompts frames push away from (``--negative_prompt``, ``--neg``), each once."""
@@ -206,12 +216,13 @@ def cadence_frames(cadence: np.ndarray) -> np.ndarray:
     return diffused
 
 
-def color_frames(settings: VideoSettings, diffused: np.ndarray) -> np.ndarray:
+def color_frames(settings: VideoSettings, diffused: np.ndarray, start: int = 0) -> np.ndarray:
     """The frames whose previous picture is colour-matched before img2img: diffused frames after
-    the first, every ``color_coherence_every``-th of them (by frame number)."""
+    the first, every ``color_coherence_every``-th of them (by frame number; ``diffused`` starts at
+    frame ``start``)."""
     frames = np.zeros(len(diffused), dtype=bool)
     if settings.color_coherence != "none":
-        index = np.arange(len(diffused))
+        index = np.arange(start, start + len(diffused))
         frames = diffused & (index > 0) & (index % settings.color_coherence_every == 0)
     return frames
 

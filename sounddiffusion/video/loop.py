@@ -17,13 +17,14 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sounddiffusion.control.bending_specs import BlockBender, check_block, check_graph_bends
+from sounddiffusion.control.bending_specs import BendSpec, BlockBender, check_block, check_graph_bends
 from sounddiffusion.control.frame_schedules import report_columns
 from sounddiffusion.errors import OutputError
 from sounddiffusion.files import ensure_output_dir, unique_output_path
@@ -89,16 +90,23 @@ def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tenso
 
 def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: ChainState, frame: Frame,
             blocks: BlockBender | None) -> torch.Tensor:
-    """Sample ``frame`` from the chain: its LoRA weights, its conditioning, the previous latent
-    prepared (colour, contrast, noise), img2img with its bends, final bends, ``--pixel_roundtrip``."""
+    """Sample ``frame`` of ``plan`` from the chain (:func:`diffuse_slice` on its slice of the sound)."""
+    return diffuse_slice(engine, plan.audio_slice(frame.index), plan.bends, settings, chain, frame, blocks)
+
+
+def diffuse_slice(engine: Engine, audio_slice: np.ndarray, specs: Sequence[BendSpec], settings: VideoSettings,
+                  chain: ChainState, frame: Frame, blocks: BlockBender | None) -> torch.Tensor:
+    """Sample ``frame`` from the chain under ``audio_slice`` (mono float32 at 44.1 kHz), the
+    latent (1, 4, h, w): its LoRA weights, its conditioning, the previous latent prepared (colour,
+    contrast, noise), img2img with its bends (``specs``: the run's ``--bend`` specs), final bends,
+    ``--pixel_roundtrip``. A file's frame loop and the live loop both sample through here."""
     engine.set_lora_weights(frame.lora_weights)  # before the conditioning: a LoRA may change the text encoder
-    audio_slice = plan.audio_slice(frame.index)
     cond = frame_conditioning(engine, audio_slice, frame, settings)
     first = chain.latent is None
     previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
                                                    settings.color_coherence, settings.seed)
     n_steps = steps_of_frame(frame, settings.sampler, settings.ddim_steps, first=first)
-    bends = frame_bends(plan, frame, slice_rms(audio_slice), n_steps, first=first)
+    bends = frame_bends(specs, frame, slice_rms(audio_slice), n_steps, first=first)
     if blocks is not None:
         blocks.set_amounts(frame.bend_amounts)
     latent = next_latent(engine, previous, cond, frame, bends, settings)
@@ -124,13 +132,8 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
     ``chain`` is the state after frame ``start - 1`` (``ChainState()``: frame ``start`` is txt2img).
     Returns the state after the last frame. The render loop and scripts/benchmark.py both run
     frames through here."""
-    specs = block_specs(plan)
-    unet = engine.model.model.diffusion_model
-    if isinstance(unet.forward, StaticShapeCalls):
-        check_graph_bends(specs)
     current = [start]
-    blocks = (BlockBender(unet, plan.bends, generator_for=lambda i: stream_generator(settings.seed, current[0], i + 1))
-              if specs else None)
+    blocks = block_bender(engine, plan.bends, lambda i: stream_generator(settings.seed, current[0], i + 1))
     ahead: tuple[int, torch.Tensor] | None = None  # a diffused frame sampled before its in-betweens
     with blocks if blocks is not None else contextlib.nullcontext():
         for index in range(start, stop):
@@ -153,6 +156,20 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
             if progress is not None:
                 progress.update(1)
     return chain
+
+
+def block_bender(engine: Engine, specs: Sequence[BendSpec], generator_for: Callable[[int], torch.Generator]
+                 ) -> BlockBender | None:
+    """The hooks of the bends in ``specs`` that act inside UNet blocks (None when there are none);
+    ``generator_for(i)``: the generator bend ``i`` draws from on the current frame. A UNet replayed
+    from CUDA graphs refuses the bends a graph cannot hold (:func:`check_graph_bends`)."""
+    blocked = block_specs(specs)
+    if not blocked:
+        return None
+    unet = engine.model.model.diffusion_model
+    if isinstance(unet.forward, StaticShapeCalls):
+        check_graph_bends(blocked)
+    return BlockBender(unet, specs, generator_for=generator_for)
 
 
 def render_settings(settings: VideoSettings, model: ModelSettings, record: dict, plan: FramePlan) -> dict:
@@ -218,9 +235,9 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
     # the render state (--resume, an unfinished render, another process).
     ensure_output_dir(path.parent)
     if model.cuda_graphs:
-        check_graph_bends(block_specs(plan))
+        check_graph_bends(block_specs(plan.bends))
     if engine is None:
-        for spec in block_specs(plan):
+        for spec in block_specs(plan.bends):  # block names against the model's layout, before it loads
             check_block(spec, unet_skeleton(model))
     recorded = render_settings(settings, model, model_record(model, loras, engine), plan)
     VideoRender.check(path, plan.fps, settings.W, settings.H, recorded, resume=settings.resume)

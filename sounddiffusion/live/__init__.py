@@ -1,0 +1,1 @@
+"""live.py: pictures from a sound as it plays (microphone or file), served on a local web page."""

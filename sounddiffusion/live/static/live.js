@@ -1,0 +1,116 @@
+// The live page: pictures from the WebSocket stream, numbers and meters from /status, controls to
+// POST /settings. No framework, nothing loaded from elsewhere.
+"use strict";
+
+const token = new URLSearchParams(location.search).get("token");
+const query = token ? "?token=" + encodeURIComponent(token) : "";
+const picture = document.getElementById("picture");
+const form = document.getElementById("controls");
+const message = document.getElementById("message");
+let shownUrl = null;
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = new WebSocket(scheme + location.host + "/ws" + query);
+  ws.binaryType = "blob";
+  ws.onopen = () => setLink(true);
+  ws.onmessage = (event) => {
+    const url = URL.createObjectURL(new Blob([event.data], { type: "image/jpeg" }));
+    const previous = shownUrl;
+    shownUrl = url;
+    picture.src = url;
+    if (previous) setTimeout(() => URL.revokeObjectURL(previous), 1000);
+  };
+  ws.onclose = () => { setLink(false); setTimeout(connect, 1000); };
+}
+
+function setLink(on) {
+  const link = document.getElementById("link");
+  link.className = on ? "on" : "off";
+  link.title = on ? "pictures are streaming" : "reconnecting";
+}
+
+function meters(envelopes) {
+  const box = document.getElementById("meters");
+  for (const [name, value] of Object.entries(envelopes)) {
+    let meter = box.querySelector(`[data-name="${name}"]`);
+    if (!meter) {
+      meter = document.createElement("div");
+      meter.className = "meter";
+      meter.dataset.name = name;
+      meter.innerHTML = '<div class="bar"><div class="fill"></div></div><span></span>';
+      meter.querySelector("span").textContent = name;
+      box.appendChild(meter);
+    }
+    meter.querySelector(".fill").style.height = Math.round(100 * value) + "%";
+  }
+}
+
+function fillControls(controls) {
+  for (const [name, value] of Object.entries(controls)) {
+    const input = form.elements[name];
+    if (input && document.activeElement !== input) input.value = value;
+    const slider = form.elements[name + "_slider"];
+    if (slider && document.activeElement !== slider && !isNaN(Number(value))) slider.value = value;
+  }
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/status" + query, { cache: "no-store" });
+    if (response.ok) {
+      const status = await response.json();
+      document.getElementById("fps").textContent = status.fps.toFixed(1);
+      document.getElementById("latency").textContent = Math.round(status.latency_ms);
+      document.getElementById("frames").textContent = status.frames;
+      document.getElementById("bpm").textContent = status.bpm ? Math.round(status.bpm) : "–";
+      meters(status.envelopes);
+      fillControls(status.controls);
+    }
+  } catch (error) {
+    // the server is gone or restarting: try again on the next tick
+  }
+}
+
+async function send(changes) {
+  const response = await fetch("/settings" + query, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
+  });
+  const text = await response.text();
+  message.className = response.ok ? "ok" : "";
+  message.textContent = response.ok ? "applied" : text.trim();
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const seed = form.elements.seed.value.trim();
+  const changes = {
+    prompt: form.elements.prompt.value,
+    textstrength: form.elements.textstrength.value.trim(),
+    strength: form.elements.strength.value.trim(),
+  };
+  if (seed !== "") changes.seed = Number(seed);
+  send(changes);
+});
+
+let sliderTimer = null;
+for (const slider of form.querySelectorAll("input[type=range]")) {
+  slider.addEventListener("input", () => {
+    form.elements[slider.dataset.for].value = slider.value;
+    clearTimeout(sliderTimer);
+    sliderTimer = setTimeout(() => send({ [slider.dataset.for]: Number(slider.value) }), 80);
+  });
+}
+
+document.getElementById("fullscreen").addEventListener("click", () => {
+  document.documentElement.requestFullscreen().catch(() => {});
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "f" && !(event.target instanceof HTMLInputElement)) {
+    document.documentElement.requestFullscreen().catch(() => {});
+  }
+});
+
+connect();
+poll();
+setInterval(poll, 500);
