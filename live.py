@@ -48,7 +48,7 @@ def build_parser():
                       help="record what was shown, with the sound, into this MP4")
     page.add_argument("--seconds", type=float, default=None, metavar="N",
                       help="stop after N seconds of sound (default: at Ctrl-C, or the end of --input FILE)")
-    cli.add_model_args(parser)
+    cli.add_model_args(parser, lora_schedules=True)
     return parser
 
 

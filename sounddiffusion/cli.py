@@ -298,8 +298,8 @@ def check_before_loading(args: argparse.Namespace) -> None:
     """The model's flags against this machine, before anything loads: device, precision,
     --cuda_graphs, the checkpoint and --config files, and whether --H x --W fits in memory with
     the pictures sampled together (not with --ray: its workers may run elsewhere). Not for
-    --dry_run, which loads no model."""
-    if not hasattr(args, "ckpt") or getattr(args, "dry_run", False):
+    --dry_run and live.py's --list_devices, which load no model."""
+    if not hasattr(args, "ckpt") or getattr(args, "dry_run", False) or getattr(args, "list_devices", False):
         return
     from sounddiffusion.model.loading import check_model_settings
 

@@ -38,6 +38,8 @@ def test_live_envelopes_are_the_files_frame_for_frame(name, fps):
     assert live.frames == whole.n_frames or live.frames == whole.n_frames - 1  # the last one may be partial
     for envelope in CAUSAL:
         frames = np.array(sorted(seen[envelope]))
+        if envelope == "onset":  # the file's onset at t = 0 is capped by the loudest later one: not causal
+            frames = frames[frames >= math.ceil(fps)]
         assert len(frames) > 20
         np.testing.assert_array_equal([seen[envelope][i] for i in frames], whole.values[envelope][frames],
                                       err_msg=envelope)

@@ -10,13 +10,13 @@ file's plan uses (:func:`~sounddiffusion.control.frame_schedules.values_at`,
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 
 from sounddiffusion.control.frame_schedules import VideoSchedules, parse_video_schedules, values_at
-from sounddiffusion.control.prompts import prompt_weights_at, start_end_schedule
+from sounddiffusion.control.prompts import negative_weights_at, prompt_weights_at, start_end_schedule
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import LiveSettings
 from sounddiffusion.video.frame_plan import Frame, color_frames, frame_of, frame_seed
@@ -33,9 +33,10 @@ def check_live_schedules(schedules: VideoSchedules, settings: LiveSettings) -> N
                              "--seconds N: give --seconds or leave max_f out")
 
 
-def parse_live_schedules(settings: LiveSettings) -> VideoSchedules:
-    """The schedules of ``settings``, checked for live use (ScheduleError/ParameterError, one line)."""
-    schedules = parse_video_schedules(settings)
+def parse_live_schedules(settings: LiveSettings, loras: Sequence[tuple[str, str]] = ()) -> VideoSchedules:
+    """The schedules of ``settings`` and of the ``loras``' weights ((file, weight text) of each
+    ``--lora``), checked for live use (ScheduleError/ParameterError, one line)."""
+    schedules = parse_video_schedules(settings, loras)
     check_live_schedules(schedules, settings)
     return schedules
 
@@ -45,9 +46,10 @@ class LiveControls:
     the page. ``version`` counts the changes, so the loop knows when the picture must follow one
     even while the sound stands still."""
 
-    def __init__(self, settings: LiveSettings):
+    def __init__(self, settings: LiveSettings, loras: Sequence[tuple[str, str]] = ()):
         self._lock = threading.Lock()
-        self._settings, self._schedules = settings, parse_live_schedules(settings)
+        self._loras = tuple(loras)
+        self._settings, self._schedules = settings, parse_live_schedules(settings, self._loras)
         self.version = 0
 
     def current(self) -> tuple[LiveSettings, VideoSchedules, int]:
@@ -72,7 +74,7 @@ class LiveControls:
             fields[CONTROLS[control]] = _checked(control, value)
         with self._lock:
             settings = replace(self._settings, **fields)
-            schedules = parse_live_schedules(settings)
+            schedules = parse_live_schedules(settings, self._loras)
             self._settings, self._schedules = settings, schedules
             self.version += 1
         return self.values()
@@ -103,9 +105,11 @@ def live_frame(settings: LiveSettings, schedules: VideoSchedules, variables: Map
     values, jump, amounts = values_at(schedules, settings, variables, index)
     last_jump = index if jump else last_jump
     held = settings.seed_jump is not None
-    weights = prompt_weights_at(start_end_schedule(settings.textprompt, None, 0.0), 0.0)
+    weights, negatives = negative_weights_at(prompt_weights_at(start_end_schedule(settings.textprompt, None, 0.0), 0.0),
+                                             settings.negative_prompt)
     match = bool(color_frames(settings, np.ones(1, dtype=bool), start=index)[0])
     frame = frame_of(index, float(index / settings.fps), values,
                      noise_seed=frame_seed(settings.seed, last_jump if held else index), prompt_weights=weights,
-                     bend_amounts=amounts, match_colors=match)
+                     bend_amounts=amounts, match_colors=match, negative_weights=negatives,
+                     lora_weights=tuple(weight.value_at(variables, index) for _, weight in schedules.loras))
     return frame, last_jump

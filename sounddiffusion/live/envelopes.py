@@ -8,7 +8,8 @@ file's values, frame for frame, and which cannot:
 - ``rms``, ``low``, ``mid``, ``high``, ``centroid``, ``flux``, ``onset`` (raw): the same numbers
   (:class:`~sounddiffusion.sound.frame_features.FrameFeatures`,
   :class:`~sounddiffusion.sound.onset_stream.OnsetStream`, whose value for the hop at sample
-  ``512 k`` needs only the samples before it).
+  ``512 k`` needs only the samples before it), except the file's onset at t = 0, which is capped by
+  the loudest onset of the whole sound: live, the sound's first frames have librosa's onset (none).
 - Smoothing: the median filter looks back only (``median=5`` is the median of this frame and the 4
   before, 2 frames later than the file's centred one); the envelope follower and the gate are
   causal already; ``peak`` and ``minmax`` rescaling cannot know the loudest frame to come, so

@@ -40,6 +40,7 @@ from sounddiffusion.live.server import LiveServer
 from sounddiffusion.live.state import LiveState
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.loading import load_engine, unet_skeleton
+from sounddiffusion.model.lora_specs import parse_lora_specs
 from sounddiffusion.settings import LiveSettings, ModelSettings
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES, parse_smoothing
 from sounddiffusion.sound.audio import SAMPLE_RATE
@@ -175,7 +176,8 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     returns what was done. Everything a user can get wrong (the input, the schedules, the bends'
     blocks, the recording's folder, the port) fails before the model loads, as one UserError.
     ``announce(line)``: where the page's address and the summary go (stdout)."""
-    controls = LiveControls(settings)
+    loras = parse_lora_specs(model.lora, schedules=True)  # the files are checked before anything loads
+    controls = LiveControls(settings, [(str(spec.path), spec.weight) for spec in loras])
     for spec in block_specs(tuple(spec for spec, _ in controls.current()[1].bends)):
         check_block(spec, unet_skeleton(model))
     if settings.record:
@@ -191,7 +193,7 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     schedule_log.addFilter(filter_once)
     recorder = None
     try:
-        engine = engine or load_engine(model)
+        engine = engine or load_engine(model, loras=loras)
         set_cpu_threads(engine.device)
         warm_up(engine, settings, controls)
         for line in server.start():
