@@ -11,6 +11,7 @@ each conditioned on its own slice of the sound (PLMS by default).
 
 from sounddiffusion import cli
 from sounddiffusion.settings import DEFAULT_CRF
+from sounddiffusion.video.camera import MOTION_FLAGS
 
 
 def build_parser():
@@ -44,6 +45,7 @@ def build_parser():
     parser.add_argument("--ddim", action="store_true", help="use DDIM instead of PLMS for img2img")
     cli.add_music_reactive_args(parser)
     cli.add_coherence_args(parser)
+    cli.add_flag_group(parser, MOTION_FLAGS)
     cli.add_sampling_args(parser, plms_flag=False, scheduled=True)
     parser.set_defaults(ddim_steps=25)
     out = parser.add_argument_group("output")

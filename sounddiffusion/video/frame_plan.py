@@ -19,13 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from sounddiffusion.control.bending_specs import BendSpec
-from sounddiffusion.control.frame_schedules import (VideoSchedules, envelopes_of, evaluate_schedules,
-                                                    parse_video_schedules)
+from sounddiffusion.control.frame_schedules import (MOTION_SCHEDULES, VideoSchedules, envelopes_of,
+                                                    evaluate_schedules, parse_video_schedules)
 from sounddiffusion.control.prompts import parse_prompt_file, prompt_weights_at, start_end_schedule
+from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, envelopes, parse_smoothing, snap_to_beats
 from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_length,
                                         stream_frame_slices)
+from sounddiffusion.video.motion import Motion2D, check_border
+
+
+MOTION_SPACES = ("pixel", "latent")
+"""Where ``--motion_space`` warps the previous frame: its decoded picture, or its latent."""
 
 
 def frame_seed(seed: int, index: int) -> int:
@@ -37,7 +43,8 @@ def frame_seed(seed: int, index: int) -> int:
 class Frame:
     """Frame ``index`` of a render: its time (s), the numbers its img2img step uses, its noise
     seed, the prompts mixed in with their weights, each bend's amount, whether it is diffused
-    (else made between its diffused neighbours) and whether its colours are matched first."""
+    (else made between its diffused neighbours), whether its colours are matched first, and the
+    camera's ``motion`` from the previous frame to this one (the identity on frame 0)."""
 
     index: int
     time: float
@@ -53,6 +60,7 @@ class Frame:
     bend_amounts: tuple[float, ...]
     diffused: bool
     match_colors: bool
+    motion: Motion2D = Motion2D()
 
 
 @dataclass
@@ -62,6 +70,7 @@ class FramePlan:
     ``audio`` is the sound file and ``n_samples`` its length in mono 44.1 kHz samples;
     ``values`` the scheduled flags' (n_frames,) arrays; ``bend_amounts`` (n_bends, n_frames);
     ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt);
+    ``motions`` each frame's camera motion from the frame before (:func:`frame_motions`);
     ``envelopes`` the sound's analysis when it was needed, else None."""
 
     audio: Path
@@ -77,6 +86,7 @@ class FramePlan:
     schedule: list[tuple[float, str]]
     schedules: VideoSchedules
     seed_jumps: np.ndarray
+    motions: tuple[Motion2D, ...] = ()
     envelopes: Envelopes | None = None
     _slices: Iterator[np.ndarray] | None = field(default=None, repr=False)
     _next_index: int = field(default=0, repr=False)
@@ -94,7 +104,8 @@ class FramePlan:
                      noise_seed=int(self.noise_seeds[index]),
                      prompt_weights=prompt_weights_at(self.schedule, self.time_of(index)),
                      bend_amounts=tuple(float(a) for a in self.bend_amounts[:, index]),
-                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]))
+                     diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]),
+                     motion=self.motions[index])
 
     def next_diffused(self, index: int) -> int:
         """The first diffused frame after ``index`` (the last frame is always diffused)."""
@@ -122,6 +133,9 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
     Raises ScheduleError/ParameterError for a bad schedule, AudioError for a sound that cannot be
     read and PromptFileError for a bad prompt file."""
     schedules = parse_video_schedules(settings)
+    check_border(settings.border)
+    if settings.motion_space not in MOTION_SPACES:
+        raise ParameterError(f"motion_space {settings.motion_space!r} is unknown: use one of {', '.join(MOTION_SPACES)}")
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
     n_samples = sound_length(settings.audio)
@@ -137,7 +151,15 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False) -> FramePlan:
                      bends=tuple(spec for spec, _ in schedules.bends), bend_amounts=amounts, diffused=diffused,
                      color_frames=color_frames(settings, diffused),
                      schedule=prompt_schedule(settings, n_frames, fps, analysed), schedules=schedules,
-                     seed_jumps=jumps, envelopes=analysed)
+                     seed_jumps=jumps, motions=frame_motions(values, n_frames), envelopes=analysed)
+
+
+def frame_motions(values: dict[str, np.ndarray], n_frames: int) -> tuple[Motion2D, ...]:
+    """Each frame's camera motion from the frame before, from the motion flags' per-frame values
+    (``--zoom`` ... ``--perspective_flip_fv``, in :data:`MOTION_SCHEDULES` order); frame 0 has no
+    frame before it and keeps the picture it starts from (an ``--init-img`` is not moved)."""
+    rows = np.stack([values[name] for name in MOTION_SCHEDULES], axis=1).tolist()
+    return (Motion2D(), *(Motion2D(*row) for row in rows[1:n_frames]))
 
 
 def noise_seeds(seed: int, jumps: np.ndarray, *, hold: bool) -> np.ndarray:
