@@ -67,8 +67,12 @@ def time_ways(engine, size: int, args) -> dict[str, float]:
         chain = sample_frames(engine, plan, settings, KeepLast(), start=0, stop=2, chain=ChainState())  # warm-up
         runs[name] = (settings, plan, chain)
     best = {name: float("inf") for name in WAYS}
-    for _ in range(args.rounds):  # taking turns spreads the machine's other load over every way
-        for name, (settings, plan, chain) in runs.items():
+    names = list(runs)
+    for round_ in range(args.rounds):
+        # Taking turns spreads the machine's other load over every way; the order turns too, as
+        # the first way of a round was measured slower than the others, whichever it was.
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            settings, plan, chain = runs[name]
             synchronize(engine.device)
             t0 = time.perf_counter()
             sample_frames(engine, plan, settings, KeepLast(), start=2, stop=2 + args.frames, chain=chain)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/benchmark_motion.py", *(argv or sys.argv[1:])])
     lines = [f"# Camera motion per frame, {started:%Y-%m-%d %H:%M} UTC", "",
              f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command}`: demo model, "
-             f"{args.steps} steps x 0.5 per frame, {args.frames} timed frames, fastest of {args.rounds} rounds, "
+             f"{args.steps} steps x 0.5 per frame, {args.frames} timed frames, fastest of {args.rounds} rounds (the ways taking turns, in a turning order), "
              f"{engine.device} ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}; motion: "
              + " ".join(f'--{k} "{v}"' for k, v in MOTION.items()), "",

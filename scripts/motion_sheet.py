@@ -7,7 +7,7 @@ motion shows); every ``--every``-th frame is shown, labelled with its number, ti
 recipe's scheduled value on that frame, with a cross at the centre of zoom and rotation.
 
     python scripts/motion_sheet.py                          # the fly-in, writes outputs/motion-sheet.png
-    python scripts/motion_sheet.py docs/motion-sheet.png    # the README's picture
+    python scripts/motion_sheet.py docs/motion-sheet.jpg    # the README's picture
     python scripts/motion_sheet.py --recipe turn --every 3
 """
 
@@ -119,7 +119,7 @@ def main(args):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     centre = (float(plan.values["transform_center_x"][0]), float(plan.values["transform_center_y"][0]))
-    sheet(pictures, labels, centre).save(out)
+    sheet(pictures, labels, centre).save(out, quality=90)  # quality: for a .jpg
     command = " ".join(f'--{name} "{value}"' for name, value in flags.items())
     log.info("wrote %s: %s, frames %s of %s (%s)", out, args.recipe, wanted[0], wanted[-1], command)
 

@@ -18,7 +18,12 @@ to 1/20 of a sample):
 2. the shift between the frames, the second turned and scaled back by that estimate;
 3. :data:`_ROUNDS` times: what is left of rotation and scale, from log-polar images about the
    picture's centre of the frames' edges (gradient magnitude), the second moved back by the
-   estimate so far, then what is left of the shift.
+   estimate so far, then what is left of the shift;
+4. the estimate is kept only where the second frame moved back by it matches the first better
+   (normalized cross-correlation) than the second frame unmoved; else steps 2-3 start again from
+   no rotation and scale, and where that does not match better either, the frames count as still
+   (0, 0, 0, 1). Pictures whose content changes more than the camera moves it (img2img at a high
+   strength) so read as still rather than as a random motion.
 
 The frames are reduced to luma, to at most :data:`MOTION_SIDE` pixels a side (block means; shifts
 are given in the video's pixels), blurred by one pixel and, for the shift, windowed (Hann), so
@@ -71,8 +76,24 @@ class MotionMeter:
         if first is None or first.flat or current.flat:
             return 0.0, 0.0, 0.0, 1.0
         geometry = self._geometry
-        rotation, scale = geometry.spectrum_turn(first.spectrum_polar, current.spectrum_polar)
-        shift = np.zeros(2)  # (row, column)
+        still = (np.zeros(2), 0.0, 1.0)
+        best, best_match = still, _match(first.picture, picture)
+        for start in (geometry.spectrum_turn(first.spectrum_polar, current.spectrum_polar), (0.0, 1.0)):
+            estimate = self._refined(first, picture, *start)
+            match = _match(first.picture, _moved_back(picture, *estimate))
+            if match > best_match:
+                best, best_match = estimate, match
+            if best is not still:  # the rough rotation and scale led somewhere better than no motion
+                break
+        shift, rotation, scale = best
+        return float(shift[1] * factor), float(shift[0] * factor), float(rotation), float(scale)
+
+    def _refined(self, first: _Prepared, picture: np.ndarray, rotation: float, scale: float
+                 ) -> tuple[np.ndarray, float, float]:
+        """(shift (row, column), rotation, scale) from a start for rotation and scale: the shift,
+        then :data:`_ROUNDS` times what is left of rotation and scale, and of the shift."""
+        geometry = self._geometry
+        shift = np.zeros(2)
         for round_ in range(_ROUNDS + 1):
             if round_ > 0:
                 moved = _moved_back(picture, shift, rotation, scale)
@@ -80,7 +101,7 @@ class MotionMeter:
                 rotation, scale = rotation + turn, scale * grow
             moved = np.fft.fft2(geometry.windowed(_moved_back(picture, shift, rotation, scale)))
             shift = shift + _linear(rotation, scale) @ _shift(first.transform, moved)
-        return float(shift[1] * factor), float(shift[0] * factor), float(rotation), float(scale)
+        return shift, rotation, scale
 
 
 class _Geometry:
@@ -144,6 +165,7 @@ class _Prepared:
     and the transforms of its spectrum's and its edges' log-polar images."""
 
     def __init__(self, picture: np.ndarray, geometry: _Geometry):
+        self.picture = picture
         self.flat = bool(np.ptp(picture) == 0)
         self.transform = np.fft.fft2(geometry.windowed(picture))
         self.spectrum_polar = np.fft.fft2(geometry.spectrum_polar(picture))
@@ -196,6 +218,15 @@ def _reduced(frame: np.ndarray) -> tuple[np.ndarray, int]:
         height, width = (grey.shape[0] // factor) * factor, (grey.shape[1] // factor) * factor
         grey = grey[:height, :width].reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3))
     return gaussian_filter(grey, _BLUR, mode="nearest"), factor
+
+
+def _match(first: np.ndarray, second: np.ndarray) -> float:
+    """Normalized cross-correlation of two pictures inside a tenth of their size from the edges
+    (where neither shows what came in at the border), -1..1."""
+    height, width = first.shape
+    inside = (slice(height // 10, height - height // 10), slice(width // 10, width - width // 10))
+    a, b = first[inside] - first[inside].mean(), second[inside] - second[inside].mean()
+    return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-12))
 
 
 def _linear(rotation: float, scale: float) -> np.ndarray:
