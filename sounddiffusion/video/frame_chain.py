@@ -1,8 +1,9 @@
 """What happens to a video frame's latent besides img2img itself.
 
 Before img2img (frames after the first), the previous frame's latent may be moved by the camera
-(:mod:`sounddiffusion.video.camera`), colour-matched to the reference picture (``--color_coherence``), have its contrast scaled (``--contrast``) and get
-fresh seeded noise (``--latent_noise``): :func:`prepare_previous`. During img2img, network bends
+(:mod:`sounddiffusion.video.camera`), colour-matched to the reference picture
+(``--color_coherence``), have its contrast scaled (``--contrast``) and get fresh seeded noise
+(``--latent_noise``): :func:`prepare_previous`. During img2img, network bends
 (``--bend``, and ``--rms_bend`` as an ``add`` of loudness x F) change the noised latent, the
 latent before a chosen step, or the final latent: :func:`frame_bends` says which apply to a frame,
 :func:`bend` applies them. Bends inside UNet blocks run through

@@ -6,8 +6,8 @@ conditioning and numbers (:class:`~sounddiffusion.video.frame_plan.FramePlan`). 
 only every Nth frame is diffused and the frames between are interpolated from their two diffused
 neighbours (latents by slerp, or pictures cross-faded). With camera motion (``--zoom`` ...), each
 frame's previous picture is moved first and the in-betweens follow the camera path
-(:mod:`sounddiffusion.video.camera`). The chain stays in latent space on the
-device; decoding and writing frame i runs in a worker thread while frame i+1 samples
+(:mod:`sounddiffusion.video.camera`). The chain stays in latent space on the device; decoding and
+writing frame i runs in a worker thread while frame i+1 samples
 (:mod:`sounddiffusion.video.frame_writer`). Everything random comes from seeds derived from
 ``(--seed, frame)``, so a resumed render needs only the chain's last latent (and the colour
 reference) to continue exactly as an uninterrupted one.
@@ -80,8 +80,7 @@ def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: Cha
     audio_slice = plan.audio_slice(frame.index)
     cond = frame_conditioning(engine, audio_slice, frame, settings)
     first = chain.latent is None
-    if not first:
-        camera = camera if camera is not None else Camera.of(plan, settings)
+    camera = camera if camera is not None else Camera.of(plan, settings)
     previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
                                                    settings.color_coherence, settings.seed,
                                                    camera.move(chain.index, frame.index))
