@@ -14,6 +14,7 @@ from sounddiffusion import cli
 from sounddiffusion.control.frame_schedules import CHAIN_FLAGS
 from sounddiffusion.settings import DEFAULT_CRF
 from sounddiffusion.sound.music_flags import MUSIC_FLAGS
+from sounddiffusion.video.camera import MOTION_FLAGS
 
 
 def build_parser():
@@ -42,6 +43,7 @@ def build_parser():
     cli.add_music_reactive_args(parser)
     cli.add_flag_group(parser, MUSIC_FLAGS)
     cli.add_coherence_args(parser)
+    cli.add_flag_group(parser, MOTION_FLAGS)
     cli.add_sampling_args(parser, plms_flag=False, scheduled=True, default_sampler="plms")
     parser.set_defaults(ddim_steps=25)
     out = parser.add_argument_group("output")

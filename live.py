@@ -13,6 +13,7 @@ open the address it prints in a browser.
 from sounddiffusion import cli
 from sounddiffusion.control.frame_schedules import CHAIN_FLAGS
 from sounddiffusion.settings import LIVE_HOST, LIVE_PORT
+from sounddiffusion.video.camera import MOTION_FLAGS
 
 
 def build_parser():
@@ -38,6 +39,7 @@ def build_parser():
     cli.add_audio_conditioning_args(parser, scheduled=True)
     cli.add_music_reactive_args(parser, files=False)
     cli.add_coherence_args(parser, cadence=False)
+    cli.add_flag_group(parser, MOTION_FLAGS)
     cli.add_sampling_args(parser, plms_flag=False, scheduled=True, default_sampler="ddim")
     parser.set_defaults(ddim_steps=4)
     page = parser.add_argument_group("page and recording")

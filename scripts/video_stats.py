@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Colour drift and flicker of a video, frame by frame (any MP4: ours or anyone's).
+"""Colour drift, flicker and camera motion of a video, frame by frame (any MP4: ours or anyone's).
 
     python scripts/video_stats.py outputs/song.mp4            # summary table
     python scripts/video_stats.py outputs/song.mp4 --json     # summary and per-frame numbers
@@ -8,7 +8,9 @@
 What good looks like: drift (ΔE00 of the mean colour from frame 0) below about 5 over the whole
 video is barely visible, 10 and more is a colour cast; flicker_hf (change that reverses on the
 next frame) near 0, a few units is visible shimmer; clipped near 0 (burn-in pushes it up). With
-sound, onset_correlation near 1 means the picture changes on the beats.
+sound, onset_correlation near 1 means the picture changes on the beats. The camera motion between
+frames (median shift, rotation and scale, by phase correlation) is in --zoom/--angle/--translation
+units; zoom_onset_correlation near 1 means the zoom pulses with the onsets.
 """
 
 import sys
@@ -34,6 +36,11 @@ ROWS = [
     ("saturation_final", "... of the last frame", "close to frame 0's"),
     ("clipped_mean", "share of channel values at 0 or 255", "near 0; growing = burn-in"),
     ("onset_correlation", "correlation of flicker with the sound's onsets", "near 1: moves on the beats"),
+    ("shift_x_median", "camera motion per frame: shift right (px)", "as --translation_x"),
+    ("shift_y_median", "... shift down (px)", "as --translation_y"),
+    ("rotation_median", "... rotation (degrees, counter-clockwise)", "as --angle"),
+    ("scale_median", "... scale (> 1 flies in)", "as --zoom"),
+    ("zoom_onset_correlation", "correlation of the scale with the sound's onsets", "near 1: zoom pulses on the beats"),
 ]
 
 
@@ -53,7 +60,7 @@ def summary_table(summary: dict) -> str:
     lines = [f"{summary['path']}: {summary['width']}x{summary['height']}, {summary['fps']:g} fps"]
     for name, meaning, good in ROWS:
         value = summary[name]
-        if name == "onset_correlation" and not summary["has_audio"]:
+        if name.endswith("onset_correlation") and not summary["has_audio"]:
             shown = "no sound"
         elif value is None:
             shown = "n/a"
@@ -61,7 +68,7 @@ def summary_table(summary: dict) -> str:
             shown = str(value)
         else:
             shown = f"{value:.3f}"
-        lines.append(f"{name:<18} {shown:>9}  {meaning:<52} {good}")
+        lines.append(f"{name:<22} {shown:>9}  {meaning:<52} {good}")
     return "\n".join(lines)
 
 

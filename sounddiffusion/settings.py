@@ -222,6 +222,12 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     upstream did; ``color_coherence``: match each frame's colours to frame 0's (or the init
     image's) in this colour space before img2img, every ``color_coherence_every`` frames;
     ``cadence``: diffuse every Nth frame and make the ones between from their neighbours.
+    The camera motion (``zoom``, ``angle``, ``translation_x``, ``translation_y``,
+    ``transform_center_x``, ``transform_center_y``, ``perspective_flip_theta``/``_phi``/``_gamma``,
+    ``perspective_flip_fv``: schedule texts, Deforum's 2D keys) moves the previous picture before
+    each img2img step, with ``border`` filling the edges, in ``motion_space`` "pixel" (decode, warp,
+    encode) or "latent" (:mod:`sounddiffusion.video.camera`). A still camera (:meth:`camera_moves`
+    False) leaves them out of :meth:`parameters`, so such renders record, and resume, as before.
     ``input_folder``: a folder of songs, one video each (then ``audio`` is None until a song is
     picked). ``crf``: the MP4's H.264 quality (0 best and largest .. 51; :data:`DEFAULT_CRF`); it
     changes the video's pixels, so it is recorded and a resume must keep it. ``control``: control
@@ -256,6 +262,18 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
     cadence_blend: str = "latent"
     latent_noise: str = "0"
     contrast: str = "1"
+    zoom: str = "1"
+    angle: str = "0"
+    translation_x: str = "0"
+    translation_y: str = "0"
+    transform_center_x: str = "0.5"
+    transform_center_y: str = "0.5"
+    border: str = "replicate"
+    perspective_flip_theta: str = "0"
+    perspective_flip_phi: str = "0"
+    perspective_flip_gamma: str = "0"
+    perspective_flip_fv: str = "53"
+    motion_space: str = "pixel"
     ddim: bool = False
     pixel_roundtrip: bool = False
     outdir: str = "outputs/audio2video"
@@ -276,12 +294,21 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
 
     DEFAULT_SAMPLER: ClassVar[str] = "plms"
 
+    # The motion flags, and the values of those that move the camera when they differ from these.
+    MOTION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "zoom", "angle", "translation_x", "translation_y", "transform_center_x", "transform_center_y", "border",
+        "perspective_flip_theta", "perspective_flip_phi", "perspective_flip_gamma", "perspective_flip_fv",
+        "motion_space")
+    STILL_CAMERA: ClassVar[dict[str, float]] = {
+        "zoom": 1.0, "angle": 0.0, "translation_x": 0.0, "translation_y": 0.0, "perspective_flip_theta": 0.0,
+        "perspective_flip_phi": 0.0, "perspective_flip_gamma": 0.0}
+
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "ddim", self.sampler == "ddim")  # --ddim and --sampler ddim record alike
         # Numbers given in code (not from the command line) are kept as the text of the number.
         for name in ("strength", "scale", "textstrength", "rms_bend", "color_coherence_strength", "cadence",
-                     "latent_noise", "contrast"):
+                     "latent_noise", "contrast", *self.MOTION_FIELDS):
             value = getattr(self, name)
             if not isinstance(value, str):
                 object.__setattr__(self, name, repr(float(value)) if isinstance(value, float) else str(value))
@@ -291,6 +318,27 @@ class VideoSettings(SamplingSettings, AudioConditioningSettings, ClusterSettings
 
     def _sampler_switch(self) -> str | None:
         return "ddim" if self.ddim else None
+
+    def camera_moves(self) -> bool:
+        """False when every motion flag that moves the camera is a number that keeps it still
+        (zoom 1, no turn, no shift, no flip); a schedule counts as moving."""
+        for name, still in self.STILL_CAMERA.items():
+            try:
+                if float(getattr(self, name)) != still:
+                    return True
+            except ValueError:
+                return True
+        return False
+
+    def parameters(self) -> dict:
+        """:meth:`JobSettings.parameters`, without the motion flags when the camera stands still:
+        what a still render records (metadata, resume check, batch keys) is what it was before
+        camera motion existed, whatever centre, border or space was given."""
+        recorded = super().parameters()
+        if not self.camera_moves():
+            for name in self.MOTION_FIELDS:
+                recorded.pop(name)
+        return recorded
 
     def requested_output(self) -> Path:
         """``output``, or OUTDIR/<sound name>.mp4 (the render numbers it if the name is taken)."""

@@ -196,3 +196,61 @@ def test_script_runs_as_a_program(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("video_stats.py: error: ") and result.stderr.count("\n") == 1
+
+
+def textured(size: int = 128) -> np.ndarray:
+    """A (size, size, 3) uint8 picture of seeded blurred noise: detail at every scale up to ~10 px."""
+    from scipy.ndimage import gaussian_filter
+
+    noise = np.random.default_rng(4).standard_normal((size, size, 3))
+    return np.clip(gaussian_filter(noise, (2.5, 2.5, 0)) * 500 + 128, 0, 255).astype(np.uint8)
+
+
+def test_global_motion_recovers_the_warp_formulas():
+    """Each motion applied by warp_2d (Deforum's convention) is read back in its own units; for
+    zoom z and angle a about the centre after a shift t, the content moves by z Rot(a) t."""
+    from sounddiffusion.video.motion import warp_2d
+    from sounddiffusion.video.motion_stats import global_motion
+
+    picture = textured()
+    for motion in (dict(translation_x=6), dict(translation_y=-3.5), dict(angle=2), dict(angle=-5),
+                   dict(zoom=1.05), dict(zoom=0.97), dict(angle=0.5), dict(zoom=1.01),
+                   dict(zoom=1.04, angle=-3, translation_x=6, translation_y=4)):
+        zoom, angle = motion.get("zoom", 1.0), np.radians(motion.get("angle", 0.0))
+        tx, ty = motion.get("translation_x", 0.0), motion.get("translation_y", 0.0)
+        # cv2.getRotationMatrix2D's linear part [[z cos, z sin], [-z sin, z cos]] applied to t
+        want = (zoom * (np.cos(angle) * tx + np.sin(angle) * ty), zoom * (-np.sin(angle) * tx + np.cos(angle) * ty),
+                motion.get("angle", 0.0), zoom)
+        got = global_motion(picture, warp_2d(picture, **motion))
+        np.testing.assert_allclose(got[:3], want[:3], atol=0.2, err_msg=str(motion))
+        assert got[3] == pytest.approx(want[3], abs=0.003), motion
+    assert global_motion(np.zeros((32, 32)), np.ones((32, 32))) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_motion_per_frame_pulses_with_the_clicks(tmp_path):
+    """A picture that pans 3 px a frame and zooms by 4 % on each click, in an H.264 video with
+    the clicks as its sound: the per-frame motion, the medians and the zoom's correlation."""
+    from sounddiffusion.video.motion import warp_2d
+
+    n_frames, clicks = 32, [3, 7, 12, 16, 20, 27]
+    frames, zooms = [textured()], [1.0]
+    for k in range(1, n_frames):
+        zooms.append(1.04 if k in clicks else 1.0)
+        frames.append(warp_2d(frames[-1], zoom=zooms[-1], translation_x=3, border="wrap"))
+    path = tmp_path / "motion.mp4"
+    with VideoRender.open(path, FPS, 128, 128, settings={}, resume=False) as render:
+        for frame in frames:
+            render.add_frame(frame)
+        render.finish(click_track(tmp_path / "clicks.wav", clicks, n_frames))
+    stats = video_stats(path)
+    assert (stats.shift_x[0], stats.rotation[0], stats.scale[0]) == (0.0, 0.0, 1.0)
+    # the pan of frame k is zoom_k x 3 px (the zoom acts after the shift)
+    np.testing.assert_allclose(stats.shift_x[1:], 3 * np.array(zooms[1:]), atol=0.3)
+    np.testing.assert_allclose(stats.scale[1:], zooms[1:], atol=0.006)
+    assert np.abs(stats.rotation[1:]).max() <= 0.3 and np.abs(stats.shift_y[1:]).max() <= 0.3
+    summary = stats.summary()
+    assert summary["shift_x_median"] == pytest.approx(3, abs=0.1)
+    assert summary["scale_median"] == pytest.approx(1, abs=0.002)
+    assert stats.zoom_onset_correlation > 0.8 and summary["zoom_onset_correlation"] == stats.zoom_onset_correlation
+    per_frame = stats.per_frame()
+    assert len(per_frame["scale"]) == len(per_frame["shift_x"]) == n_frames

@@ -4,7 +4,8 @@ Every flag in :data:`SCHEDULED` takes a number (the same frames as before schedu
 schedule over the sound's envelopes (:mod:`sounddiffusion.control.schedules`, :mod:`sounddiffusion.sound.analysis`),
 its sections' (with ``--sections``) and its control tracks' (``NAME.onset`` with ``--control NAME=FILE``).
 :func:`parse_video_schedules` reads them all before the model loads, so a mistake is one line at
-once; :func:`evaluate_schedules` gives their values on every frame, clipped to each flag's range.
+once; :func:`evaluate_schedules` gives their values on every frame, clipped to each flag's range
+(a strict flag, such as ``--zoom``, refuses a schedule that leaves its range on any frame instead).
 The bends of ``--bend`` are schedules too (their amounts), read with the same parser.
 """
 from __future__ import annotations
@@ -47,12 +48,15 @@ def schedule_names(settings: VideoSettings) -> tuple[tuple[str, ...], dict[str, 
 @dataclass(frozen=True)
 class Scheduled:
     """A flag that takes a schedule: its name, the range its values are clipped to (None: open)
-    and what the range means, for the error a constant out of range gets."""
+    and what the range means, for the error a constant out of range gets. A ``strict`` flag's
+    bounds are excluded and never clipped to: a value on or beyond them, on any frame, is an
+    error (a zoom of 0 has no meaning to clip to)."""
 
     name: str
     low: float | None
     high: float | None
     meaning: str
+    strict: bool = False
 
 
 SCHEDULED = (
@@ -64,8 +68,23 @@ SCHEDULED = (
     Scheduled("contrast", 0.0, None, "1 keeps the contrast, 0 flattens the picture"),
     Scheduled("cadence", 1.0, None, "1 diffuses every frame, N every Nth"),
     Scheduled("color_coherence_strength", 0.0, 1.0, "0 leaves colours alone, 1 matches them fully"),
+    Scheduled("zoom", 0.0, None, "1 keeps the size, above 1 flies in, below 1 flies out", strict=True),
+    Scheduled("angle", None, None, ""),
+    Scheduled("translation_x", None, None, ""),
+    Scheduled("translation_y", None, None, ""),
+    Scheduled("transform_center_x", 0.0, 1.0, "a fraction of the width, 0.5 is the middle"),
+    Scheduled("transform_center_y", 0.0, 1.0, "a fraction of the height, 0.5 is the middle"),
+    Scheduled("perspective_flip_theta", None, None, ""),
+    Scheduled("perspective_flip_phi", None, None, ""),
+    Scheduled("perspective_flip_gamma", None, None, ""),
+    Scheduled("perspective_flip_fv", 0.0, 180.0, "the flip's field of view in degrees, Deforum's default is 53",
+              strict=True),
 )
 """The scheduled flags of audio2video and their ranges (``--seed_jump`` is a condition, unclipped)."""
+
+MOTION_SCHEDULES = ("zoom", "angle", "translation_x", "translation_y", "transform_center_x", "transform_center_y",
+                    "perspective_flip_theta", "perspective_flip_phi", "perspective_flip_gamma", "perspective_flip_fv")
+"""The camera motion's scheduled flags (:class:`sounddiffusion.video.motion.Motion2D`'s keys, in order)."""
 
 
 CHAIN_FLAGS = FlagGroup("frame chain", (
@@ -133,13 +152,34 @@ def parse_video_schedules(settings: VideoSettings, loras: Sequence[tuple[str, st
     return VideoSchedules(values, seed_jump, tuple(bends), weights)
 
 
+def _outside(flag: Scheduled, values: np.ndarray) -> np.ndarray:
+    """Where ``values`` lie outside the flag's range (on a strict flag's bounds too), bool."""
+    outside = np.zeros(np.shape(values), dtype=bool)
+    if flag.low is not None:
+        outside |= (values <= flag.low) if flag.strict else (values < flag.low)
+    if flag.high is not None:
+        outside |= (values >= flag.high) if flag.strict else (values > flag.high)
+    return outside
+
+
+def _range_text(flag: Scheduled) -> str:
+    low = "-inf" if flag.low is None else f"{flag.low:g}"
+    high = "inf" if flag.high is None else f"{flag.high:g}"
+    return f"({low}, {high})" if flag.strict else f"[{low}, {high}]"
+
+
 def _check_constant(flag: Scheduled, value: float) -> None:
-    too_low = flag.low is not None and value < flag.low
-    too_high = flag.high is not None and value > flag.high
-    if too_low or too_high:
-        low = "-inf" if flag.low is None else f"{flag.low:g}"
-        high = "inf" if flag.high is None else f"{flag.high:g}"
-        raise ParameterError(f"--{flag.name} {value:g} is outside [{low}, {high}]: {flag.meaning}")
+    if _outside(flag, np.float64(value)):
+        raise ParameterError(f"--{flag.name} {value:g} is outside {_range_text(flag)}: {flag.meaning}")
+
+
+def _check_strict(flag: Scheduled, text: str, values: np.ndarray) -> None:
+    """A strict flag's schedule must stay inside its range on every frame."""
+    bad = np.flatnonzero(_outside(flag, values))
+    if len(bad):
+        frame = int(bad[0])
+        raise ParameterError(f"--{flag.name} \"{text}\" is {values[frame]:g} on frame {frame} ({len(bad)} of "
+                             f"{len(values)} frames outside {_range_text(flag)}): keep it inside, {flag.meaning}")
 
 
 def plain_variables(n_frames: int, fps: float) -> dict[str, np.ndarray | float]:
@@ -160,7 +200,11 @@ def evaluate_schedules(schedules: VideoSchedules, settings: VideoSettings,
     values = {}
     for flag in _flags(settings):
         raw = schedules.values[flag.name].evaluate(variables, n_frames)
-        values[flag.name] = clip_to_range(raw, low=flag.low, high=flag.high, flag=f"--{flag.name}")
+        if flag.strict:
+            _check_strict(flag, str(getattr(settings, flag.name)), raw)
+            values[flag.name] = raw
+        else:
+            values[flag.name] = clip_to_range(raw, low=flag.low, high=flag.high, flag=f"--{flag.name}")
     if schedules.seed_jump is not None:
         jumps = schedules.seed_jump.evaluate(variables, n_frames) > 0.5
     else:

@@ -15,11 +15,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from sounddiffusion.control.frame_schedules import VideoSchedules, parse_video_schedules, values_at
+from sounddiffusion.control.frame_schedules import MOTION_SCHEDULES, VideoSchedules, parse_video_schedules, values_at
 from sounddiffusion.control.prompts import negative_weights_at, prompt_weights_at, start_end_schedule
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import LiveSettings
 from sounddiffusion.video.frame_plan import Frame, color_frames, frame_of, frame_seed
+from sounddiffusion.video.motion import Motion2D
 
 CONTROLS = {"prompt": "textprompt", "textstrength": "textstrength", "strength": "strength", "seed": "seed"}
 """The controls of the page (``POST /settings`` keys) and the settings they change."""
@@ -101,7 +102,8 @@ def live_frame(settings: LiveSettings, schedules: VideoSchedules, variables: Map
     """Frame ``index`` (frames counted at ``settings.fps`` since the sound began) with its numbers
     from ``schedules`` over ``variables`` (the envelopes now, as floats), and the frame of the last
     seed jump. ``last_jump``: that of the frame before (0 at first); with ``--seed_jump`` the
-    noise seed holds from one jump to the next, as in a file."""
+    noise seed holds from one jump to the next, as in a file. Raises ParameterError (a
+    ScheduleError among them) when the frame's numbers cannot be used (a zoom of 0, say)."""
     values, jump, amounts = values_at(schedules, settings, variables, index)
     last_jump = index if jump else last_jump
     held = settings.seed_jump is not None
@@ -111,5 +113,6 @@ def live_frame(settings: LiveSettings, schedules: VideoSchedules, variables: Map
     frame = frame_of(index, float(index / settings.fps), values,
                      noise_seed=frame_seed(settings.seed, last_jump if held else index), prompt_weights=weights,
                      bend_amounts=amounts, match_colors=match, negative_weights=negatives,
-                     lora_weights=tuple(weight.value_at(variables, index) for _, weight in schedules.loras))
+                     lora_weights=tuple(weight.value_at(variables, index) for _, weight in schedules.loras),
+                     motion=Motion2D(*(values[name] for name in MOTION_SCHEDULES)))
     return frame, last_jump

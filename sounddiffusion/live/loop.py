@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from sounddiffusion.control.bending_specs import check_block
-from sounddiffusion.errors import ScheduleError
+from sounddiffusion.errors import ParameterError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.live.controls import LiveControls, live_frame
 from sounddiffusion.live.envelopes import LiveBeats, LiveEnvelopes
@@ -45,6 +45,7 @@ from sounddiffusion.settings import LiveSettings, ModelSettings
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES, parse_smoothing
 from sounddiffusion.sound.audio import SAMPLE_RATE
 from sounddiffusion.video.frame_chain import ChainState, block_specs, stream_generator
+from sounddiffusion.video.camera import repeated_move
 from sounddiffusion.video.loop import block_bender, diffuse_slice
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls) -> N
         for index in range(2):
             frame, _ = frame_at(current, schedules, variables, index, 0)
             chain = ChainState(index, diffuse_slice(engine, silence, (), current, chain, frame, None), None)
-    except ScheduleError:  # a schedule undefined on silence (log(onset)): the first pictures pay instead
+    except ParameterError:  # a schedule undefined on silence (log(onset)): the first pictures pay instead
         return
     engine.decode(chain.latent)
 
@@ -151,12 +152,15 @@ class LiveLoop:
         self.state.count(dropped=waiting - 1)
         try:
             frame, self.last_jump = live_frame(settings, schedules, heard.variables, heard.index, self.last_jump)
-        except ScheduleError as exc:
+        except ParameterError as exc:  # a schedule undefined here, a zoom of 0...: the show goes on
             log.warning("frame %d is skipped: %s", heard.index, exc)
             self.state.count(dropped=1)
             return
         self.now.update(index=heard.index, seed=settings.seed)
-        latent = diffuse_slice(self.engine, heard.samples, self.specs, settings, self.chain, frame, self.blocks)
+        move = repeated_move(frame.motion, heard.index - self.chain.index, settings.W, settings.H, settings.border,
+                             settings.motion_space) if self.chain.latent is not None else None
+        latent = diffuse_slice(self.engine, heard.samples, self.specs, settings, self.chain, frame, self.blocks,
+                               move=move)
         rgb = self.engine.decode(latent)[0]
         reference = self.chain.reference
         if reference is None and settings.color_coherence != "none":

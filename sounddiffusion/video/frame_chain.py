@@ -1,8 +1,9 @@
 """What happens to a video frame's latent besides img2img itself.
 
-Before img2img (frames after the first), the previous frame's latent may be colour-matched to the
-reference picture (``--color_coherence``), have its contrast scaled (``--contrast``) and get
-fresh seeded noise (``--latent_noise``): :func:`prepare_previous`. During img2img, network bends
+Before img2img (frames after the first), the previous frame's latent may be moved by the camera
+(:mod:`sounddiffusion.video.camera`), colour-matched to the reference picture
+(``--color_coherence``), have its contrast scaled (``--contrast``) and get fresh seeded noise
+(``--latent_noise``): :func:`prepare_previous`. During img2img, network bends
 (``--bend``, and ``--rms_bend`` as an ``add`` of loudness x F) change the noised latent, the
 latent before a chosen step, or the final latent: :func:`frame_bends` says which apply to a frame,
 :func:`bend` applies them. Bends inside UNet blocks run through
@@ -29,6 +30,7 @@ from sounddiffusion.control.bending_specs import BendSpec, step_index
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.model.samplers import img2img_step_count
+from sounddiffusion.video.camera import CameraMove
 from sounddiffusion.video.color import adjust_contrast, match_colors
 from sounddiffusion.video.frame_plan import Frame, FramePlan
 
@@ -141,14 +143,23 @@ def block_specs(specs: Sequence[BendSpec]) -> list[BendSpec]:
 
 
 def prepare_previous(engine: Engine, previous: torch.Tensor, frame: Frame, reference: np.ndarray | None,
-                     color_space: str, seed: int) -> torch.Tensor:
-    """The previous latent (1, 4, h, w) as frame ``frame``'s img2img starts from it: colours
-    matched to ``reference`` (H, W, 3 uint8) in ``color_space`` when the frame asks for it
-    (decode, match, encode), contrast scaled, fresh noise added. Identity amounts change nothing."""
-    if frame.match_colors and reference is not None and frame.color_coherence_strength > 0:
-        picture = engine.decode(previous)[0]
-        matched = match_colors(picture, reference, space=color_space, strength=frame.color_coherence_strength)
-        previous = engine.encode_image(matched[None])
+                     color_space: str, seed: int, move: CameraMove | None = None) -> torch.Tensor:
+    """The previous latent (1, 4, h, w) as frame ``frame``'s img2img starts from it, in Deforum's
+    order: moved by the camera (``move``, from the previous diffused frame to this one; None: a
+    still camera), colours matched to ``reference`` (H, W, 3 uint8) in ``color_space`` when the
+    frame asks for it, contrast scaled, fresh noise added. A picture move and the colour match
+    share one decode and encode. Identity amounts and a still camera change nothing."""
+    match = frame.match_colors and reference is not None and frame.color_coherence_strength > 0
+    if move is not None and move.space == "latent":
+        previous = move.warp_latent(previous)
+    if match or (move is not None and move.space == "pixel"):
+        picture = engine.decode(previous)
+        if move is not None and move.space == "pixel":
+            picture = move.warp_pictures(picture, engine.device)
+        if match:
+            picture = match_colors(picture[0], reference, space=color_space,
+                                   strength=frame.color_coherence_strength)[None]
+        previous = engine.encode_image(picture)
     if frame.contrast != 1:
         previous = adjust_contrast(previous, frame.contrast)
     if frame.latent_noise > 0:

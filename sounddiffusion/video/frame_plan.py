@@ -20,15 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from sounddiffusion.control.bending_specs import BendSpec
-from sounddiffusion.control.frame_schedules import (VideoSchedules, evaluate_lora_weights, evaluate_schedules,
-                                                    parse_video_schedules, plain_variables)
+from sounddiffusion.control.frame_schedules import (MOTION_SCHEDULES, VideoSchedules, evaluate_lora_weights,
+                                                    evaluate_schedules, parse_video_schedules, plain_variables)
 from sounddiffusion.control.music_analysis import analyse_music, music_request
 from sounddiffusion.control.prompts import (negative_weights_at, parse_prompt_file, prompt_weights_at,
                                             split_negative, start_end_schedule)
+from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, parse_smoothing, snap_times
 from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_extent, sound_warning,
                                         stream_frame_slices)
+from sounddiffusion.video.motion import Motion2D, check_border
+
+
+MOTION_SPACES = ("pixel", "latent")
+"""Where ``--motion_space`` warps the previous frame: its decoded picture, or its latent."""
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,8 @@ class Frame:
     seed, the prompts mixed in with their weights, each bend's amount, whether it is diffused
     (else made between its diffused neighbours) and whether its colours are matched first; the
     negative prompts guidance pushes away from, with the prompts' weights ("": the empty prompt),
-    and each ``--lora``'s weight."""
+    each ``--lora``'s weight, and the camera's ``motion`` from the previous frame to this one (the
+    identity on frame 0)."""
 
     index: int
     time: float
@@ -62,12 +69,13 @@ class Frame:
     match_colors: bool
     negative_weights: list[tuple[str, float]] = field(default_factory=list)
     lora_weights: tuple[float, ...] = ()
+    motion: Motion2D = Motion2D()
 
 
 def frame_of(index: int, time: float, values: Mapping[str, float], *, noise_seed: int,
              prompt_weights: list[tuple[str, float]], bend_amounts: tuple[float, ...], diffused: bool = True,
              match_colors: bool = False, negative_weights: list[tuple[str, float]] | None = None,
-             lora_weights: tuple[float, ...] = ()) -> Frame:
+             lora_weights: tuple[float, ...] = (), motion: Motion2D = Motion2D()) -> Frame:
     """Frame ``index`` at ``time`` seconds from the values of the scheduled flags on it (by flag
     name, :data:`~sounddiffusion.control.frame_schedules.SCHEDULED`), for a file's plan or a live frame."""
     return Frame(index=index, time=time, strength=values["strength"], scale=values["scale"],
@@ -75,7 +83,8 @@ def frame_of(index: int, time: float, values: Mapping[str, float], *, noise_seed
                  latent_noise=values["latent_noise"], contrast=values["contrast"],
                  color_coherence_strength=values["color_coherence_strength"], noise_seed=noise_seed,
                  prompt_weights=prompt_weights, bend_amounts=bend_amounts, diffused=diffused,
-                 match_colors=match_colors, negative_weights=negative_weights or [], lora_weights=lora_weights)
+                 match_colors=match_colors, negative_weights=negative_weights or [], lora_weights=lora_weights,
+                 motion=motion)
 
 
 @dataclass
@@ -86,9 +95,10 @@ class FramePlan:
     ``values`` the scheduled flags' (n_frames,) arrays; ``bend_amounts`` (n_bends, n_frames);
     ``diffused`` (n_frames,) bool; ``schedule`` the prompt schedule, a list of (seconds, prompt)
     (a prompt may end with ``--neg NEGATIVE``; ``negative_prompt`` is the others' negative);
-    ``lora_weights`` (n_loras, n_frames); ``envelopes`` the sound's analysis when it was needed, else
-    None, and ``tracks`` its control tracks' by name; ``snapped``: (asked, snapped) seconds of each
-    prompt moved by ``--snap_prompts`` (empty when none were)."""
+    ``lora_weights`` (n_loras, n_frames); ``motions`` each frame's camera motion from the frame before
+    (:func:`frame_motions`); ``envelopes`` the sound's analysis when it was needed, else None, and
+    ``tracks`` its control tracks' by name; ``snapped``: (asked, snapped) seconds of each prompt moved
+    by ``--snap_prompts`` (empty when none were)."""
 
     audio: Path
     n_samples: int
@@ -103,6 +113,7 @@ class FramePlan:
     schedule: list[tuple[float, str]]
     schedules: VideoSchedules
     seed_jumps: np.ndarray
+    motions: tuple[Motion2D, ...] = ()
     envelopes: Envelopes | None = None
     tracks: Mapping[str, Envelopes] = field(default_factory=dict)
     snapped: tuple[tuple[float, float], ...] = ()
@@ -123,7 +134,8 @@ class FramePlan:
                         bend_amounts=tuple(float(a) for a in self.bend_amounts[:, index]),
                         diffused=bool(self.diffused[index]), match_colors=bool(self.color_frames[index]),
                         negative_weights=negatives,
-                        lora_weights=tuple(float(w) for w in self.lora_weights[:, index]) if len(self.lora_weights) else ())
+                        lora_weights=tuple(float(w) for w in self.lora_weights[:, index]) if len(self.lora_weights) else (),
+                        motion=self.motions[index])
 
     def negative_prompts(self) -> list[str]:
         """The negative prompts frames push away from (``--negative_prompt``, ``--neg``), each once."""
@@ -161,6 +173,9 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False,
     schedules = parse_video_schedules(settings, loras)
     request = music_request(settings)
     _warn_unread_tracks(schedules, [track.name for track in request.tracks])
+    check_border(settings.border)
+    if settings.motion_space not in MOTION_SPACES:
+        raise ParameterError(f"motion_space {settings.motion_space!r} is unknown: use one of {', '.join(MOTION_SPACES)}")
     smoothing = parse_smoothing(settings.smoothing) if settings.smoothing else None
     fps = fps_fraction(settings.fps)
     n_samples, peak = sound_extent(settings.audio)
@@ -182,7 +197,8 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False,
                      seed_jumps=jumps, envelopes=analysed.mix if analysed is not None else None,
                      tracks=dict(analysed.tracks) if analysed is not None else {}, snapped=snapped,
                      negative_prompt=settings.negative_prompt,
-                     lora_weights=evaluate_lora_weights(schedules, variables, n_frames))
+                     lora_weights=evaluate_lora_weights(schedules, variables, n_frames),
+                     motions=frame_motions(values, n_frames))
 
 
 def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:
@@ -191,6 +207,15 @@ def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:
     for name in names:
         if name not in read:
             log.warning("control track %s: no schedule reads it (%s.onset, %s.rms ...)", name, name, name)
+
+
+def frame_motions(values: dict[str, np.ndarray], n_frames: int) -> tuple[Motion2D, ...]:
+    """Each frame's camera motion from the frame before, from the motion flags' per-frame values
+    (``--zoom`` ... ``--perspective_flip_fv``, in :data:`MOTION_SCHEDULES` order); frame 0 has no
+    frame before it and keeps the picture it starts from (an ``--init-img`` is not moved)."""
+    rows = np.stack([values[name] for name in MOTION_SCHEDULES], axis=1).tolist()
+    return (Motion2D(), *(Motion2D(*row) for row in rows[1:n_frames]))
+
 
 
 def noise_seeds(seed: int, jumps: np.ndarray, *, hold: bool) -> np.ndarray:

@@ -24,6 +24,7 @@ from sounddiffusion.errors import ParameterError
 from sounddiffusion.images import save_png
 from sounddiffusion.model.engine import Engine
 from sounddiffusion.video.cadence import cross_fade
+from sounddiffusion.video.camera import CameraMove
 from sounddiffusion.video.frame_chain import ChainState
 from sounddiffusion.video.render import VideoRender
 
@@ -31,13 +32,16 @@ from sounddiffusion.video.render import VideoRender
 @dataclass(frozen=True)
 class PixelBlend:
     """An in-between frame made by cross-fading the pictures of two latents: ``t`` of the way
-    from ``first`` (frame ``first_index``) to ``second`` (frame ``second_index``)."""
+    from ``first`` (frame ``first_index``) to ``second`` (frame ``second_index``), each picture
+    moved to the in-between's camera first by ``first_move``/``second_move`` (None: not moved)."""
 
     first_index: int
     first: torch.Tensor
     second_index: int
     second: torch.Tensor
     t: float
+    first_move: CameraMove | None = None
+    second_move: CameraMove | None = None
 
 
 class FrameWriter:
@@ -69,11 +73,13 @@ class FrameWriter:
         if not isinstance(picture, PixelBlend):
             return self._decode(index, picture)
         ends = []
-        for end, latent in ((picture.first_index, picture.first), (picture.second_index, picture.second)):
-            if end not in self._decoded:
+        for index, latent, move in ((picture.first_index, picture.first, picture.first_move),
+                                    (picture.second_index, picture.second, picture.second_move)):
+            if index not in self._decoded:
                 self._decoded = {k: v for k, v in self._decoded.items() if k >= picture.first_index}
-                self._decoded[end] = self._decode(end, latent)
-            ends.append(self._decoded[end])
+                self._decoded[index] = self._decode(index, latent)
+            end = self._decoded[index]
+            ends.append(end if move is None else move.warp_pictures(end[None], self.engine.device)[0])
         return cross_fade(ends[0], ends[1], picture.t)
 
     def _work(self) -> None:

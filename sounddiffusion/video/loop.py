@@ -4,8 +4,10 @@ Frame 0 is txt2img from the first slice's conditioning (or img2img from ``--init
 next diffused frame is img2img from the previous diffused frame's latent under its own slice's
 conditioning and numbers (:class:`~sounddiffusion.video.frame_plan.FramePlan`). With ``--cadence N``
 only every Nth frame is diffused and the frames between are interpolated from their two diffused
-neighbours (latents by slerp, or pictures cross-faded). The chain stays in latent space on the
-device; decoding and writing frame i runs in a worker thread while frame i+1 samples
+neighbours (latents by slerp, or pictures cross-faded). With camera motion (``--zoom`` ...), each
+frame's previous picture is moved first and the in-betweens follow the camera path
+(:mod:`sounddiffusion.video.camera`). The chain stays in latent space on the device; decoding and
+writing frame i runs in a worker thread while frame i+1 samples
 (:mod:`sounddiffusion.video.frame_writer`). Everything random comes from seeds derived from
 ``(--seed, frame)``, so a resumed render needs only the chain's last latent (and the colour
 reference) to continue exactly as an uninterrupted one.
@@ -39,6 +41,7 @@ from sounddiffusion.sound.audio import slice_rms
 from sounddiffusion.sound.control_tracks import file_digest
 from sounddiffusion.sound.features import featurize
 from sounddiffusion.video.cadence import slerp
+from sounddiffusion.video.camera import Camera, CameraMove
 from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, block_specs, frame_bends,
                                               nonfinite_latent_error, prepare_previous, steps_of_frame,
                                               stream_generator)
@@ -89,22 +92,28 @@ def next_latent(engine: Engine, previous: torch.Tensor | None, cond: torch.Tenso
 
 
 def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: ChainState, frame: Frame,
-            blocks: BlockBender | None) -> torch.Tensor:
-    """Sample ``frame`` of ``plan`` from the chain (:func:`diffuse_slice` on its slice of the sound)."""
-    return diffuse_slice(engine, plan.audio_slice(frame.index), plan.bends, settings, chain, frame, blocks)
+            blocks: BlockBender | None, camera: Camera | None = None) -> torch.Tensor:
+    """Sample ``frame`` of ``plan`` from the chain (:func:`diffuse_slice` on its slice of the sound,
+    with the camera's move since the chain's frame). ``camera``: the render's (default: made from
+    ``plan``)."""
+    camera = camera if camera is not None else Camera.of(plan, settings)
+    return diffuse_slice(engine, plan.audio_slice(frame.index), plan.bends, settings, chain, frame, blocks,
+                         move=camera.move(chain.index, frame.index))
 
 
 def diffuse_slice(engine: Engine, audio_slice: np.ndarray, specs: Sequence[BendSpec], settings: VideoSettings,
-                  chain: ChainState, frame: Frame, blocks: BlockBender | None) -> torch.Tensor:
+                  chain: ChainState, frame: Frame, blocks: BlockBender | None,
+                  move: CameraMove | None = None) -> torch.Tensor:
     """Sample ``frame`` from the chain under ``audio_slice`` (mono float32 at 44.1 kHz), the
-    latent (1, 4, h, w): its LoRA weights, its conditioning, the previous latent prepared (colour,
-    contrast, noise), img2img with its bends (``specs``: the run's ``--bend`` specs), final bends,
-    ``--pixel_roundtrip``. A file's frame loop and the live loop both sample through here."""
+    latent (1, 4, h, w): its LoRA weights, its conditioning, the previous latent prepared (the
+    camera's ``move`` from the chain's frame to this one, colour, contrast, noise), img2img with
+    its bends (``specs``: the run's ``--bend`` specs), final bends, ``--pixel_roundtrip``. A
+    file's frame loop and the live loop both sample through here."""
     engine.set_lora_weights(frame.lora_weights)  # before the conditioning: a LoRA may change the text encoder
     cond = frame_conditioning(engine, audio_slice, frame, settings)
     first = chain.latent is None
     previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
-                                                   settings.color_coherence, settings.seed)
+                                                   settings.color_coherence, settings.seed, move)
     n_steps = steps_of_frame(frame, settings.sampler, settings.ddim_steps, first=first)
     bends = frame_bends(specs, frame, slice_rms(audio_slice), n_steps, first=first)
     if blocks is not None:
@@ -116,13 +125,16 @@ def diffuse_slice(engine: Engine, audio_slice: np.ndarray, specs: Sequence[BendS
     return latent
 
 
-def inbetween(chain: ChainState, target: tuple[int, torch.Tensor], index: int, blend: str
-              ) -> torch.Tensor | PixelBlend:
-    """Frame ``index`` between the chain's last diffused frame and ``target`` (index, latent)."""
+def inbetween(engine: Engine, chain: ChainState, target: tuple[int, torch.Tensor], index: int, blend: str,
+              camera: Camera) -> torch.Tensor | PixelBlend:
+    """Frame ``index`` between the chain's last diffused frame and ``target`` (index, latent),
+    both brought to frame ``index``'s camera first (:mod:`sounddiffusion.video.camera`)."""
     t = (index - chain.index) / (target[0] - chain.index)
     if blend == "pixel":
-        return PixelBlend(chain.index, chain.latent, target[0], target[1], t)
-    return slerp(chain.latent, target[1], t)
+        return PixelBlend(chain.index, chain.latent, target[0], target[1], t,
+                          camera.move(chain.index, index), camera.move(target[0], index))
+    return slerp(camera.moved(engine, chain.index, chain.latent, index),
+                 camera.moved(engine, target[0], target[1], index), t)
 
 
 def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writer: FrameWriter, *,
@@ -132,6 +144,7 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
     ``chain`` is the state after frame ``start - 1`` (``ChainState()``: frame ``start`` is txt2img).
     Returns the state after the last frame. The render loop and scripts/benchmark.py both run
     frames through here."""
+    camera = Camera.of(plan, settings)
     current = [start]
     blocks = block_bender(engine, plan.bends, lambda i: stream_generator(settings.seed, current[0], i + 1))
     ahead: tuple[int, torch.Tensor] | None = None  # a diffused frame sampled before its in-betweens
@@ -141,7 +154,7 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
             if frame.diffused:
                 current[0] = index
                 latent = ahead[1] if ahead and ahead[0] == index else diffuse(engine, plan, settings, chain, frame,
-                                                                            blocks)
+                                                                            blocks, camera)
                 reference = chain.reference
                 if reference is None and settings.color_coherence != "none":
                     reference = engine.decode(latent)[0]  # frame 0's colours are what the video keeps
@@ -151,8 +164,8 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
                 target = plan.next_diffused(index)
                 if ahead is None or ahead[0] != target:
                     current[0] = target
-                    ahead = (target, diffuse(engine, plan, settings, chain, plan.frame(target), blocks))
-                writer.submit(index, inbetween(chain, ahead, index, settings.cadence_blend), chain)
+                    ahead = (target, diffuse(engine, plan, settings, chain, plan.frame(target), blocks, camera))
+                writer.submit(index, inbetween(engine, chain, ahead, index, settings.cadence_blend, camera), chain)
             if progress is not None:
                 progress.update(1)
     return chain

@@ -21,7 +21,8 @@ OpenCV's BORDER_REFLECT_101 and torch's "reflection" with ``align_corners=True``
 
 :func:`warp_2d` warps an (H, W, 3) uint8 picture with numpy; :func:`warp_2d_torch` warps a batch of
 (B, C, H, W) float tensors (pictures or latents) on their device with ``grid_sample``. Both return
-their input itself when the motion is the identity.
+their input itself when the motion is the identity. :func:`warp_matrix_torch` does the same warp for
+any forward map, such as the product of several frames' matrices.
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def motion_matrix(motion: Motion2D, width: int, height: int, pixels_per_unit: fl
     array's coordinates by ``S^-1 M S``, ``S`` mapping element u to picture pixel ``ppu u + (ppu - 1) / 2``
     (the centre of the ppu x ppu block it stands for), so a latent moves the picture's distance.
     """
-    if not pixels_per_unit > 0:
+    if not pixels_per_unit > 0:  # before the picture's size is computed from it
         raise ParameterError(f"pixels_per_unit {pixels_per_unit} must be above 0: 1 for pictures, 8 for latents")
     picture_w, picture_h = width * pixels_per_unit, height * pixels_per_unit
     cx, cy = picture_w * motion.center_x, picture_h * motion.center_y
@@ -149,11 +150,19 @@ def motion_matrix(motion: Motion2D, width: int, height: int, pixels_per_unit: fl
         matrix = perspective_flip_matrix(picture_w, picture_h, motion.perspective_flip_theta,
                                          motion.perspective_flip_phi, motion.perspective_flip_gamma,
                                          motion.perspective_flip_fv) @ matrix
-    if pixels_per_unit != 1:
-        offset = (pixels_per_unit - 1) / 2
-        to_picture = np.array([[pixels_per_unit, 0.0, offset], [0.0, pixels_per_unit, offset], [0.0, 0.0, 1.0]])
-        matrix = np.linalg.inv(to_picture) @ matrix @ to_picture
-    return matrix
+    return array_matrix(matrix, pixels_per_unit)
+
+
+def array_matrix(matrix: np.ndarray, pixels_per_unit: float) -> np.ndarray:
+    """A (3, 3) forward map in picture pixels carried to the coordinates of an array whose element
+    stands for a ``pixels_per_unit`` square of pixels: ``S^-1 M S`` (see :func:`motion_matrix`)."""
+    if not pixels_per_unit > 0:
+        raise ParameterError(f"pixels_per_unit {pixels_per_unit} must be above 0: 1 for pictures, 8 for latents")
+    if pixels_per_unit == 1:
+        return matrix
+    offset = (pixels_per_unit - 1) / 2
+    to_picture = np.array([[pixels_per_unit, 0.0, offset], [0.0, pixels_per_unit, offset], [0.0, 0.0, 1.0]])
+    return np.linalg.inv(to_picture) @ matrix @ to_picture
 
 
 def perspective_flip_matrix(width: float, height: float, theta: float, phi: float, gamma: float,
@@ -296,22 +305,45 @@ def warp_2d_torch(x: torch.Tensor, motion: Motion2D | Sequence[Motion2D], *, bor
     if not moving:
         return x
     inverses = np.stack([np.linalg.inv(motion_matrix(motions[i], width, height, pixels_per_unit)) for i in moving])
-    # float32 on the host first: MPS has no float64.
-    inverses = torch.from_numpy(inverses.astype(np.float32)).to(x.device)
-    source = x if len(moving) == batch else x[moving]
-    sample_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    source = source.to(sample_dtype)
-    grid = _sample_grid(inverses, height, width, border).to(sample_dtype)
-    if border == "wrap":
-        # One more row and column, copies of the first ones, hold the neighbours across the seam.
-        source = F.pad(source, (0, 1, 0, 1), mode="circular")
-    padding = {"replicate": "border", "wrap": "border", "reflect": "reflection"}[border]
-    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode=padding, align_corners=True).to(x.dtype)
+    warped = _warp(x if len(moving) == batch else x[moving], inverses, border)
     if len(moving) == batch:
         return warped
     out = x.clone()
     out[moving] = warped
     return out
+
+
+def warp_matrix_torch(x: torch.Tensor, matrix: np.ndarray, *, border: str = "replicate",
+                      pixels_per_unit: float = 1.0) -> torch.Tensor:
+    """A batch of tensors moved by one forward map ``matrix`` (3, 3) in picture pixels, the
+    warp of :func:`warp_2d_torch` for a motion that is no single :class:`Motion2D`: a product of
+    several frames' :func:`motion_matrix` (``M_2 @ M_1``: M_1 first) or an inverse.
+
+    ``x``: (B, C, H, W) float standing for a picture of (W ppu, H ppu) pixels; ``border`` one of
+    :data:`BORDERS`. Returns a new tensor like ``x`` (the identity matrix too is sampled)."""
+    check_border(border)
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"the tensor to warp must be (B, C, H, W) float, got {tuple(x.shape)} {x.dtype}")
+    inverse = np.linalg.inv(array_matrix(np.asarray(matrix, dtype=np.float64), pixels_per_unit))
+    return _warp(x, inverse[None], border)
+
+
+def _warp(source: torch.Tensor, inverses: np.ndarray, border: str) -> torch.Tensor:
+    """``source`` (N, C, H, W) sampled bilinearly at the inverse maps (N or 1, 3, 3) float64 of
+    its element centres; float16/bfloat16 are sampled in float32 and returned in their dtype."""
+    height, width = source.shape[-2:]
+    # float32 on the host first: MPS has no float64.
+    inverses = torch.from_numpy(inverses.astype(np.float32)).to(source.device)
+    sample_dtype = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
+    grid = _sample_grid(inverses, height, width, border).to(sample_dtype)
+    grid = grid.expand(source.shape[0], -1, -1, -1)
+    padded = source.to(sample_dtype)
+    if border == "wrap":
+        # One more row and column, copies of the first ones, hold the neighbours across the seam.
+        padded = F.pad(padded, (0, 1, 0, 1), mode="circular")
+    padding = {"replicate": "border", "wrap": "border", "reflect": "reflection"}[border]
+    warped = F.grid_sample(padded, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    return warped.to(source.dtype)
 
 
 def _sample_grid(inverses: torch.Tensor, height: int, width: int, border: str) -> torch.Tensor:

@@ -21,11 +21,17 @@ previous two frames are kept, so a video of any length fits in memory. Per frame
                 0 for the first and the last frame. Near 0 is good; a few units is visible shimmer.
 ``saturation``  mean HSV saturation, 0..1.
 ``clipped``     share of the pixels' channel values that are 0 or 255 (burnt-in or crushed).
+``shift_x``, ``shift_y``, ``rotation``, ``scale``
+                the global camera motion from frame k-1 to frame k (0, 0, 0, 1 for frame 0):
+                pixels right and down, degrees counter-clockwise, size ratio (> 1 flies in),
+                in audio2video's ``--translation_x/_y``, ``--angle`` and ``--zoom`` units
+                (:mod:`sounddiffusion.video.motion_stats`, phase correlation).
 
 With an audio stream, the sound (mono, 44.1 kHz) gives an onset envelope per frame
 (:func:`onset_per_frame`) and ``onset_correlation`` is the Pearson correlation of ``flicker``
 with it over frames 1.. (None when either is constant): near 1 when the picture changes on the
-beats, near 0 when its changes do not follow the sound.
+beats, near 0 when its changes do not follow the sound; ``zoom_onset_correlation`` the same for
+``scale`` (near 1 when the zoom pulses with the kick).
 
 Lab statistics are computed on every pixel of frames up to ``LAB_MAX_PIXELS``; larger frames are
 subsampled on a regular grid for them (luma, saturation and clipping always use every pixel).
@@ -49,6 +55,7 @@ from sounddiffusion.errors import ParameterError
 from sounddiffusion.logs import counted
 from sounddiffusion.sound.audio import SAMPLE_RATE
 from sounddiffusion.video.ffmpeg import ffmpeg_exe
+from sounddiffusion.video.motion_stats import MotionMeter
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +80,13 @@ class VideoStats:
     flicker_hf: np.ndarray
     saturation: np.ndarray
     clipped: np.ndarray
+    shift_x: np.ndarray
+    shift_y: np.ndarray
+    rotation: np.ndarray
+    scale: np.ndarray
     onset: np.ndarray | None = None
     onset_correlation: float | None = None
+    zoom_onset_correlation: float | None = None
 
     @property
     def frames(self) -> int:
@@ -83,8 +95,12 @@ class VideoStats:
     def summary(self) -> dict:
         """Plain numbers: frames, fps, seconds; mean/max/final drift and hist_drift; mean/max
         flicker and flicker_hf (over frames that have them); saturation first/final/mean; clipped
-        mean/max; has_audio and onset_correlation (None without sound or when undefined)."""
+        mean/max; the medians of the camera motion between frames (shift_x, shift_y, rotation,
+        scale; 0, 0, 0, 1 for a single frame); has_audio, onset_correlation and
+        zoom_onset_correlation (None without sound or when undefined)."""
         moving = self.flicker[1:] if self.frames > 1 else np.zeros(1)
+        motion = {name: float(np.median(getattr(self, name)[1:] if self.frames > 1 else getattr(self, name)))
+                  for name in ("shift_x", "shift_y", "rotation", "scale")}
         reversing = self.flicker_hf[1:-1] if self.frames > 2 else np.zeros(1)
         return {
             "path": self.path, "frames": self.frames, "fps": self.fps,
@@ -101,7 +117,9 @@ class VideoStats:
             "saturation_final": float(self.saturation[-1]),
             "saturation_mean": float(self.saturation.mean()),
             "clipped_mean": float(self.clipped.mean()), "clipped_max": float(self.clipped.max()),
+            **{f"{name}_median": value for name, value in motion.items()},
             "has_audio": self.onset is not None, "onset_correlation": self.onset_correlation,
+            "zoom_onset_correlation": self.zoom_onset_correlation,
         }
 
     def per_frame(self) -> dict[str, list[float]]:
@@ -133,6 +151,8 @@ def video_stats(path: str | os.PathLike, *, progress: bool = False) -> VideoStat
     fps = float(meta.get("fps") or 0)
     width, height = meta["size"]
     colour: list[tuple[float, float, float, float]] = []
+    motion: list[tuple[float, float, float, float]] = []
+    meter = MotionMeter()
     flicker: list[float] = []
     flicker_hf: list[float] = []
     reference = None
@@ -143,6 +163,7 @@ def video_stats(path: str | os.PathLike, *, progress: bool = False) -> VideoStat
         if reference is None:
             reference = _lab_reference(rgb)
         colour.append(_colour_measures(rgb, reference))
+        motion.append(meter.measure(luma))
         flicker.append(_flicker(luma_last, luma))
         flicker_hf.append(0.0)  # known when the next frame comes
         if luma_before is not None:
@@ -154,12 +175,14 @@ def video_stats(path: str | os.PathLike, *, progress: bool = False) -> VideoStat
     if not flicker:
         raise ParameterError(f"{path} has no video frames ffmpeg can decode: give a video file")
     drift, hist_drift, saturation_, clipped = np.array(colour, dtype=np.float64).T
+    shift_x, shift_y, rotation, scale = np.array(motion, dtype=np.float64).T
     stats = VideoStats(str(path), fps, width, height, drift, hist_drift,
-                       np.array(flicker), np.array(flicker_hf), saturation_, clipped)
+                       np.array(flicker), np.array(flicker_hf), saturation_, clipped, shift_x, shift_y, rotation, scale)
     samples = decode_audio(path)
     if samples is not None and fps > 0:
         stats.onset = onset_per_frame(samples, fps, stats.frames)
         stats.onset_correlation = pearson(stats.flicker[1:], stats.onset[1:])
+        stats.zoom_onset_correlation = pearson(stats.scale[1:], stats.onset[1:])
     return stats
 
 
