@@ -16,7 +16,9 @@ from sounddiffusion.live.record import LiveRecorder
 from sounddiffusion.live.server import is_loopback
 from sounddiffusion.settings import LiveSettings
 from sounddiffusion.sound.audio import load_audio
+from sounddiffusion.video.camera import repeated_move
 from sounddiffusion.video.frame_plan import frame_seed, plan_frames
+from sounddiffusion.video.motion import Motion2D, motion_matrix
 from video_probe import probe_video
 
 ENVELOPES = {"rms": 0.2, "onset": 0.5, "beat": 1.0, "low": 0.1, "mid": 0.3, "high": 0.4, "centroid": 0.6,
@@ -71,6 +73,25 @@ def test_live_frames_match_a_files_plan_on_the_same_numbers(tmp_path):
         frame, _ = live_frame(settings, parse_video_schedules(settings), variables(index), index, 0)
         assert frame == plan.frame(index)
 
+
+
+def test_live_frames_carry_the_camera_motion_and_a_zoom_of_0_is_refused():
+    settings = LiveSettings(zoom="1 + 0.1*onset", angle="2", translation_x="3", fps=12)
+    frame, _ = live_frame(settings, parse_video_schedules(settings), variables(4, onset=0.5), 4, 0)
+    assert frame.motion == Motion2D(zoom=1.05, angle=2, translation_x=3)
+    settings = LiveSettings(zoom="1 - onset", fps=12)
+    with pytest.raises(ParameterError, match="zoom"):
+        live_frame(settings, parse_video_schedules(settings), variables(4, onset=1.0), 4, 0)
+
+
+def test_a_picture_after_dropped_frames_moves_by_all_of_their_motion():
+    """The move over 3 frames of one motion is that motion's matrix applied 3 times, written out."""
+    motion = Motion2D(zoom=1.03, angle=4, translation_x=2.5, translation_y=-1, center_x=0.3)
+    m = motion_matrix(motion, 96, 64)
+    move = repeated_move(motion, 3, 96, 64, "wrap", "latent")
+    np.testing.assert_allclose(move.matrix, m @ m @ m, rtol=1e-12)
+    assert (move.border, move.space) == ("wrap", "latent")
+    assert repeated_move(motion, 0, 96, 64) is None and repeated_move(Motion2D(), 5, 96, 64) is None
 
 def test_a_change_applies_whole_or_not_at_all():
     controls = LiveControls(LiveSettings(strength="0.5", seed=1))
