@@ -155,7 +155,7 @@ def test_a_batch_digest_follows_the_lora_weight(run_tool, tmp_path, caplog):
     write_sound(songs / "a.wav", seconds=0.5)
     lora = tiny_lora(tmp_path / "style.safetensors")
     argv = ["--input_folder", songs, "--outdir", tmp_path / "out", "--fps", 2, *TINY]
-    for weight, made in (("0.5", "1 songs made"), ("0.5", "0 songs made"), ("0.9 * rms", "1 songs made")):
+    for weight, made in (("0.5", "1 song made"), ("0.5", "0 songs made"), ("0.9 * rms", "1 song made")):
         caplog.clear()
         status, _, err = run_tool("audio2video", [*argv, "--lora", f"{lora}:{weight}"])
         assert status == 0 and made in caplog.text, (weight, err, caplog.text)

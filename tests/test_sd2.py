@@ -179,8 +179,8 @@ def test_conditioning_width_comes_from_the_model(v_engine, tmp_path):
 def _first_img2img_frame(engine, settings, *, ddim):
     """Frame 0 by DDIM, then frame 1 (img2img from it) by DDIM or PLMS: (frame 0, frame 1) latents."""
     plan = loop.plan_frames(settings)
-    start = loop.diffuse(engine, plan, replace(settings, ddim=True), ChainState(), plan.frame(0), None)
-    return start, loop.diffuse(engine, plan, replace(settings, ddim=ddim), ChainState(0, start), plan.frame(1),
+    start = loop.diffuse(engine, plan, replace(settings, sampler="ddim"), ChainState(), plan.frame(0), None)
+    return start, loop.diffuse(engine, plan, replace(settings, sampler="ddim" if ddim else "plms"), ChainState(0, start), plan.frame(1),
                                     None)
 
 

@@ -176,7 +176,7 @@ BAD = [
 @pytest.mark.parametrize("make,words", BAD)
 def test_every_bad_value_is_one_line_before_anything_loads(run_tool, band, tmp_path, not_audio, monkeypatch,
                                                            make, words):
-    monkeypatch.setattr(frame_plan, "sound_length", lambda *a: pytest.fail("the sound was decoded"))
+    monkeypatch.setattr(frame_plan, "sound_extent", lambda *a: pytest.fail("the sound was decoded"))
     monkeypatch.setattr(loop, "load_engine", lambda *a: pytest.fail("the model was loaded"))
     status, _, err = run_tool("audio2video", ["--path", band["mix"], *make(band, tmp_path), "--outdir", tmp_path,
                                               *FAST])
