@@ -124,9 +124,13 @@ def test_slerp_of_nearly_parallel_latents_is_lerp_and_keeps_dtype():
 def test_in_between_frames_sit_at_their_share_of_the_gap():
     """Frames 5 and 6 between diffused frames 4 and 7 are 1/3 and 2/3 of the way. With two
     orthogonal latents of norm 1 the angle is pi/2 and slerp is sin((1 - t) pi/2) a + sin(t pi/2) b."""
+    from sounddiffusion.video.camera import Camera
     from sounddiffusion.video.frame_chain import ChainState
     from sounddiffusion.video.frame_writer import PixelBlend
     from sounddiffusion.video.loop import inbetween
+    from sounddiffusion.video.motion import Motion2D
+
+    still = Camera([Motion2D()] * 8, 48, 48)  # no motion: nothing to decode, the engine is not needed
 
     generator = torch.Generator().manual_seed(5)
     a = torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64)
@@ -136,8 +140,8 @@ def test_in_between_frames_sit_at_their_share_of_the_gap():
     chain = ChainState(index=4, latent=a)
     for index, t in ((5, 1 / 3), (6, 2 / 3)):
         want = math.sin((1 - t) * math.pi / 2) * a + math.sin(t * math.pi / 2) * b
-        torch.testing.assert_close(inbetween(chain, (7, b), index, "latent"), want, rtol=0, atol=1e-6)
-        blend = inbetween(chain, (7, b), index, "pixel")
+        torch.testing.assert_close(inbetween(None, chain, (7, b), index, "latent", still), want, rtol=0, atol=1e-6)
+        blend = inbetween(None, chain, (7, b), index, "pixel", still)
         assert isinstance(blend, PixelBlend) and blend.t == pytest.approx(t, abs=1e-15)
         assert (blend.first_index, blend.second_index) == (4, 7)
 
