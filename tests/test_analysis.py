@@ -39,6 +39,7 @@ def assert_in_unit_range(env):
         assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["JK_Organ2_120-F.wav", "Toms_diner.wav"])
 def test_onset_lines_up_with_librosa_called_on_the_whole_file(audio_dir, name):
     fps = 12

@@ -86,6 +86,7 @@ def test_seed_reproduces_the_video(run_tool, tmp_path):
     assert np.array_equal(decoded_frames(tmp_path / "a.mp4"), decoded_frames(tmp_path / "b.mp4"))
 
 
+@pytest.mark.slow
 def test_interrupted_render_resumes_to_the_same_frames(run_tool, tmp_path, monkeypatch):
     sound = _tone_then_noise(tmp_path / "song.wav")
     args = ["--path", sound, "--fps", 4, "--save_frames", *FAST]
@@ -198,6 +199,7 @@ def test_resume_writes_frames_only_beside_the_video_whatever_the_state_says(run_
     assert not any((tmp_path / "song-frames").iterdir())
 
 
+@pytest.mark.slow
 def test_resumed_render_is_the_same_mp4_whatever_the_previews(run_tool, tmp_path, monkeypatch):
     """5 s at 4 fps: segments of 16 frames (4 s) whatever --preview_every. A render with a
     preview every second, stopped in its second segment and resumed without previews, gives the

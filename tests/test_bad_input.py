@@ -444,6 +444,7 @@ def test_mps_requested_without_mps(run_tool, sound, image, outdir, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ real processes
 
+@pytest.mark.slow
 def test_no_traceback_reaches_a_real_terminal(tmp_path, sound, image):
     """The same mistakes in real processes (all at once): one line on stderr, status 2, and
     ``--debug`` shows the traceback instead. A mistake found while the model loads comes after

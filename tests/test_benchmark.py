@@ -94,6 +94,7 @@ def test_key_maps_cover_the_full_size_layout(conversion):
         assert {k: tuple(v.shape) for k, v in converted.items()} == expected
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_table_and_ratio_line(bench, tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.md"
     status = bench.main(["--device", "cpu", "--quick", "--config", str(tiny_dir / "config.yaml"), "--size", "64",

@@ -1,5 +1,6 @@
 """scripts/benchmark.py --samplers at its smallest: one table row per sampler with the steps and
 UNet evaluations a frame of each costs, the decode line, the ratio line, the file it writes."""
+import pytest
 import re
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from conftest import load_module
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_samplers_mode_writes_its_table(tmp_path, capsys):
     bench = load_module(REPO / "scripts" / "benchmark.py", "benchmark_script_samplers")
     out = tmp_path / "table.md"

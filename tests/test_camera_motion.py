@@ -66,6 +66,7 @@ def test_strength_0_is_pure_motion_six_pixels_a_frame(run_tool, short_clicks, tm
     assert summary["scale_median"] == pytest.approx(1, abs=0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--cadence", "2", "--color_coherence", "lab", "--contrast", "0.98"]])
 def test_identity_motion_flags_give_the_same_bytes(run_tool, clicks, tmp_path, extra):
     plain = tmp_path / "plain.mp4"
@@ -79,6 +80,7 @@ def test_identity_motion_flags_give_the_same_bytes(run_tool, clicks, tmp_path, e
     assert plain.read_bytes() == still.read_bytes()
 
 
+@pytest.mark.slow
 def test_scheduled_zoom_renders_resumes_and_is_recorded(run_tool, clicks, tmp_path, monkeypatch):
     base = ["--path", clicks, *FAST, "--strength", "0.3", "--cadence", "2", "--plot"]
     args = [*base, "--zoom", "1 + 0.06*onset", "--angle", "0:(0), 12:(3)"]

@@ -215,6 +215,7 @@ def test_ema_weights_are_used_only_with_use_ema(tiny_sd, tiny_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ full size
 
+@pytest.mark.slow
 def test_full_size_sd_v1_layout_lands_in_every_parameter(reference_dir, monkeypatch):
     """The v1-inference.yaml model takes a state dict with exactly the keys and shapes of real SD v1
     files: none missing, each tensor in its own parameter. Each file tensor is a constant (its index

@@ -21,6 +21,8 @@ from sounddiffusion.jobs.cluster import ClusterError, actor_options, import_ray,
 from sounddiffusion.jobs.manifest import Manifest
 from sounddiffusion.jobs.outcomes import make_batch, takes_batches
 
+pytestmark = pytest.mark.slow  # Ray: python -m pytest -m slow (CI runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -32,6 +32,7 @@ def unet_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blend", ["latent", "pixel"])
 def test_cadence_keeps_frames_and_sync_with_a_third_of_the_unet_calls(run_tool, clicks, tmp_path, unet_calls,
                                                                        blend):
@@ -56,6 +57,7 @@ def test_cadence_keeps_frames_and_sync_with_a_third_of_the_unet_calls(run_tool, 
         assert np.abs(frames[between] - frames[right]).mean() > 0.1
 
 
+@pytest.mark.slow
 def test_color_coherence_lowers_the_drift(run_tool, clicks, tmp_path):
     from sounddiffusion.video.video_stats import video_stats
 
@@ -70,6 +72,7 @@ def test_color_coherence_lowers_the_drift(run_tool, clicks, tmp_path):
     assert drift["lab"] < drift["none"], drift
 
 
+@pytest.mark.slow
 def test_every_cure_resumes_to_the_same_frames(run_tool, clicks, tmp_path, monkeypatch):
     args = ["--path", clicks, *FAST, "--cadence", "2 + 2*(1 - onset)", "--color_coherence", "hsv",
             "--color_coherence_every", "2", "--latent_noise", "0.2*beat", "--contrast", "0.97"]

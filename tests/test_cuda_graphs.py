@@ -68,6 +68,7 @@ def references_to(wrapper):
     return [ref for call in wrapper.calls.values() for ref in (weakref.ref(call.output), weakref.ref(call.replay))]
 
 
+@pytest.mark.slow
 def test_static_calls_give_the_plain_samples_and_release_stale_graphs(tiny):
     plain, static, counter, wrapper = tiny
     runs = [dict(side=64, steps=4, strength=0.5), dict(side=64, steps=6, strength=0.5),

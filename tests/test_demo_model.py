@@ -18,6 +18,8 @@ from sounddiffusion.model.loading import load_engine
 from sounddiffusion.settings import ModelSettings
 from sounddiffusion.sound.audio import load_audio
 
+pytestmark = pytest.mark.slow  # whole-sound videos of the demo model: python -m pytest -m slow (CI runs them)
+
 figure = load_module(REPO / "scripts" / "demo_figure.py", "demo_figure")
 picture, mad, RECORDINGS = figure.picture, figure.mad, figure.RECORDINGS
 

@@ -30,6 +30,8 @@ from sounddiffusion.model import engine as engine_module
 from sounddiffusion.video import ffmpeg
 from video_probe import probe_video
 
+pytestmark = pytest.mark.slow  # renders interrupted by signals and faults: python -m pytest -m slow (CI runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 # Segments of 4 frames (--preview_every 0.5 s at 8 fps): a stop leaves finished segments and PNGs.
 VIDEO = [*DEMO, "--fps", "8", "--strength", "0.5", "--seed", "5", "--preview_every", "0.5"]

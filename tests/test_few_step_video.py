@@ -53,6 +53,7 @@ def random_taesd(folder, seed=0, encoder=True):
     return folder
 
 
+@pytest.mark.slow
 def test_lcm_video_resumes_to_the_same_frames_and_reports_its_steps(run_tool, tmp_path, song, monkeypatch):
     args = ["--path", song, *LCM, "--strength", STRENGTH]
     status, _, err = run_tool("audio2video", [*args, "--output", tmp_path / "whole" / "song.mp4"])
@@ -93,6 +94,7 @@ def test_resume_refuses_another_sampler(run_tool, tmp_path, song, monkeypatch):
     assert_one_line_error(status, err, "audio2video", "sampler: 'lcm' then, 'euler_a' now")
 
 
+@pytest.mark.slow
 def test_taesd_decodes_the_frames(run_tool, tmp_path, song, monkeypatch):
     taesd = random_taesd(tmp_path / "taesd")
     args = ["--path", song, *LCM, "--strength", "0.5", "--save_frames"]

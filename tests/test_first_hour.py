@@ -174,6 +174,7 @@ def _folder_with_a_bad_sound(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_batch_lists_every_file_counts_grids_apart_and_ends_with_status_3(tmp_path):
     """A real process: one 'wrote PATH' line per file on stdout (exactly the files on disk), the
     summary counts images and grids apart, the skipped sound is named on stderr, exit status 3."""
@@ -226,6 +227,7 @@ def _render(run_tool, sound, outdir, *extra):
     return outdir / f"{sound.stem}.mp4", frames
 
 
+@pytest.mark.slow
 def test_lower_crf_gives_a_video_closer_to_the_saved_frames(run_tool, tmp_path):
     sound = write_sound(tmp_path / "tone.wav", 0.5, kind="noise")
     differences, sizes = {}, {}

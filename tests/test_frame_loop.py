@@ -111,6 +111,7 @@ def test_pixel_roundtrip_reencodes_every_frame(engine, song, monkeypatch):
         assert not torch.equal(submitted[index], raw[index])
 
 
+@pytest.mark.slow
 def test_compiled_unet_gives_the_eager_frames(song, tiny_dir):
     """On the tiny reference model: compiling the demo model's UNet takes minutes on a CPU."""
     if shutil.which("c++") is None and shutil.which("g++") is None:

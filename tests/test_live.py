@@ -30,6 +30,8 @@ from conftest import REPO, in_ci
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES
 from video_probe import probe_video
 
+pytestmark = pytest.mark.slow  # live.py in a real process, a browser: python -m pytest -m slow (CI runs them)
+
 START_S = 300  # model load and warm-up on a busy 2-core machine
 WAIT_S = 120
 CHROMIUM = "/usr/bin/chromium"

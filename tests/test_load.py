@@ -32,6 +32,8 @@ from sounddiffusion.sound.audio import (BLOCK_SAMPLES, frame_count, frame_slice,
                                         sound_length, stream_frame_slices)
 from video_probe import probe_video
 
+pytestmark = pytest.mark.slow  # long sounds and big folders: python -m pytest -m slow (CI runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ from lora_makers import kohya, random_pair, save
 from sounddiffusion.images import read_png_parameters
 from sounddiffusion.video import loop
 
+pytestmark = pytest.mark.slow  # renders and Ray jobs with LoRA files: python -m pytest -m slow (CI runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 TO_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 MID_Q = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"

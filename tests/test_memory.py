@@ -45,6 +45,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peaks with Linux's /proc")
 def test_decoder_estimate_is_near_the_measured_peak():
     """Measured on a CPU, each in a fresh process (2026-12: the demo's block means 180 MiB at

@@ -20,6 +20,7 @@ def clicks(tmp_path_factory):
     return click_track(tmp_path_factory.mktemp("clicks") / "clicks.wav")
 
 
+@pytest.mark.slow
 def test_a_number_in_code_and_on_the_command_line_give_the_same_bytes(run_tool, clicks, tmp_path):
     status, _, err = run_tool("audio2video", ["--path", clicks, "--strength", "0.5", "--output", tmp_path / "cli.mp4",
                                               *FAST])
@@ -113,6 +114,7 @@ def test_bad_schedule_is_one_line_before_the_model_loads(run_tool, clicks, tmp_p
     assert len(line) < 300, len(line)  # a long text is shown as an excerpt around the column
 
 
+@pytest.mark.slow
 def test_hostile_schedules_in_a_real_process(clicks, tmp_path):
     """Through the real interpreter stack: the deepest nesting allowed runs, one level more is
     one line and exit status 2 (it was a RecursionError traceback); a 499-term sum is read."""
@@ -143,6 +145,7 @@ def test_constant_out_of_range_is_refused_and_a_schedule_is_clipped(run_tool, cl
     assert status == 0 and warnings == ["--strength: 6 of 24 frames lie outside [0, 1] and were clipped to it"]
 
 
+@pytest.mark.slow
 def test_scheduled_render_resumes_to_the_same_frames(run_tool, clicks, tmp_path, monkeypatch):
     args = ["--path", clicks, "--strength", "0.3 + 0.5*onset", "--seed_jump", "beat == 1", "--scale", "5 + 4*beat",
             "--bend", "noise=0.5*onset", "--bend", "rotate_z=beat@step=0.5", *FAST]

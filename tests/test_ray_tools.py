@@ -17,6 +17,8 @@ import soundfile as sf
 
 from sounddiffusion.images import read_png_parameters
 
+pytestmark = pytest.mark.slow  # Ray jobs in real processes: python -m pytest -m slow (CI runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "3", "--seed", "5"]
 VIDEO = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "3", "--strength", "0.5", "--seed", "3",

@@ -75,6 +75,7 @@ def test_img2img_uses_the_init_image(run_tool, tmp_path, sampler):
     assert np.abs(img2img(ramp, "0.5") - img2img(stripes, "0.5")).mean() > 2
 
 
+@pytest.mark.slow
 def test_help_of_every_entry_point():
     for script in ("audio2img.py", "audio2video.py", "scripts/txt2img.py", "scripts/img2img.py"):
         result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
@@ -105,6 +106,7 @@ def test_txt2img_with_a_checkpoint_and_config(run_tool, tmp_path, tiny_dir):
     assert params["checkpoint"] == "model.safetensors" and len(params["checkpoint_hash"]) == 10
 
 
+@pytest.mark.slow
 def test_default_config_is_found_from_another_folder(tmp_path, tiny_dir):
     """The default config belongs to the installation, not to the working folder: run from
     elsewhere, a checkpoint is checked against it (the tiny one does not fit the full-size config)."""

@@ -218,6 +218,7 @@ def test_rms_bend_changes_v2_frames(v_engine, tmp_path):
     assert np.abs(pictures[2.0] - pictures[0.0]).mean() > 1  # grey levels of 255
 
 
+@pytest.mark.slow
 def test_audio2video_on_v_model_end_to_end_and_resume(run_tool, tmp_path, monkeypatch):
     sound = _tone_then_noise(tmp_path / "song.wav")
     args = ["--path", sound, "--fps", 3, "--save_frames", *V_MODEL]

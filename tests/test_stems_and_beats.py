@@ -199,6 +199,7 @@ def test_a_folder_of_songs_refuses_control_tracks_and_bad_values_at_once(run_too
     assert_one_line_error(status, err, "audio2video", *words)
 
 
+@pytest.mark.slow
 def test_a_render_with_control_tracks_resumes_and_refuses_a_changed_stem(run_tool, band, tmp_path, monkeypatch):
     drums = shutil.copy(band["drums"], tmp_path / "drums.wav")
     args = ["--path", band["mix"], "--control", f"drums={drums}", "--strength", "0.3 + 0.5*drums.onset",
