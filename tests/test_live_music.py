@@ -103,7 +103,7 @@ class Played(SoundInput):
         pass
 
 
-class Heard(LiveState):
+class EveryFrame(LiveState):
     """A LiveState that keeps every frame it hears."""
 
     def __init__(self):
@@ -116,7 +116,7 @@ class Heard(LiveState):
 
 
 def test_a_short_control_track_goes_silent_with_one_warning_and_starts_again_with_a_looping_input(band, caplog):
-    state = Heard()
+    state = EveryFrame()
     music = LiveMusic(FPS, tracks=[band["drums"]])
     listener = Listener(Played(band["keys"], passes=2), music, limit=None, max_f=0.0, state=state, recorder=None)
     with caplog.at_level(logging.WARNING, logger="sounddiffusion"), listener.source:
