@@ -8,12 +8,31 @@ open the address it prints in a browser.
     python live.py --demo                                   # the default microphone
     python live.py --demo --input examples/audio/drums.wav --loop --H 128 --W 128
     python live.py --ckpt model.safetensors --strength "0.3 + 0.4*onset" --record set.mp4
+    python live.py --demo --input mix.wav --control drums=drums.wav --strength "0.3 + 0.5*drums.onset" --bpm 120
 """
+
+from dataclasses import replace
 
 from sounddiffusion import cli
 from sounddiffusion.control.frame_schedules import CHAIN_FLAGS
+from sounddiffusion.flags import FlagGroup
 from sounddiffusion.settings import LIVE_HOST, LIVE_PORT
+from sounddiffusion.sound.music_flags import MUSIC_FLAGS
 from sounddiffusion.video.camera import MOTION_FLAGS
+
+LIVE_MUSIC_HELP = {
+    "--control": "a control track, repeatable: a sound file (a stem: drums, bass, vocals) played in step with the "
+                 "input, whose envelopes schedules read as NAME.onset, NAME.rms, NAME.low ...; at the input's time "
+                 "(again from its start on each pass of --loop), silent after its end; none by default",
+    "--bpm": "set an exact beat grid at this tempo instead of tracking the beats as they come (the page shows "
+             "the tracked tempo)",
+}
+LIVE_MUSIC_FLAGS = FlagGroup(
+    MUSIC_FLAGS.title,
+    tuple(replace(flag, help=LIVE_MUSIC_HELP.get(flag.names[0], flag.help)) for flag in MUSIC_FLAGS.flags
+          if flag.names[0] != "--sections"),  # sections need the whole song
+    "Stems as control tracks and a beat grid you set (README: live.py)")
+"""audio2video's music flags that a live sound can take: all but --sections."""
 
 
 def build_parser():
@@ -38,6 +57,7 @@ def build_parser():
     cli.add_flag_group(parser, CHAIN_FLAGS)
     cli.add_audio_conditioning_args(parser, scheduled=True)
     cli.add_music_reactive_args(parser, files=False)
+    cli.add_flag_group(parser, LIVE_MUSIC_FLAGS)
     cli.add_coherence_args(parser, cadence=False)
     cli.add_flag_group(parser, MOTION_FLAGS)
     cli.add_sampling_args(parser, plms_flag=False, scheduled=True, default_sampler="ddim")

@@ -1,8 +1,8 @@
 """live.py end to end: the demo model on a sound file played in real time, served on a free port.
 
-One live.py process serves the tests of the page (status, pictures, the WebSocket stream,
-settings, a real headless browser) and is then stopped with Ctrl-C, which must finish its
-recording; a second one, on all interfaces, must refuse every request without its token, rest on
+One live.py process, with a control track shorter than its looping input, serves the tests of
+the page (status, pictures, the WebSocket stream, settings, a real headless browser, the track's
+meters) and is then stopped with Ctrl-C, which must finish its recording; a second one, on all interfaces, must refuse every request without its token, rest on
 silence and stop by itself after --seconds. Nothing waits on a fixed delay alone: every wait polls
 for what it needs with a generous deadline."""
 from __future__ import annotations
@@ -111,7 +111,9 @@ def pixels(jpeg: bytes) -> np.ndarray:
 def live(tmp_path_factory):
     folder = tmp_path_factory.mktemp("live")
     sound = click_track(folder / "clicks.wav", seconds=4.0, bpm=120)
-    run = Live([*FAST, "--input", sound, "--loop", "--rest", "0", "--record", folder / "shown.mp4"], free_port())
+    drums = click_track(folder / "drums.wav", seconds=1.5, bpm=240)  # ends within each pass of the input
+    run = Live([*FAST, "--input", sound, "--loop", "--rest", "0", "--record", folder / "shown.mp4",
+                "--control", f"drums={drums}"], free_port())
     run.folder = folder
     yield run
     if run.process.poll() is None:
@@ -126,6 +128,9 @@ def test_status_counts_pictures_and_reports_fps_and_latency(live):
     assert set(status["envelopes"]) == set(ENVELOPE_NAMES)
     assert all(0 <= value <= 1 for value in status["envelopes"].values())
     assert status["width"] == 64 and status["seconds"] > 0
+    assert list(status["tracks"]) == ["drums"] and set(status["tracks"]["drums"]) == set(ENVELOPE_NAMES)
+    assert all(0 <= value <= 1 for value in status["tracks"]["drums"].values())
+    assert 0 <= status["bar"] <= 1 and status["beat_in_bar"] in range(4)
     assert status["controls"] == {"prompt": "", "textstrength": "0.5", "strength": "0.5", "seed": 42}
 
 
@@ -218,11 +223,14 @@ def test_the_page_shows_the_picture_in_a_headless_browser(live, tmp_path):
             page.wait_for_function(f"document.getElementById('picture').src !== '{first}'", timeout=WAIT_S * 1000)
             box = page.locator("#picture").bounding_box()
             page.screenshot(path=str(tmp_path / "page.png"))
-            meters = page.locator(".meter").count()
+            meters = page.locator("#meters .meter").count()
+            track_meters = page.locator("#tracks .track[data-track=drums] .meter").count()
+            track_name = page.locator("#tracks .track .name").text_content()
             assert page.evaluate("document.getElementById('fps').textContent") != "–"
         finally:
             browser.close()
     assert first.startswith("blob:") and meters == len(ENVELOPE_NAMES)
+    assert track_meters == len(ENVELOPE_NAMES) and track_name == "drums"
     shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"), dtype=np.float64)
     assert box["width"] >= 400 and box["height"] >= 400  # as large as the window allows (square picture)
     # the middle of the window (above the panel) holds the picture: not the black page, and not flat
@@ -249,6 +257,9 @@ def test_ctrl_c_stops_cleanly_and_finishes_the_recording(live):
     assert len({f.tobytes() for f in frames[shown].astype(np.uint8)}) > 5
     assert int(pictures) >= 5
     assert not list(live.folder.glob(".shown.mp4.live-*"))
+    # the control track ended on both passes of the input (at 1.5 s and 5.5 s), and said so once
+    ended = [line for line in live.errors if "control track drums" in line]
+    assert len(ended) == 1 and "silent" in ended[0], live.errors
 
 
 def test_on_the_network_every_request_needs_the_token_and_silence_rests(tmp_path):

@@ -37,11 +37,13 @@ VARIABLES = (*ENVELOPE_NAMES, *GRID_NAMES, "bpm", *PLAIN_NAMES)
 SECTIONS_HINT = "needs the song's sections: give --sections FILE (lines 'M:SS label') or --sections auto"
 
 
-def schedule_names(settings: VideoSettings) -> tuple[tuple[str, ...], dict[str, str]]:
-    """(the names the schedules of ``settings`` may read, hints for names that need a flag)."""
+def schedule_names(settings: VideoSettings, section_hint: str = SECTIONS_HINT
+                   ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the names the schedules of ``settings`` may read, hints for names that need a flag;
+    ``section_hint`` for the sections' names without ``--sections``)."""
     tracks = [spec.partition("=")[0].strip() for spec in settings.control]
     sections = SECTION_NAMES if settings.sections else ()
-    hints = {} if settings.sections else {name: SECTIONS_HINT for name in SECTION_NAMES}
+    hints = {} if settings.sections else {name: section_hint for name in SECTION_NAMES}
     return (*VARIABLES, *sections, *track_names(tracks)), hints
 
 
@@ -128,12 +130,14 @@ class VideoSchedules:
         return any(schedule.names_used - set(PLAIN_NAMES) for schedule in self.all())
 
 
-def parse_video_schedules(settings: VideoSettings, loras: Sequence[tuple[str, str]] = ()) -> VideoSchedules:
+def parse_video_schedules(settings: VideoSettings, loras: Sequence[tuple[str, str]] = (), *,
+                          section_hint: str = SECTIONS_HINT) -> VideoSchedules:
     """Parse every scheduled flag and bend of ``settings`` and the ``loras``' weights, (file, weight
-    text) pairs; constants must lie in their range.
+    text) pairs; constants must lie in their range. ``section_hint``: what a schedule reading
+    ``section`` without ``--sections`` is told.
 
     Raises ScheduleError / ParameterError (one line naming the flag) before anything is loaded."""
-    names, hints = schedule_names(settings)
+    names, hints = schedule_names(settings, section_hint)
     values = {}
     for flag in _flags(settings):
         schedule = parse_schedule(str(getattr(settings, flag.name)), flag=f"--{flag.name}", names=names,

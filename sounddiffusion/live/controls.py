@@ -25,6 +25,8 @@ from sounddiffusion.video.motion import Motion2D
 CONTROLS = {"prompt": "textprompt", "textstrength": "textstrength", "strength": "strength", "seed": "seed"}
 """The controls of the page (``POST /settings`` keys) and the settings they change."""
 MAX_PROMPT = 2000
+SECTIONS_HINT = ("needs the song's sections (audio2video's --sections), which live.py does not take: use keyframes "
+                 "over t or s")
 
 
 def check_live_schedules(schedules: VideoSchedules, settings: LiveSettings) -> None:
@@ -37,7 +39,7 @@ def check_live_schedules(schedules: VideoSchedules, settings: LiveSettings) -> N
 def parse_live_schedules(settings: LiveSettings, loras: Sequence[tuple[str, str]] = ()) -> VideoSchedules:
     """The schedules of ``settings`` and of the ``loras``' weights ((file, weight text) of each
     ``--lora``), checked for live use (ScheduleError/ParameterError, one line)."""
-    schedules = parse_video_schedules(settings, loras)
+    schedules = parse_video_schedules(settings, loras, section_hint=SECTIONS_HINT)
     check_live_schedules(schedules, settings)
     return schedules
 

@@ -19,7 +19,15 @@ file's values, frame for frame, and which cannot:
   last :data:`BEAT_WINDOW_S` seconds of the onset envelope every :data:`BEAT_UPDATE_S` seconds (with
   the tempo estimated anew every :data:`TEMPO_UPDATE_S` seconds), and
   predicts the beats after the last one it found from its tempo: ``beat`` is 1 on a frame holding
-  a predicted beat and falls linearly to 0 just before the next, as in a file.
+  a predicted beat and falls linearly to 0 just before the next, as in a file. ``bar`` and
+  ``beat_in_bar`` count the beats as they pass, the first one heard a downbeat (the tracker
+  finds no bars; a file numbers its beats from its first one too): ``beat_in_bar`` is the number
+  in its bar of the last beat counted, ``bar`` is 1 on the frame of a downbeat and falls to 0
+  over one bar of the current tempo. Without a tempo (silence) ``beat`` and ``bar`` are 0 and
+  ``beat_in_bar`` holds; the count goes on when the beats come back.
+- With an exact grid (``--bpm``), :class:`LiveGrid` gives ``beat``, ``bar`` and ``beat_in_bar``
+  instead of the tracker: a grid is known in advance, so they are the file's, frame for frame
+  (:func:`~sounddiffusion.sound.beats.grid_beats`, :func:`~sounddiffusion.sound.beats.beat_envelopes`).
 """
 from __future__ import annotations
 
@@ -31,9 +39,10 @@ from fractions import Fraction
 import librosa
 import numpy as np
 
-from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, Smoothing, follow_step,
+from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, GRID_NAMES, Smoothing, follow_step,
                                            follower_pole)
 from sounddiffusion.sound.audio import SAMPLE_RATE, fps_fraction, frame_bounds
+from sounddiffusion.sound.beats import BeatGrid, beat_envelopes, grid_beats
 from sounddiffusion.sound.frame_features import FrameFeatures
 from sounddiffusion.sound.onset_stream import HOP, OnsetStream
 
@@ -47,6 +56,8 @@ TEMPO_UPDATE_S = 2.0
 """Seconds of sound between two estimates of the tempo (the costlier part; tempos change slowly)."""
 BEAT_START_S = 2.0
 """Seconds of sound before the first run of the live beat tracker."""
+GRID_CHUNK_S = 10.0
+"""Seconds of frames whose grid envelopes :class:`LiveGrid` computes at a time."""
 
 
 class CausalSmoother:
@@ -87,8 +98,8 @@ class LiveBeats:
     """Beats and tempo of a live sound from its median onset envelope (hop rate, 512 samples);
     see the module docstring."""
 
-    def __init__(self, sr: int = SAMPLE_RATE):
-        self.sr = sr
+    def __init__(self, sr: int = SAMPLE_RATE, beats_per_bar: int = 4):
+        self.sr, self.beats_per_bar = sr, beats_per_bar
         self.window: deque[float] = deque(maxlen=int(librosa.time_to_frames(BEAT_WINDOW_S, sr=sr, hop_length=HOP)))
         self.hops = 0  # values pushed so far; value k belongs to sample 512 k
         self.next_run = round(BEAT_START_S * sr / HOP)
@@ -97,6 +108,9 @@ class LiveBeats:
         self.period = 0.0  # hops per beat
         self.tempo = 0.0  # the last estimate, and the hop count at which the next one is due
         self.next_tempo = 0
+        self.count = -1  # beats counted so far, minus one: beat 0 is the first downbeat
+        self.counted: int | None = None  # the frame of the last beat counted
+        self.downbeat: int | None = None  # the frame of the last downbeat
 
     def push(self, median_onsets: np.ndarray) -> None:
         """Take the next onset values; the tracker runs when its next turn is reached."""
@@ -131,40 +145,86 @@ class LiveBeats:
         self.bpm, self.period = tempo, 60.0 / tempo * self.sr / HOP
         self.anchor = self.hops - len(onsets) + int(beats[-1])
 
-    def envelope(self, index: int, end: int, fps: Fraction) -> float:
-        """``beat`` on frame ``index``, whose samples end (exclusive) at sample ``end``: 1 on the
-        frame of the latest predicted beat, falling to 0 over one beat's frames; 0 without a tempo."""
+    def frame(self, index: int, end: int, fps: Fraction) -> tuple[float, float, float]:
+        """(``beat``, ``bar``, ``beat_in_bar``) on frame ``index``, whose samples end (exclusive) at
+        sample ``end``; frames must come in order, each once (the beats are counted here). ``beat``
+        is 1 on the frame of the latest predicted beat, falling to 0 over one beat's frames; 0
+        without a tempo (see the module docstring for the bars)."""
+        in_bar = float(max(0, self.count) % self.beats_per_bar)
         if self.anchor is None:
-            return 0.0
+            return 0.0, 0.0, in_bar
         last_hop = (end - 1) / HOP
         beat_hop = self.anchor + max(0, math.floor((last_hop - self.anchor) / self.period)) * self.period
         beat_frame = math.floor(beat_hop * HOP * fps / self.sr)
         gap = max(1, round(self.period * HOP * fps / self.sr))
-        return max(0.0, 1.0 - (index - beat_frame) / gap)
+        # a beat the tracker moved by a frame or two is the same beat, not a new one
+        if self.counted is None or beat_frame - self.counted > gap // 2:
+            self.count += 1
+            self.counted = beat_frame
+            in_bar = float(self.count % self.beats_per_bar)
+            if in_bar == 0:
+                self.downbeat = beat_frame
+        beat = max(0.0, 1.0 - (index - beat_frame) / gap)
+        bar = 0.0 if self.downbeat is None else max(0.0, 1.0 - (index - self.downbeat) / (gap * self.beats_per_bar))
+        return beat, bar, in_bar
+
+
+class LiveGrid:
+    """``beat``, ``bar`` and ``beat_in_bar`` of the exact ``grid`` at ``fps``, by frame index: the
+    file's :func:`~sounddiffusion.sound.beats.grid_beats` and
+    :func:`~sounddiffusion.sound.beats.beat_envelopes`, computed for :data:`GRID_CHUNK_S` seconds
+    of frames at a time over a stretch reaching a bar and a beat further either side, so that every
+    frame's ramps see the beats and downbeats around it (the next ones too: a grid's future is known)."""
+
+    def __init__(self, grid: BeatGrid, fps: float | Fraction, sr: int = SAMPLE_RATE):
+        self.grid, self.fps, self.sr = grid, fps_fraction(fps), sr
+        self.margin = (grid.beats_per_bar + 1) * (math.ceil(grid.period * self.fps) + 1)
+        self.chunk = max(1, math.ceil(GRID_CHUNK_S * self.fps))
+        self.first: int | None = None  # the first frame of :attr:`values`
+        self.values: dict[str, np.ndarray] = {}
+
+    def at(self, index: int) -> tuple[float, float, float]:
+        """(``beat``, ``bar``, ``beat_in_bar``) on frame ``index``."""
+        if self.first is None or not self.first <= index < self.first + self.chunk:
+            self._compute(index - index % self.chunk)
+        k = index - self.first
+        return float(self.values["beat"][k]), float(self.values["bar"][k]), float(self.values["beat_in_bar"][k])
+
+    def _compute(self, first: int) -> None:
+        low, high = max(0, first - self.margin), first + self.chunk + self.margin
+        starts = np.arange(low, high + 1, dtype=np.int64) * (self.sr * self.fps.denominator) // self.fps.numerator
+        ramps = beat_envelopes(grid_beats(self.grid, starts, self.sr), high - low, float(self.fps))
+        self.first = first
+        self.values = {name: values[first - low: first - low + self.chunk] for name, values in ramps.items()}
 
 
 class LiveEnvelopes:
     """Envelopes at ``fps`` frames per second of a sound at ``sr`` fed block by block with :meth:`push`.
 
     ``smoothing`` changes :data:`~sounddiffusion.sound.analysis.DEFAULT_SMOOTHING` for the
-    envelopes it names (:func:`~sounddiffusion.sound.analysis.parse_smoothing`). After a push,
-    :attr:`frames` frames are complete, :attr:`values` holds the last one's envelopes (floats in
-    [0, 1] by name, :data:`~sounddiffusion.sound.analysis.ENVELOPE_NAMES`), :attr:`raw` their
-    raw values before smoothing, :attr:`last_slice` its samples and :attr:`bpm` the tempo (0 while
-    none is known); :attr:`pending_start` is the sample where the next frame begins."""
+    envelopes it names (:func:`~sounddiffusion.sound.analysis.parse_smoothing`); ``grid`` sets
+    the beats (None: tracked, in bars of ``beats_per_bar``). After a push, :attr:`frames` frames
+    are complete, :attr:`values` holds the last one's envelopes (floats in [0, 1] by name,
+    :data:`~sounddiffusion.sound.analysis.ENVELOPE_NAMES`), :attr:`bars` its ``bar`` and
+    ``beat_in_bar``, :attr:`raw` the envelopes' raw values before smoothing, :attr:`last_slice`
+    its samples and :attr:`bpm` the tempo (the grid's, or 0 while none is known);
+    :attr:`pending_start` is the sample where the next frame begins."""
 
-    def __init__(self, fps: float | Fraction, sr: int = SAMPLE_RATE, smoothing: Mapping[str, Smoothing] | None = None):
+    def __init__(self, fps: float | Fraction, sr: int = SAMPLE_RATE, smoothing: Mapping[str, Smoothing] | None = None,
+                 *, grid: BeatGrid | None = None, beats_per_bar: int = 4):
         self.fps, self.sr = fps_fraction(fps), sr
         self.frames = 0
         self.values = {name: 0.0 for name in ENVELOPE_NAMES}
+        self.bars = {name: 0.0 for name in GRID_NAMES}
         self.raw = dict(self.values)
-        self.bpm = 0.0
+        self.grid = LiveGrid(grid, self.fps, sr) if grid is not None else None
+        self.bpm = float(grid.bpm) if grid is not None else 0.0
         # the longest frame's length, as a file's analysis pads every frame's FFT to
         self.measures = FrameFeatures(-(-sr * self.fps.denominator // self.fps.numerator), sr)
         self.onsets = OnsetStream(None, sr)
         self.onset_mean = np.zeros(0)  # hop values from hop onset_start on, not yet past
         self.onset_start = 0
-        self.beats = LiveBeats(sr)
+        self.beats = LiveBeats(sr, beats_per_bar) if grid is None else None
         chosen = {**DEFAULT_SMOOTHING, **(smoothing or {})}
         self.smoothers = {name: CausalSmoother(chosen[name], self.fps) for name in ENVELOPE_NAMES}
         self.last_slice = np.zeros(0, np.float32)  # the last complete frame's samples
@@ -187,7 +247,8 @@ class LiveEnvelopes:
     def _frame(self, piece: np.ndarray, start: int, end: int) -> None:
         self.onsets.push(piece)
         mean, median = self.onsets.take()
-        self.beats.push(median)
+        if self.beats is not None:
+            self.beats.push(median)
         self.onset_mean = np.concatenate([self.onset_mean, mean])
         raw = self.measures.push(piece)[0]
         # the largest onset whose hop lies in the frame (all are known now); else the latest known
@@ -197,15 +258,19 @@ class LiveEnvelopes:
         later = np.flatnonzero(hops * HOP >= end)  # the next frames' hops, and always the latest
         keep = min(int(later[0]) if len(later) else len(hops), max(0, len(hops) - 1))
         self.onset_mean, self.onset_start = self.onset_mean[keep:], self.onset_start + keep
-        raw["beat"] = self.beats.envelope(self.frames, end, self.fps)
-        self.bpm = self.beats.bpm
+        if self.grid is not None:
+            raw["beat"], bar, in_bar = self.grid.at(self.frames)
+        else:
+            raw["beat"], bar, in_bar = self.beats.frame(self.frames, end, self.fps)
+            self.bpm = self.beats.bpm
+        self.bars = {"bar": bar, "beat_in_bar": in_bar}
         self.raw, self.last_slice = raw, piece
         self.values = {name: self.smoothers[name].step(raw[name]) for name in ENVELOPE_NAMES}
         self.frames += 1
 
     def variables(self, index: int, max_f: float) -> dict[str, float]:
         """What a schedule may read on frame ``index`` (see
-        :meth:`sounddiffusion.sound.analysis.Envelopes.variables`): the current envelopes, ``bpm``,
-        ``t`` = ``index``, ``s`` its time, ``fps`` and ``max_f``."""
-        return {**self.values, "bpm": self.bpm, "t": float(index), "s": float(index / self.fps),
+        :meth:`sounddiffusion.sound.analysis.Envelopes.variables`): the current envelopes, ``bar``,
+        ``beat_in_bar``, ``bpm``, ``t`` = ``index``, ``s`` its time, ``fps`` and ``max_f``."""
+        return {**self.values, **self.bars, "bpm": self.bpm, "t": float(index), "s": float(index / self.fps),
                 "fps": float(self.fps), "max_f": float(max_f)}

@@ -3,7 +3,9 @@ sound file played in real time, so that live mode can be tried and tested withou
 
 Both hand :class:`Block` s to a queue from their own thread (PortAudio's callback, or the player's),
 each stamped with the moment its last sample was captured (``time.monotonic()``), which is where
-the latency the page shows starts. Samples are mono float32 at
+the latency the page shows starts, and with where it begins in the sound (a file's sample, from 0
+again on each pass of ``--loop``; a device's count since the capture began), which is where the
+control tracks are read. Samples are mono float32 at
 :data:`~sounddiffusion.sound.audio.SAMPLE_RATE`. ``sounddevice`` is imported only when a device is
 used: a missing package or PortAudio library, or a missing device, is one :class:`DeviceError`
 line that says what to install or choose.
@@ -32,10 +34,12 @@ MIC = "mic"
 
 @dataclass(frozen=True)
 class Block:
-    """``samples`` (mono float32) whose last one was captured at ``captured`` (``time.monotonic()``)."""
+    """``samples`` (mono float32) whose last one was captured at ``captured`` (``time.monotonic()``)
+    and whose first one is sample ``start`` of the sound (see the module docstring)."""
 
     samples: np.ndarray
     captured: float
+    start: int
 
 
 class SoundInput:
@@ -83,12 +87,14 @@ class FilePlayer(SoundInput):
         start, released = time.monotonic(), 0
         try:
             while not self._stop.is_set():
+                position = 0  # in this pass of the file
                 for piece in _rechunked(sound_blocks(self.path, warn_non_finite=released == 0), BLOCK):
                     released += len(piece)
                     due = start + released / SAMPLE_RATE
                     if self._stop.wait(max(0.0, due - time.monotonic())):
                         return
-                    self.blocks.put(Block(piece, time.monotonic()))
+                    self.blocks.put(Block(piece, time.monotonic(), position))
+                    position += len(piece)
                 if not self.loop:
                     break
         except Exception as exc:  # noqa: BLE001 - the loop reads the end and logs why
@@ -151,6 +157,7 @@ class Microphone(SoundInput):
                            if self.rate != SAMPLE_RATE else None)
         self._stream = sd.InputStream(device=device_index, channels=self.channels, samplerate=self.rate,
                                       blocksize=BLOCK, dtype="float32", callback=self._captured)
+        self._taken = 0  # samples handed on so far
 
     def _captured(self, data: np.ndarray, frames: int, time_info, status) -> None:
         captured = time.monotonic()
@@ -159,7 +166,8 @@ class Microphone(SoundInput):
         mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0].copy()
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)
-        self.blocks.put(Block(mono, captured))
+        self.blocks.put(Block(mono, captured, self._taken))
+        self._taken += len(mono)
 
     def start(self) -> None:
         self._stream.start()

@@ -1,7 +1,8 @@
 """The sound taken as it comes, in its own thread: recorded, cut into frames, its envelopes computed.
 
 :class:`Listener` takes every block the input hands on (cut at ``--seconds``), writes it to the
-recording, feeds :class:`~sounddiffusion.live.envelopes.LiveEnvelopes` and keeps the newest
+recording, feeds it with the control tracks' samples of the same time to
+:class:`~sounddiffusion.live.music.LiveMusic` and keeps the newest
 complete frame as a :class:`Heard` for the frame loop, which takes it when it is free (older ones
 are replaced, never queued). The analysis runs beside the picture being made: on a CPU torch has
 all cores but one, and this thread the one left.
@@ -11,17 +12,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 
-from sounddiffusion.live.envelopes import LiveEnvelopes
 from sounddiffusion.live.input import Block, SoundInput
+from sounddiffusion.live.music import LiveMusic
 from sounddiffusion.live.record import LiveRecorder
 from sounddiffusion.live.state import LiveState
-from sounddiffusion.sound.analysis import Smoothing
 from sounddiffusion.sound.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -31,8 +29,9 @@ POLL_S = 0.1  # how often the thread looks whether it is asked to stop while no 
 
 @dataclass(frozen=True)
 class Heard:
-    """Frame ``index`` of the sound (at ``--fps``): its ``samples``, its ``envelopes`` and ``bpm``
-    (:meth:`LiveEnvelopes.variables`), and when its last sample was captured (``time.monotonic()``)."""
+    """Frame ``index`` of the sound (at ``--fps``): its ``samples``, what schedules read on it
+    (``variables``: :meth:`LiveMusic.variables`, the control tracks' too), and when its last sample
+    was captured (``time.monotonic()``)."""
 
     index: int
     samples: np.ndarray
@@ -41,14 +40,14 @@ class Heard:
 
 
 class Listener:
-    """See the module docstring. ``limit``: samples to take at most (None: no end); ``max_f``: the
-    schedules' ``max_f``. :attr:`samples` counts the samples taken, :attr:`ended` says the sound
-    has ended (or reached ``limit``)."""
+    """See the module docstring. ``music``: the analysis to feed; ``limit``: samples to take at
+    most (None: no end); ``max_f``: the schedules' ``max_f``. :attr:`samples` counts the samples
+    taken, :attr:`ended` says the sound has ended (or reached ``limit``)."""
 
-    def __init__(self, source: SoundInput, fps: float | Fraction, *, smoothing: Mapping[str, Smoothing] | None,
-                 limit: int | None, max_f: float, state: LiveState, recorder: LiveRecorder | None):
+    def __init__(self, source: SoundInput, music: LiveMusic, *, limit: int | None, max_f: float, state: LiveState,
+                 recorder: LiveRecorder | None):
         self.source, self.limit, self.max_f, self.state, self.recorder = source, limit, max_f, state, recorder
-        self.envelopes = LiveEnvelopes(fps, smoothing=smoothing)
+        self.music = music
         self.samples = 0
         self.ended = False
         self._newest: Heard | None = None
@@ -105,15 +104,15 @@ class Listener:
         self.samples += len(piece)
         if self.recorder is not None:
             self.recorder.add_sound(piece, piece_end)
-        envelopes = self.envelopes
-        if envelopes.push(piece):
-            index = envelopes.frames - 1
-            heard = Heard(index, envelopes.last_slice, envelopes.variables(index, self.max_f),
-                          piece_end - (self.samples - envelopes.pending_start) / SAMPLE_RATE)
+        music, main = self.music, self.music.main
+        if music.push(piece, block.start):
+            index = main.frames - 1
+            heard = Heard(index, main.last_slice, music.variables(index, self.max_f),
+                          piece_end - (self.samples - main.pending_start) / SAMPLE_RATE)
             with self._changed:
                 self._newest = heard
                 self._changed.notify_all()
-            self.state.hear(envelopes.values, envelopes.bpm, self.samples / SAMPLE_RATE)
+            self.state.hear(main.values, main.bars, main.bpm, self.samples / SAMPLE_RATE, music.track_values())
         if self.limit is not None and self.samples >= self.limit:
             with self._changed:
                 self.ended = True

@@ -32,9 +32,10 @@ from sounddiffusion.control.bending_specs import check_block
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.live.controls import LiveControls, live_frame
-from sounddiffusion.live.envelopes import LiveBeats, LiveEnvelopes
+from sounddiffusion.live.envelopes import LiveBeats
 from sounddiffusion.live.input import open_input
 from sounddiffusion.live.listener import Heard, Listener
+from sounddiffusion.live.music import LiveMusic, live_music_flags
 from sounddiffusion.live.record import LiveRecorder
 from sounddiffusion.live.server import LiveServer
 from sounddiffusion.live.state import LiveState
@@ -96,15 +97,16 @@ def jpeg_of(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return buffer.getvalue()
 
 
-def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls) -> None:
-    """One txt2img and one img2img picture on silence and a run of the beat tracker, so that the
-    first live pictures do not pay for first calls (kernel choices, the text conditionings, the
-    sampler's schedule, librosa compiling its tracker)."""
+def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls, music: LiveMusic) -> None:
+    """One txt2img and one img2img picture on silence (the variables of ``music`` before any
+    sound) and a run of the beat tracker, so that the first live pictures do not pay for first
+    calls (kernel choices, the text conditionings, the sampler's schedule, librosa compiling its
+    tracker)."""
     frame_at = live_frame
     LiveBeats().warm_up()
     current, schedules, _ = controls.current()
     silence = np.zeros(math.ceil(SAMPLE_RATE / settings.fps), np.float32)
-    variables = LiveEnvelopes(settings.fps).variables(0, 0.0)
+    variables = music.variables(0, 0.0)
     chain = ChainState()
     try:
         for index in range(2):
@@ -143,7 +145,9 @@ class LiveLoop:
     def picture(self, heard: Heard) -> None:
         """The picture of frame ``heard``, unless the sound has stood still since the last one."""
         settings, schedules, version = self.controls.current()
-        values = np.array([heard.variables[name] for name in ENVELOPE_NAMES])
+        # the input's envelopes and the control tracks' (NAME.onset ...): any of them may drive a schedule
+        values = np.array([value for name, value in heard.variables.items()
+                           if name.rpartition(".")[2] in ENVELOPE_NAMES])
         waiting, self.last_heard = heard.index - self.last_heard, heard.index
         if (settings.rest > 0 and self.shown_values is not None and version == self.shown_version
                 and np.max(np.abs(values - self.shown_values)) <= settings.rest):
@@ -184,6 +188,7 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     controls = LiveControls(settings, [(str(spec.path), spec.weight) for spec in loras])
     for spec in block_specs(tuple(spec for spec, _ in controls.current()[1].bends)):
         check_block(spec, unet_skeleton(model))
+    grid, tracks = live_music_flags(settings)
     if settings.record:
         ensure_output_dir(Path(settings.record).parent)
     source = open_input(settings.input, loop=settings.loop, device_index=settings.device_index)
@@ -196,16 +201,17 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     schedule_log = logging.getLogger("sounddiffusion.control.schedules")
     schedule_log.addFilter(filter_once)
     recorder = None
+    music = LiveMusic(settings.fps, smoothing=parse_smoothing(settings.smoothing) if settings.smoothing else None,
+                      grid=grid, beats_per_bar=settings.beats_per_bar, tracks=tracks)
     try:
         engine = engine or load_engine(model, loras=loras)
         set_cpu_threads(engine.device)
-        warm_up(engine, settings, controls)
+        warm_up(engine, settings, controls, music)
         for line in server.start():
             announce(line)
         recorder = LiveRecorder(settings.record, settings.fps, settings.W, settings.H) if settings.record else None
         state.started = time.monotonic()
-        listener = Listener(source, settings.fps, smoothing=parse_smoothing(settings.smoothing) if settings.smoothing
-                            else None, limit=round(settings.seconds * SAMPLE_RATE) if settings.seconds else None,
+        listener = Listener(source, music, limit=round(settings.seconds * SAMPLE_RATE) if settings.seconds else None,
                             max_f=math.ceil(settings.seconds * settings.fps) if settings.seconds else 0.0,
                             state=state, recorder=recorder)
         try:
@@ -224,6 +230,7 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     finally:
         if recorder is not None:
             recorder.abort()
+        music.close()
         server.stop()
         schedule_log.removeFilter(filter_once)
     status = state.status()

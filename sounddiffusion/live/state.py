@@ -39,7 +39,8 @@ class LiveState:
     _recent: deque = field(default_factory=deque, repr=False)  # (ready, latency_ms) of the last WINDOW_S
     _latencies: list = field(default_factory=list, repr=False)  # every frame's, for the summary
     _counts: dict = field(default_factory=lambda: {"rested": 0, "dropped": 0})
-    _sound: dict = field(default_factory=lambda: {"envelopes": {}, "bpm": 0.0, "seconds": 0.0})
+    _sound: dict = field(default_factory=lambda: {"envelopes": {}, "bpm": 0.0, "bar": 0.0, "beat_in_bar": 0,
+                                                  "seconds": 0.0, "tracks": {}})
     _controls: dict = field(default_factory=dict)
     _listeners: list = field(default_factory=list, repr=False)
 
@@ -61,10 +62,14 @@ class LiveState:
             self._counts["rested"] += rested
             self._counts["dropped"] += dropped
 
-    def hear(self, envelopes: dict[str, float], bpm: float, seconds: float) -> None:
-        """The envelopes of the newest frame of the sound, the tempo and the seconds of sound so far."""
+    def hear(self, envelopes: dict[str, float], bars: dict[str, float], bpm: float, seconds: float,
+             tracks: dict[str, dict[str, float]]) -> None:
+        """The newest frame of the sound: its envelopes, its ``bar`` and ``beat_in_bar`` (``bars``),
+        the tempo, the seconds of sound so far and each control track's envelopes by name."""
         with self._lock:
-            self._sound = {"envelopes": dict(envelopes), "bpm": float(bpm), "seconds": float(seconds)}
+            self._sound = {"envelopes": dict(envelopes), "bpm": float(bpm), "bar": float(bars["bar"]),
+                           "beat_in_bar": int(bars["beat_in_bar"]), "seconds": float(seconds),
+                           "tracks": {name: dict(values) for name, values in tracks.items()}}
 
     def set_controls(self, controls: dict) -> None:
         with self._lock:
@@ -88,8 +93,9 @@ class LiveState:
     def status(self, now: float | None = None) -> dict:
         """What ``GET /status`` answers: ``frames`` shown, ``fps`` (pictures per second over the last
         :data:`WINDOW_S` s), ``latency_ms`` (their mean latency, else the last picture's), ``rested``
-        and ``dropped`` frames of the sound, ``envelopes``, ``bpm``, ``seconds`` of sound, ``controls``
-        and the picture's ``width``/``height``."""
+        and ``dropped`` frames of the sound, ``envelopes``, ``bpm``, ``bar``, ``beat_in_bar``, ``seconds``
+        of sound, ``tracks`` (each control track's envelopes by name), ``controls`` and the picture's
+        ``width``/``height``."""
         now = time.monotonic() if now is None else now
         with self._lock:
             while self._recent and self._recent[0][0] < now - WINDOW_S:

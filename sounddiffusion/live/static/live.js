@@ -30,8 +30,7 @@ function setLink(on) {
   link.title = on ? "pictures are streaming" : "reconnecting";
 }
 
-function meters(envelopes) {
-  const box = document.getElementById("meters");
+function meters(box, envelopes) {
   for (const [name, value] of Object.entries(envelopes)) {
     let meter = box.querySelector(`[data-name="${name}"]`);
     if (!meter) {
@@ -43,6 +42,23 @@ function meters(envelopes) {
       box.appendChild(meter);
     }
     meter.querySelector(".fill").style.height = Math.round(100 * value) + "%";
+  }
+}
+
+// one row of meters per control track (--control NAME=FILE), labelled with its name
+function trackMeters(tracks) {
+  const box = document.getElementById("tracks");
+  for (const [name, envelopes] of Object.entries(tracks)) {
+    let row = box.querySelector(`[data-track="${CSS.escape(name)}"]`);
+    if (!row) {
+      row = document.createElement("div");
+      row.className = "track";
+      row.dataset.track = name;
+      row.innerHTML = '<span class="name"></span><div class="meters"></div>';
+      row.querySelector(".name").textContent = name;
+      box.appendChild(row);
+    }
+    meters(row.querySelector(".meters"), envelopes);
   }
 }
 
@@ -64,7 +80,9 @@ async function poll() {
       document.getElementById("latency").textContent = Math.round(status.latency_ms);
       document.getElementById("frames").textContent = status.frames;
       document.getElementById("bpm").textContent = status.bpm ? Math.round(status.bpm) : "–";
-      meters(status.envelopes);
+      document.getElementById("beat").textContent = status.bpm ? status.beat_in_bar + 1 : "–";
+      meters(document.getElementById("meters"), status.envelopes);
+      trackMeters(status.tracks);
       fillControls(status.controls);
     }
   } catch (error) {
