@@ -134,3 +134,13 @@ def run_tool(capsys):
         return status, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def no_gradients():
+    """Autograd off for one test, as the samplers run (``torch.set_grad_enabled(False)`` at a module's
+    top would leak into every test that runs after it)."""
+    import torch
+
+    with torch.no_grad():
+        yield

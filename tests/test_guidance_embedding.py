@@ -24,13 +24,8 @@ from ldm.models.diffusion.lcm import LCMSampler
 from ldm.modules.diffusionmodules.util import guidance_scale_embedding
 
 
+pytestmark = pytest.mark.usefixtures("no_gradients")  # sampling runs without autograd
 
-@pytest.fixture(autouse=True)
-def _no_gradients():
-    """Sampling as the samplers run it, without autograd; only for this module's tests (a global
-    switch would leak into every test that runs after them)."""
-    with torch.no_grad():
-        yield
 DIM = 256  # LCM Dreamshaper's time_cond_proj_dim
 TOL = 1e-4
 SHAPE = (1, 4, 8, 8)

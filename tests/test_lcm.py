@@ -21,13 +21,8 @@ from diffusers_reference import (
 from ldm.models.diffusion.lcm import LCMSampler, boundary_scalings, lcm_timesteps
 
 
+pytestmark = pytest.mark.usefixtures("no_gradients")  # sampling runs without autograd
 
-@pytest.fixture(autouse=True)
-def _no_gradients():
-    """Sampling as the samplers run it, without autograd; only for this module's tests (a global
-    switch would leak into every test that runs after them)."""
-    with torch.no_grad():
-        yield
 TOL = 1e-4  # relative (../shared/tools' measure); the UNets agree to ~3e-6 per call
 SHAPE = (1, 4, 8, 8)
 
