@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the sound file played (looped) in real time")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128], help="picture sizes (square), pixels")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of sound per size")
-    parser.add_argument("--ddim_steps", type=int, default=4)
+    parser.add_argument("--ways", nargs="+", default=["ddim:4:7.5"], metavar="SAMPLER:STEPS:SCALE",
+                        help="the samplers compared, each with its steps and guidance scale, e.g. ddim:4:7.5 lcm:4:1")
     parser.add_argument("--strength", default="0.5")
     parser.add_argument("--fps", type=float, default=24.0, help="live.py --fps: the most pictures per second")
     parser.add_argument("--rest", type=float, default=0.0, help="live.py --rest (0: never rest)")
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     from sounddiffusion.live.loop import LiveLoop, run_live
     from sounddiffusion.logs import configure_logging
     from sounddiffusion.model.loading import load_engine
+    from sounddiffusion.model.samplers import img2img_step_count, unet_evaluations
     from sounddiffusion.settings import LiveSettings, ModelSettings
 
     configure_logging(False)
@@ -101,18 +103,23 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for size in args.sizes:
-        settings = LiveSettings(input=args.input, loop=True, seconds=args.seconds, port=0, H=size, W=size,
-                                ddim_steps=args.ddim_steps, strength=args.strength, fps=args.fps, rest=args.rest)
-        load_before = os.getloadavg()[0]
-        making.clear()
-        summary = run_live(settings, model, engine=engine, announce=lambda line: print(line, flush=True))
-        lat = np.array(summary.latencies_ms)
-        steps = int(float(args.strength) * args.ddim_steps) if args.strength.replace(".", "", 1).isdigit() else "?"
-        rows.append(f"| {size}x{size} | DDIM {args.ddim_steps} x {args.strength} = {steps} | {torch.get_num_threads()} | "
-                    f"{summary.frames} | {summary.seconds:.1f} | {summary.frames / summary.seconds:.2f} | "
-                    f"{1000 * np.mean(making):.0f} | "
-                    f"{lat.mean():.0f} | {np.median(lat):.0f} | {np.percentile(lat, 95):.0f} | {lat.max():.0f} | "
-                    f"{summary.dropped} | {summary.rested} | {load_before:.1f} / {os.getloadavg()[0]:.1f} |")
+        for way in args.ways:
+            sampler, steps, scale = way.split(":")
+            settings = LiveSettings(input=args.input, loop=True, seconds=args.seconds, port=0, H=size, W=size,
+                                    sampler=sampler, ddim_steps=int(steps), scale=scale, strength=args.strength,
+                                    fps=args.fps, rest=args.rest)
+            load_before = os.getloadavg()[0]
+            making.clear()
+            summary = run_live(settings, model, engine=engine, announce=lambda line: print(line, flush=True))
+            lat = np.array(summary.latencies_ms)
+            per_picture = img2img_step_count(sampler, int(steps), float(args.strength))
+            calls = unet_evaluations(sampler, per_picture, float(scale))
+            rows.append(f"| {size}x{size} | {sampler} {steps} x {args.strength} = {per_picture}, scale {scale} "
+                        f"({calls} UNet rows) | {torch.get_num_threads()} | "
+                        f"{summary.frames} | {summary.seconds:.1f} | {summary.frames / summary.seconds:.2f} | "
+                        f"{1000 * np.mean(making):.0f} | "
+                        f"{lat.mean():.0f} | {np.median(lat):.0f} | {np.percentile(lat, 95):.0f} | {lat.max():.0f} | "
+                        f"{summary.dropped} | {summary.rested} | {load_before:.1f} / {os.getloadavg()[0]:.1f} |")
     command = "python scripts/benchmark_live.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     table = "\n".join([
         f"- Date: {started:%Y-%m-%d %H:%M} UTC", f"- Command: `{command.strip()}`",

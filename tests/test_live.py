@@ -303,11 +303,13 @@ def test_benchmark_live_writes_its_table(tmp_path):
     """scripts/benchmark_live.py runs live.py's loop and writes the table PERFORMANCE.md copies."""
     out = tmp_path / "bench.md"
     done = subprocess.run([sys.executable, "scripts/benchmark_live.py", "--sizes", "64", "--seconds", "3",
-                           "--device", "cpu", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=START_S)
+                           "--ways", "ddim:4:7.5", "lcm:4:1", "--device", "cpu", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=2 * START_S)
     assert done.returncode == 0, done.stderr
-    row = next(line for line in out.read_text().splitlines() if line.startswith("| 64x64"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
-    pictures, seconds, fps = int(cells[3]), float(cells[4]), float(cells[5])
-    assert pictures >= 1 and seconds == 3.0 and fps == pytest.approx(pictures / seconds, abs=0.01)
-    assert cells[1] == "DDIM 4 x 0.5 = 2" and int(cells[12]) == 0  # --rest 0: never rests
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64x64")]
+    assert len(rows) == 2
+    for row, way in zip(rows, ("ddim 4 x 0.5 = 2, scale 7.5 (4 UNet rows)", "lcm 4 x 0.5 = 4, scale 1 (4 UNet rows)")):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        pictures, seconds, fps = int(cells[3]), float(cells[4]), float(cells[5])
+        assert pictures >= 1 and seconds == 3.0 and fps == pytest.approx(pictures / seconds, abs=0.01)
+        assert cells[1] == way and int(cells[12]) == 0  # --rest 0: never rests
