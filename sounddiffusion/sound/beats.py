@@ -152,13 +152,14 @@ def track_beats(onset_median: np.ndarray, onset_mean: np.ndarray, starts: np.nda
 
 def fit_grid(times: np.ndarray, bpm: float, beats_per_bar: int = 4, sr: int = 44100) -> BeatGrid:
     """The exact grid closest to beats at ``times`` (seconds, increasing) tracked at about ``bpm``:
-    each beat numbered by its distance from the first in beats of ``bpm``, then time = offset +
-    number x period fitted by least squares over the beats within 5 % of a period (or two hops at
+    each beat numbered by the one before it plus their interval in beats of ``bpm``, rounded (at
+    least 1): ``bpm`` is librosa's rounded estimate, so numbering by the distance from the first
+    beat would skip or repeat a number every 1/error beats. Then time = offset + number x period fitted by least squares over the beats within 5 % of a period (or two hops at
     ``sr``) of the Theil-Sen line (the median of the slopes between every two beats, robust to the
     odd misplaced beat: librosa's last beat often is); one beat: ``bpm``'s period. The offset is
     the grid's first beat at or after 0 s, which counts as a downbeat (the tracker finds no bars);
     the tempo is rounded to 0.01 bpm and the offset to 1 ms."""
-    numbers = np.round((times - times[0]) * bpm / 60.0)
+    numbers = np.concatenate([[0.0], np.cumsum(np.maximum(1.0, np.round(np.diff(times) * bpm / 60.0)))])
     period, intercept = 60.0 / bpm, float(times[0])
     if numbers[-1] > 0:
         period, intercept = scipy.stats.theilslopes(times, numbers)[:2]
