@@ -172,6 +172,24 @@ def test_schedule_csv_has_one_row_per_frame_with_exact_values(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "song.schedule.csv"]  # no temporary left
 
 
+def test_schedule_csv_quotes_a_column_name_holding_a_comma(tmp_path):
+    envelopes = _toy_envelopes()
+    bend = np.linspace(1.0, 2.0, envelopes.n_frames)
+    lora = np.linspace(0.0, 0.5, envelopes.n_frames)
+    path = write_schedule_csv(tmp_path / "song.schedule.csv", envelopes,
+                              {"bend multiply=max(1, onset)": bend, 'lora "a,b"': lora})
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == envelopes.n_frames and len(rows[0]) == 2 + len(ENVELOPE_NAMES) + 2
+    np.testing.assert_array_equal([float(row["bend multiply=max(1, onset)"]) for row in rows], bend)
+    np.testing.assert_array_equal([float(row['lora "a,b"']) for row in rows], lora)
+    np.testing.assert_array_equal([float(row["onset"]) for row in rows], envelopes.values["onset"])
+    lines = path.read_text().splitlines()  # numbers stay bare, rows end in "\n"
+    first = [0, 0.0, *(float(envelopes.values[n][0]) for n in ENVELOPE_NAMES), float(bend[0]), float(lora[0])]
+    assert lines[1] == ",".join(repr(v) for v in first)
+    assert b"\r" not in path.read_bytes()
+
+
 def test_schedule_plot_is_a_png_of_sensible_size(tmp_path):
     envelopes = _toy_envelopes()
     path = plot_schedule(tmp_path / "song.schedule.png", envelopes,

@@ -6,6 +6,7 @@ leaves half a file under the final name.
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -76,10 +77,10 @@ def write_schedule_csv(path: str | os.PathLike, envelopes: Envelopes,
             raise ValueError(f"parameter {name} has shape {values.shape}, expected ({n},)")
         table.append(values)
     text = io.StringIO()
-    text.write(",".join(columns) + "\n")
+    writer = csv.writer(text, lineterminator="\n")  # quotes a name holding a comma (a bend, a LoRA's name)
+    writer.writerow(columns)
     columns_as_lists = [column.tolist() for column in table]
-    for row in zip(*columns_as_lists):
-        text.write(",".join(repr(value) for value in row) + "\n")
+    writer.writerows([repr(value) for value in row] for row in zip(*columns_as_lists))
     data = text.getvalue().encode()
     return write_atomically(path, lambda f: f.write(data), overwrite=overwrite)
 
