@@ -166,6 +166,8 @@ BAD = [
     (lambda b, t: ["--bpm", "120", "--beat_offset", "-1"], ["--beat_offset -1"]),
     (lambda b, t: ["--beats_per_bar", "0"], ["--beats_per_bar 0"]),
     (lambda b, t: ["--sections", "auto:1"], ["--sections auto:1"]),
+    (lambda b, t: ["--sections", "auto:²"], ["--sections auto:²", "whole number"]),
+    (lambda b, t: ["--sections", "auto:٣"], ["--sections auto:٣", "whole number"]),
     (lambda b, t: ["--sections", t / "missing.txt"], ["sections file", "does not exist"]),
     (lambda b, t: ["--sections", t / "notes.wav"], ["line 1", "TIME label"]),
     (lambda b, t: ["--snap_prompts", "section"], ["--snap_prompts section", "--sections"]),

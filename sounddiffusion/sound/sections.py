@@ -17,12 +17,16 @@ coefficient standardized over the song), averaged over the row. librosa's
 into ``k`` runs; ``k`` is given (``auto:N``) or the one that minimises ``W(k)/W(1) +``
 :data:`SECTION_COST` ``* k``, ``W(k)`` being the rows' squared distance to their section's mean:
 a section must explain at least that share of the song's variation to be worth its boundary.
-Every section lasts at least :data:`MIN_SECTION_SECONDS`.
+With ``auto`` every section lasts at least :data:`MIN_SECTION_SECONDS` (a ``k`` whose clustering
+makes one shorter is passed over). ``auto:N`` gives N sections, N capped at the number of
+:data:`MIN_SECTION_SECONDS` that fit in the sound, but not that length: the clustering may make a
+section shorter.
 """
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from fractions import Fraction
@@ -176,7 +180,7 @@ def auto_count(text: str) -> tuple[bool, int | None]:
     if not text.startswith("auto:"):
         return False, None
     value = text[len("auto:"):]
-    if not value.isdigit() or int(value) < 2:
+    if not re.fullmatch("[0-9]+", value) or int(value) < 2:  # str.isdigit takes '²' and '٣'
         raise ParameterError(f"--sections {text}: give auto, auto:N with N a whole number of sections, 2 or "
                              f"more, or a file of 'M:SS label' lines")
     return True, int(value)
