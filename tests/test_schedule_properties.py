@@ -157,6 +157,24 @@ def test_number_keyframes_interpolate_as_numpy(keys):
         np.testing.assert_array_equal(schedule.evaluate(VARIABLES, N), expected, err_msg=text)
 
 
+_KEY_VALUES = st.one_of(st.floats(-10, 10).map(repr),  # a number keyframe: interpolates
+                        st.sampled_from(["0.3 + 0.2*a", "where(b > 0.5, a, -a)", "t/7", "max(a, b) - 1"]))
+
+
+@SETTINGS
+@given(st.dictionaries(st.integers(0, 60), _KEY_VALUES, min_size=1, max_size=6), st.integers(0, 80),
+       st.floats(-2, 2), st.floats(0, 1))
+def test_one_frames_keyframe_value_is_the_whole_layouts_value(keys, index, a, b):
+    """Live mode (value_at: variables as floats on frame ``index``) against keyframes laid out over
+    every frame up to ``index`` and the last keyframe, with those values on every frame."""
+    text = ", ".join(f"{frame}: ({value})" for frame, value in sorted(keys.items()))
+    schedule = parse_schedule(text, flag="--scale", names=NAMES)
+    n = max(index, max(keys)) + 1
+    on_frame = {"a": a, "b": b, "t": float(index)}
+    whole = schedule.evaluate({name: np.full(n, value) for name, value in on_frame.items()}, n)
+    assert schedule.value_at(on_frame, index) == whole[index], text
+
+
 @FEWER
 @given(EXPRESSIONS, st.lists(st.sampled_from(["(", "-", "+", "sin(", "abs(", "2**", "max(1, "]),
                              min_size=1, max_size=5), st.integers(0, 250))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sounddiffusion.control.schedule_report import plot_schedule, write_schedule_csv
-from sounddiffusion.control.schedules import clip_to_range, parse_schedule
+from sounddiffusion.control.schedules import MAX_KEYFRAME, clip_to_range, parse_schedule
 from sounddiffusion.errors import ParameterError, ScheduleError
 from sounddiffusion.sound.analysis import ENVELOPE_NAMES, Envelopes
 
@@ -151,6 +151,22 @@ def _toy_envelopes(n: int = 30) -> Envelopes:
     peaks = np.stack([-rng.random(n), rng.random(n)], axis=1)
     from fractions import Fraction
     return Envelopes(Fraction(12), n, 120.0, np.arange(0, n, 6), values, peaks)
+
+
+def test_one_frames_value_of_far_keyframes_takes_no_memory_for_the_frames_between():
+    import tracemalloc
+
+    schedule = parse_schedule(f"0:(0), 20000000:(1), {MAX_KEYFRAME}:(0.5 + onset)", flag="--strength",
+                              names=("onset", "t"))
+    tracemalloc.start()
+    try:
+        values = [schedule.value_at({"onset": 0.25, "t": float(i)}, i) for i in (10, 20000000, 30000000)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000  # laid out frame by frame: 8 GB for the frames up to MAX_KEYFRAME
+    assert values[0] == pytest.approx(10 / 20000000) and values[1] == 1.0
+    assert values[2] == pytest.approx(1 + (0.75 - 1) * 10000000 / (MAX_KEYFRAME - 20000000))
 
 
 def test_schedule_csv_has_one_row_per_frame_with_exact_values(tmp_path):

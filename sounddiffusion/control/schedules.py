@@ -101,10 +101,20 @@ class Schedule:
         Raises :class:`ScheduleError` as :meth:`evaluate` does."""
         if self.is_constant:
             return self.constant
-        if self._keyframes:  # keyframes count frames from 0: lay them out up to this frame
-            n_frames = max(index, self._keyframes[-1].frame) + 1
-            return float(self.evaluate(variables, n_frames)[index])
-        return float(self.evaluate(variables, 1)[0])
+        if not self._keyframes:
+            return float(self.evaluate(variables, 1)[0])
+        missing = sorted(self.names_used - set(variables))
+        if missing:
+            raise ScheduleError(f"{self._where()}: no value for {', '.join(missing)}")
+        # keyframes count frames from 0: laid out up to this frame, but only at the frames the line
+        # bends, so the cost grows with the keyframes, not with the frame numbers (up to MAX_KEYFRAME)
+        with np.errstate(all="ignore"):
+            frames, values = self._keyframe_points(variables, max(index, self._keyframes[-1].frame) + 1,
+                                                   scalars=True)
+        exact = np.flatnonzero(frames == index)
+        value = values[exact[:1]] if len(exact) else np.interp([index], frames, values)
+        self._check_finite(np.array([index]), value)  # interpolating between huge values can overflow
+        return float(value[0])
 
     def _check_finite(self, frames: np.ndarray, values: np.ndarray) -> None:
         """ScheduleError naming the first of ``frames`` whose value is not a finite number."""
@@ -119,12 +129,28 @@ class Schedule:
 
     def _keyframe_values(self, variables: Mapping, n_frames: int) -> np.ndarray:
         """Keyframes to per-frame values (rule in the module docstring)."""
+        frames, values = self._keyframe_points(variables, n_frames)
+        result = np.interp(np.arange(n_frames, dtype=np.float64), frames, values)
+        inside = frames < n_frames
+        result[frames[inside]] = values[inside]  # set frames exactly, not through interp
+        return result
+
+    def _keyframe_points(self, variables: Mapping, n_frames: int, scalars: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, int64; values, float64) the keyframes set over ``n_frames`` frames, frames
+        increasing: a number keyframe's frame, every frame of an expression keyframe up to the next
+        keyframe. With ``scalars`` (every variable a float, the same on every frame) an expression
+        keyframe gives its first and last frame only: interpolating between them gives the rest.
+        Raises :class:`ScheduleError` for a value that is not finite or no keyframe before the end."""
         frames, values = [], []
         for k, key in enumerate(self._keyframes):
             end = min(self._keyframes[k + 1].frame if k + 1 < len(self._keyframes) else n_frames, n_frames)
             if key.number is not None:
                 frames.append(np.array([key.frame]))
                 values.append(np.array([key.number]))
+            elif key.frame < end and scalars:
+                frames.append(np.array([key.frame, end - 1]))
+                values.append(_over_frames(key.node.evaluate(variables), 2))
             elif key.frame < end:
                 part = {name: value if np.ndim(value) == 0 else np.asarray(value)[key.frame:end]
                         for name, value in variables.items()}
@@ -135,10 +161,7 @@ class Schedule:
                                 f"{n_frames - 1}; start with a keyframe at frame 0")
         frames, values = np.concatenate(frames), np.concatenate(values)
         self._check_finite(frames, values)  # before interpolation spreads a bad value
-        result = np.interp(np.arange(n_frames, dtype=np.float64), frames, values)
-        inside = frames < n_frames
-        result[frames[inside]] = values[inside]  # set frames exactly, not through interp
-        return result
+        return frames, values
 
 
 def parse_schedule(text: str, *, flag: str, names: Collection[str], hints: Mapping[str, str] | None = None
