@@ -123,12 +123,23 @@ def test_sections_from_a_file_drive_seed_jumps_and_snap_prompts(run_tool, band, 
         assert set(plan.noise_seeds[first:end]) == {frame_seed(5, first)}
 
 
-def test_sections_are_found_in_a_sound_of_three_parts(tmp_path):
+def test_sections_are_found_in_a_sound_of_three_parts(tmp_path, monkeypatch):
+    from sounddiffusion.control import music_analysis
+    from sounddiffusion.sound import analysis
+    from sounddiffusion.sound.audio import sound_blocks
+    from sounddiffusion.sound.sections import find_sections
+
     sound = write(tmp_path / "three.wav", three_parts())
+    decoded = []
+    for module in (analysis, music_analysis):  # the envelopes' decoding, and any other of the analysis
+        if hasattr(module, "sound_blocks"):
+            monkeypatch.setattr(module, "sound_blocks", lambda *a, **k: decoded.append(a[0]) or sound_blocks(*a, **k))
     plan = plan_frames(VideoSettings(audio=str(sound), fps=FPS, sections="auto", strength="0.3 + 0.1*section"))
     times = [t for t, _ in plan.envelopes.sections]
     assert len(times) == 3 and abs(times[1] - 3) < 0.25 and abs(times[2] - 6) < 0.25, times
     assert sorted(set(plan.values["strength"])) == pytest.approx([0.3, 0.4, 0.5])
+    assert len(decoded) == 1  # the sections read the blocks the envelopes decode
+    assert list(plan.envelopes.sections) == find_sections(sound_blocks(sound), plan.n_samples)
 
 
 def test_prompts_snap_to_bars_printed_in_the_csv_and_drawn(run_tool, band, tmp_path):

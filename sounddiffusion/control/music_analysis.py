@@ -19,11 +19,11 @@ from sounddiffusion.control.prompts import parse_timed_file
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, Smoothing, envelopes
-from sounddiffusion.sound.audio import SAMPLE_RATE, sound_blocks
+from sounddiffusion.sound.audio import SAMPLE_RATE
 from sounddiffusion.sound.beats import BeatGrid
 from sounddiffusion.sound.control_tracks import ControlTrack, parse_control_tracks, track_envelopes, track_variables
 from sounddiffusion.sound.music_flags import beat_grid
-from sounddiffusion.sound.sections import auto_count, find_sections, section_starts, with_sections
+from sounddiffusion.sound.sections import SectionFeatures, auto_count, section_starts, sections_of, with_sections
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,15 @@ def analyse_music(audio: str | Path, request: MusicRequest, *, fps: Fraction, n_
     """Analyse the main sound ``audio`` (``n_samples`` samples) and every control track over its
     time, with the grid and sections of ``request``; one line each on the beats (and the sections)."""
     name = Path(audio).name
+    features = SectionFeatures(n_samples, sr) if request.auto_sections else None  # fed as the envelopes decode
     mix = envelopes(audio, fps=fps, sr=sr, smoothing=smoothing, grid=request.grid,
-                    beats_per_bar=request.beats_per_bar, n_samples=n_samples)
+                    beats_per_bar=request.beats_per_bar, n_samples=n_samples,
+                    on_block=features.push if features is not None else None)
     log.info("%s %s", name, mix.beat_note)
     if request.wants_sections:
         duration = n_samples / sr
-        if request.auto_sections:
-            blocks = sound_blocks(audio, sr, warn_non_finite=False)
-            found = find_sections(blocks, n_samples, sr, request.section_count)
+        if features is not None:
+            found = sections_of(features, request.section_count)
             sections = section_starts(found, duration, f"--sections {request.sections_source}")
         else:
             sections = section_starts(request.section_times, duration, f"--sections {request.sections_source}")

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from pathlib import Path
@@ -243,26 +243,30 @@ class Envelopes:
 
 def envelopes(audio: str | Path | np.ndarray, *, fps: float | Fraction, sr: int = SAMPLE_RATE,
               smoothing: Mapping[str, Smoothing] | None = None, grid: BeatGrid | None = None,
-              beats_per_bar: int = 4, n_samples: int | None = None) -> Envelopes:
+              beats_per_bar: int = 4, n_samples: int | None = None,
+              on_block: Callable[[np.ndarray], None] | None = None) -> Envelopes:
     """The envelopes of ``audio`` (a sound file, or mono samples at ``sr``) at ``fps``.
 
     A file is decoded block by block, so a long song takes the memory of its per-frame values
     only. ``smoothing`` changes :data:`DEFAULT_SMOOTHING` for the envelopes it names. ``grid``
     replaces the beat tracker with an exact grid; without it tracked beats are numbered in bars
     of ``beats_per_bar``. ``n_samples``: analyse exactly that many samples, the sound cut there
-    or continued with silence (a control track aligned to the main sound's time). Raises
-    :class:`AudioError` for an unreadable file or no samples, :class:`ParameterError` for a bad
-    ``fps``."""
+    or continued with silence (a control track aligned to the main sound's time). ``on_block``
+    is given each block of samples read (mono float32 at ``sr``, in order; the samples themselves
+    for an array), so that another analysis shares the decoding. Raises :class:`AudioError` for
+    an unreadable file or no samples, :class:`ParameterError` for a bad ``fps``."""
     rate = fps_fraction(fps)
     counted = [0]
     if isinstance(audio, (str, Path)):
         if n_samples is None:
             n_samples = sound_length(audio, sr)
-        blocks = _counted(sound_blocks(audio, sr, warn_non_finite=False), counted)
+        blocks = _counted(sound_blocks(audio, sr, warn_non_finite=False), counted, on_block)
         slices = stream_frame_slices(blocks, n_samples, rate, sr)
     else:
         y = _samples(audio)
         counted[0] = len(y)
+        if on_block is not None:
+            on_block(y)
         if n_samples is not None:
             y = np.pad(y[:n_samples], (0, max(0, n_samples - len(y))))
         n_samples, slices = len(y), iter_frame_slices(y, rate, sr)
@@ -281,10 +285,12 @@ def envelopes(audio: str | Path | np.ndarray, *, fps: float | Fraction, sr: int 
                      sound_samples=min(counted[0], n_samples))
 
 
-def _counted(blocks, counter: list):
-    """``blocks`` passed on, their samples added up in ``counter[0]`` as they go."""
+def _counted(blocks, counter: list, on_block: Callable[[np.ndarray], None] | None = None):
+    """``blocks`` passed on (and to ``on_block``), their samples added up in ``counter[0]`` as they go."""
     for block in blocks:
         counter[0] += len(block)
+        if on_block is not None:
+            on_block(block)
         yield block
 
 

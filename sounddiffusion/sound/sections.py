@@ -145,6 +145,11 @@ def find_sections(pieces: Iterable[np.ndarray], n_samples: int, sr: int = SAMPLE
     features = SectionFeatures(n_samples, sr)
     for piece in pieces:
         features.push(piece)
+    return sections_of(features, count)
+
+
+def sections_of(features: SectionFeatures, count: int | None = None) -> Sections:
+    """:func:`find_sections` of the sound whose samples were pushed into ``features``."""
     rows = features.rows()
     min_rows = max(1, math.ceil(MIN_SECTION_SECONDS / features.row_seconds))
     most = max(1, min(MAX_AUTO_SECTIONS, rows.shape[1] // min_rows))
