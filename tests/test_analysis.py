@@ -11,7 +11,8 @@ import soundfile
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, GRID_NAMES, Smoothing, envelopes,
                                            parse_smoothing, smooth, snap_to_beats)
-from sounddiffusion.sound.audio import (SAMPLE_RATE, frame_bounds, frame_count, load_audio, slice_rms)
+from sounddiffusion.sound.audio import (SAMPLE_RATE, frame_bounds, frame_count, frame_starts, load_audio,
+                                        slice_rms)
 
 SR = SAMPLE_RATE
 RAW = {name: Smoothing(rescale="none") for name in ENVELOPE_NAMES}
@@ -75,6 +76,16 @@ def test_beats_and_bpm_equal_librosa_beat_track(audio_dir, name):
     assert (beat[: env.beat_frames[0]] == 0).all()
     between = beat[env.beat_frames[0]: env.beat_frames[1]]
     assert (np.diff(between) < 0).all() and between[-1] > 0
+
+
+@pytest.mark.parametrize("fps,first", [(24, 0), (29.97, 0), (7.5, 13), (30000 / 1001, 1000)])
+def test_frame_starts_are_the_frames_first_samples_and_the_last_ones_end(fps, first):
+    starts = frame_starts(40, fps, SR, first=first)
+    assert starts.dtype == np.int64 and starts.shape == (41,)
+    bounds = [frame_bounds(first + k, fps, SR) for k in range(40)]
+    assert starts.tolist() == [lo for lo, _ in bounds] + [bounds[-1][1]]
+    exact = {24: (24, 1), 29.97: (2997, 100), 7.5: (15, 2), 30000 / 1001: (30000, 1001)}[fps]
+    assert starts[5] == (first + 5) * SR * exact[1] // exact[0]  # floor(k sr / fps), fps as an exact fraction
 
 
 def test_rms_of_known_signals_is_their_hand_computed_level():

@@ -209,37 +209,52 @@ def _clamp(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
     return torch.clamp(x, -bound, bound)
 
 
-def _rescale(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
+def rescale(x: torch.Tensor, r: float | torch.Tensor) -> torch.Tensor:
+    """``rescale``: (x - min) / (max - min) * 2r - r, min and max over each batch item of ``x``
+    (B, C, H, W), 0 for a constant item; ``r`` a Python float or a 0-d tensor on ``x``'s device
+    (:mod:`sounddiffusion.control.graph_bends` reads it from a tensor)."""
     low = x.amin(dim=(1, 2, 3), keepdim=True)
     span = x.amax(dim=(1, 2, 3), keepdim=True) - low
     scaled = (x - low) / span * (2 * r) - r
     return torch.where(span > 0, scaled, torch.zeros_like(x))
 
 
+def _rescale(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
+    return rescale(x, r)
+
+
 # ----------------------------------------------------------------------------- channels
 
-def _groups_of_four(x: torch.Tensor, op: str) -> int:
+def groups_of_four(x: torch.Tensor, op: str) -> int:
+    """How many whole groups of four channels ``x`` (B, C, H, W) has; ParameterError (naming
+    ``op``) below four."""
     if x.shape[1] < 4:
         raise ParameterError(f"bend {op}: needs at least 4 channels, the tensor has {x.shape[1]}")
     return x.shape[1] // 4
 
 
-def _rotate(op: str):
+def rotate_channels(op: str, x: torch.Tensor, cos: float | torch.Tensor, sin: float | torch.Tensor
+                    ) -> torch.Tensor:
+    """``rotate_x/y/z`` (``op``): channels (i, j) = ``ROTATION_PLANES[op]`` of each whole group of
+    four channels of ``x`` (B, C, H, W) rotated, c_i' = cos c_i - sin c_j, c_j' = sin c_i + cos c_j;
+    ``cos``, ``sin`` Python floats or 0-d tensors on ``x``'s device. A new tensor."""
     i, j = ROTATION_PLANES[op]
+    end = 4 * groups_of_four(x, op)
+    first, second = x[:, i:end:4], x[:, j:end:4]
+    rotated = x.clone()  # keeps x's memory layout (UNet activations may be channels_last)
+    rotated[:, i:end:4] = cos * first - sin * second
+    rotated[:, j:end:4] = sin * first + cos * second
+    return rotated
 
+
+def _rotate(op: str):
     def rotate(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-        end = 4 * _groups_of_four(x, op)
-        cos, sin = math.cos(r), math.sin(r)
-        first, second = x[:, i:end:4], x[:, j:end:4]
-        rotated = x.clone()  # keeps x's memory layout (UNet activations may be channels_last)
-        rotated[:, i:end:4] = cos * first - sin * second
-        rotated[:, j:end:4] = sin * first + cos * second
-        return rotated
+        return rotate_channels(op, x, math.cos(r), math.sin(r))
     return rotate
 
 
 def _reflect(x: torch.Tensor, r: float, _generator) -> torch.Tensor:
-    groups = _groups_of_four(x, "reflect")
+    groups = groups_of_four(x, "reflect")
     channel = reflected_channel(r)
     reflected = x.clone()
     reflected[:, channel:4 * groups:4] = -x[:, channel:4 * groups:4]

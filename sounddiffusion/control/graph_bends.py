@@ -39,8 +39,8 @@ import math
 
 import torch
 
-from sounddiffusion.control.bending import OPERATORS, ROTATION_PLANES, check_amount, gaussian_bump, reflected_channel
-from sounddiffusion.errors import ParameterError
+from sounddiffusion.control.bending import (OPERATORS, check_amount, gaussian_bump, groups_of_four, reflected_channel,
+                                           rescale, rotate_channels)
 
 PARAMETERS = 4
 """The parameter columns of a bend: a bender keeps a (n_bends, PARAMETERS) float32 device tensor."""
@@ -99,11 +99,9 @@ def apply_parameters(op: str, x: torch.Tensor, parameters: torch.Tensor,
     if op == "clamp":
         return torch.clamp(x, -p[0], p[0])
     if op == "rescale":
-        low = x.amin(dim=(1, 2, 3), keepdim=True)
-        span = x.amax(dim=(1, 2, 3), keepdim=True) - low
-        return torch.where(span > 0, (x - low) / span * (2 * p[0]) - p[0], torch.zeros_like(x))
+        return rescale(x, p[0])
     if op.startswith("rotate_"):
-        return _rotate(op, x, p[0], p[1])
+        return rotate_channels(op, x, p[0], p[1])
     if op == "reflect":
         return _reflect(x, p[:4])
     if op in ("sparse_add", "noise"):
@@ -115,24 +113,7 @@ def apply_parameters(op: str, x: torch.Tensor, parameters: torch.Tensor,
     raise ValueError(f"{op} cannot take its amount from a tensor; use one of {', '.join(GRAPH_OPERATORS)}")
 
 
-def _rotate(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    i, j = ROTATION_PLANES[op]
-    end = 4 * _groups_of_four(x, op)
-    first, second = x[:, i:end:4], x[:, j:end:4]
-    rotated = x.clone()  # keeps x's memory layout (UNet activations may be channels_last)
-    rotated[:, i:end:4] = cos * first - sin * second
-    rotated[:, j:end:4] = sin * first + cos * second
-    return rotated
-
-
 def _reflect(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    groups = _groups_of_four(x, "reflect")
+    groups = groups_of_four(x, "reflect")
     tail = torch.ones(x.shape[1] - 4 * groups, dtype=signs.dtype, device=signs.device)
     return x * torch.cat([signs.repeat(groups), tail]).to(x.dtype).view(1, -1, 1, 1)
-
-
-def _groups_of_four(x: torch.Tensor, op: str) -> int:
-    """How many whole groups of four channels ``x`` (B, C, H, W) has; ParameterError below four."""
-    if x.shape[1] < 4:
-        raise ParameterError(f"bend {op}: needs at least 4 channels, the tensor has {x.shape[1]}")
-    return x.shape[1] // 4

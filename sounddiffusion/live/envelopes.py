@@ -41,7 +41,7 @@ import numpy as np
 
 from sounddiffusion.sound.analysis import (DEFAULT_SMOOTHING, ENVELOPE_NAMES, GRID_NAMES, Smoothing, follow_step,
                                            follower_pole)
-from sounddiffusion.sound.audio import SAMPLE_RATE, fps_fraction, frame_bounds
+from sounddiffusion.sound.audio import SAMPLE_RATE, fps_fraction, frame_bounds, frame_starts
 from sounddiffusion.sound.beats import BeatGrid, beat_envelopes, grid_beats
 from sounddiffusion.sound.frame_features import FrameFeatures
 from sounddiffusion.sound.onset_stream import HOP, OnsetStream
@@ -192,7 +192,7 @@ class LiveGrid:
 
     def _compute(self, first: int) -> None:
         low, high = max(0, first - self.margin), first + self.chunk + self.margin
-        starts = np.arange(low, high + 1, dtype=np.int64) * (self.sr * self.fps.denominator) // self.fps.numerator
+        starts = frame_starts(high - low, self.fps, self.sr, first=low)
         ramps = beat_envelopes(grid_beats(self.grid, starts, self.sr), high - low, float(self.fps))
         self.first = first
         self.values = {name: values[first - low: first - low + self.chunk] for name, values in ramps.items()}

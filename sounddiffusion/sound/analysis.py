@@ -66,7 +66,7 @@ import numpy as np
 import scipy.ndimage
 
 from sounddiffusion.errors import AudioError, ParameterError
-from sounddiffusion.sound.audio import (SAMPLE_RATE, fps_fraction, frame_count, iter_frame_slices,
+from sounddiffusion.sound.audio import (SAMPLE_RATE, fps_fraction, frame_count, frame_starts, iter_frame_slices,
                                         sound_blocks, sound_length, stream_frame_slices)
 from sounddiffusion.sound.beats import BeatGrid, beat_envelopes, grid_beats, track_beats
 from sounddiffusion.sound.frame_features import HIGH_HZ, LOW_HZ, frame_features, per_frame_max  # noqa: F401
@@ -271,7 +271,7 @@ def envelopes(audio: str | Path | np.ndarray, *, fps: float | Fraction, sr: int 
             y = np.pad(y[:n_samples], (0, max(0, n_samples - len(y))))
         n_samples, slices = len(y), iter_frame_slices(y, rate, sr)
     n_frames = frame_count(n_samples, rate, sr)
-    starts = np.arange(n_frames + 1, dtype=np.int64) * (sr * rate.denominator) // rate.numerator
+    starts = frame_starts(n_frames, rate, sr)
     raw, peaks, onset_mean, onset_median = frame_features(slices, n_frames, starts, n_samples, sr)
     raw["onset"] = per_frame_max(onset_mean, starts)
     beats = grid_beats(grid, starts, sr) if grid is not None else \

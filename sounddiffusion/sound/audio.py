@@ -277,6 +277,13 @@ def frame_bounds(i: int, fps: float | Fraction, sr: int = SAMPLE_RATE) -> tuple[
     return i * step // rate.numerator, (i + 1) * step // rate.numerator
 
 
+def frame_starts(n_frames: int, fps: float | Fraction, sr: int = SAMPLE_RATE, first: int = 0) -> np.ndarray:
+    """The first sample of frames ``first`` .. ``first + n_frames - 1`` and the end of the last
+    (:func:`frame_bounds`): floor(k * sr / fps) for k = first .. first + n_frames, int64 ``(n_frames + 1,)``."""
+    rate = _audio_frame_rate(fps, sr)
+    return np.arange(first, first + n_frames + 1, dtype=np.int64) * (sr * rate.denominator) // rate.numerator
+
+
 def frame_slice(y: np.ndarray, i: int, fps: float | Fraction, sr: int = SAMPLE_RATE) -> np.ndarray:
     """The samples of video frame ``i`` (see :func:`frame_bounds`), shape ``(end - start,)``.
 

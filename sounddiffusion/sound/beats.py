@@ -154,8 +154,9 @@ def fit_grid(times: np.ndarray, bpm: float, beats_per_bar: int = 4, sr: int = 44
     """The exact grid closest to beats at ``times`` (seconds, increasing) tracked at about ``bpm``:
     each beat numbered by the one before it plus their interval in beats of ``bpm``, rounded (at
     least 1): ``bpm`` is librosa's rounded estimate, so numbering by the distance from the first
-    beat would skip or repeat a number every 1/error beats. Then time = offset + number x period fitted by least squares over the beats within 5 % of a period (or two hops at
-    ``sr``) of the Theil-Sen line (the median of the slopes between every two beats, robust to the
+    beat would skip or repeat a number every 1/error beats. Then time = offset + number x period
+    fitted by least squares over the beats within 5 % of a period (or two hops at ``sr``) of the
+    Theil-Sen line (the median of the slopes between every two beats, robust to the
     odd misplaced beat: librosa's last beat often is); one beat: ``bpm``'s period. The offset is
     the grid's first beat at or after 0 s, which counts as a downbeat (the tracker finds no bars);
     the tempo is rounded to 0.01 bpm and the offset to 1 ms."""

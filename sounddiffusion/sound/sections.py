@@ -36,7 +36,7 @@ import numpy as np
 import scipy.fft
 
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.sound.audio import SAMPLE_RATE
+from sounddiffusion.sound.audio import SAMPLE_RATE, frame_starts
 from sounddiffusion.sound.beats import frames_of_samples
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ def section_envelopes(sections: Sections, fps: float | Fraction, n_frames: int,
     """``section`` and ``section_start`` (float64 ``(n_frames,)``) of ``sections``: a start lies on
     the frame holding its sample (``round(seconds * sr)``). Raises :class:`ParameterError` when two
     starts fall on the same frame."""
-    rate = Fraction(fps).limit_denominator(10000)
-    starts = np.arange(n_frames + 1, dtype=np.int64) * (sr * rate.denominator) // rate.numerator
+    starts = frame_starts(n_frames, fps, sr)
     frames = frames_of_samples(np.round(np.array([t for t, _ in sections]) * sr).astype(np.int64), starts)
     same = np.flatnonzero(np.diff(frames) == 0)
     if len(same):
