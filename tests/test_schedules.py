@@ -9,7 +9,7 @@ from PIL import Image
 from sounddiffusion.control.schedule_report import plot_schedule, write_schedule_csv
 from sounddiffusion.control.schedules import MAX_KEYFRAME, clip_to_range, parse_schedule
 from sounddiffusion.errors import ParameterError, ScheduleError
-from sounddiffusion.sound.analysis import ENVELOPE_NAMES, Envelopes
+from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES, Envelopes
 
 N = 40
 NAMES = (*ENVELOPE_NAMES, "bpm", "t", "s", "fps", "max_f")
@@ -148,6 +148,7 @@ def test_clip_to_range_warns_once_with_the_count(caplog):
 def _toy_envelopes(n: int = 30) -> Envelopes:
     rng = np.random.default_rng(1)
     values = {name: rng.random(n) for name in ENVELOPE_NAMES}
+    values.update(bar=(np.arange(n) % 24 == 0) * 1.0, beat_in_bar=np.arange(n) // 6 % 4 * 1.0)
     peaks = np.stack([-rng.random(n), rng.random(n)], axis=1)
     from fractions import Fraction
     return Envelopes(Fraction(12), n, 120.0, np.arange(0, n, 6), values, peaks)
@@ -177,7 +178,8 @@ def test_schedule_csv_has_one_row_per_frame_with_exact_values(tmp_path):
                               {"strength": strength, "seed_jump": seed_jump})
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["frame", "time", *ENVELOPE_NAMES, "strength", "seed_jump"]
+    assert rows[0] == ["frame", "time", *ENVELOPE_NAMES, *GRID_NAMES, "grid_bpm", "grid_beat_offset", "strength",
+                       "seed_jump"]
     assert len(rows) == 1 + envelopes.n_frames
     table = np.array(rows[1:], dtype=np.float64)
     np.testing.assert_array_equal(table[:, 0], np.arange(envelopes.n_frames))
@@ -196,12 +198,13 @@ def test_schedule_csv_quotes_a_column_name_holding_a_comma(tmp_path):
                               {"bend multiply=max(1, onset)": bend, 'lora "a,b"': lora})
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == envelopes.n_frames and len(rows[0]) == 2 + len(ENVELOPE_NAMES) + 2
+    assert len(rows) == envelopes.n_frames and len(rows[0]) == 2 + len(ENVELOPE_NAMES) + 4 + 2
     np.testing.assert_array_equal([float(row["bend multiply=max(1, onset)"]) for row in rows], bend)
     np.testing.assert_array_equal([float(row['lora "a,b"']) for row in rows], lora)
     np.testing.assert_array_equal([float(row["onset"]) for row in rows], envelopes.values["onset"])
     lines = path.read_text().splitlines()  # numbers stay bare, rows end in "\n"
-    first = [0, 0.0, *(float(envelopes.values[n][0]) for n in ENVELOPE_NAMES), float(bend[0]), float(lora[0])]
+    first = [0, 0.0, *(float(envelopes.values[n][0]) for n in (*ENVELOPE_NAMES, *GRID_NAMES)), 0.0, 0.0,
+             float(bend[0]), float(lora[0])]
     assert lines[1] == ",".join(repr(v) for v in first)
     assert b"\r" not in path.read_bytes()
 

@@ -34,10 +34,9 @@ def music_columns(envelopes: Envelopes, tracks: Mapping[str, Envelopes] | None =
     track's envelopes, ``NAME.rms`` ... ``NAME.beat_in_bar``."""
     n = envelopes.n_frames
     columns = {name: envelopes.values[name] for name in (*GRID_NAMES, *SECTION_NAMES) if name in envelopes.values}
-    if "bar" in envelopes.values:
-        grid = envelopes.grid
-        columns["grid_bpm"] = np.full(n, grid.bpm if grid is not None else 0.0)
-        columns["grid_beat_offset"] = np.full(n, grid.offset if grid is not None else 0.0)
+    grid = envelopes.grid
+    columns["grid_bpm"] = np.full(n, grid.bpm if grid is not None else 0.0)
+    columns["grid_beat_offset"] = np.full(n, grid.offset if grid is not None else 0.0)
     if snapped:
         for name, times in (("prompt_asked", [a for a, _ in snapped]), ("prompt_snapped", [s for _, s in snapped])):
             marks = np.zeros(n)
@@ -127,9 +126,8 @@ def plot_schedule(path: str | os.PathLike, envelopes: Envelopes, parameters: Map
 
 def _beats_title(envelopes: Envelopes) -> str:
     grid = envelopes.grid
-    if grid is None:
-        return "no steady pulse" if "bar" in envelopes.values else (
-            f"{envelopes.bpm:.1f} bpm" if envelopes.bpm > 0 else "no beat found")
+    if grid is None:  # the tracker found no pulse (a grid set or fitted is always there otherwise)
+        return "no steady pulse"
     source = "grid" if envelopes.beats_pinned else "tracked"
     return f"{source}: {grid.bpm:g} bpm, first beat {grid.offset:g} s, {grid.beats_per_bar} a bar"
 
