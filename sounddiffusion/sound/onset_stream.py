@@ -90,8 +90,11 @@ class OnsetStream:
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The ``mean`` and ``median`` values completed since the last call (float64, equal
-        lengths; the first call starts with librosa's three leading zeros): concatenated over all
-        calls they are :meth:`finish`'s envelopes, value ``k`` belonging to sample ``k * 512``.
+        lengths; the first call starts with librosa's three leading zeros), value ``k`` of their
+        concatenation over all calls belonging to sample ``k * 512``. That concatenation is what
+        :meth:`finish` gives for those values (to float32 rounding: the STFT frames are computed in
+        other batches) but for ``mean[0]``, which stays librosa's 0: :meth:`finish`'s onset at
+        t = 0 is capped by the whole envelope's peak, which a stream without end never has.
         Use either this or :meth:`finish` on one stream."""
         lead = [] if self.taken else [np.zeros(DELAY)]
         self.taken = True
