@@ -182,6 +182,8 @@ BAD = [
     (lambda b, t: ["--sections", t / "missing.txt"], ["sections file", "does not exist"]),
     (lambda b, t: ["--sections", t / "notes.wav"], ["line 1", "TIME label"]),
     (lambda b, t: ["--snap_prompts", "section"], ["--snap_prompts section", "--sections"]),
+    (lambda b, t: ["--snap_prompts", "beat"], ["--snap_prompts beat", "--prompt_file"]),
+    (lambda b, t: ["--snap_prompts", "bar", "--sections", "auto"], ["--snap_prompts bar", "--prompt_file"]),
     (lambda b, t: ["--seed_jump", "section_start"], ["'section_start'", "--sections"]),
 ]
 

@@ -49,12 +49,16 @@ class MusicRequest:
 
 def music_request(settings: VideoSettings) -> MusicRequest:
     """The checked music flags of ``settings``: the grid's values, ``--sections`` (a file is read
-    now), ``--snap_prompts section`` only with sections, and every control track's file opened.
+    now), ``--snap_prompts`` only with a prompt file (``section`` with sections too), and every
+    control track's file opened.
     Raises ParameterError / AudioError / PromptFileError, one line each."""
     grid = beat_grid(settings.bpm, settings.beat_offset, settings.beats_per_bar)
     if settings.snap_prompts == "section" and not settings.sections:
         raise ParameterError("--snap_prompts section moves prompts to the song's sections: give --sections FILE "
                              "(lines 'M:SS label') or --sections auto")
+    if settings.snap_prompts != "none" and not settings.prompt_file:
+        raise ParameterError(f"--snap_prompts {settings.snap_prompts} moves the times of --prompt_file's prompts: "
+                             f"give --prompt_file FILE (lines 'M:SS prompt'), or leave --snap_prompts out")
     times, auto, count = None, False, None
     if settings.sections:
         auto, count = auto_count(settings.sections)
