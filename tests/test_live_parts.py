@@ -135,6 +135,22 @@ def test_the_recording_shows_each_picture_from_when_it_was_ready(tmp_path):
     assert not list(tmp_path.glob(".rec.mp4.live-*"))  # the working folder is gone
 
 
+def test_the_recording_is_as_long_as_its_sound_however_late_the_pictures(tmp_path):
+    """A picture ready before the sound reaches its time waits for the sound; one ready after the
+    sound's end is not recorded (1 s of sound: 10 frames at 10 fps, never more)."""
+    recorder = LiveRecorder(tmp_path / "rec.mp4", 10, 64, 64)
+    start, half = 100.0, np.full(44100 // 2, 0.25, np.float32)
+    recorder.add_sound(half, start + 0.5)
+    recorder.show(np.full((64, 64, 3), (200, 0, 0), np.uint8), start + 0.72)  # from frame 8 = ceil(7.2)
+    recorder.add_sound(half, start + 1.0)
+    recorder.show(np.full((64, 64, 3), (0, 0, 200), np.uint8), start + 1.4)  # 0.4 s after the sound's end
+    path = recorder.finish()
+    info = probe_video(path)
+    assert info["frames"] == 10 and info["audio_duration"] == pytest.approx(1.0, abs=0.05)
+    means = decoded_frames(path).reshape(10, -1, 3).mean(axis=1)
+    assert [int(np.argmax(m)) if m.max() > 100 else -1 for m in means] == [-1] * 8 + [0] * 2
+
+
 def test_the_file_player_hands_on_the_whole_sound_then_its_end(tmp_path):
     sound = write_sound(tmp_path / "tone.wav", seconds=0.3)
     player = FilePlayer(sound)
