@@ -191,19 +191,19 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     grid, tracks = live_music_flags(settings)
     if settings.record:
         ensure_output_dir(Path(settings.record).parent)
-    source = open_input(settings.input, loop=settings.loop, device_index=settings.device_index)
     state = LiveState(width=settings.W, height=settings.H)
     state.set_controls(controls.values())
     server = LiveServer(state, controls, host=settings.host, port=settings.port)
-    server.bind()
     summary = LiveSummary()
-    filter_once = _Once()
-    schedule_log = logging.getLogger("sounddiffusion.control.schedules")
-    schedule_log.addFilter(filter_once)
     recorder = None
     music = LiveMusic(settings.fps, smoothing=parse_smoothing(settings.smoothing) if settings.smoothing else None,
                       grid=grid, beats_per_bar=settings.beats_per_bar, tracks=tracks)
-    try:
+    source = open_input(settings.input, loop=settings.loop, device_index=settings.device_index)
+    filter_once = _Once()
+    schedule_log = logging.getLogger("sounddiffusion.control.schedules")
+    schedule_log.addFilter(filter_once)
+    try:  # the microphone is open from here on: whatever happens next, the finally closes it
+        server.bind()
         engine = engine or load_engine(model, loras=loras)
         set_cpu_threads(engine.device)
         warm_up(engine, settings, controls, music)
@@ -232,6 +232,7 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
             recorder.abort()
         music.close()
         server.stop()
+        source.stop()
         schedule_log.removeFilter(filter_once)
     status = state.status()
     summary.frames, summary.rested, summary.dropped = status["frames"], status["rested"], status["dropped"]
