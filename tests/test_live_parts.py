@@ -1,11 +1,13 @@
 """live.py's parts without a model: per-frame numbers and controls, the recording's clock, the sound
 input, the address checks, and the mistakes that fail before the model loads."""
+import logging
 import socket
 import sys
 import types
 
 import numpy as np
 import pytest
+import torch
 
 from cli_checks import assert_one_line_error, decoded_frames, write_sound
 from sounddiffusion.control.frame_schedules import parse_video_schedules
@@ -244,6 +246,19 @@ def test_the_microphone_is_closed_whatever_stops_the_start(monkeypatch, failure)
             loop.run_live(LiveSettings(input="mic", port=port), ModelSettings(demo=True))
     assert stopped.type is (ParameterError if raised is None else type(raised))
     assert len(streams) == 1 and streams[0].closed
+
+
+def test_a_schedule_that_fails_on_every_frame_warns_once(tmp_path, monkeypatch, caplog):
+    """log(onset) is -inf on silence: every frame of a silent second is skipped, with one warning."""
+    silence = write_sound(tmp_path / "silence.wav", seconds=1.0, kind="silence")
+    monkeypatch.setattr(loop, "set_cpu_threads", lambda device: None)
+    engine = types.SimpleNamespace(device=torch.device("cpu"))  # never reached: each frame fails before
+    settings = LiveSettings(input=str(silence), strength="log(onset)", port=0, fps=24, rest=0)
+    with caplog.at_level(logging.WARNING):
+        summary = loop.run_live(settings, ModelSettings(demo=True), engine=engine, announce=lambda line: None)
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(skipped) == 1 and "log(onset)" in skipped[0], skipped
+    assert summary.frames == 0 and summary.dropped >= 20 and summary.seconds == pytest.approx(1.0)
 
 
 def test_only_loopback_addresses_count_as_local():

@@ -75,6 +75,10 @@ class LiveSummary:
                 f"rested, {self.dropped} dropped")
 
 
+ONCE_LOGGERS = ("sounddiffusion.control.schedules", __name__)
+"""The loggers that say each distinct message once in a run (a schedule clipped, a frame skipped: on every frame)."""
+
+
 class _Once(logging.Filter):
     """Lets each distinct message through once (a schedule clipped on every frame warns once)."""
 
@@ -157,7 +161,8 @@ class LiveLoop:
         try:
             frame, self.last_jump = live_frame(settings, schedules, heard.variables, heard.index, self.last_jump)
         except ParameterError as exc:  # a schedule undefined here, a zoom of 0...: the show goes on
-            log.warning("frame %d is skipped: %s", heard.index, exc)
+            log.warning("a frame is skipped (and so is each later one that fails alike, counted as dropped): %s",
+                        exc)
             self.state.count(dropped=1)
             return
         self.now.update(index=heard.index, seed=settings.seed)
@@ -200,8 +205,8 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
                       grid=grid, beats_per_bar=settings.beats_per_bar, tracks=tracks)
     source = open_input(settings.input, loop=settings.loop, device_index=settings.device_index)
     filter_once = _Once()
-    schedule_log = logging.getLogger("sounddiffusion.control.schedules")
-    schedule_log.addFilter(filter_once)
+    for name in ONCE_LOGGERS:
+        logging.getLogger(name).addFilter(filter_once)
     try:  # the microphone is open from here on: whatever happens next, the finally closes it
         server.bind()
         engine = engine or load_engine(model, loras=loras)
@@ -233,7 +238,8 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
         music.close()
         server.stop()
         source.stop()
-        schedule_log.removeFilter(filter_once)
+        for name in ONCE_LOGGERS:
+            logging.getLogger(name).removeFilter(filter_once)
     status = state.status()
     summary.frames, summary.rested, summary.dropped = status["frames"], status["rested"], status["dropped"]
     summary.latencies_ms = state.latencies()
