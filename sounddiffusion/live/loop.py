@@ -32,7 +32,7 @@ from sounddiffusion.control.bending_specs import check_block
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.live.controls import LiveControls, live_frame
-from sounddiffusion.live.envelopes import LiveBeats
+from sounddiffusion.live.envelopes import warm_up_beat_tracker
 from sounddiffusion.live.input import open_input
 from sounddiffusion.live.listener import Heard, Listener
 from sounddiffusion.live.music import LiveMusic, live_music_flags
@@ -103,18 +103,18 @@ def jpeg_of(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
 
 def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls, music: LiveMusic) -> None:
     """One txt2img and one img2img picture on silence (the variables of ``music`` before any
-    sound) and a run of the beat tracker, so that the first live pictures do not pay for first
-    calls (kernel choices, the text conditionings, the sampler's schedule, librosa compiling its
-    tracker)."""
-    frame_at = live_frame
-    LiveBeats().warm_up()
+    sound) and a run of the beat tracker (unless ``--bpm`` set a grid), so that the first live
+    pictures do not pay for first calls (kernel choices, the text conditionings, the sampler's
+    schedule, librosa compiling its tracker)."""
+    if music.main.beats is not None:
+        warm_up_beat_tracker()
     current, schedules, _ = controls.current()
     silence = np.zeros(math.ceil(SAMPLE_RATE / settings.fps), np.float32)
     variables = music.variables(0, 0.0)
     chain = ChainState()
     try:
         for index in range(2):
-            frame, _ = frame_at(current, schedules, variables, index, 0)
+            frame, _ = live_frame(current, schedules, variables, index, 0)
             chain = ChainState(index, diffuse_slice(engine, silence, (), current, chain, frame, None), None)
     except ParameterError:  # a schedule undefined on silence (log(onset)): the first pictures pay instead
         return
