@@ -313,3 +313,27 @@ def test_benchmark_live_writes_its_table(tmp_path):
         pictures, seconds, fps = int(cells[3]), float(cells[4]), float(cells[5])
         assert pictures >= 1 and seconds == 3.0 and fps == pytest.approx(pictures / seconds, abs=0.01)
         assert cells[1] == way and int(cells[12]) == 0  # --rest 0: never rests
+
+
+def benchmark_row(folder: Path, *args) -> list[str]:
+    """The cells of the one row scripts/benchmark_live.py writes for 64x64 DDIM with ``args``."""
+    out = folder / f"bench-{len(list(folder.glob('bench-*')))}.md"
+    done = subprocess.run([sys.executable, "scripts/benchmark_live.py", "--sizes", "64", "--ways", "ddim:4:7.5",
+                           "--device", "cpu", "--out", str(out), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=2 * START_S)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64x64")]
+    assert len(rows) == 1
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_benchmark_live_times_only_the_pictures_and_takes_a_run_without_any(tmp_path):
+    """--rest 1 rests after the first picture (no envelope moves by more than 1): "making one" is
+    that picture's time, close to its latency, not its mean with the rests. 0.01 s of sound
+    completes no frame: no picture, and the row says so."""
+    cells = benchmark_row(tmp_path, "--seconds", "3", "--rest", "1")
+    pictures, making, latency, rested = int(cells[3]), float(cells[6]), float(cells[7]), int(cells[12])
+    assert pictures == 1 and rested > 10
+    assert 0.5 * latency <= making <= latency + 1, cells  # (whole ms)
+    cells = benchmark_row(tmp_path, "--seconds", "0.01")
+    assert cells[3] == "0" and cells[5] == "0.00" and cells[6:11] == ["–"] * 5, cells
