@@ -222,9 +222,8 @@ def test_a_device_portaudio_refuses_is_one_line_and_loop_needs_a_file(monkeypatc
         open_input("mic")
     fake_sounddevice(monkeypatch, refuse_start=True)
     microphone = open_input("mic", device_index=2)
-    with pytest.raises(DeviceError, match="--device_index 2 cannot record .*Invalid sample rate"):
-        with microphone:
-            pass
+    with pytest.raises(DeviceError, match="--device_index 2 cannot record .*Invalid sample rate"), microphone:
+        pass
     with pytest.raises(ParameterError, match="--loop"):
         open_input("mic", loop=True)
 
