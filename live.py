@@ -11,6 +11,7 @@ open the address it prints in a browser.
     python live.py --demo --input mix.wav --control drums=drums.wav --strength "0.3 + 0.5*drums.onset" --bpm 120
 """
 
+import math
 from dataclasses import replace
 
 from sounddiffusion import cli
@@ -83,8 +84,9 @@ def main(args):
 
         print(list_devices())
         return 0
-    if args.seconds is not None and not args.seconds > 0:
-        raise ParameterError(f"--seconds {args.seconds}: give a number of seconds above 0")
+    if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise ParameterError(f"--seconds {args.seconds}: give a number of seconds above 0 (leave it out to run "
+                             f"until Ctrl-C)")
     if not 0 <= args.port <= 65535:
         raise ParameterError(f"--port {args.port}: use 1 to 65535, or 0 for any free port")
     if not args.rest >= 0:

@@ -8,14 +8,16 @@ of sound after one load of the model and its warm-up, and writes a markdown tabl
 - frames/s: pictures made / seconds of sound (what the page shows, averaged over the run);
 - latency: from the capture of the last sample of the sound a picture was made from to its
   JPEG being ready to send (mean, median, 95th percentile, largest), in ms;
-- making one: the mean wall-clock time of the frame loop's step that makes a picture (numbers,
-  conditioning, img2img, decoding, JPEG), so 1000 / it is the most pictures per second this
-  machine could show at the moment; the latency is about 1 to 2 of these (a frame of sound waits
-  for the picture in progress, then for its own);
+- making one: the mean wall-clock time of the frame loop's steps that made a picture (numbers,
+  conditioning, img2img, decoding, JPEG; not those that rested), so 1000 / it is the most
+  pictures per second this machine could show at the moment; the latency is about 1 to 2 of
+  these (a frame of sound waits for the picture in progress, then for its own);
 - dropped: frames of the sound (at ``--fps``) that completed while a picture was being made and
   got none; rested: frames the loop rested on (none with ``--rest 0``, the default here).
 
-    python scripts/benchmark_live.py --device cpu                       # the demo, 128x128, DDIM 4 x 0.5
+A run that made no picture has – in the picture columns.
+
+    python scripts/benchmark_live.py --device cpu                       # the demo, 128x128: DDIM 4 x 0.5 beside LCM
     python scripts/benchmark_live.py --device cpu --sizes 128 256 --seconds 30
     python scripts/benchmark_live.py --device cuda --ckpt model.safetensors --sizes 512
 
@@ -43,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the sound file played (looped) in real time")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128], help="picture sizes (square), pixels")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of sound per size")
-    parser.add_argument("--ways", nargs="+", default=["ddim:4:7.5"], metavar="SAMPLER:STEPS:SCALE",
-                        help="the samplers compared, each with its steps and guidance scale, e.g. ddim:4:7.5 lcm:4:1")
+    parser.add_argument("--ways", nargs="+", default=["ddim:4:7.5", "lcm:4:1"], metavar="SAMPLER:STEPS:SCALE",
+                        help="the samplers compared side by side, each with its steps and guidance scale "
+                             "(default: ddim:4:7.5 lcm:4:1)")
     parser.add_argument("--strength", default="0.5")
     parser.add_argument("--fps", type=float, default=24.0, help="live.py --fps: the most pictures per second")
     parser.add_argument("--rest", type=float, default=0.0, help="live.py --rest (0: never rest)")
@@ -87,13 +90,14 @@ def main(argv=None) -> int:
     from sounddiffusion.settings import LiveSettings, ModelSettings
 
     configure_logging(False)
-    making = []  # seconds of each picture step
+    making = []  # seconds of each step that made a picture
     picture = LiveLoop.picture
 
     def timed(self, heard):
-        started = time.perf_counter()
+        shown, started = self.state.newest(), time.perf_counter()
         picture(self, heard)
-        making.append(time.perf_counter() - started)
+        if self.state.newest() is not shown:  # not a rest, nor a skipped frame
+            making.append(time.perf_counter() - started)
 
     LiveLoop.picture = timed
     if args.threads is not None:
@@ -112,13 +116,14 @@ def main(argv=None) -> int:
             making.clear()
             summary = run_live(settings, model, engine=engine, announce=lambda line: print(line, flush=True))
             lat = np.array(summary.latencies_ms)
+            timings = (f"{1000 * np.mean(making):.0f} | {lat.mean():.0f} | {np.median(lat):.0f} | "
+                       f"{np.percentile(lat, 95):.0f} | {lat.max():.0f}") if len(lat) else " | ".join("–" * 5)
             per_picture = img2img_step_count(sampler, int(steps), float(args.strength))
             calls = unet_evaluations(sampler, per_picture, float(scale))
+            rate = summary.frames / summary.seconds if summary.seconds else 0.0
             rows.append(f"| {size}x{size} | {sampler} {steps} x {args.strength} = {per_picture}, scale {scale} "
                         f"({calls} UNet rows) | {torch.get_num_threads()} | "
-                        f"{summary.frames} | {summary.seconds:.1f} | {summary.frames / summary.seconds:.2f} | "
-                        f"{1000 * np.mean(making):.0f} | "
-                        f"{lat.mean():.0f} | {np.median(lat):.0f} | {np.percentile(lat, 95):.0f} | {lat.max():.0f} | "
+                        f"{summary.frames} | {summary.seconds:.1f} | {rate:.2f} | {timings} | "
                         f"{summary.dropped} | {summary.rested} | {load_before:.1f} / {os.getloadavg()[0]:.1f} |")
     command = "python scripts/benchmark_live.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     table = "\n".join([

@@ -205,37 +205,90 @@ def _browser():
     return sync_playwright
 
 
+SHOWN_JS = """async () => {
+  const picture = document.getElementById('picture');
+  const src = picture.src;
+  await picture.decode();  // rejects when the src changes before it is decoded
+  return src;
+}"""
+DECODED_JS = """(src) => {
+  const picture = document.getElementById('picture');
+  if (picture.src !== src) return null;  // a newer picture came meanwhile
+  const canvas = document.createElement('canvas');
+  canvas.width = picture.naturalWidth;
+  canvas.height = picture.naturalHeight;
+  const context = canvas.getContext('2d');
+  context.drawImage(picture, 0, 0);
+  return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);
+}"""
+
+
+def poll_page(page, expression: str, seconds: float = WAIT_S, arg=None):
+    """The first truthy value of ``expression`` evaluated in ``page`` (DevTools evaluation, which the
+    page's Content-Security-Policy allows, unlike Playwright's wait_for_function)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            value = page.evaluate(expression, arg)
+        except Exception as error:  # noqa: BLE001 - a decode cut short by a newer picture: look again
+            if "decode" not in str(error).lower() and "encoding" not in str(error).lower():
+                raise
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting in the page for {expression}")
+
+
 def test_the_page_shows_the_picture_in_a_headless_browser(live, tmp_path):
+    """With the page's own Content-Security-Policy in force: the picture on the screen is the
+    JPEG the page received over the stream."""
     sync_playwright = _browser()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    received = []  # the JPEGs of the stream, as the browser got them
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                       headless=True, args=flags, viewport={"width": 640, "height": 480},
-                                                       bypass_csp=True)  # our waits are JS strings; the page keeps its CSP
+                                                       headless=True, args=flags, viewport={"width": 640, "height": 480})
         try:
             page = browser.new_page()
+            page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: received.append(payload)))
             page.goto(live.url)
             # pictures come over the stream, and the numbers from /status
-            page.wait_for_function("document.getElementById('picture').naturalWidth === 64 && "
-                                   "Number(document.getElementById('frames').textContent) > 0", timeout=WAIT_S * 1000)
+            poll_page(page, "document.getElementById('picture').naturalWidth === 64 && "
+                            "Number(document.getElementById('frames').textContent) > 0")
             first = page.evaluate("document.getElementById('picture').src")
-            page.wait_for_function(f"document.getElementById('picture').src !== '{first}'", timeout=WAIT_S * 1000)
-            box = page.locator("#picture").bounding_box()
-            page.screenshot(path=str(tmp_path / "page.png"))
+            poll_page(page, "(first) => document.getElementById('picture').src !== first", arg=first)
             meters = page.locator("#meters .meter").count()
             track_meters = page.locator("#tracks .track[data-track=drums] .meter").count()
             track_name = page.locator("#tracks .track .name").text_content()
-            assert page.evaluate("document.getElementById('fps').textContent") != "–"
+            fps = page.evaluate("document.getElementById('fps').textContent")
+            page.evaluate("document.getElementById('panel').style.visibility = 'hidden'")  # it floats over the picture
+            box = page.locator("#picture").bounding_box()
+            for _ in range(50):  # a picture that stays on show from before the screenshot to after it
+                src = poll_page(page, SHOWN_JS)
+                page.screenshot(path=str(tmp_path / "page.png"))
+                decoded = page.evaluate(DECODED_JS, src)
+                if decoded is not None:
+                    break
+            else:
+                raise AssertionError("the picture never stayed on show through a screenshot")
         finally:
             browser.close()
-    assert first.startswith("blob:") and meters == len(ENVELOPE_NAMES)
-    assert track_meters == len(ENVELOPE_NAMES) and track_name == "drums"
-    shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"), dtype=np.float64)
-    assert box["width"] >= 400 and box["height"] >= 400  # as large as the window allows (square picture)
-    # the middle of the window (above the panel) holds the picture: not the black page, and not flat
-    middle = shot[100:300, 220:420]
-    assert middle.mean() > 20 and middle.std() > 3
+    assert first.startswith("blob:") and src.startswith("blob:") and meters == len(ENVELOPE_NAMES)
+    assert track_meters == len(ENVELOPE_NAMES) and track_name == "drums" and fps != "–"
+    assert box["width"] >= 400 and box["height"] >= 400  # as large as the window allows
+    shown = np.array(decoded, dtype=np.float64).reshape(64, 64, 4)[..., :3]
+    # it is a picture of the stream (Chrome's JPEG decoder and PIL's may differ by a level)
+    nearest = min(np.abs(shown - pixels(jpeg)).mean() for jpeg in received if isinstance(jpeg, bytes))
+    # the screen shows it, scaled to the largest square the box holds (object-fit: contain)
+    side = min(box["width"], box["height"])
+    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    screen = Image.open(tmp_path / "page.png").convert("RGB").crop((round(left), round(top), round(left + side),
+                                                                    round(top + side)))
+    on_screen = np.asarray(screen.resize((64, 64), Image.BOX), dtype=np.float64)
+    assert nearest < 1.0 and shown.std() > 10, (nearest, shown.std())
+    assert np.abs(on_screen - shown).mean() < 2.0  # 0.4 here; pictures a second apart differ by 10 or so
 
 
 def test_ctrl_c_stops_cleanly_and_finishes_the_recording(live):
@@ -313,3 +366,27 @@ def test_benchmark_live_writes_its_table(tmp_path):
         pictures, seconds, fps = int(cells[3]), float(cells[4]), float(cells[5])
         assert pictures >= 1 and seconds == 3.0 and fps == pytest.approx(pictures / seconds, abs=0.01)
         assert cells[1] == way and int(cells[12]) == 0  # --rest 0: never rests
+
+
+def benchmark_row(folder: Path, *args) -> list[str]:
+    """The cells of the one row scripts/benchmark_live.py writes for 64x64 DDIM with ``args``."""
+    out = folder / f"bench-{len(list(folder.glob('bench-*')))}.md"
+    done = subprocess.run([sys.executable, "scripts/benchmark_live.py", "--sizes", "64", "--ways", "ddim:4:7.5",
+                           "--device", "cpu", "--out", str(out), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=2 * START_S)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64x64")]
+    assert len(rows) == 1
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_benchmark_live_times_only_the_pictures_and_takes_a_run_without_any(tmp_path):
+    """--rest 1 rests after the first picture (no envelope moves by more than 1): "making one" is
+    that picture's time, close to its latency, not its mean with the rests. 0.01 s of sound
+    completes no frame: no picture, and the row says so."""
+    cells = benchmark_row(tmp_path, "--seconds", "3", "--rest", "1")
+    pictures, making, latency, rested = int(cells[3]), float(cells[6]), float(cells[7]), int(cells[12])
+    assert pictures == 1 and rested > 10
+    assert 0.5 * latency <= making <= latency + 1, cells  # (whole ms)
+    cells = benchmark_row(tmp_path, "--seconds", "0.01")
+    assert cells[3] == "0" and cells[5] == "0.00" and cells[6:11] == ["–"] * 5, cells

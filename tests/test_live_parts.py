@@ -1,20 +1,24 @@
 """live.py's parts without a model: per-frame numbers and controls, the recording's clock, the sound
 input, the address checks, and the mistakes that fail before the model loads."""
+import logging
 import socket
 import sys
+import types
 
 import numpy as np
 import pytest
+import torch
 
 from cli_checks import assert_one_line_error, decoded_frames, write_sound
 from sounddiffusion.control.frame_schedules import parse_video_schedules
 from sounddiffusion.control.schedules import parse_schedule
-from sounddiffusion.errors import AudioError, DeviceError, ParameterError, ScheduleError
+from sounddiffusion.errors import AudioError, DeviceError, ModelError, ParameterError, ScheduleError
+from sounddiffusion.live import loop
 from sounddiffusion.live.controls import LiveControls, live_frame
 from sounddiffusion.live.input import FilePlayer, import_sounddevice, open_input
 from sounddiffusion.live.record import LiveRecorder
 from sounddiffusion.live.server import is_loopback
-from sounddiffusion.settings import LiveSettings
+from sounddiffusion.settings import LiveSettings, ModelSettings
 from sounddiffusion.sound.audio import load_audio
 from sounddiffusion.video.camera import repeated_move
 from sounddiffusion.video.frame_plan import frame_seed, plan_frames
@@ -97,7 +101,7 @@ def test_a_change_applies_whole_or_not_at_all():
     controls = LiveControls(LiveSettings(strength="0.5", seed=1))
     with pytest.raises(ScheduleError, match="--strength"):
         controls.change({"seed": 5, "strength": "0.3 +* onset"})
-    for bad in ({"seed": True}, {"seed": "abc"}, {"seed": -1}, {"colour": 1}, {"strength": [1]}, {"prompt": 3},
+    for bad in ({"seed": True}, {"seed": "abc"}, {"seed": -1}, {"seed": "²"}, {"seed": "--5"}, {"colour": 1}, {"strength": [1]}, {"prompt": 3},
                 {"textstrength": 1.5}, {}, ["strength"]):
         with pytest.raises(ParameterError):
             controls.change(bad)
@@ -135,6 +139,22 @@ def test_the_recording_shows_each_picture_from_when_it_was_ready(tmp_path):
     assert not list(tmp_path.glob(".rec.mp4.live-*"))  # the working folder is gone
 
 
+def test_the_recording_is_as_long_as_its_sound_however_late_the_pictures(tmp_path):
+    """A picture ready before the sound reaches its time waits for the sound; one ready after the
+    sound's end is not recorded (1 s of sound: 10 frames at 10 fps, never more)."""
+    recorder = LiveRecorder(tmp_path / "rec.mp4", 10, 64, 64)
+    start, half = 100.0, np.full(44100 // 2, 0.25, np.float32)
+    recorder.add_sound(half, start + 0.5)
+    recorder.show(np.full((64, 64, 3), (200, 0, 0), np.uint8), start + 0.72)  # from frame 8 = ceil(7.2)
+    recorder.add_sound(half, start + 1.0)
+    recorder.show(np.full((64, 64, 3), (0, 0, 200), np.uint8), start + 1.4)  # 0.4 s after the sound's end
+    path = recorder.finish()
+    info = probe_video(path)
+    assert info["frames"] == 10 and info["audio_duration"] == pytest.approx(1.0, abs=0.05)
+    means = decoded_frames(path).reshape(10, -1, 3).mean(axis=1)
+    assert [int(np.argmax(m)) if m.max() > 100 else -1 for m in means] == [-1] * 8 + [0] * 2
+
+
 def test_the_file_player_hands_on_the_whole_sound_then_its_end(tmp_path):
     sound = write_sound(tmp_path / "tone.wav", seconds=0.3)
     player = FilePlayer(sound)
@@ -163,6 +183,83 @@ def test_sound_inputs_that_cannot_be_used_say_why(tmp_path, monkeypatch):
         import_sounddevice()
 
 
+def fake_sounddevice(monkeypatch, *, busy: bool = False, refuse_start: bool = False) -> list:
+    """A stand-in for the sounddevice module (a device at 44.1 kHz) whose streams are listed in the
+    list returned; ``busy``: opening one fails, ``refuse_start``: starting one fails, as PortAudio does."""
+    streams = []
+
+    class PortAudioError(Exception):
+        pass
+
+    class InputStream:
+        def __init__(self, **kwargs):
+            if busy:
+                raise PortAudioError("Error opening InputStream: Device unavailable [PaErrorCode -9985]")
+            self.closed = self.active = False
+            streams.append(self)
+
+        def start(self):
+            if refuse_start:
+                raise PortAudioError("Error starting stream: Invalid sample rate [PaErrorCode -9997]")
+            self.active = True
+
+        def stop(self):
+            self.active = False
+
+        def close(self):
+            self.active, self.closed = False, True
+
+    module = types.ModuleType("sounddevice")
+    module.PortAudioError, module.InputStream = PortAudioError, InputStream
+    module.query_devices = lambda device, kind: {"default_samplerate": 44100.0, "max_input_channels": 1}
+    monkeypatch.setitem(sys.modules, "sounddevice", module)
+    return streams
+
+
+def test_a_device_portaudio_refuses_is_one_line_and_loop_needs_a_file(monkeypatch):
+    fake_sounddevice(monkeypatch, busy=True)
+    with pytest.raises(DeviceError, match="default input device cannot record .*Device unavailable"):
+        open_input("mic")
+    fake_sounddevice(monkeypatch, refuse_start=True)
+    microphone = open_input("mic", device_index=2)
+    with pytest.raises(DeviceError, match="--device_index 2 cannot record .*Invalid sample rate"), microphone:
+        pass
+    with pytest.raises(ParameterError, match="--loop"):
+        open_input("mic", loop=True)
+
+
+@pytest.mark.parametrize("failure", ["port taken", "model fails", "Ctrl-C while loading"])
+def test_the_microphone_is_closed_whatever_stops_the_start(monkeypatch, failure):
+    streams = fake_sounddevice(monkeypatch)
+    raised = {"model fails": ModelError("no model"), "Ctrl-C while loading": KeyboardInterrupt()}.get(failure)
+
+    def load_engine(model, loras):
+        raise raised
+
+    monkeypatch.setattr(loop, "load_engine", load_engine)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] if failure == "port taken" else 0
+        with pytest.raises((ParameterError, ModelError, KeyboardInterrupt)) as stopped:
+            loop.run_live(LiveSettings(input="mic", port=port), ModelSettings(demo=True))
+    assert stopped.type is (ParameterError if raised is None else type(raised))
+    assert len(streams) == 1 and streams[0].closed
+
+
+def test_a_schedule_that_fails_on_every_frame_warns_once(tmp_path, monkeypatch, caplog):
+    """log(onset) is -inf on silence: every frame of a silent second is skipped, with one warning."""
+    silence = write_sound(tmp_path / "silence.wav", seconds=1.0, kind="silence")
+    monkeypatch.setattr(loop, "set_cpu_threads", lambda device: None)
+    engine = types.SimpleNamespace(device=torch.device("cpu"))  # never reached: each frame fails before
+    settings = LiveSettings(input=str(silence), strength="log(onset)", port=0, fps=24, rest=0)
+    with caplog.at_level(logging.WARNING):
+        summary = loop.run_live(settings, ModelSettings(demo=True), engine=engine, announce=lambda line: None)
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(skipped) == 1 and "log(onset)" in skipped[0], skipped
+    assert summary.frames == 0 and summary.dropped >= 20 and summary.seconds == pytest.approx(1.0)
+
+
 def test_only_loopback_addresses_count_as_local():
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.3.4.5", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.org"))
@@ -173,6 +270,7 @@ def test_mistakes_fail_before_the_model_loads(run_tool, tmp_path, monkeypatch):
     base = ["--demo", "--input", sound, "--port", "0"]
     cases = [(["--strength", "0.3 +* onset"], ("--strength", "column 6")),
              (["--seconds", "0"], ("--seconds",)),
+             (["--seconds", "inf"], ("--seconds",)),
              (["--bend", "add=0.1@output_blocks.99"], ("output_blocks.99",)),
              (["--port", "70000"], ("--port",)),
              (["--H", "100"], ("--H 100",)),
@@ -186,6 +284,7 @@ def test_mistakes_fail_before_the_model_loads(run_tool, tmp_path, monkeypatch):
         port = taken.getsockname()[1]
         assert_one_line_error(*run_tool("live", ["--demo", "--input", sound, "--port", port])[::2], "live",
                               f"--port {port}")
+    assert_one_line_error(*run_tool("live", ["--demo", "--input", "mic", "--loop"])[::2], "live", "--loop")
     monkeypatch.setitem(sys.modules, "sounddevice", None)
     for args in (["--demo"], ["--list_devices"]):
         assert_one_line_error(*run_tool("live", args)[::2], "live", "sounddevice")

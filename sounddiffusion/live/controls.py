@@ -9,6 +9,7 @@ file's plan uses (:func:`~sounddiffusion.control.frame_schedules.values_at`,
 """
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -89,7 +90,7 @@ def _checked(control: str, value) -> str | int:
             raise ParameterError(f"prompt: send a text of at most {MAX_PROMPT} characters")
         return value
     if control == "seed":
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # ASCII digits only ("²" is a digit)
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
             raise ParameterError(f"seed {str(value)[:40]!r}: send a whole number from 0 to {2**32 - 1}")

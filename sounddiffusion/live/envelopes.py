@@ -120,12 +120,6 @@ class LiveBeats:
             self.next_run = self.hops + round(BEAT_UPDATE_S * self.sr / HOP)
             self._track()
 
-    def warm_up(self) -> None:
-        """Run the tracker once on made-up onsets (librosa compiles it on first use: seconds), then forget them."""
-        pulses = np.zeros(self.window.maxlen)
-        pulses[:: max(1, round(0.5 * self.sr / HOP))] = 1.0
-        LiveBeats(self.sr)._track_window(pulses)
-
     def _track(self) -> None:
         self._track_window(np.array(self.window))
 
@@ -167,6 +161,15 @@ class LiveBeats:
         beat = max(0.0, 1.0 - (index - beat_frame) / gap)
         bar = 0.0 if self.downbeat is None else max(0.0, 1.0 - (index - self.downbeat) / (gap * self.beats_per_bar))
         return beat, bar, in_bar
+
+
+def warm_up_beat_tracker(sr: int = SAMPLE_RATE) -> None:
+    """Run :class:`LiveBeats`' tracker once on made-up onsets (a pulse every 0.5 s), so that
+    librosa compiles it (seconds, on its first use) before the first live pictures."""
+    beats = LiveBeats(sr)
+    pulses = np.zeros(beats.window.maxlen)
+    pulses[:: max(1, round(0.5 * sr / HOP))] = 1.0
+    beats._track_window(pulses)
 
 
 class LiveGrid:

@@ -12,6 +12,7 @@ line that says what to install or choose.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from sounddiffusion.errors import AudioError, DeviceError
+from sounddiffusion.errors import AudioError, DeviceError, ParameterError
 from sounddiffusion.sound.audio import SAMPLE_RATE, sound_blocks
 
 log = logging.getLogger(__name__)
@@ -140,24 +141,34 @@ def list_devices() -> str:
 
 class Microphone(SoundInput):
     """The input device ``device_index`` (None: the default one) through PortAudio, mixed to mono
-    and resampled to 44.1 kHz when the device runs at another rate. Checked at once."""
+    and resampled to 44.1 kHz when the device runs at another rate. Checked at once: the stream is
+    opened here (so a busy device or a rate it refuses fails before the model loads), and closed by
+    :meth:`stop`, which may be called any number of times, started or not."""
 
     def __init__(self, device_index: int | None = None):
         super().__init__()
         sd = import_sounddevice()
-        try:
+        self._refused = (ValueError, sd.PortAudioError)
+        self.which = f"--device_index {device_index}" if device_index is not None else "the default input device"
+        with self._device_errors():
             info = sd.query_devices(device_index, "input")
-        except (ValueError, sd.PortAudioError) as exc:
-            which = f"--device_index {device_index}" if device_index is not None else "the default input device"
-            raise DeviceError(f"{which} cannot record ({exc}): see live.py --list_devices, or play a file "
-                              f"with --input FILE") from None
         self.rate = int(info["default_samplerate"]) or SAMPLE_RATE
         self.channels = max(1, min(2, int(info["max_input_channels"])))
         self._resampler = (soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
                            if self.rate != SAMPLE_RATE else None)
-        self._stream = sd.InputStream(device=device_index, channels=self.channels, samplerate=self.rate,
-                                      blocksize=BLOCK, dtype="float32", callback=self._captured)
+        with self._device_errors():
+            self._stream = sd.InputStream(device=device_index, channels=self.channels, samplerate=self.rate,
+                                          blocksize=BLOCK, dtype="float32", callback=self._captured)
         self._taken = 0  # samples handed on so far
+
+    @contextlib.contextmanager
+    def _device_errors(self):
+        """PortAudio's refusals (a missing or busy device, a rate it cannot take) as one DeviceError line."""
+        try:
+            yield
+        except self._refused as exc:
+            raise DeviceError(f"{self.which} cannot record ({exc}): see live.py --list_devices, or play a file "
+                              f"with --input FILE") from None
 
     def _captured(self, data: np.ndarray, frames: int, time_info, status) -> None:
         captured = time.monotonic()
@@ -170,18 +181,22 @@ class Microphone(SoundInput):
         self._taken += len(mono)
 
     def start(self) -> None:
-        self._stream.start()
+        with self._device_errors():
+            self._stream.start()
 
     def stop(self) -> None:
-        self._stream.stop()
-        self._stream.close()
-        self.blocks.put(None)
+        if not self._stream.closed:
+            self._stream.stop()  # sounddevice ignores PortAudio's complaint about a stream never started
+            self._stream.close()
+            self.blocks.put(None)
 
 
 def open_input(source: str, *, loop: bool = False, device_index: int | None = None) -> SoundInput:
     """``--input``: :data:`MIC` (a device) or the path of a sound file. Raises AudioError or
-    DeviceError (one line) when it cannot be used."""
+    DeviceError (one line) when it cannot be used, ParameterError for ``loop`` with :data:`MIC`."""
     if source == MIC:
+        if loop:
+            raise ParameterError("--loop plays --input FILE again and again: leave it out with --input mic")
         return Microphone(device_index)
     if device_index is not None:
         raise DeviceError(f"--device_index {device_index} chooses a microphone: leave it out with --input FILE")

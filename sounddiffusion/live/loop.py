@@ -32,7 +32,7 @@ from sounddiffusion.control.bending_specs import check_block
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.files import ensure_output_dir
 from sounddiffusion.live.controls import LiveControls, live_frame
-from sounddiffusion.live.envelopes import LiveBeats
+from sounddiffusion.live.envelopes import warm_up_beat_tracker
 from sounddiffusion.live.input import open_input
 from sounddiffusion.live.listener import Heard, Listener
 from sounddiffusion.live.music import LiveMusic, live_music_flags
@@ -75,6 +75,10 @@ class LiveSummary:
                 f"rested, {self.dropped} dropped")
 
 
+ONCE_LOGGERS = ("sounddiffusion.control.schedules", __name__)
+"""The loggers that say each distinct message once in a run (a schedule clipped, a frame skipped: on every frame)."""
+
+
 class _Once(logging.Filter):
     """Lets each distinct message through once (a schedule clipped on every frame warns once)."""
 
@@ -99,18 +103,18 @@ def jpeg_of(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
 
 def warm_up(engine: Engine, settings: LiveSettings, controls: LiveControls, music: LiveMusic) -> None:
     """One txt2img and one img2img picture on silence (the variables of ``music`` before any
-    sound) and a run of the beat tracker, so that the first live pictures do not pay for first
-    calls (kernel choices, the text conditionings, the sampler's schedule, librosa compiling its
-    tracker)."""
-    frame_at = live_frame
-    LiveBeats().warm_up()
+    sound) and a run of the beat tracker (unless ``--bpm`` set a grid), so that the first live
+    pictures do not pay for first calls (kernel choices, the text conditionings, the sampler's
+    schedule, librosa compiling its tracker)."""
+    if music.main.beats is not None:
+        warm_up_beat_tracker()
     current, schedules, _ = controls.current()
     silence = np.zeros(math.ceil(SAMPLE_RATE / settings.fps), np.float32)
     variables = music.variables(0, 0.0)
     chain = ChainState()
     try:
         for index in range(2):
-            frame, _ = frame_at(current, schedules, variables, index, 0)
+            frame, _ = live_frame(current, schedules, variables, index, 0)
             chain = ChainState(index, diffuse_slice(engine, silence, (), current, chain, frame, None), None)
     except ParameterError:  # a schedule undefined on silence (log(onset)): the first pictures pay instead
         return
@@ -157,7 +161,8 @@ class LiveLoop:
         try:
             frame, self.last_jump = live_frame(settings, schedules, heard.variables, heard.index, self.last_jump)
         except ParameterError as exc:  # a schedule undefined here, a zoom of 0...: the show goes on
-            log.warning("frame %d is skipped: %s", heard.index, exc)
+            log.warning("a frame is skipped (and so is each later one that fails alike, counted as dropped): %s",
+                        exc)
             self.state.count(dropped=1)
             return
         self.now.update(index=heard.index, seed=settings.seed)
@@ -191,19 +196,19 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
     grid, tracks = live_music_flags(settings)
     if settings.record:
         ensure_output_dir(Path(settings.record).parent)
-    source = open_input(settings.input, loop=settings.loop, device_index=settings.device_index)
     state = LiveState(width=settings.W, height=settings.H)
     state.set_controls(controls.values())
     server = LiveServer(state, controls, host=settings.host, port=settings.port)
-    server.bind()
     summary = LiveSummary()
-    filter_once = _Once()
-    schedule_log = logging.getLogger("sounddiffusion.control.schedules")
-    schedule_log.addFilter(filter_once)
     recorder = None
     music = LiveMusic(settings.fps, smoothing=parse_smoothing(settings.smoothing) if settings.smoothing else None,
                       grid=grid, beats_per_bar=settings.beats_per_bar, tracks=tracks)
-    try:
+    source = open_input(settings.input, loop=settings.loop, device_index=settings.device_index)
+    filter_once = _Once()
+    for name in ONCE_LOGGERS:
+        logging.getLogger(name).addFilter(filter_once)
+    try:  # the microphone is open from here on: whatever happens next, the finally closes it
+        server.bind()
         engine = engine or load_engine(model, loras=loras)
         set_cpu_threads(engine.device)
         warm_up(engine, settings, controls, music)
@@ -232,7 +237,9 @@ def run_live(settings: LiveSettings, model: ModelSettings, *, engine: Engine | N
             recorder.abort()
         music.close()
         server.stop()
-        schedule_log.removeFilter(filter_once)
+        source.stop()
+        for name in ONCE_LOGGERS:
+            logging.getLogger(name).removeFilter(filter_once)
     status = state.status()
     summary.frames, summary.rested, summary.dropped = status["frames"], status["rested"], status["dropped"]
     summary.latencies_ms = state.latencies()

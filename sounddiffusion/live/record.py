@@ -4,8 +4,10 @@ encoder and mux (:mod:`sounddiffusion.video.ffmpeg`).
 The recording's clock is the sound's: video frame ``j`` (at ``fps``) shows the picture that was on
 show ``j / fps`` seconds after the first sample was captured (black before the first picture),
 so a picture appears in the recording as late after its sound as it did on the page. Pictures
-made faster than ``fps`` are shown for their share of a frame only (the later one wins). The
-sound is written as it comes (a WAV beside the encoder's segment) and muxed in at the end, cut to
+made faster than ``fps`` are shown for their share of a frame only (the later one wins). Frames
+are written only as far as the sound has come: a picture ready after the sound so far waits for
+it, and one ready after the sound's end is not in the recording, so the video is as long as the
+sound. The sound is written as it comes (a WAV beside the encoder's segment) and muxed in at the end, cut to
 the video's length. The MP4 appears only when complete, under a new name if ``OUT.mp4`` exists.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import math
 import shutil
 import tempfile
+from collections import deque
 from fractions import Fraction
 from pathlib import Path
 
@@ -39,6 +42,7 @@ class LiveRecorder:
         self.sound = soundfile.SoundFile(self.sound_path, "w", SAMPLE_RATE, 1, "FLOAT")
         self.encoder = SegmentEncoder(self.folder, 0, self.fps, width, height, crf=crf)
         self.showing = np.zeros((height, width, 3), np.uint8)
+        self.waiting: deque[tuple[int, np.ndarray]] = deque()  # (first video frame, picture) not on show yet
         self.frames = 0  # video frames written
         self.samples = 0
         self.start: float | None = None  # time.monotonic() of the first sample
@@ -51,21 +55,32 @@ class LiveRecorder:
         self.samples += len(samples)
 
     def show(self, rgb: np.ndarray, at: float) -> None:
-        """``rgb`` is on show from ``at`` (``time.monotonic()``) on."""
-        if self.start is not None:
-            self._fill(math.ceil((at - self.start) * self.fps))
-        self.showing = rgb
+        """``rgb`` is on show from ``at`` (``time.monotonic()``) on: from video frame
+        ``first = ceil((at - start) fps)``. The frames before ``first`` that the sound has reached
+        are written (those after wait: a later picture may be ready before their time)."""
+        if self.start is None:
+            self.showing = rgb
+            return
+        first = math.ceil((at - self.start) * self.fps)
+        self.waiting.append((first, rgb))
+        self._fill(min(first, self._sound_frames()))
+
+    def _sound_frames(self) -> int:
+        """Video frames that the sound so far reaches into: ``ceil(samples fps / SAMPLE_RATE)``."""
+        return math.ceil(self.samples * self.fps / SAMPLE_RATE)
 
     def _fill(self, frames: int) -> None:
-        """Write the picture on show until the video holds ``frames`` frames."""
+        """Write frames until the video holds ``frames``, each with the picture on show at its time."""
         while self.frames < frames:
+            while self.waiting and self.waiting[0][0] <= self.frames:
+                self.showing = self.waiting.popleft()[1]
             self.encoder.write(self.showing)
             self.frames += 1
 
     def finish(self) -> Path | None:
         """Write the MP4 (video as long as the sound) and return its path; None without sound."""
         try:
-            self._fill(math.ceil(self.samples * self.fps / SAMPLE_RATE))
+            self._fill(self._sound_frames())
             self.sound.close()
             if not self.frames:
                 self.encoder.abort()

@@ -8,14 +8,17 @@ gets the newest picture when it is ready for one: pictures are skipped, never qu
 in force from the next frame; a wrong one answers 400 with one line and changes nothing.
 
 On the loopback address (the default) only requests addressed to it are answered (``Host``
-checked, so a web page elsewhere cannot reach the server through a DNS name that points at
-127.0.0.1), and ``POST /settings`` must be JSON (which a page elsewhere cannot send without the
-browser asking first). On any other address every request needs the random token printed with
+checked against :func:`allowed_hosts`, so a web page elsewhere cannot reach the server through a
+DNS name that points at 127.0.0.1), a request that a browser says comes from a page elsewhere
+(an ``Origin`` header not of this server) is refused (WebSockets are not covered by the browser's
+same-origin rules), and ``POST /settings`` must be JSON (which a page elsewhere cannot send
+without the browser asking first). On any other address every request needs the random token printed with
 the URL, as ``?token=`` or the cookie the page gets with it.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import ipaddress
 import json
@@ -40,16 +43,32 @@ COOKIE = "sounddiffusion_live"
 # The page's own files, pictures from its own stream (blob:), connections to this server only.
 CSP = "default-src 'self'; img-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'"
 NO_STORE = {"Cache-Control": "no-store"}
+CLOSE_S = 1.0
+"""Seconds a viewer has to take a WebSocket's closing message (one that stopped reading is cut off then)."""
+STOP_S = 10.0
+"""Seconds :meth:`LiveServer.stop` waits for the server (the closes, then aiohttp's 2 s for the handlers)."""
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (``--host``) is this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ip = _ip(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """The ``Host`` headers a server on the loopback address ``host``:``port`` answers: that address
+    and the loopback names, each with ``:port``, and also without it on port 80 (which browsers
+    leave out). A page's ``Origin`` is ``http://`` and one of them."""
+    names = {f"[{name}]" if ":" in name else name for name in ("127.0.0.1", "localhost", "::1", host)}
+    return frozenset({f"{name}:{port}" for name in names} | (names if port == 80 else set()))
 
 
 def _text(status: int, message: str) -> web.Response:
@@ -71,9 +90,11 @@ class LiveServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._news: asyncio.Event | None = None
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._sockets: dict[web.WebSocketResponse, web.Request] = {}  # the open streams
         self._closing = False
         self._forget = None
+        self._runner: web.AppRunner | None = None  # once serving
+        self._failed: BaseException | None = None  # what stopped the server thread from serving
 
     # -- life cycle
 
@@ -97,7 +118,8 @@ class LiveServer:
     def url(self) -> str:
         """The page's address as the user opens it (with the token when there is one)."""
         shown = self.host
-        if _is_ip(shown) and ipaddress.ip_address(shown).is_unspecified:  # 0.0.0.0, ::: every interface
+        ip = _ip(shown)
+        if ip is not None and ip.is_unspecified:  # 0.0.0.0, ::: every interface
             shown = socket.gethostname()
         shown = f"[{shown}]" if ":" in shown else shown
         return f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
@@ -110,6 +132,8 @@ class LiveServer:
         self._thread = threading.Thread(target=self._run, args=(ready,), name="live-server", daemon=True)
         self._thread.start()
         ready.wait()
+        if self._failed is not None:
+            raise self._failed
         if self.token:
             log.warning("serving on %s, reachable from the network: only those who have the token in the "
                         "address below can watch or change the picture; keep it to yourself", self.host)
@@ -117,9 +141,13 @@ class LiveServer:
 
     def stop(self) -> None:
         """Close every connection and the port (waits for the server thread)."""
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-            self._thread.join(timeout=10)
+        if self._runner is not None and self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=STOP_S)
+            except concurrent.futures.TimeoutError:
+                log.warning("the page's server did not stop within %g s; leaving it to the end of the process",
+                            STOP_S)
+            self._thread.join(timeout=STOP_S)
         elif self.sock is not None:
             self.sock.close()
         if self._forget is not None:
@@ -128,12 +156,18 @@ class LiveServer:
     def _run(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
-        self._news = asyncio.Event()
-        self._forget = self.state.listen(lambda shown: self._loop.call_soon_threadsafe(self._tell))
-        runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.SockSite(runner, self.sock).start())
+        try:
+            self._news = asyncio.Event()
+            runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
+            self._loop.run_until_complete(runner.setup())
+            self._loop.run_until_complete(web.SockSite(runner, self.sock).start())
+        except BaseException as exc:  # noqa: BLE001 - raised again by start(), in the caller's thread
+            self._failed = exc
+            self._loop.close()
+            ready.set()
+            return
         self._runner = runner
+        self._forget = self.state.listen(lambda shown: self._loop.call_soon_threadsafe(self._tell))
         ready.set()
         self._loop.run_forever()
         self._loop.close()
@@ -141,8 +175,7 @@ class LiveServer:
     async def _shutdown(self) -> None:
         self._closing = True
         self._tell()
-        for ws in list(self._sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"live.py stopped")
+        await asyncio.gather(*(_close(ws, request) for ws, request in list(self._sockets.items())))
         await self._runner.cleanup()
         self._loop.call_soon(self._loop.stop)
 
@@ -171,8 +204,14 @@ class LiveServer:
             given = request.query.get("token") or request.cookies.get(COOKIE) or ""
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return _text(403, "forbidden: open the address with ?token= that live.py printed")
-        elif request.host not in {f"{name}:{self.port}" for name in ("127.0.0.1", "localhost", "[::1]")}:
-            return _text(403, f"forbidden: open http://127.0.0.1:{self.port}/")
+        else:
+            hosts = allowed_hosts(self.host, self.port)
+            if request.host.lower() not in hosts:
+                return _text(403, f"forbidden: open {self.url()}")
+            # a page elsewhere may open a WebSocket here (CORS does not cover them): its browser says whence
+            origin = request.headers.get("Origin")
+            if origin is not None and origin.lower() not in {f"http://{name}" for name in hosts}:
+                return _text(403, f"forbidden: a page from {origin[:80]} cannot use live.py; open {self.url()}")
         response = await handler(request)
         if self.token is not None and request.path == "/" and request.query.get("token"):
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict")
@@ -210,7 +249,7 @@ class LiveServer:
     async def _stream(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        self._sockets.add(ws)
+        self._sockets[ws] = request
         reader = asyncio.ensure_future(self._drain(ws))
         sent = 0
         try:
@@ -225,9 +264,9 @@ class LiveServer:
         except (ConnectionResetError, RuntimeError):  # the browser went away mid-send
             pass
         finally:
-            self._sockets.discard(ws)
+            self._sockets.pop(ws, None)
             reader.cancel()
-            await ws.close()
+            await _close(ws, request)
         return ws
 
     @staticmethod
@@ -237,9 +276,12 @@ class LiveServer:
             pass
 
 
-def _is_ip(host: str) -> bool:
+async def _close(ws: web.WebSocketResponse, request: web.Request) -> None:
+    """Close ``ws`` (the stream of ``request``); a viewer that has stopped reading (its connection
+    full) or does not answer the closing handshake within :data:`CLOSE_S` is cut off."""
     try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
+        await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY, message=b"live.py stopped"), CLOSE_S)
+    except asyncio.TimeoutError:
+        log.debug("a viewer did not take the close in %g s: cut off", CLOSE_S)
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait to hand it what it does not read
