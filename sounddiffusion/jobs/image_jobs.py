@@ -80,11 +80,13 @@ def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], setting
                   init_latent: torch.Tensor | None = None) -> np.ndarray:
     """One sampling call: conditionings (B, 77, D) and B seeds -> uint8 images (B, H, W, 3).
 
-    With ``init_latent`` (1, 4, h, w) this is img2img at ``settings.strength``, else txt2img."""
+    With ``init_latent`` (1, 4, h, w) this is img2img at ``settings.strength``, else txt2img.
+    Row b's start noise and the noise its steps add (LCM, Euler ancestral, DDIM with eta > 0) come
+    from seed b alone, so each picture is the one a call with that row by itself gives."""
     shape = engine.latent_shape(1, settings.H, settings.W)
     noise = torch.cat([engine.noise(shape, seed) for seed in seeds])
     common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=settings.scale,
-                  eta=settings.ddim_eta, seed=seeds[0], uncond=engine.negative_conditioning(settings.negative_prompt))
+                  eta=settings.ddim_eta, seed=seeds, uncond=engine.negative_conditioning(settings.negative_prompt))
     if init_latent is None:
         latents = engine.txt2img(conds, x_T=noise, **common)
     else:
