@@ -48,9 +48,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sounddiffusion.control.music_analysis import music_request
+from sounddiffusion.control.prompts import parse_prompt_file
 from sounddiffusion.errors import OutputError, ParameterError, UserError
 from sounddiffusion.files import ensure_output_dir
-from sounddiffusion.images import read_png_parameters
+from sounddiffusion.images import load_init_image, read_png_parameters
 from sounddiffusion.jobs.cluster import run_on_ray
 from sounddiffusion.jobs.image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sounds,
                                             render_chunk, run_parameters, sound_image_set)
@@ -64,6 +65,7 @@ from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, p
 from sounddiffusion.settings import (ClusterSettings, JobSettings, ModelSettings, SoundImageSettings,
                                      VideoSettings)
 from sounddiffusion.sound.audio import load_audio, sounds_in_folder
+from sounddiffusion.video.loop import input_files_record, run_audio2video
 from sounddiffusion.video.render_state import RenderState
 
 log = logging.getLogger(__name__)
@@ -204,8 +206,6 @@ class SongWorker:
 
     def process(self, item: FileItem) -> list[str]:
         """Render the video of the song at ``item.path``; returns [the MP4's path]."""
-        from sounddiffusion.video.loop import run_audio2video
-
         song = song_settings(self.settings, item.path)
         # A render left unfinished (its worker died, or Ctrl-C) continues where it stopped.
         unfinished = RenderState(song.requested_output()).folder.is_dir()
@@ -235,14 +235,19 @@ def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> Clus
     if settings.control and settings.input_folder:
         raise ParameterError(f"--control {settings.control[0]} belongs to one song, not to each song of "
                              f"--input_folder: render that song with --path")
-    music_request(settings)  # --bpm, --sections ... are one line before anything loads, not a skip per song
+    # --bpm, --sections, --prompt_file, --init-img ... are one line before anything loads, not a skip per song
+    music_request(settings)
+    if settings.prompt_file:
+        parse_prompt_file(settings.prompt_file)
+    if settings.init_img:
+        load_init_image(settings.init_img, settings.W, settings.H)
     songs = list_songs(settings)
     refuse_same_names(songs, "song", "OUTDIR/<song name>.mp4")
     loras = parse_lora_specs(model.lora, schedules=True)
     outdir = ensure_output_dir(settings.outdir)
     if settings.dry_run:
         return dry_run_songs(songs, settings, model)
-    items = file_items(songs, settings, model, loras)
+    items = file_items(songs, settings, model, loras, files=input_files_record(settings))
     return run_items(items, MakeSongWorker(settings, model), settings,
                      manifest=Manifest(outdir / MANIFEST_NAME), unit="song")
 
@@ -274,8 +279,6 @@ class SongSchedule:
     model: ModelSettings
 
     def process(self, item: FileItem) -> list[str]:
-        from sounddiffusion.video.loop import run_audio2video
-
         return [str(run_audio2video(song_settings(self.settings, item.path), self.model))]
 
 
@@ -283,11 +286,12 @@ class SongSchedule:
 
 
 def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSettings,
-               loras: Sequence[LoraSpec] = ()) -> list[FileItem]:
+               loras: Sequence[LoraSpec] = (), files: dict | None = None) -> list[FileItem]:
     """One item per path, keyed by the file and the settings that change the outputs (the LoRA
-    files by content and weight, as the outputs record them)."""
+    files by content and weight, as the outputs record them; ``files``: the other input files
+    by content, :func:`~sounddiffusion.video.loop.input_files_record`)."""
     digest = settings_digest({**settings.parameters(), **model.parameters(),
-                              "lora": lora_record(loras, lora_infos(loras))})
+                              "lora": lora_record(loras, lora_infos(loras)), **(files or {})})
     return [FileItem(key=file_key(path, settings=digest), path=str(path)) for path in paths]
 
 
