@@ -119,3 +119,13 @@ def test_a_missing_file_for_every_song_is_one_line_before_the_model_loads(run_to
                                               tmp_path / "missing", *VIDEO])
     assert_one_line_error(status, err, "audio2video", *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_without_those_files_keeps_the_keys_it_had(songs, tmp_path, monkeypatch):
+    """The digest of the settings as it was before the files were recorded by content."""
+    from sounddiffusion.jobs.manifest import file_key, settings_digest
+    from sounddiffusion.settings import ModelSettings, VideoSettings
+
+    settings = VideoSettings(input_folder=str(songs), outdir=str(tmp_path / "out"), H=64, W=64)
+    digest = settings_digest({**settings.parameters(), **ModelSettings(demo=True).parameters(), "lora": []})
+    assert batch_keys(monkeypatch, settings) == [file_key(songs / name, settings=digest) for name in ("a.wav", "b.wav")]

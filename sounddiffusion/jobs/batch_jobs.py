@@ -289,9 +289,11 @@ def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSetting
                loras: Sequence[LoraSpec] = (), files: dict | None = None) -> list[FileItem]:
     """One item per path, keyed by the file and the settings that change the outputs (the LoRA
     files by content and weight, as the outputs record them; ``files``: the other input files
-    by content, :func:`~sounddiffusion.video.loop.input_files_record`)."""
+    by content, :func:`~sounddiffusion.video.loop.input_files_record`; those not given stay out, so
+    that a job without them keeps the keys it had before they were recorded)."""
+    given = {name: record for name, record in (files or {}).items() if record is not None}
     digest = settings_digest({**settings.parameters(), **model.parameters(),
-                              "lora": lora_record(loras, lora_infos(loras)), **(files or {})})
+                              "lora": lora_record(loras, lora_infos(loras)), **given})
     return [FileItem(key=file_key(path, settings=digest), path=str(path)) for path in paths]
 
 
