@@ -4,15 +4,18 @@ A picture must not depend on the pictures sampled beside it: row b of a batch is
 with that row alone gives, for every sampler, the ones that add fresh noise at each step included
 (LCM, Euler ancestral, DDIM with eta > 0), in txt2img and in img2img.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from ldm.models.diffusion.sampling import randn
-from sounddiffusion.jobs.image_jobs import sample_images
+from sounddiffusion.errors import PromptFileError
+from sounddiffusion.jobs.image_jobs import list_sounds, read_prompts, sample_images
 from sounddiffusion.model.engine import step_generator
 from sounddiffusion.model.loading import load_engine
-from sounddiffusion.settings import ImageSettings, ModelSettings
+from sounddiffusion.settings import ImageSettings, ModelSettings, PromptImageSettings, SoundImageSettings
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +64,25 @@ def test_the_step_noise_follows_the_row_seed(demo, no_gradients, sampler, eta, s
     # batched arithmetic may round differently in the last bits; another seed moves the latent by O(0.1)
     assert torch.allclose(latents[1:], again, atol=1e-5)
     assert (latents[0] - latents[1]).abs().max() > 1e-2
+
+
+def test_a_sound_list_from_windows_with_indented_comments(tmp_path):
+    """A byte-order mark is no part of the first path; '#' as a line's first non-blank character
+    starts a comment; a '#' after a path belongs to the file's name."""
+    listed = tmp_path / "sounds.txt"
+    listed.write_bytes("\ufeffkick.wav\r\n  # the snares\r\n\t#hat.wav\r\n\r\n  take #2.wav  \r\nsub/a.wav\r\n"
+                       .encode("utf-8"))
+    assert list_sounds(SoundImageSettings(from_file=str(listed))) == [
+        Path("kick.wav"), Path("take #2.wav"), Path("sub/a.wav")]
+    listed.write_bytes("\ufeff# only comments\n   # here\n".encode("utf-8"))
+    with pytest.raises(PromptFileError, match="holds no path"):
+        list_sounds(SoundImageSettings(from_file=str(listed)))
+
+
+def test_a_prompt_list_with_a_byte_order_mark_and_a_line_that_is_not_utf8(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa red sky\nblue\n".encode("utf-8"))
+    assert read_prompts(PromptImageSettings(from_file=str(prompts))) == ["a red sky", "blue"]
+    prompts.write_bytes("\ufeffa\nb\n".encode("utf-8") + b"caf\xe9\n")
+    with pytest.raises(PromptFileError, match="line 3: not UTF-8"):
+        read_prompts(PromptImageSettings(from_file=str(prompts)))
