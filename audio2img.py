@@ -23,7 +23,7 @@ def build_parser():
                         help="one sound file (wav, flac, ogg, mp3, ...)")
     source.add_argument("--input_folder", metavar="DIR", help="every sound file in this folder")
     source.add_argument("--from-file", dest="from_file", metavar="LIST",
-                        help="a text file with one sound path per line")
+                        help="a text file with one sound path per line ('#' at a line's start: a comment)")
     cli.add_audio_conditioning_args(parser)
     parser.add_argument("--batch_size", type=int, default=4,
                         help="sounds sampled together in one call (more is faster on a GPU)")

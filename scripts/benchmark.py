@@ -505,7 +505,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true",
                         help="CPU: 128x128, 20 steps x 0.5, 2 frames (< 10 min on 2 cores); CUDA: the full "
-                             "mode's 512x512, 50 steps x 0.5, 4 frames per way (about 2 min on an H200)")
+                             "mode's 512x512, 50 steps x 0.5, 4 frames per way (about 100 s on an H200 by estimate from a "
+                             "longer run, not yet timed itself)")
     parser.add_argument("--frames", type=int, default=None, help="timed frames per way (default: by mode)")
     parser.add_argument("--size", type=int, default=None, help="picture side in pixels (default: by mode)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps before strength (default: by mode)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What one network bend costs per frame: the same frames rendered without a bend and with one bend
 at each place (noised latent, before a step, final latent, inside a UNet block), side by side in
-one run, through the real frame loop (``video_job.sample_frames``) on the demo model.
+one run, through the real frame loop (``sounddiffusion.video.loop.sample_frames``) on the demo model.
 
     python scripts/benchmark_bends.py                      # 128x128, 10 steps x 0.5, 8 frames
     python scripts/benchmark_bends.py --device cuda --size 512 --frames 20

@@ -255,3 +255,9 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(REPO))
     except ValueError:
         return str(path)
+
+
+if __name__ == "__main__":
+    # This module is the body of benchmark.py's --samplers mode: run that, with the flags given here.
+    print("scripts/benchmark_samplers.py is run as: python scripts/benchmark.py --samplers ...", file=sys.stderr)
+    sys.exit(subprocess.call([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--samplers", *sys.argv[1:]]))

@@ -11,6 +11,8 @@ only from the ones listed before it (docs/ARCHITECTURE.md):
 - ``model``: checkpoint loading, the ``Engine`` that samples, conditioning, CUDA graphs;
 - ``video``: audio2video's frame plan, loop, chain treatments, writing, resume, ffmpeg, measures;
 - ``jobs``: image jobs, batches of sounds, Ray, the manifest of finished items;
+- ``live``: live.py's loop on a sound as it plays (microphone or file), its envelopes, controls
+  and the local web page;
 - ``cli``: the argparse layer the entry points share, errors -> one line and exit status 2.
 """
 

@@ -102,12 +102,14 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, plms_flag: bool = True, scheduled: bool = False,
-                      default_sampler: str = "ddim") -> None:
+                      default_sampler: str = "ddim", prompt_file: bool = False) -> None:
     """Sampler, steps, guidance, negative prompt, seed and image geometry (txt2img's flags).
-    ``scheduled``: --scale takes a schedule (audio2video); ``default_sampler``: the entry point's."""
+    ``scheduled``: --scale takes a schedule (audio2video, live.py); ``default_sampler``: the entry
+    point's; ``prompt_file``: it has --prompt_file (audio2video), named in --negative_prompt's help."""
     from sounddiffusion.model.flags import sampling_flags
 
-    add_flag_group(parser, sampling_flags(plms_flag=plms_flag, scheduled=scheduled, default_sampler=default_sampler))
+    add_flag_group(parser, sampling_flags(plms_flag=plms_flag, scheduled=scheduled, default_sampler=default_sampler,
+                                          prompt_file=prompt_file))
 
 
 def add_image_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
@@ -141,15 +143,16 @@ def add_audio_conditioning_args(parser: argparse.ArgumentParser, *, scheduled: b
 
 def add_music_reactive_args(parser: argparse.ArgumentParser, *, files: bool = True) -> None:
     """audio2video's per-frame control: schedules, seed jumps, bends, envelope smoothing and, with
-    ``files`` (a sound known in advance), prompt snapping and reports."""
+    ``files`` (a sound known in advance), prompt snapping, reports and the sections' envelopes."""
     from sounddiffusion.control.bending import OPERATORS
     from sounddiffusion.sound.analysis import ENVELOPE_NAMES, GRID_NAMES, SNAP_UNITS
 
     g = parser.add_argument_group(
         "music-reactive control",
         "Per-frame numbers take a number or a schedule over the sound's envelopes "
-        f"({', '.join((*ENVELOPE_NAMES, *GRID_NAMES))}, plus bpm, t, s, fps, max_f; section and section_start "
-        "with --sections; NAME.onset, NAME.rms ... of each --control NAME=FILE): an expression such as "
+        f"({', '.join((*ENVELOPE_NAMES, *GRID_NAMES))}, plus bpm, t, s, fps, max_f; "
+        + ("section and section_start with --sections; " if files else "")
+        + "NAME.onset, NAME.rms ... of each --control NAME=FILE): an expression such as "
         "\"0.35 + 0.4*onset\" or keyframes such as \"0:(0.4), 96:(0.7)\" (README: Music-reactive control)")
     g.add_argument("--seed_jump", default=None, metavar="EXPR",
                    help="frames where EXPR > 0.5 (e.g. \"beat\") take new img2img noise; between them the "
@@ -170,14 +173,15 @@ def add_music_reactive_args(parser: argparse.ArgumentParser, *, files: bool = Tr
                    help="write NAME.schedule.csv (and the plot with --plot) and stop: no model, no video")
 
 
-def add_coherence_args(parser: argparse.ArgumentParser, *, cadence: bool = True) -> None:
-    """audio2video's cures for colour drift, burn-in and (with ``cadence``) slow renders."""
+def add_coherence_args(parser: argparse.ArgumentParser, *, cadence: bool = True, init_img: bool = False) -> None:
+    """audio2video's cures for colour drift, burn-in and (with ``cadence``) slow renders; ``init_img``:
+    the entry point has --init-img, whose colours then are the reference."""
     from sounddiffusion.video.color import COLOR_SPACES
 
     g = parser.add_argument_group("coherence and cadence")
     g.add_argument("--color_coherence", default="none", choices=("none", *COLOR_SPACES),
-                   help="match each frame's colour histogram to frame 0's (or --init-img's) in this "
-                        "colour space before img2img")
+                   help="match each frame's colour histogram to frame 0's"
+                        + (" (or --init-img's)" if init_img else "") + " in this colour space before img2img")
     g.add_argument("--color_coherence_every", type=int, default=1, metavar="N",
                    help="match colours on every Nth frame only")
     g.add_argument("--color_coherence_strength", default="1", metavar="F",

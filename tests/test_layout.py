@@ -75,7 +75,47 @@ def layout_problems(root: Path) -> list[str]:
     for path in sorted((root / "ldm").rglob("*.py")):
         if any(t.split(".")[0] == "sounddiffusion" for t in imports_of("ldm.x", path)):
             problems.append(f"{path.relative_to(root)} imports sounddiffusion (ldm stands on its own)")
+    problems += [f"import circle: {' -> '.join(circle)}" for circle in import_circles(import_graph(root))]
     return problems
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``sounddiffusion`` and ``ldm``, at the top or inside
+    functions), packages' ``__init__`` left out: importing a module of a package runs its ``__init__``,
+    which is never the circle's cause here."""
+    modules = package_modules(root)
+    for path in sorted((root / "ldm").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return {name: {t for t in imports_of(name, path) if t in modules and t != name
+                   and modules[t].name != "__init__.py"}
+            for name, path in modules.items()}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle ``[a, b, ..., a]`` (``a`` the first by name) per set of modules that import each other
+    round, found depth-first; empty when the imports form no circle."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+    found: dict[frozenset, list[str]] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        path.append(name)
+        for target in sorted(graph.get(name, ())):
+            if state.get(target) == "open":
+                circle = path[path.index(target):]
+                first = circle.index(min(circle))  # told from its first module by name, however reached
+                circle = circle[first:] + circle[:first]
+                found.setdefault(frozenset(circle), circle + [circle[0]])
+            elif target not in state:
+                visit(target, path)
+        path.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    return list(found.values())
 
 
 def test_the_layers_hold():
@@ -107,7 +147,30 @@ def test_a_reverse_import_is_found(tmp_path, module, line):
     path = root / "sounddiffusion" / module
     path.write_text(line + "\n" + path.read_text())
     problems = layout_problems(root)
-    assert len(problems) == 1 and problems[0].startswith("sounddiffusion." + module[:-3].replace("/", ".")), problems
+    # the reverse import, then any import circle it closes (video.render imports sound.audio back)
+    assert problems[0].startswith("sounddiffusion." + module[:-3].replace("/", ".")), problems
+    assert all(p.startswith("import circle: ") for p in problems[1:]), problems
+
+
+@pytest.mark.parametrize("module, line, circle", [
+    # two modules of one layer importing each other: the layer order allows each edge
+    ("video/frame_chain.py", "from sounddiffusion.video.loop import diffuse",
+     "sounddiffusion.video.frame_chain -> sounddiffusion.video.loop -> sounddiffusion.video.frame_chain"),
+    # the same inside a function (imported late, still a circle); ldm's own modules count too
+    ("model/samplers.py", "def later():\n    from sounddiffusion.model.engine import Engine",
+     "sounddiffusion.model.engine -> sounddiffusion.model.samplers -> sounddiffusion.model.engine"),
+])
+def test_an_import_circle_is_found(tmp_path, module, line, circle):
+    root = _copy_of_the_package(tmp_path)
+    path = root / "sounddiffusion" / module
+    path.write_text(line + "\n" + path.read_text())
+    assert layout_problems(root) == [f"import circle: {circle}"]
+
+
+def test_import_circles_of_a_small_graph():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e2"}, "e2": {"e"}}
+    assert import_circles(graph) == [["a", "b", "c", "a"], ["e", "e2", "e"]]
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
 def test_ldm_importing_the_package_is_found(tmp_path):

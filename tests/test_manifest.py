@@ -55,7 +55,6 @@ def test_plan_reruns_missing_outputs_and_failures_skips_the_rest(tmp_path):
     assert [item.key for item in plan.todo] == ["b", "e", "f"]
     assert sorted(plan.done) == ["a", "c", "d"]
     assert list(plan.skipped) == ["d"]
-    assert sorted(manifest.done()) == ["a", "b", "c", "d"]  # outputs not checked there
     manifest.record("e", "finished", [], "w")  # later lines win
     assert manifest.latest()["e"]["status"] == "finished"
 

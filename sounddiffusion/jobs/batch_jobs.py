@@ -20,7 +20,8 @@ A job's manifest, OUTDIR/manifest.jsonl, records every finished, skipped (unread
 (a cause that may pass: a render lock held elsewhere, a leftover render with other settings) or
 failed item; the same command again makes what is missing, deferred or failed. When some items
 were not made, the job says so at the end and its summary lists them by kind (the tools then
-exit with status 3).
+exit with status 3). audio2video's ``--dry_run`` makes no video: it writes each song's schedule
+report in this process, without the model, workers or manifest (:func:`dry_run_songs`).
 
 Retries and names: Ray runs an item again when its worker process died while making it, so an
 item must be safe to make twice. audio2img on Ray names its pictures by their index in the
@@ -47,15 +48,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sounddiffusion.control.music_analysis import music_request
+from sounddiffusion.control.prompts import parse_prompt_file
 from sounddiffusion.errors import OutputError, ParameterError, UserError
 from sounddiffusion.files import ensure_output_dir
-from sounddiffusion.images import read_png_parameters
+from sounddiffusion.images import load_init_image, read_png_parameters
 from sounddiffusion.jobs.cluster import run_on_ray
 from sounddiffusion.jobs.image_jobs import (ImageSet, fixed_grid_path, fixed_image_path, list_sounds,
                                             render_chunk, run_parameters, sound_image_set)
 from sounddiffusion.jobs.manifest import Manifest, file_key, settings_digest
-from sounddiffusion.jobs.outcomes import (ClusterSummary, Worker, make_batch, record_result, start_summary,
-                                          takes_batches)
+from sounddiffusion.jobs.outcomes import (ClusterSummary, Worker, count_result, make_batch, record_result,
+                                          start_summary, takes_batches)
 from sounddiffusion.logs import counted
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
@@ -63,6 +65,7 @@ from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, p
 from sounddiffusion.settings import (ClusterSettings, JobSettings, ModelSettings, SoundImageSettings,
                                      VideoSettings)
 from sounddiffusion.sound.audio import load_audio, sounds_in_folder
+from sounddiffusion.video.loop import input_files_record, run_audio2video
 from sounddiffusion.video.render_state import RenderState
 
 log = logging.getLogger(__name__)
@@ -203,13 +206,16 @@ class SongWorker:
 
     def process(self, item: FileItem) -> list[str]:
         """Render the video of the song at ``item.path``; returns [the MP4's path]."""
-        from sounddiffusion.video.loop import run_audio2video
-
-        song = replace(self.settings, audio=item.path, input_folder=None, output=None)
+        song = song_settings(self.settings, item.path)
         # A render left unfinished (its worker died, or Ctrl-C) continues where it stopped.
         unfinished = RenderState(song.requested_output()).folder.is_dir()
         song = replace(song, resume=unfinished)
         return [str(run_audio2video(song, self.model, engine=self.engine))]
+
+
+def song_settings(settings: VideoSettings, song: str | Path) -> VideoSettings:
+    """A folder job's ``settings`` for one ``song``: what ``--path SONG`` gives (OUTDIR/<song name>.mp4)."""
+    return replace(settings, audio=str(song), input_folder=None, output=None)
 
 
 def list_songs(settings: VideoSettings) -> list[Path]:
@@ -229,25 +235,65 @@ def run_audio2video_batch(settings: VideoSettings, model: ModelSettings) -> Clus
     if settings.control and settings.input_folder:
         raise ParameterError(f"--control {settings.control[0]} belongs to one song, not to each song of "
                              f"--input_folder: render that song with --path")
-    music_request(settings)  # --bpm, --sections ... are one line before anything loads, not a skip per song
+    # --bpm, --sections, --prompt_file, --init-img ... are one line before anything loads, not a skip per song
+    music_request(settings)
+    if settings.prompt_file:
+        parse_prompt_file(settings.prompt_file)
+    if settings.init_img:
+        load_init_image(settings.init_img, settings.W, settings.H)
     songs = list_songs(settings)
     refuse_same_names(songs, "song", "OUTDIR/<song name>.mp4")
     loras = parse_lora_specs(model.lora, schedules=True)
     outdir = ensure_output_dir(settings.outdir)
-    items = file_items(songs, settings, model, loras)
+    if settings.dry_run:
+        return dry_run_songs(songs, settings, model)
+    items = file_items(songs, settings, model, loras, files=input_files_record(settings))
     return run_items(items, MakeSongWorker(settings, model), settings,
                      manifest=Manifest(outdir / MANIFEST_NAME), unit="song")
+
+
+def dry_run_songs(songs: Sequence[Path], settings: VideoSettings, model: ModelSettings) -> ClusterSummary:
+    """``--dry_run`` over many songs: each song's OUTDIR/<song name>.schedule.csv (and ``--plot``),
+    one after another in this process (``--ray`` is not needed for that), without the model and
+    without the manifest, since no video is made: the same command without ``--dry_run`` then
+    renders every song. A song that cannot be read is reported (the summary's ``problems``)."""
+    started = time.monotonic()
+    summary = ClusterSummary(total=len(songs))
+    worker = SongSchedule(settings, model)
+    for song in songs:
+        [result] = make_batch(worker, [FileItem(key=str(song), path=str(song))])
+        count_result(summary, str(song), result, "dry run")
+    summary.seconds = time.monotonic() - started
+    (log.warning if summary.problems else log.info)(
+        "dry run: the schedules of %s of %s written in %s; no video made and nothing recorded in %s: "
+        "the same command without --dry_run renders them", summary.finished, counted(summary.total, "song"),
+        settings.outdir, MANIFEST_NAME)
+    return summary
+
+
+@dataclass(frozen=True)
+class SongSchedule:
+    """``--dry_run``'s worker: a song's schedule report (NAME.schedule.csv), without the model."""
+
+    settings: VideoSettings
+    model: ModelSettings
+
+    def process(self, item: FileItem) -> list[str]:
+        return [str(run_audio2video(song_settings(self.settings, item.path), self.model))]
 
 
 # ----------------------------------------------------------------------------- shared
 
 
 def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSettings,
-               loras: Sequence[LoraSpec] = ()) -> list[FileItem]:
+               loras: Sequence[LoraSpec] = (), files: dict | None = None) -> list[FileItem]:
     """One item per path, keyed by the file and the settings that change the outputs (the LoRA
-    files by content and weight, as the outputs record them)."""
+    files by content and weight, as the outputs record them; ``files``: the other input files
+    by content, :func:`~sounddiffusion.video.loop.input_files_record`; those not given stay out, so
+    that a job without them keeps the keys it had before they were recorded)."""
+    given = {name: record for name, record in (files or {}).items() if record is not None}
     digest = settings_digest({**settings.parameters(), **model.parameters(),
-                              "lora": lora_record(loras, lora_infos(loras))})
+                              "lora": lora_record(loras, lora_infos(loras)), **given})
     return [FileItem(key=file_key(path, settings=digest), path=str(path)) for path in paths]
 
 

@@ -80,11 +80,13 @@ def sample_images(engine: Engine, conds: torch.Tensor, seeds: list[int], setting
                   init_latent: torch.Tensor | None = None) -> np.ndarray:
     """One sampling call: conditionings (B, 77, D) and B seeds -> uint8 images (B, H, W, 3).
 
-    With ``init_latent`` (1, 4, h, w) this is img2img at ``settings.strength``, else txt2img."""
+    With ``init_latent`` (1, 4, h, w) this is img2img at ``settings.strength``, else txt2img.
+    Row b's start noise and the noise its steps add (LCM, Euler ancestral, DDIM with eta > 0) come
+    from seed b alone, so each picture is the one a call with that row by itself gives."""
     shape = engine.latent_shape(1, settings.H, settings.W)
     noise = torch.cat([engine.noise(shape, seed) for seed in seeds])
     common = dict(sampler=settings.sampler, steps=settings.ddim_steps, scale=settings.scale,
-                  eta=settings.ddim_eta, seed=seeds[0], uncond=engine.negative_conditioning(settings.negative_prompt))
+                  eta=settings.ddim_eta, seed=seeds, uncond=engine.negative_conditioning(settings.negative_prompt))
     if init_latent is None:
         latents = engine.txt2img(conds, x_T=noise, **common)
     else:
@@ -141,16 +143,18 @@ def render_chunk(engine: Engine, chunk: list[ImageSet], settings: ImageSettings,
 # ----------------------------------------------------------------------------- txt2img / img2img
 
 def read_text_lines(path: str | Path, what: str, hint: str) -> list[str]:
-    """The lines of the UTF-8 text file ``path``. ``what`` names the file in errors ("prompt list"),
-    ``hint`` says what it should hold. Raises PromptFileError naming the line that is not UTF-8."""
+    """The lines of the UTF-8 text file ``path``, with or without a byte-order mark (as Windows
+    editors save it; the mark is not part of the first line). ``what`` names the file in errors
+    ("prompt list"), ``hint`` says what it should hold. Raises PromptFileError naming the line that
+    is not UTF-8."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise PromptFileError(f"cannot read {what} {path} ({exc.strerror or exc}): give {hint}") from None
     try:
-        return data.decode("utf-8").splitlines()
+        return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
+        line = exc.object.count(b"\n", 0, exc.start) + 1
         raise PromptFileError(f"{what} {path}, line {line}: not UTF-8 text; save the file as UTF-8 "
                               f"(it should hold {hint})") from None
 
@@ -202,13 +206,17 @@ def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWr
 # ----------------------------------------------------------------------------- audio2img
 
 def list_sounds(settings: SoundImageSettings) -> list[Path]:
-    """The sound files of --prompt/--audio, --input_folder or --from-file."""
+    """The sound files of --prompt/--audio, --input_folder or --from-file.
+
+    A --from-file list holds one path per line, blanks around it ignored; blank lines and lines
+    whose first non-blank character is ``#`` are skipped. A ``#`` after a path is part of it (file
+    names such as ``take #2.wav`` are common), so a list has no comments at the end of a line."""
     if settings.audio:
         return [Path(settings.audio)]
     if settings.input_folder:
         return sounds_in_folder(settings.input_folder)
     lines = read_text_lines(settings.from_file, "sound list", "one sound path per line")
-    sounds = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+    sounds = [Path(line) for line in (raw.strip() for raw in lines) if line and not line.startswith("#")]
     if not sounds:
         raise PromptFileError(f"sound list {settings.from_file} holds no path: write one sound path per line")
     return sounds

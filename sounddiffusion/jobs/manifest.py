@@ -176,10 +176,6 @@ class Manifest:
         """The last entry of every key."""
         return {entry["key"]: entry for entry in self.entries()}
 
-    def done(self) -> dict[str, dict]:
-        """The last entry of every key whose item is finished or skipped (outputs not checked)."""
-        return {key: entry for key, entry in self.latest().items() if entry["status"] in (FINISHED, SKIPPED)}
-
     def output_paths(self, entry: Mapping) -> list[Path]:
         """The outputs of ``entry`` as paths (relative ones resolved against the manifest's folder)."""
         return [self.path.parent / p for p in entry["outputs"]]

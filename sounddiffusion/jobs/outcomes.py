@@ -139,6 +139,12 @@ def record_result(manifest: Manifest, summary: ClusterSummary, key: str, result:
     """Write one item's ``result`` to ``manifest`` and count it in ``summary``."""
     status, outputs, error, seconds = result
     manifest.record(key, status, outputs, worker, error, seconds=seconds)
+    count_result(summary, key, result, worker)
+
+
+def count_result(summary: ClusterSummary, key: str, result: ItemResult, worker: str) -> None:
+    """Count one item's ``result`` in ``summary`` (a warning for an item not finished)."""
+    status, _, error, _ = result
     if status == FINISHED:
         summary.finished += 1
         summary.per_worker[worker] = summary.per_worker.get(worker, 0) + 1

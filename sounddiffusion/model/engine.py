@@ -55,8 +55,13 @@ def _step_hook(before_step: StepHook | None, bend_noised: LatentHook | None):
     return hook
 
 
-def step_generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``: noise drawn from it is the same on every device."""
+def step_generator(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
+    """A CPU generator seeded with ``seed``: noise drawn from it is the same on every device.
+
+    A list of seeds (one per row of a batch) gives one generator each: the samplers then draw
+    row b's step noise from seed b alone, as a render of that row by itself does."""
+    if not isinstance(seed, int) and isinstance(seed, Sequence):
+        return [step_generator(one) for one in seed]
     return torch.Generator().manual_seed(int(seed) % 2**63)
 
 
@@ -190,13 +195,15 @@ class Engine:
     @torch.inference_mode()
     def txt2img(self, cond: torch.Tensor, *, x_T: torch.Tensor, sampler: str = "plms", steps: int = 50,
                 scale: float = 7.5, eta: float = 0.0, uncond: torch.Tensor | None = None,
-                seed: int = 0, verbose: bool = False, before_step: StepHook | None = None) -> torch.Tensor:
+                seed: int | Sequence[int] = 0, verbose: bool = False,
+                before_step: StepHook | None = None) -> torch.Tensor:
         """Sample latents ``(B, 4, h, w)`` from start noise ``x_T`` under conditioning ``cond`` (B, 77, D).
 
         ``uncond`` defaults to the empty prompt's conditioning (classifier-free guidance);
         ``seed`` seeds the noise DDIM adds at each step when ``eta`` > 0 (LCM and Euler ancestral:
-        the fresh noise of every step but the last); ``before_step(i, x) -> x`` sees the latent
-        (on DDIM's scale whatever the sampler) before step i (0-based) of the ``steps``."""
+        the fresh noise of every step but the last); B seeds: one per row (:func:`step_generator`);
+        ``before_step(i, x) -> x`` sees the latent (on DDIM's scale whatever the sampler) before
+        step i (0-based) of the ``steps``."""
         cond = self._as_model_input(cond)
         uncond = self._uncond(cond, uncond)
         x_T = x_T.to(self.device, self.dtype)
@@ -224,7 +231,8 @@ class Engine:
     @torch.inference_mode()
     def img2img(self, init_latent: torch.Tensor, cond: torch.Tensor, *, noise: torch.Tensor,
                 strength: float, sampler: str = "plms", steps: int = 50, scale: float = 7.5,
-                eta: float = 0.0, uncond: torch.Tensor | None = None, seed: int = 0, verbose: bool = False,
+                eta: float = 0.0, uncond: torch.Tensor | None = None, seed: int | Sequence[int] = 0,
+                verbose: bool = False,
                 bend_noised: LatentHook | None = None, before_step: StepHook | None = None) -> torch.Tensor:
         """Noise ``init_latent`` (B, 4, h, w) to ``strength`` and denoise it under ``cond``.
 
@@ -234,8 +242,8 @@ class Engine:
         strength 1 is txt2img from ``noise``. ``bend_noised(z) -> z`` changes the noised latent
         before the first step (upstream's "network bending" by loudness); ``before_step(i, x) -> x``
         sees the latent before each step i of those that run. ``seed`` seeds the per-step noise
-        (DDIM with ``eta`` > 0, LCM, Euler ancestral). Raises ParameterError for a strength the
-        few-step samplers cannot run with ``steps``."""
+        (DDIM with ``eta`` > 0, LCM, Euler ancestral), or B seeds each row's. Raises ParameterError
+        for a strength the few-step samplers cannot run with ``steps``."""
         t_enc = int(strength * steps)
         if strength >= 1 or (sampler not in FEW_STEP and t_enc >= steps):
             x_T = bend_noised(noise) if bend_noised is not None else noise

@@ -42,9 +42,11 @@ def model_flags(*, lora_schedules: bool = False) -> FlagGroup:
     ))
 
 
-def sampling_flags(*, plms_flag: bool = True, scheduled: bool = False, default_sampler: str = "ddim") -> FlagGroup:
+def sampling_flags(*, plms_flag: bool = True, scheduled: bool = False, default_sampler: str = "ddim",
+                   prompt_file: bool = False) -> FlagGroup:
     """--sampler (--plms) --ddim_steps --ddim_eta --scale --negative_prompt --seed --H --W --C --f;
-    ``scheduled``: --scale takes a schedule (audio2video); ``default_sampler``: the entry point's."""
+    ``scheduled``: --scale takes a schedule (audio2video, live.py); ``default_sampler``: the entry
+    point's; ``prompt_file``: the entry point has --prompt_file, whose lines may carry negatives."""
     size = f"(default {DEFAULT_SIZE}, {DEMO_SIZE} with --demo)"
     return FlagGroup("sampling", (
         Flag(("--sampler",), f"default {default_sampler}; lcm: LCM models and LCM-LoRA, 2-8 steps at --scale 1-2; "
@@ -59,7 +61,7 @@ def sampling_flags(*, plms_flag: bool = True, scheduled: bool = False, default_s
         Flag(("--negative_prompt",), "what the picture should not look like: guidance pushes away from TEXT instead "
                                      "of from the empty prompt (needs --scale above 1)"
                                      + ("; a --prompt_file line 'TIME prompt --neg negative' has its own"
-                                        if scheduled else ""), default="", metavar="TEXT"),
+                                        if prompt_file else ""), default="", metavar="TEXT"),
         Flag(("--seed",), "random seed: same seed, same result", default=42, type=int),
         Flag(("--H",), f"image height in pixels {size}", type=int),
         Flag(("--W",), f"image width in pixels {size}", type=int),

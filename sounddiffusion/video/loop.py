@@ -40,6 +40,7 @@ from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import slice_rms
 from sounddiffusion.sound.control_tracks import file_digest
 from sounddiffusion.sound.features import featurize
+from sounddiffusion.sound.sections import auto_count
 from sounddiffusion.video.cadence import slerp
 from sounddiffusion.video.camera import Camera, CameraMove
 from sounddiffusion.video.frame_chain import (ChainState, FrameBends, bend, block_specs, frame_bends,
@@ -185,16 +186,31 @@ def block_bender(engine: Engine, specs: Sequence[BendSpec], generator_for: Calla
     return BlockBender(unet, specs, generator_for=generator_for)
 
 
+def input_files_record(settings: VideoSettings) -> dict:
+    """The files a render reads besides the sound, by content (:func:`file_digest`), so that an
+    edited file counts as other settings: ``init_img`` and ``prompt_file`` (a digest or None),
+    ``control`` ({NAME: digest} or None) and ``sections`` (a file's digest, else the text ``auto``
+    or ``auto:N``, or None). Batch jobs key their songs with it before any song is read;
+    :func:`render_settings` takes the init image and control tracks from it."""
+    controls = {spec.partition("=")[0]: file_digest(spec.partition("=")[2]) for spec in settings.control}
+    sections = settings.sections
+    if sections and not auto_count(sections)[0]:
+        sections = file_digest(sections)
+    return {"init_img": file_digest(settings.init_img) if settings.init_img else None,
+            "prompt_file": file_digest(settings.prompt_file) if settings.prompt_file else None,
+            "control": controls or None, "sections": sections or None}
+
+
 def render_settings(settings: VideoSettings, model: ModelSettings, record: dict, plan: FramePlan) -> dict:
     """The settings a resumed render must share with the first run, also stored in the MP4;
     ``record``: what outputs record of the model (:func:`~sounddiffusion.model.loading.model_record`).
-    Control tracks and the init image are recorded by their files' content, sections by their times."""
-    controls = {spec.partition("=")[0]: file_digest(spec.partition("=")[2]) for spec in settings.control}
+    Control tracks and the init image are recorded by their files' content (:func:`input_files_record`),
+    the prompt file by the schedule it gave, sections by their times."""
+    files = input_files_record(settings)
     sections = [list(section) for section in plan.envelopes.sections] if plan.envelopes is not None else []
     return {**settings.parameters(), **model.parameters(), "audio": str(Path(settings.audio).resolve()),
             "audio_samples": plan.n_samples, "n_frames": plan.n_frames, "schedule": plan.schedule, **record,
-            "init_img": file_digest(settings.init_img) if settings.init_img else None,
-            "control": controls or None, "sections": sections or None}
+            "init_img": files["init_img"], "control": files["control"], "sections": sections or None}
 
 
 def write_reports(settings: VideoSettings, plan: FramePlan, embeds_guidance: bool = False) -> list[Path]:

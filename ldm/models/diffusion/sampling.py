@@ -171,7 +171,16 @@ def timestep_batch(schedule, index, batch_size, device) -> torch.Tensor:
 
 
 def randn(shape, device, dtype, generator=None) -> torch.Tensor:
-    """Standard normal noise; drawn on the generator's device when one is given, then moved."""
+    """Standard normal noise; drawn on the generator's device when one is given, then moved.
+
+    generator: None (torch's global one), a ``torch.Generator``, or a list of ``shape[0]``
+    generators: row b is then drawn from generator b alone, the numbers a batch of one draws from
+    it, so that a row's noise does not depend on the rows beside it.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per row")
+        return torch.cat([randn((1, *shape[1:]), device, dtype, g) for g in generator])
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
