@@ -149,6 +149,11 @@ def test_dry_run_writes_the_motion_columns_without_a_model(run_tool, clicks, tmp
     ("--transform_center_x", "1.5", ["--transform_center_x 1.5 is outside [0, 1]"]),
     ("--transform_center_y", "-0.2", ["--transform_center_y -0.2 is outside [0, 1]"]),
     ("--perspective_flip_fv", "180", ["--perspective_flip_fv 180 is outside (0, 180)"]),
+    # edge-on planes: a singular homography at 90, numerical noise at 270 (cos 270 is 1.8e-16), a
+    # schedule reaching it on one frame
+    ("--perspective_flip_phi", "90", ['--perspective_flip_phi "90"', "are 90 and 0 on frame 1", "edge-on"]),
+    ("--perspective_flip_gamma", "270", ['--perspective_flip_gamma "270"', "are 0 and 270 on frame 1", "edge-on"]),
+    ("--perspective_flip_gamma", "0:(0), 8:(-90)", ["are 0 and -90 on frame 8", "(16 of 24 frames)", "away from 90"]),
     ("--angle", "2 +* beat", ["--angle", "column", "expected"]),
     ("--translation_x", "3*loudness", ["--translation_x", "loudness"]),
     ("--translation_y", "__import__('os')", ["--translation_y", "column"]),

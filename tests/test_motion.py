@@ -190,6 +190,28 @@ def test_scaled_motion_shares_angle_translation_and_multiplies_zoom():
     assert np.allclose(third @ third @ third, motion_matrix(turn, 40, 30))
 
 
+def test_edge_on_flips_are_those_whose_plane_normal_is_perpendicular_to_the_view():
+    """The flip turns the plane by Rx(phi) Ry(gamma) Rz(theta) (scipy's intrinsic "XYZ"): it is
+    refused where the normal's component along the view axis is below sin(0.1 degree)."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    angles = np.concatenate([rng.uniform(-400, 400, (200, 3)),
+                             [[0, 90, 0], [10, 0, 270], [5, 89.95, 30], [5, 89.85, 0], [0, 45, 89.9]]])
+    for theta, phi, gamma in angles:
+        normal = Rotation.from_euler("XYZ", [phi, gamma, theta], degrees=True).apply([0.0, 0.0, 1.0])
+        refused = abs(normal[2]) < np.sin(np.radians(0.1))
+        try:
+            Motion2D(perspective_flip_theta=theta, perspective_flip_phi=phi, perspective_flip_gamma=gamma)
+        except ParameterError:
+            assert refused, (theta, phi, gamma)
+        else:
+            assert not refused, (theta, phi, gamma)
+    # just outside the margin the warp is still a picture
+    out = warp_2d(np.full((32, 32, 3), 200, np.uint8), perspective_flip_phi=89.85)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
 @pytest.mark.parametrize("arguments, words", [
     (dict(zoom=0), "zoom 0 must be above 0"),
     (dict(zoom=-1.5), "zoom -1.5 must be above 0"),
@@ -199,6 +221,9 @@ def test_scaled_motion_shares_angle_translation_and_multiplies_zoom():
     (dict(angle=float("nan")), "motion angle is nan: give a finite number"),
     (dict(translation_x=float("inf")), "motion translation_x is inf"),
     (dict(perspective_flip_fv=180), "perspective_flip_fv 180 is outside (0, 180)"),
+    (dict(perspective_flip_phi=90), "perspective_flip_phi 90 with perspective_flip_gamma 0 turns the picture's "
+                                    "plane edge-on"),
+    (dict(perspective_flip_theta=20, perspective_flip_gamma=-270.05), "perspective_flip_gamma -270.05 turns"),
 ])
 def test_bad_parameters_raise_one_line_parameter_errors(arguments, words):
     with pytest.raises(ParameterError) as raised:

@@ -39,6 +39,10 @@ from sounddiffusion.errors import ParameterError
 BORDERS = ("replicate", "wrap", "reflect")
 # Deforum's default field of view for the perspective flip, degrees.
 DEFAULT_FLIP_FV = 53.0
+# A flip that turns the picture's plane to within this many degrees of edge-on is refused: the
+# plane then (nearly) passes through the flip's camera, the picture is a line and its homography
+# singular (at 90 degrees exactly) or numerical noise (at 270, cos is 1.8e-16, not 0).
+EDGE_ON_DEGREES = 0.1
 # Sampling coordinates are kept within this many pixels so that extreme perspective (the plane
 # seen edge-on) gives edge pixels instead of integer overflow.
 _COORDINATE_LIMIT = 1e6
@@ -57,8 +61,9 @@ class Motion2D:
         the axis towards the viewer, the horizontal axis and the vertical axis; 0, 0, 0 is off.
     perspective_flip_fv: field of view of the flip's camera, degrees, in (0, 180).
 
-    Raises :class:`ParameterError` for a non-finite value, zoom <= 0, a centre outside 0..1 or a
-    field of view outside (0, 180).
+    Raises :class:`ParameterError` for a non-finite value, zoom <= 0, a centre outside 0..1, a
+    field of view outside (0, 180) or a flip whose phi and gamma turn the plane edge-on
+    (:func:`edge_on`).
     """
 
     zoom: float = 1.0
@@ -92,6 +97,11 @@ class Motion2D:
         if not 0.0 < self.perspective_flip_fv < 180.0:
             raise ParameterError(f"perspective_flip_fv {self.perspective_flip_fv:g} is outside (0, 180) degrees: "
                                  f"Deforum's default is {DEFAULT_FLIP_FV:g}")
+        if edge_on(self.perspective_flip_phi, self.perspective_flip_gamma):
+            raise ParameterError(f"perspective_flip_phi {self.perspective_flip_phi:g} with perspective_flip_gamma "
+                                 f"{self.perspective_flip_gamma:g} turns the picture's plane edge-on to the camera "
+                                 f"(a line, nothing to warp): keep phi and gamma more than {EDGE_ON_DEGREES:g} "
+                                 f"degrees away from 90 and 270")
 
     @property
     def has_perspective_flip(self) -> bool:
@@ -119,6 +129,17 @@ class Motion2D:
             perspective_flip_theta=self.perspective_flip_theta * fraction,
             perspective_flip_phi=self.perspective_flip_phi * fraction,
             perspective_flip_gamma=self.perspective_flip_gamma * fraction)
+
+
+def edge_on(phi: float | np.ndarray, gamma: float | np.ndarray) -> bool | np.ndarray:
+    """Whether a perspective flip of ``phi``, ``gamma`` (degrees; numbers or arrays) turns the
+    picture's plane to within :data:`EDGE_ON_DEGREES` of edge-on. The flip turns the plane's
+    normal to ``Rx(phi) Ry(gamma) e_z``, whose component along the view axis is
+    ``cos(phi) cos(gamma)``; the plane is edge-on (it passes through the flip's camera) where that
+    is 0, and within d degrees of it where ``|cos(phi) cos(gamma)| < sin(d)``. theta turns the
+    plane in itself and does not matter."""
+    facing = np.abs(np.cos(np.radians(phi)) * np.cos(np.radians(gamma)))
+    return facing < math.sin(math.radians(EDGE_ON_DEGREES))
 
 
 def check_border(border: str) -> str:
