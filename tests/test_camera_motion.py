@@ -6,13 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from skimage.registration import phase_cross_correlation
 
 from cli_checks import DEMO, assert_one_line_error, click_track, decoded_frames, stop_at_frame
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.settings import VideoSettings
+from sounddiffusion.model.loading import load_engine
+from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.video import loop
 from sounddiffusion.video.camera import Camera
+from sounddiffusion.video.frame_chain import ChainState
 from sounddiffusion.video.frame_plan import plan_frames
 from sounddiffusion.video.motion import Motion2D, motion_matrix
 from sounddiffusion.video.video_stats import video_stats
@@ -203,3 +206,27 @@ def test_camera_moves_compose_the_frames_between():
     # a point of frame 0 lands where the two moves one after the other put it
     point = np.array([7.0, 11.0, 1.0])
     np.testing.assert_allclose(move.matrix @ point, matrix[3] @ (matrix[1] @ point))
+
+
+class Discard:
+    """Stands in for the FrameWriter (which decodes each frame for the video, in its own thread)."""
+
+    def submit(self, index, latent, chain):
+        pass
+
+
+@pytest.mark.parametrize("cadence, color, decodes", [("3", "none", 4), ("3", "lab", 4), ("1", "lab", 9)])
+def test_the_loop_decodes_each_diffused_frame_once(clicks, monkeypatch, cadence, color, decodes):
+    """Picture motion: a diffused frame's picture serves its move to the next diffused frame, the
+    colour match, frame 0's colour reference and the in-betweens' moves; frames 0..9 at --cadence 3
+    diffuse 0, 3, 6, 9 (9's picture for the in-betweens 7 and 8), at --cadence 1 frames 0..8 move."""
+    engine = load_engine(ModelSettings(demo=True, device="cpu"))
+    inputs = []
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda latent: inputs.append(latent.clone()) or real(latent))
+    settings = VideoSettings(audio=str(clicks), fps=8, H=64, W=64, ddim_steps=4, strength=0.5, seed=5,
+                             zoom="1.02 + 0.05*onset", angle=1, cadence=cadence, cadence_blend="latent",
+                             color_coherence=color)
+    loop.sample_frames(engine, plan_frames(settings), settings, Discard(), start=0, stop=10, chain=ChainState())
+    repeated = [i for i, latent in enumerate(inputs) if any(torch.equal(latent, seen) for seen in inputs[:i])]
+    assert (len(inputs), repeated) == (decodes, [])

@@ -120,9 +120,11 @@ class Camera:
     """The camera path of a render: ``motions`` (one :class:`Motion2D` per frame, from the frame
     before) on a ``width`` x ``height`` picture, with the render's ``border`` and ``space``.
 
-    :meth:`move` gives the move between two frames (module docstring). :meth:`moved` moves a
-    diffused frame's latent, keeping the decoded pictures of the last two diffused frames that the
-    in-betweens are made from, so that each is decoded once."""
+    :meth:`move` gives the move between two frames (module docstring). :meth:`picture` decodes
+    a diffused frame's latent, keeping the pictures of the last two diffused frames (the ends of
+    the span whose in-betweens are being made), so that each is decoded once: for its own move
+    to the next diffused frame, the colour match, the in-betweens' moves (:meth:`moved`) and frame
+    0's colour reference alike."""
 
     def __init__(self, motions: Sequence[Motion2D], width: int, height: int, border: str = "replicate",
                  space: str = "pixel"):
@@ -156,18 +158,21 @@ class Camera:
             matrix = np.linalg.inv(matrix)
         return CameraMove(matrix, self.border, self.space)
 
+    def picture(self, engine: Engine, index: int, latent: torch.Tensor) -> np.ndarray:
+        """Diffused frame ``index``'s ``latent`` (1, 4, h, w) decoded, (1, H, W, 3) uint8: by
+        ``engine`` the first time, then from the cache (not to be written to)."""
+        if index not in self._pictures:  # keep the one decoded last: the other end of the span
+            self._pictures = dict(list(self._pictures.items())[-1:])
+            self._pictures[index] = engine.decode(latent)
+        return self._pictures[index]
+
     def moved(self, engine: Engine, index: int, latent: torch.Tensor, to: int) -> torch.Tensor:
         """Diffused frame ``index``'s ``latent`` brought to frame ``to``'s camera (itself when
         the camera stands still between them)."""
         move = self.move(index, to)
         if move is None:
             return latent
-        picture = None
-        if move.space == "pixel":
-            if index not in self._pictures:  # keep the one decoded last: the other end of the span
-                self._pictures = dict(list(self._pictures.items())[-1:])
-                self._pictures[index] = engine.decode(latent)
-            picture = self._pictures[index]
+        picture = self.picture(engine, index, latent) if move.space == "pixel" else None
         return move.apply(engine, latent, picture)
 
 
