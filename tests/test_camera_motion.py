@@ -208,6 +208,24 @@ def test_camera_moves_compose_the_frames_between():
     np.testing.assert_allclose(move.matrix @ point, matrix[3] @ (matrix[1] @ point))
 
 
+def test_a_steady_zoom_and_turn_moves_each_in_between_by_its_share_of_the_span():
+    """The camera.py docstring's claim: with a constant zoom z and angle r, the move from diffused
+    frame a to frame i is one zoom z ** (i - a) and turn (i - a) r about the same centre (the share
+    t = (i - a) / (b - a) of the span's), and from b back to i the rest undone."""
+    z, r, a, b = 1.06, 4.0, 2, 7
+    steady = Motion2D(zoom=z, angle=r, center_x=0.3, center_y=0.65)
+    camera = Camera([Motion2D()] + [steady] * 9, 48, 40)
+    for i in range(a + 1, b):
+        t = (i - a) / (b - a)
+        share = Motion2D(zoom=(z ** (b - a)) ** t, angle=t * (b - a) * r, center_x=0.3, center_y=0.65)
+        rest = Motion2D(zoom=(z ** (b - a)) ** (t - 1), angle=(t - 1) * (b - a) * r, center_x=0.3, center_y=0.65)
+        np.testing.assert_allclose(camera.move(a, i).matrix, motion_matrix(share, 48, 40), atol=1e-9)
+        np.testing.assert_allclose(camera.move(b, i).matrix, motion_matrix(rest, 48, 40), atol=1e-9)
+    # a translation is turned by the frames after it: two steps are not one of twice the shift
+    panned = Camera([Motion2D()] + [Motion2D(angle=r, translation_x=3)] * 2, 48, 40)
+    assert not np.allclose(panned.move(0, 2).matrix, motion_matrix(Motion2D(angle=2 * r, translation_x=6), 48, 40))
+
+
 class Discard:
     """Stands in for the FrameWriter (which decodes each frame for the video, in its own thread)."""
 

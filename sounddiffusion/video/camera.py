@@ -21,10 +21,12 @@ Where the moves are used (Deforum's order: warp, then colour coherence, contrast
   camera positions; moving only frame a would jump at frame b. Moved this way, each in-between is
   ``t`` of the way between two pictures that show the same view, the camera moves by ``m_i`` on
   every frame, and the blend reaches frame b's own picture at t = 1: the path is continuous
-  through the diffused frames. For a motion that stays the same over the span this is each
-  in-between warped by its share of the motion (``Motion2D.scaled((i - a) / (b - a))`` of the
-  span's motion, exactly so for zoom and rotation), and unlike a share it follows a schedule
-  that changes within the span. With ``--strength 0`` (img2img keeps its start) frame b is frame
+  through the diffused frames. For a zoom z and angle r that stay the same over the span (about
+  one centre), ``M(a -> i)`` is the single motion of zoom ``z ** (i - a)`` and angle ``(i - a) r``:
+  the share t of the span's ``z ** (b - a)`` and ``(b - a) r``, and ``M(b -> i)`` the rest
+  undone (a translation is turned and zoomed by the frames after it, so it adds up to no share);
+  unlike a share of the span's motion, the product also follows a schedule that changes within
+  the span. With ``--strength 0`` (img2img keeps its start) frame b is frame
   a moved, both ends agree inside the picture and the in-betweens are pure camera motion.
 
 ``--motion_space pixel`` moves the decoded picture (decode, warp, encode; sharp edges, one
