@@ -1,4 +1,8 @@
-"""The 2D camera-motion warp: Deforum's pictures (OpenCV) from ../shared, pixel formulas, torch vs numpy."""
+"""The 2D camera-motion warp: Deforum's pictures (OpenCV) from ../shared, pixel formulas, torch vs numpy.
+
+tests/data/motion_flip_deforum.json and .png (the perspective flip's matrices and one flipped
+picture, as Deforum computes them with OpenCV) are made by tests/data/make_motion_flip_deforum.py,
+whose docstring says how; it needs opencv-python-headless, which the tests do not."""
 import json
 from dataclasses import asdict
 from pathlib import Path
