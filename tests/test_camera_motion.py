@@ -102,8 +102,8 @@ def test_scheduled_zoom_renders_resumes_and_is_recorded(run_tool, clicks, tmp_pa
     assert status == 2 and "zoom" in err
     status, _, err = run_tool("audio2video", [*args, "--output", parts, "--resume"])
     assert status == 0, err
+    assert parts.read_bytes() == whole.read_bytes()  # the renderer's promise, with the camera moving too
     frames = decoded_frames(whole)
-    assert np.array_equal(frames, decoded_frames(parts))
     # the per-frame values as used, beside the envelopes they come from
     rows = np.genfromtxt(tmp_path / "whole.schedule.csv", delimiter=",", names=True)
     np.testing.assert_array_equal(rows["zoom"], 1 + 0.06 * rows["onset"])
