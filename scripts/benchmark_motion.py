@@ -12,6 +12,16 @@ writer keeps nothing, so the figures are the sampling loop's: a real render adds
 video encoding of each frame, the same with and without motion. A second table times the move
 alone (what each way adds to a diffused frame), which a busy machine's noise hides less. Prints
 markdown tables, also written to outputs/benchmark-motion-<UTC time>.md (or --out).
+
+    python scripts/benchmark_motion.py --sharpness                       # what each way costs in sharpness
+
+measures, instead of the times, how much edge contrast each way keeps: 16 frames of a pan at
+``--strength 0`` (img2img keeps its start: the frames are the camera alone), ``--border wrap``,
+128x128, of 1 pixel a frame (an eighth of a latent cell) and of 8 (one whole cell),
+in each space, against a perfect camera: frame 0's picture rolled by the whole pan (exact for
+whole pixels with ``wrap``). Two columns: the last frame's :func:`edge_contrast` as a share of
+the perfect one's, and the mean absolute difference from it in levels of 0..255; the latents are
+decoded directly (no video encoding).
 """
 from __future__ import annotations
 
@@ -24,11 +34,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sounddiffusion import cli  # noqa: E402
 from sounddiffusion.files import write_new_text  # noqa: E402
 from sounddiffusion.model.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
@@ -43,6 +55,11 @@ WAYS = {
     "pixel: decode, warp, encode": dict(MOTION, motion_space="pixel"),
     "latent: warp the latent": dict(MOTION, motion_space="latent"),
 }
+
+# --sharpness: pans in pixels a frame (an eighth of a latent cell, one whole cell), frames, size
+PANS = (1, 8)
+SHARPNESS_FRAMES = 16
+SHARPNESS_SIZE = 128
 
 
 class KeepLast:
@@ -104,8 +121,59 @@ def time_moves(engine, size: int, repeats: int) -> dict[str, float]:
     return best
 
 
+class KeepEnds:
+    """A writer that keeps the latents of frame 0 and frame ``last``."""
+
+    def __init__(self, last: int):
+        self.last, self.latents = last, {}
+
+    def submit(self, index, latent, chain):
+        if index in (0, self.last):
+            self.latents[index] = latent
+
+
+def edge_contrast(rgb: np.ndarray) -> float:
+    """The mean absolute difference of neighbouring grey pixels of an (H, W, 3) uint8 picture,
+    levels of 0..255: ``(mean |g[y, x+1] - g[y, x]| + mean |g[y+1, x] - g[y, x]|) / 2`` with ``g``
+    the mean of the three channels. Blurring lowers it; a shift with ``--border wrap`` keeps it."""
+    grey = rgb.astype(np.float64).mean(axis=2)
+    return float((np.abs(np.diff(grey, axis=1)).mean() + np.abs(np.diff(grey, axis=0)).mean()) / 2)
+
+
+def sharpness(engine) -> dict[tuple[int, str], tuple[float, float]]:
+    """(pan, space) -> (frame SHARPNESS_FRAMES - 1's edge contrast as a share of the perfect
+    move's, its mean absolute difference from the perfect move in levels)."""
+    last = SHARPNESS_FRAMES - 1
+    shares = {}
+    for pan in PANS:
+        for space in ("pixel", "latent"):
+            settings = VideoSettings(audio=str(SOUND), fps=8, H=SHARPNESS_SIZE, W=SHARPNESS_SIZE, ddim_steps=2,
+                                     seed=5, strength=0, translation_x=str(pan), border="wrap", motion_space=space)
+            keep = KeepEnds(last)
+            sample_frames(engine, plan_frames(settings), settings, keep, start=0, stop=SHARPNESS_FRAMES,
+                          chain=ChainState())
+            first, moved = engine.decode(torch.cat([keep.latents[0], keep.latents[last]]))
+            perfect = np.roll(first, last * pan, axis=1)
+            shares[pan, space] = (edge_contrast(moved) / edge_contrast(perfect),
+                                  float(np.abs(moved.astype(np.float64) - perfect).mean()))
+    return shares
+
+
+def sharpness_lines(engine) -> list[str]:
+    lines = [f"After {SHARPNESS_FRAMES - 1} moves, frame {SHARPNESS_FRAMES - 1} against a perfect camera (frame 0 "
+             f"rolled by the whole pan): its `edge_contrast` as a share of the perfect one's, and its mean "
+             f"absolute difference from it; demo model, {SHARPNESS_SIZE}x{SHARPNESS_SIZE}, "
+             f"`{SOUND.relative_to(REPO).as_posix()}` at 8 fps, 2 steps, seed 5, --strength 0 --border wrap "
+             f"--translation_x PAN, latents decoded directly:", "",
+             "| pan | space | edge contrast kept | mean difference |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {pan} px a frame | {space} | {100 * share:.1f} % | {difference:.1f} levels |"
+              for (pan, space), (share, difference) in sharpness(engine).items()]
+    return lines
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="benchmark_motion.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--steps", type=int, default=10)
@@ -113,11 +181,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="the ways take turns this many times; each keeps its fastest round")
     parser.add_argument("--repeats", type=int, default=20, help="calls of the move alone; the fastest counts")
+    parser.add_argument("--sharpness", action="store_true",
+                        help="measure the edge contrast each way keeps instead of the times (module docstring)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    for name in ("steps", "frames", "rounds", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: use 1 or more")
+    for size in args.sizes:
+        if size < 64 or size % 64:
+            parser.error(f"--sizes {size}: use multiples of 64 such as 256 and 512")
     engine = load_engine(ModelSettings(demo=True, device=args.device))
     started = datetime.datetime.now(datetime.timezone.utc)
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/benchmark_motion.py", *(argv or sys.argv[1:])])
+    if args.sharpness:
+        lines = [f"# Camera motion and sharpness, {started:%Y-%m-%d %H:%M} UTC", "", f"`{command}`, torch "
+                 f"{torch.__version__}, {engine.device}", "", *sharpness_lines(engine)]
+        return write_report(lines, args.out, started)
     lines = [f"# Camera motion per frame, {started:%Y-%m-%d %H:%M} UTC", "",
              f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command}`: demo model, "
              f"{args.steps} steps x 0.5 per frame, {args.frames} timed frames, fastest of {args.rounds} rounds (the ways taking turns, in a turning order), "
@@ -136,8 +216,13 @@ def main(argv=None) -> int:
     for size in args.sizes:
         lines += [f"| {size}x{size} | {name} | {1000 * seconds:.1f} |"
                   for name, seconds in time_moves(engine, size, args.repeats).items()]
+    return write_report(lines, args.out, started)
+
+
+def write_report(lines: list[str], out: str | None, started: datetime.datetime) -> int:
+    """Print the markdown ``lines`` and write them to ``out`` (default: outputs/, by time)."""
     text = "\n".join(lines) + "\n"
-    path = write_new_text(args.out or REPO / "outputs" / f"benchmark-motion-{started:%Y%m%d-%H%M%S}.md", text)
+    path = write_new_text(out or REPO / "outputs" / f"benchmark-motion-{started:%Y%m%d-%H%M%S}.md", text)
     print(text, end="")
     print(f"written to {path}")
     return 0

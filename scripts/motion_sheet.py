@@ -93,9 +93,21 @@ def sheet(pictures, labels: list[str], centre: tuple[float, float]):
     return grid
 
 
+def check_args(args) -> None:
+    """Counts of at least 1 and a size the autoencoder takes, before the model loads."""
+    from sounddiffusion.errors import ParameterError
+
+    for name in ("tiles", "every", "steps"):
+        if getattr(args, name) < 1:
+            raise ParameterError(f"--{name} {getattr(args, name)}: use 1 or more")
+    if args.size < 64 or args.size % 64:
+        raise ParameterError(f"--size {args.size}: use a multiple of 64 such as 128 or 192")
+
+
 def main(args):
     import torch
 
+    check_args(args)
     from sounddiffusion.model.loading import load_engine
     from sounddiffusion.settings import ModelSettings, VideoSettings
     from sounddiffusion.video.frame_chain import ChainState

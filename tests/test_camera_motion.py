@@ -6,13 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from skimage.registration import phase_cross_correlation
 
 from cli_checks import DEMO, assert_one_line_error, click_track, decoded_frames, stop_at_frame
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.settings import VideoSettings
+from sounddiffusion.model.loading import load_engine
+from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.video import loop
 from sounddiffusion.video.camera import Camera
+from sounddiffusion.video.frame_chain import ChainState
 from sounddiffusion.video.frame_plan import plan_frames
 from sounddiffusion.video.motion import Motion2D, motion_matrix
 from sounddiffusion.video.video_stats import video_stats
@@ -99,8 +102,8 @@ def test_scheduled_zoom_renders_resumes_and_is_recorded(run_tool, clicks, tmp_pa
     assert status == 2 and "zoom" in err
     status, _, err = run_tool("audio2video", [*args, "--output", parts, "--resume"])
     assert status == 0, err
+    assert parts.read_bytes() == whole.read_bytes()  # the renderer's promise, with the camera moving too
     frames = decoded_frames(whole)
-    assert np.array_equal(frames, decoded_frames(parts))
     # the per-frame values as used, beside the envelopes they come from
     rows = np.genfromtxt(tmp_path / "whole.schedule.csv", delimiter=",", names=True)
     np.testing.assert_array_equal(rows["zoom"], 1 + 0.06 * rows["onset"])
@@ -149,6 +152,11 @@ def test_dry_run_writes_the_motion_columns_without_a_model(run_tool, clicks, tmp
     ("--transform_center_x", "1.5", ["--transform_center_x 1.5 is outside [0, 1]"]),
     ("--transform_center_y", "-0.2", ["--transform_center_y -0.2 is outside [0, 1]"]),
     ("--perspective_flip_fv", "180", ["--perspective_flip_fv 180 is outside (0, 180)"]),
+    # edge-on planes: a singular homography at 90, numerical noise at 270 (cos 270 is 1.8e-16), a
+    # schedule reaching it on one frame
+    ("--perspective_flip_phi", "90", ['--perspective_flip_phi "90"', "are 90 and 0 on frame 1", "edge-on"]),
+    ("--perspective_flip_gamma", "270", ['--perspective_flip_gamma "270"', "are 0 and 270 on frame 1", "edge-on"]),
+    ("--perspective_flip_gamma", "0:(0), 8:(-90)", ["are 0 and -90 on frame 8", "(16 of 24 frames)", "away from 90"]),
     ("--angle", "2 +* beat", ["--angle", "column", "expected"]),
     ("--translation_x", "3*loudness", ["--translation_x", "loudness"]),
     ("--translation_y", "__import__('os')", ["--translation_y", "column"]),
@@ -198,3 +206,45 @@ def test_camera_moves_compose_the_frames_between():
     # a point of frame 0 lands where the two moves one after the other put it
     point = np.array([7.0, 11.0, 1.0])
     np.testing.assert_allclose(move.matrix @ point, matrix[3] @ (matrix[1] @ point))
+
+
+def test_a_steady_zoom_and_turn_moves_each_in_between_by_its_share_of_the_span():
+    """The camera.py docstring's claim: with a constant zoom z and angle r, the move from diffused
+    frame a to frame i is one zoom z ** (i - a) and turn (i - a) r about the same centre (the share
+    t = (i - a) / (b - a) of the span's), and from b back to i the rest undone."""
+    z, r, a, b = 1.06, 4.0, 2, 7
+    steady = Motion2D(zoom=z, angle=r, center_x=0.3, center_y=0.65)
+    camera = Camera([Motion2D()] + [steady] * 9, 48, 40)
+    for i in range(a + 1, b):
+        t = (i - a) / (b - a)
+        share = Motion2D(zoom=(z ** (b - a)) ** t, angle=t * (b - a) * r, center_x=0.3, center_y=0.65)
+        rest = Motion2D(zoom=(z ** (b - a)) ** (t - 1), angle=(t - 1) * (b - a) * r, center_x=0.3, center_y=0.65)
+        np.testing.assert_allclose(camera.move(a, i).matrix, motion_matrix(share, 48, 40), atol=1e-9)
+        np.testing.assert_allclose(camera.move(b, i).matrix, motion_matrix(rest, 48, 40), atol=1e-9)
+    # a translation is turned by the frames after it: two steps are not one of twice the shift
+    panned = Camera([Motion2D()] + [Motion2D(angle=r, translation_x=3)] * 2, 48, 40)
+    assert not np.allclose(panned.move(0, 2).matrix, motion_matrix(Motion2D(angle=2 * r, translation_x=6), 48, 40))
+
+
+class Discard:
+    """Stands in for the FrameWriter (which decodes each frame for the video, in its own thread)."""
+
+    def submit(self, index, latent, chain):
+        pass
+
+
+@pytest.mark.parametrize("cadence, color, decodes", [("3", "none", 4), ("3", "lab", 4), ("1", "lab", 9)])
+def test_the_loop_decodes_each_diffused_frame_once(clicks, monkeypatch, cadence, color, decodes):
+    """Picture motion: a diffused frame's picture serves its move to the next diffused frame, the
+    colour match, frame 0's colour reference and the in-betweens' moves; frames 0..9 at --cadence 3
+    diffuse 0, 3, 6, 9 (9's picture for the in-betweens 7 and 8), at --cadence 1 frames 0..8 move."""
+    engine = load_engine(ModelSettings(demo=True, device="cpu"))
+    inputs = []
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda latent: inputs.append(latent.clone()) or real(latent))
+    settings = VideoSettings(audio=str(clicks), fps=8, H=64, W=64, ddim_steps=4, strength=0.5, seed=5,
+                             zoom="1.02 + 0.05*onset", angle=1, cadence=cadence, cadence_blend="latent",
+                             color_coherence=color)
+    loop.sample_frames(engine, plan_frames(settings), settings, Discard(), start=0, stop=10, chain=ChainState())
+    repeated = [i for i, latent in enumerate(inputs) if any(torch.equal(latent, seen) for seen in inputs[:i])]
+    assert (len(inputs), repeated) == (decodes, [])

@@ -1,4 +1,8 @@
-"""The 2D camera-motion warp: Deforum's pictures (OpenCV) from ../shared, pixel formulas, torch vs numpy."""
+"""The 2D camera-motion warp: Deforum's pictures (OpenCV) from ../shared, pixel formulas, torch vs numpy.
+
+tests/data/motion_flip_deforum.json and .png (the perspective flip's matrices and one flipped
+picture, as Deforum computes them with OpenCV) are made by tests/data/make_motion_flip_deforum.py,
+whose docstring says how; it needs opencv-python-headless, which the tests do not."""
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -106,12 +110,14 @@ def test_torch_equals_numpy_on_random_pixels(noise, border):
     motions = [Motion2D(zoom=0.83, angle=31, translation_x=-6.3, translation_y=2.2, center_x=0.2, center_y=0.9),
                Motion2D(zoom=1.2, angle=-8, translation_x=3.5, perspective_flip_phi=10, perspective_flip_gamma=-6),
                Motion2D(translation_x=-50.25, translation_y=33.5)]
-    batch = torch.cat([to_tensor(noise)] * len(motions))
-    warped = warp_2d_torch(batch, motions, border=border)
-    for i, motion in enumerate(motions):
-        want = warp_2d(noise, **asdict(motion), border=border)
-        # numpy rounds its float result to levels; the torch one is that float within float32 noise.
-        assert np.abs(warped[i].permute(1, 2, 0).numpy() - want).max() <= 0.51, (border, motion)
+    pictures = [noise, noise[::-1].copy()]
+    batch = torch.cat([to_tensor(picture) for picture in pictures])
+    for motion in motions:
+        warped = warp_2d_torch(batch, motion, border=border)  # one motion for the batch
+        for picture, out in zip(pictures, warped):
+            want = warp_2d(picture, **asdict(motion), border=border)
+            # numpy rounds its float result to levels; the torch one is that float within float32 noise.
+            assert np.abs(out.permute(1, 2, 0).numpy() - want).max() <= 0.51, (border, motion)
 
 
 def test_whole_pixel_translation_moves_pixels_and_each_border_fills_the_edge(noise):
@@ -173,21 +179,30 @@ def test_identity_returns_the_input_itself():
     assert warp_2d(rgb, center_x=0.1, perspective_flip_fv=20) is rgb
     x = torch.randn(2, 4, 6, 6, dtype=torch.float16)
     assert warp_2d_torch(x, Motion2D(center_y=0.9)) is x
-    mixed = warp_2d_torch(x, [Motion2D(), Motion2D(zoom=1.5)], border="wrap")
-    assert torch.equal(mixed[0], x[0]) and not torch.equal(mixed[1], x[1])
-    assert mixed.dtype == torch.float16 and mixed.shape == x.shape
+    moved = warp_2d_torch(x, Motion2D(zoom=1.5), border="wrap")
+    assert moved.dtype == torch.float16 and moved.shape == x.shape and not torch.equal(moved, x)
 
 
-def test_scaled_motion_shares_angle_translation_and_multiplies_zoom():
-    motion = Motion2D(zoom=1.21, angle=10, translation_x=4, translation_y=-2, center_x=0.3,
-                      perspective_flip_theta=6)
-    half = motion.scaled(0.5)
-    assert half == Motion2D(zoom=1.1, angle=5, translation_x=2, translation_y=-1, center_x=0.3,
-                            perspective_flip_theta=3)
-    assert motion.scaled(0).is_identity and motion.scaled(1) == motion
-    turn = Motion2D(zoom=1.3, angle=25, center_x=0.2, center_y=0.7)
-    third = motion_matrix(turn.scaled(1 / 3), 40, 30)
-    assert np.allclose(third @ third @ third, motion_matrix(turn, 40, 30))
+def test_edge_on_flips_are_those_whose_plane_normal_is_perpendicular_to_the_view():
+    """The flip turns the plane by Rx(phi) Ry(gamma) Rz(theta) (scipy's intrinsic "XYZ"): it is
+    refused where the normal's component along the view axis is below sin(0.1 degree)."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    angles = np.concatenate([rng.uniform(-400, 400, (200, 3)),
+                             [[0, 90, 0], [10, 0, 270], [5, 89.95, 30], [5, 89.85, 0], [0, 45, 89.9]]])
+    for theta, phi, gamma in angles:
+        normal = Rotation.from_euler("XYZ", [phi, gamma, theta], degrees=True).apply([0.0, 0.0, 1.0])
+        refused = abs(normal[2]) < np.sin(np.radians(0.1))
+        try:
+            Motion2D(perspective_flip_theta=theta, perspective_flip_phi=phi, perspective_flip_gamma=gamma)
+        except ParameterError:
+            assert refused, (theta, phi, gamma)
+        else:
+            assert not refused, (theta, phi, gamma)
+    # just outside the margin the warp is still a picture
+    out = warp_2d(np.full((32, 32, 3), 200, np.uint8), perspective_flip_phi=89.85)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
 @pytest.mark.parametrize("arguments, words", [
@@ -199,6 +214,9 @@ def test_scaled_motion_shares_angle_translation_and_multiplies_zoom():
     (dict(angle=float("nan")), "motion angle is nan: give a finite number"),
     (dict(translation_x=float("inf")), "motion translation_x is inf"),
     (dict(perspective_flip_fv=180), "perspective_flip_fv 180 is outside (0, 180)"),
+    (dict(perspective_flip_phi=90), "perspective_flip_phi 90 with perspective_flip_gamma 0 turns the picture's "
+                                    "plane edge-on"),
+    (dict(perspective_flip_theta=20, perspective_flip_gamma=-270.05), "perspective_flip_gamma -270.05 turns"),
 ])
 def test_bad_parameters_raise_one_line_parameter_errors(arguments, words):
     with pytest.raises(ParameterError) as raised:
@@ -206,9 +224,7 @@ def test_bad_parameters_raise_one_line_parameter_errors(arguments, words):
     assert words in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_bad_fraction_and_pixels_per_unit_raise_parameter_errors():
-    with pytest.raises(ParameterError, match="fraction is nan"):
-        Motion2D(zoom=1.1).scaled(float("nan"))
+def test_bad_pixels_per_unit_and_border_raise_parameter_errors():
     with pytest.raises(ParameterError, match="pixels_per_unit 0 must be above 0"):
         warp_2d_torch(torch.zeros(1, 4, 8, 8), Motion2D(zoom=1.1), pixels_per_unit=0)
     with pytest.raises(ParameterError, match="border 'zeros' is unknown"):

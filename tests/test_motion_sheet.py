@@ -1,8 +1,11 @@
-"""scripts/motion_sheet.py: its recipes are the README's, and a small sheet renders on the demo model."""
+"""scripts/motion_sheet.py: its recipes are the README's, a small sheet renders on the demo model,
+bad counts and sizes are one line before the model loads."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from cli_checks import stderr_lines
 from conftest import REPO, load_module
 from sounddiffusion.settings import VideoSettings
 from sounddiffusion.video.frame_plan import plan_frames
@@ -40,3 +43,23 @@ def test_a_small_sheet_renders_two_rows_of_labelled_frames(tmp_path, monkeypatch
     first, second = pixels[:64, :64], pixels[:64, 64:]
     assert np.abs(first - second).mean() > 5  # frame 4 is not frame 0: the camera flew in
     assert (pixels[64:64 + sheet.LABEL_HEIGHT, :64] < 128).any()  # a label below the tile
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tiles", "0"], "--tiles 0: use 1 or more"),
+    (["--every", "-1"], "--every -1: use 1 or more"),
+    (["--steps", "0"], "--steps 0: use 1 or more"),
+    (["--size", "100"], "--size 100: use a multiple of 64"),
+    (["--size", "0"], "--size 0: use a multiple of 64"),
+])
+def test_bad_counts_and_sizes_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, words):
+    from sounddiffusion import cli
+    from sounddiffusion.model import loading
+
+    sheet = load_script()
+    monkeypatch.setattr(loading, "load_engine", lambda *a, **k: pytest.fail("the model was loaded"))
+    status = cli.run(sheet.main, sheet.build_parser(), [str(tmp_path / "sheet.png"), *argv])
+    lines = stderr_lines(capsys.readouterr().err)
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("motion_sheet.py: error: ") and words in lines[0]
+    assert not (tmp_path / "sheet.png").exists()

@@ -21,10 +21,12 @@ Where the moves are used (Deforum's order: warp, then colour coherence, contrast
   camera positions; moving only frame a would jump at frame b. Moved this way, each in-between is
   ``t`` of the way between two pictures that show the same view, the camera moves by ``m_i`` on
   every frame, and the blend reaches frame b's own picture at t = 1: the path is continuous
-  through the diffused frames. For a motion that stays the same over the span this is each
-  in-between warped by its share of the motion (``Motion2D.scaled((i - a) / (b - a))`` of the
-  span's motion, exactly so for zoom and rotation), and unlike a share it follows a schedule
-  that changes within the span. With ``--strength 0`` (img2img keeps its start) frame b is frame
+  through the diffused frames. For a zoom z and angle r that stay the same over the span (about
+  one centre), ``M(a -> i)`` is the single motion of zoom ``z ** (i - a)`` and angle ``(i - a) r``:
+  the share t of the span's ``z ** (b - a)`` and ``(b - a) r``, and ``M(b -> i)`` the rest
+  undone (a translation is turned and zoomed by the frames after it, so it adds up to no share);
+  unlike a share of the span's motion, the product also follows a schedule that changes within
+  the span. With ``--strength 0`` (img2img keeps its start) frame b is frame
   a moved, both ends agree inside the picture and the in-betweens are pure camera motion.
 
 ``--motion_space pixel`` moves the decoded picture (decode, warp, encode; sharp edges, one
@@ -120,9 +122,11 @@ class Camera:
     """The camera path of a render: ``motions`` (one :class:`Motion2D` per frame, from the frame
     before) on a ``width`` x ``height`` picture, with the render's ``border`` and ``space``.
 
-    :meth:`move` gives the move between two frames (module docstring). :meth:`moved` moves a
-    diffused frame's latent, keeping the decoded pictures of the last two diffused frames that the
-    in-betweens are made from, so that each is decoded once."""
+    :meth:`move` gives the move between two frames (module docstring). :meth:`picture` decodes
+    a diffused frame's latent, keeping the pictures of the last two diffused frames (the ends of
+    the span whose in-betweens are being made), so that each is decoded once: for its own move
+    to the next diffused frame, the colour match, the in-betweens' moves (:meth:`moved`) and frame
+    0's colour reference alike."""
 
     def __init__(self, motions: Sequence[Motion2D], width: int, height: int, border: str = "replicate",
                  space: str = "pixel"):
@@ -156,18 +160,21 @@ class Camera:
             matrix = np.linalg.inv(matrix)
         return CameraMove(matrix, self.border, self.space)
 
+    def picture(self, engine: Engine, index: int, latent: torch.Tensor) -> np.ndarray:
+        """Diffused frame ``index``'s ``latent`` (1, 4, h, w) decoded, (1, H, W, 3) uint8: by
+        ``engine`` the first time, then from the cache (not to be written to)."""
+        if index not in self._pictures:  # keep the one decoded last: the other end of the span
+            self._pictures = dict(list(self._pictures.items())[-1:])
+            self._pictures[index] = engine.decode(latent)
+        return self._pictures[index]
+
     def moved(self, engine: Engine, index: int, latent: torch.Tensor, to: int) -> torch.Tensor:
         """Diffused frame ``index``'s ``latent`` brought to frame ``to``'s camera (itself when
         the camera stands still between them)."""
         move = self.move(index, to)
         if move is None:
             return latent
-        picture = None
-        if move.space == "pixel":
-            if index not in self._pictures:  # keep the one decoded last: the other end of the span
-                self._pictures = dict(list(self._pictures.items())[-1:])
-                self._pictures[index] = engine.decode(latent)
-            picture = self._pictures[index]
+        picture = self.picture(engine, index, latent) if move.space == "pixel" else None
         return move.apply(engine, latent, picture)
 
 

@@ -19,7 +19,7 @@ exactly; amounts are host floats from the plan, so nothing here reads values bac
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,17 +143,21 @@ def block_specs(specs: Sequence[BendSpec]) -> list[BendSpec]:
 
 
 def prepare_previous(engine: Engine, previous: torch.Tensor, frame: Frame, reference: np.ndarray | None,
-                     color_space: str, seed: int, move: CameraMove | None = None) -> torch.Tensor:
+                     color_space: str, seed: int, move: CameraMove | None = None,
+                     decoded: Callable[[], np.ndarray] | None = None) -> torch.Tensor:
     """The previous latent (1, 4, h, w) as frame ``frame``'s img2img starts from it, in Deforum's
     order: moved by the camera (``move``, from the previous diffused frame to this one; None: a
     still camera), colours matched to ``reference`` (H, W, 3 uint8) in ``color_space`` when the
     frame asks for it, contrast scaled, fresh noise added. A picture move and the colour match
-    share one decode and encode. Identity amounts and a still camera change nothing."""
+    share one decode and encode; ``decoded``, when given, returns ``previous`` decoded, (1, H, W, 3)
+    uint8, from the caller's cache, called only when the picture is needed (default: decoded by
+    ``engine``). Identity amounts and a still camera change nothing."""
     match = frame.match_colors and reference is not None and frame.color_coherence_strength > 0
     if move is not None and move.space == "latent":
         previous = move.warp_latent(previous)
+        decoded = None  # the moved latent's picture is another one
     if match or (move is not None and move.space == "pixel"):
-        picture = engine.decode(previous)
+        picture = decoded() if decoded is not None else engine.decode(previous)
         if move is not None and move.space == "pixel":
             picture = move.warp_pictures(picture, engine.device)
         if match:

@@ -30,7 +30,7 @@ from sounddiffusion.settings import VideoSettings
 from sounddiffusion.sound.analysis import Envelopes, parse_smoothing, snap_times
 from sounddiffusion.sound.audio import (fps_fraction, frame_count, sound_blocks, sound_extent, sound_warning,
                                         stream_frame_slices)
-from sounddiffusion.video.motion import Motion2D, check_border
+from sounddiffusion.video.motion import EDGE_ON_DEGREES, Motion2D, check_border, edge_on
 
 
 MOTION_SPACES = ("pixel", "latent")
@@ -198,7 +198,7 @@ def plan_frames(settings: VideoSettings, *, analyse: bool = False,
                      tracks=dict(analysed.tracks) if analysed is not None else {}, snapped=snapped,
                      negative_prompt=settings.negative_prompt,
                      lora_weights=evaluate_lora_weights(schedules, variables, n_frames),
-                     motions=frame_motions(values, n_frames))
+                     motions=frame_motions(values, n_frames, settings))
 
 
 def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:
@@ -209,10 +209,23 @@ def _warn_unread_tracks(schedules: VideoSchedules, names: list[str]) -> None:
             log.warning("control track %s: no schedule reads it (%s.onset, %s.rms ...)", name, name, name)
 
 
-def frame_motions(values: dict[str, np.ndarray], n_frames: int) -> tuple[Motion2D, ...]:
+def frame_motions(values: dict[str, np.ndarray], n_frames: int, settings: VideoSettings) -> tuple[Motion2D, ...]:
     """Each frame's camera motion from the frame before, from the motion flags' per-frame values
     (``--zoom`` ... ``--perspective_flip_fv``, in :data:`MOTION_SCHEDULES` order); frame 0 has no
-    frame before it and keeps the picture it starts from (an ``--init-img`` is not moved)."""
+    frame before it and keeps the picture it starts from (an ``--init-img`` is not moved).
+
+    Raises ParameterError naming the flags (their texts from ``settings``), the first frame and
+    its values when a perspective flip turns the picture edge-on on a frame (the angles can be
+    schedules: checked here, on every frame, before the model loads)."""
+    phi, gamma = values["perspective_flip_phi"][1:n_frames], values["perspective_flip_gamma"][1:n_frames]
+    bad = np.flatnonzero(edge_on(phi, gamma))
+    if len(bad):
+        first = int(bad[0])
+        raise ParameterError(
+            f'--perspective_flip_phi "{settings.perspective_flip_phi}" and --perspective_flip_gamma '
+            f'"{settings.perspective_flip_gamma}" are {phi[first]:g} and {gamma[first]:g} on frame {first + 1} '
+            f"({len(bad)} of {n_frames} frames): the picture's plane is then edge-on to the camera, a line with "
+            f"nothing to warp; keep both more than {EDGE_ON_DEGREES:g} degrees away from 90 and 270")
     rows = np.stack([values[name] for name in MOTION_SCHEDULES], axis=1).tolist()
     return (Motion2D(), *(Motion2D(*row) for row in rows[1:n_frames]))
 

@@ -99,22 +99,24 @@ def diffuse(engine: Engine, plan: FramePlan, settings: VideoSettings, chain: Cha
     ``plan``)."""
     camera = camera if camera is not None else Camera.of(plan, settings)
     return diffuse_slice(engine, plan.audio_slice(frame.index), plan.bends, settings, chain, frame, blocks,
-                         move=camera.move(chain.index, frame.index))
+                         move=camera.move(chain.index, frame.index),
+                         decoded=lambda: camera.picture(engine, chain.index, chain.latent))
 
 
 def diffuse_slice(engine: Engine, audio_slice: np.ndarray, specs: Sequence[BendSpec], settings: VideoSettings,
                   chain: ChainState, frame: Frame, blocks: BlockBender | None,
-                  move: CameraMove | None = None) -> torch.Tensor:
+                  move: CameraMove | None = None, decoded: Callable[[], np.ndarray] | None = None) -> torch.Tensor:
     """Sample ``frame`` from the chain under ``audio_slice`` (mono float32 at 44.1 kHz), the
     latent (1, 4, h, w): its LoRA weights, its conditioning, the previous latent prepared (the
-    camera's ``move`` from the chain's frame to this one, colour, contrast, noise), img2img with
-    its bends (``specs``: the run's ``--bend`` specs), final bends, ``--pixel_roundtrip``. A
-    file's frame loop and the live loop both sample through here."""
+    camera's ``move`` from the chain's frame to this one, colour, contrast, noise; ``decoded``:
+    the chain's latent decoded from a cache, see :func:`prepare_previous`), img2img with its bends
+    (``specs``: the run's ``--bend`` specs), final bends, ``--pixel_roundtrip``. A file's frame loop
+    and the live loop both sample through here."""
     engine.set_lora_weights(frame.lora_weights)  # before the conditioning: a LoRA may change the text encoder
     cond = frame_conditioning(engine, audio_slice, frame, settings)
     first = chain.latent is None
     previous = None if first else prepare_previous(engine, chain.latent, frame, chain.reference,
-                                                   settings.color_coherence, settings.seed, move)
+                                                   settings.color_coherence, settings.seed, move, decoded)
     n_steps = steps_of_frame(frame, settings.sampler, settings.ddim_steps, first=first)
     bends = frame_bends(specs, frame, slice_rms(audio_slice), n_steps, first=first)
     if blocks is not None:
@@ -158,7 +160,7 @@ def sample_frames(engine: Engine, plan: FramePlan, settings: VideoSettings, writ
                                                                             blocks, camera)
                 reference = chain.reference
                 if reference is None and settings.color_coherence != "none":
-                    reference = engine.decode(latent)[0]  # frame 0's colours are what the video keeps
+                    reference = camera.picture(engine, index, latent)[0]  # frame 0's colours: the video keeps them
                 chain = ChainState(index, latent, reference)
                 writer.submit(index, latent, chain)
             else:

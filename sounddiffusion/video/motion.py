@@ -20,15 +20,15 @@ M^-1 p; outside the picture the border rule decides: "replicate" (the edge pixel
 OpenCV's BORDER_REFLECT_101 and torch's "reflection" with ``align_corners=True``).
 
 :func:`warp_2d` warps an (H, W, 3) uint8 picture with numpy; :func:`warp_2d_torch` warps a batch of
-(B, C, H, W) float tensors (pictures or latents) on their device with ``grid_sample``. Both return
-their input itself when the motion is the identity. :func:`warp_matrix_torch` does the same warp for
-any forward map, such as the product of several frames' matrices.
+(B, C, H, W) float tensors (pictures or latents) by one motion on their device with ``grid_sample``.
+Both return their input itself when the motion is the identity. :func:`warp_matrix_torch`, which
+the frame loop uses, does the same warp for any forward map, such as the product of several frames'
+matrices.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ from sounddiffusion.errors import ParameterError
 BORDERS = ("replicate", "wrap", "reflect")
 # Deforum's default field of view for the perspective flip, degrees.
 DEFAULT_FLIP_FV = 53.0
+# A flip that turns the picture's plane to within this many degrees of edge-on is refused: the
+# plane then (nearly) passes through the flip's camera, the picture is a line and its homography
+# singular (at 90 degrees exactly) or numerical noise (at 270, cos is 1.8e-16, not 0).
+EDGE_ON_DEGREES = 0.1
 # Sampling coordinates are kept within this many pixels so that extreme perspective (the plane
 # seen edge-on) gives edge pixels instead of integer overflow.
 _COORDINATE_LIMIT = 1e6
@@ -57,8 +61,9 @@ class Motion2D:
         the axis towards the viewer, the horizontal axis and the vertical axis; 0, 0, 0 is off.
     perspective_flip_fv: field of view of the flip's camera, degrees, in (0, 180).
 
-    Raises :class:`ParameterError` for a non-finite value, zoom <= 0, a centre outside 0..1 or a
-    field of view outside (0, 180).
+    Raises :class:`ParameterError` for a non-finite value, zoom <= 0, a centre outside 0..1, a
+    field of view outside (0, 180) or a flip whose phi and gamma turn the plane edge-on
+    (:func:`edge_on`).
     """
 
     zoom: float = 1.0
@@ -92,6 +97,11 @@ class Motion2D:
         if not 0.0 < self.perspective_flip_fv < 180.0:
             raise ParameterError(f"perspective_flip_fv {self.perspective_flip_fv:g} is outside (0, 180) degrees: "
                                  f"Deforum's default is {DEFAULT_FLIP_FV:g}")
+        if edge_on(self.perspective_flip_phi, self.perspective_flip_gamma):
+            raise ParameterError(f"perspective_flip_phi {self.perspective_flip_phi:g} with perspective_flip_gamma "
+                                 f"{self.perspective_flip_gamma:g} turns the picture's plane edge-on to the camera "
+                                 f"(a line, nothing to warp): keep phi and gamma more than {EDGE_ON_DEGREES:g} "
+                                 f"degrees away from 90 and 270")
 
     @property
     def has_perspective_flip(self) -> bool:
@@ -103,22 +113,16 @@ class Motion2D:
         return (self.zoom == 1 and self.angle == 0 and self.translation_x == 0 and self.translation_y == 0
                 and not self.has_perspective_flip)
 
-    def scaled(self, fraction: float) -> Motion2D:
-        """The share ``fraction`` of this motion, for the in-between frames of a cadence.
 
-        Angles and translations are multiplied by ``fraction`` and the zoom becomes
-        ``zoom ** fraction``, so ``n`` steps of ``scaled(1 / n)`` zoom and turn as one full step;
-        the centre and field of view stay. ``scaled(0)`` is the identity, ``scaled(1)`` equals self.
-        """
-        fraction = float(fraction)
-        if not math.isfinite(fraction):
-            raise ParameterError(f"motion fraction is {fraction}: give a finite number")
-        return replace(
-            self, zoom=self.zoom ** fraction, angle=self.angle * fraction,
-            translation_x=self.translation_x * fraction, translation_y=self.translation_y * fraction,
-            perspective_flip_theta=self.perspective_flip_theta * fraction,
-            perspective_flip_phi=self.perspective_flip_phi * fraction,
-            perspective_flip_gamma=self.perspective_flip_gamma * fraction)
+def edge_on(phi: float | np.ndarray, gamma: float | np.ndarray) -> bool | np.ndarray:
+    """Whether a perspective flip of ``phi``, ``gamma`` (degrees; numbers or arrays) turns the
+    picture's plane to within :data:`EDGE_ON_DEGREES` of edge-on. The flip turns the plane's
+    normal to ``Rx(phi) Ry(gamma) e_z``, whose component along the view axis is
+    ``cos(phi) cos(gamma)``; the plane is edge-on (it passes through the flip's camera) where that
+    is 0, and within d degrees of it where ``|cos(phi) cos(gamma)| < sin(d)``. theta turns the
+    plane in itself and does not matter."""
+    facing = np.abs(np.cos(np.radians(phi)) * np.cos(np.radians(gamma)))
+    return facing < math.sin(math.radians(EDGE_ON_DEGREES))
 
 
 def check_border(border: str) -> str:
@@ -282,35 +286,21 @@ def _neighbours(coordinate: np.ndarray, size: int, border: str) -> tuple[np.ndar
     return low, np.minimum(low + 1, size - 1), weight.astype(np.float32)
 
 
-def warp_2d_torch(x: torch.Tensor, motion: Motion2D | Sequence[Motion2D], *, border: str = "replicate",
+def warp_2d_torch(x: torch.Tensor, motion: Motion2D, *, border: str = "replicate",
                   pixels_per_unit: float = 1.0) -> torch.Tensor:
-    """A batch of tensors moved by 2D camera motion on their device, the same warp as :func:`warp_2d`.
+    """A batch of tensors moved by one frame of 2D camera motion on their device, the warp of
+    :func:`warp_2d` (:func:`warp_matrix_torch` of the motion's matrix).
 
-    ``x``: (B, C, H, W) float (pictures in [-1, 1] with ``pixels_per_unit=1``, or latents
+    ``x``: (B, C, H, W) float (pictures on 0..255 or [-1, 1] with ``pixels_per_unit=1``, or latents
     (B, 4, h, w) with ``pixels_per_unit=8`` so that translations stay in picture pixels).
-    ``motion``: one :class:`Motion2D` for the whole batch or a sequence of B. ``border``: one of
-    :data:`BORDERS`. Bilinear ``grid_sample`` at the inverse map of every element centre
-    (``align_corners=True`` puts -1 and 1 on the outermost centres, the numpy path's convention);
-    float16/bfloat16 are sampled in float32. Returns a tensor like ``x``: ``x`` itself when every
-    motion is the identity, and the input values unchanged for items whose motion is.
+    ``border``: one of :data:`BORDERS`. Returns a new tensor like ``x``, or ``x`` itself when the
+    motion is the identity.
     """
-    check_border(border)
-    if x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(f"the tensor to warp must be (B, C, H, W) float, got {tuple(x.shape)} {x.dtype}")
-    batch, _, height, width = x.shape
-    motions = [motion] * batch if isinstance(motion, Motion2D) else list(motion)
-    if len(motions) != batch:
-        raise ValueError(f"{len(motions)} motions for a batch of {batch}: give one motion or one per item")
-    moving = [i for i, m in enumerate(motions) if not m.is_identity]
-    if not moving:
+    _check_tensor(x, border)
+    if motion.is_identity:
         return x
-    inverses = np.stack([np.linalg.inv(motion_matrix(motions[i], width, height, pixels_per_unit)) for i in moving])
-    warped = _warp(x if len(moving) == batch else x[moving], inverses, border)
-    if len(moving) == batch:
-        return warped
-    out = x.clone()
-    out[moving] = warped
-    return out
+    height, width = x.shape[-2:]
+    return _warp(x, np.linalg.inv(motion_matrix(motion, width, height, pixels_per_unit))[None], border)
 
 
 def warp_matrix_torch(x: torch.Tensor, matrix: np.ndarray, *, border: str = "replicate",
@@ -320,17 +310,25 @@ def warp_matrix_torch(x: torch.Tensor, matrix: np.ndarray, *, border: str = "rep
     several frames' :func:`motion_matrix` (``M_2 @ M_1``: M_1 first) or an inverse.
 
     ``x``: (B, C, H, W) float standing for a picture of (W ppu, H ppu) pixels; ``border`` one of
-    :data:`BORDERS`. Returns a new tensor like ``x`` (the identity matrix too is sampled)."""
-    check_border(border)
-    if x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(f"the tensor to warp must be (B, C, H, W) float, got {tuple(x.shape)} {x.dtype}")
+    :data:`BORDERS`. Returns a new tensor like ``x`` (the identity matrix too is sampled).
+
+    Each element centre takes the bilinear ``grid_sample`` of ``x`` at its inverse map
+    (``align_corners=True`` puts -1 and 1 on the outermost centres, the numpy path's convention);
+    float16/bfloat16 are sampled in float32."""
+    _check_tensor(x, border)
     inverse = np.linalg.inv(array_matrix(np.asarray(matrix, dtype=np.float64), pixels_per_unit))
     return _warp(x, inverse[None], border)
 
 
+def _check_tensor(x: torch.Tensor, border: str) -> None:
+    check_border(border)
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"the tensor to warp must be (B, C, H, W) float, got {tuple(x.shape)} {x.dtype}")
+
+
 def _warp(source: torch.Tensor, inverses: np.ndarray, border: str) -> torch.Tensor:
-    """``source`` (N, C, H, W) sampled bilinearly at the inverse maps (N or 1, 3, 3) float64 of
-    its element centres; float16/bfloat16 are sampled in float32 and returned in their dtype."""
+    """``source`` (N, C, H, W) sampled bilinearly at the inverse map (1, 3, 3) float64 of its
+    element centres; float16/bfloat16 are sampled in float32 and returned in their dtype."""
     height, width = source.shape[-2:]
     # float32 on the host first: MPS has no float64.
     inverses = torch.from_numpy(inverses.astype(np.float32)).to(source.device)
