@@ -119,6 +119,17 @@ def test_max_f_needs_seconds_live():
     LiveControls(LiveSettings(strength="t / max_f", seconds=10))
 
 
+def test_a_constant_edge_on_flip_is_refused_live():
+    """Constant flip angles that turn the plane edge-on would skip every picture: refused at the start;
+    a scheduled one that passes edge-on skips only those frames."""
+    with pytest.raises(ParameterError, match="edge-on"):
+        LiveControls(LiveSettings(perspective_flip_phi="90"))
+    with pytest.raises(ParameterError, match="edge-on"):
+        LiveControls(LiveSettings(perspective_flip_phi="30", perspective_flip_gamma="-90"))
+    LiveControls(LiveSettings(perspective_flip_phi="90*onset"))
+    LiveControls(LiveSettings(perspective_flip_phi="89"))
+
+
 def test_the_recording_shows_each_picture_from_when_it_was_ready(tmp_path):
     """Video frame j shows the picture on show j / fps s after the first sample (black before)."""
     fps, sr = 10, 44100

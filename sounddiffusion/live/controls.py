@@ -21,7 +21,7 @@ from sounddiffusion.control.prompts import negative_weights_at, prompt_weights_a
 from sounddiffusion.errors import ParameterError
 from sounddiffusion.settings import LiveSettings
 from sounddiffusion.video.frame_plan import Frame, color_frames, frame_of, frame_seed
-from sounddiffusion.video.motion import Motion2D
+from sounddiffusion.video.motion import EDGE_ON_DEGREES, Motion2D, edge_on
 
 CONTROLS = {"prompt": "textprompt", "textstrength": "textstrength", "strength": "strength", "seed": "seed"}
 """The controls of the page (``POST /settings`` keys) and the settings they change."""
@@ -31,10 +31,17 @@ SECTIONS_HINT = ("needs the song's sections (audio2video's --sections), which li
 
 
 def check_live_schedules(schedules: VideoSchedules, settings: LiveSettings) -> None:
-    """ParameterError when a schedule reads ``max_f`` (the number of frames) of a sound without end."""
+    """ParameterError when a schedule reads ``max_f`` (the number of frames) of a sound without end,
+    or when constant flip angles turn every picture edge-on (scheduled ones skip such frames)."""
     if settings.seconds is None and any("max_f" in schedule.names_used for schedule in schedules.all()):
         raise ParameterError("a schedule reads max_f, the number of frames, which a live sound has only with "
                              "--seconds N: give --seconds or leave max_f out")
+    phi, gamma = schedules.values["perspective_flip_phi"], schedules.values["perspective_flip_gamma"]
+    if phi.is_constant and gamma.is_constant and edge_on(phi.constant, gamma.constant):
+        # Every picture would be skipped: the plane is edge-on on every frame.
+        raise ParameterError(f"--perspective_flip_phi {phi.text} and --perspective_flip_gamma {gamma.text} turn the "
+                             f"picture's plane edge-on to the camera on every frame: keep both more than "
+                             f"{EDGE_ON_DEGREES:g} degrees away from 90 and 270")
 
 
 def parse_live_schedules(settings: LiveSettings, loras: Sequence[tuple[str, str]] = ()) -> VideoSchedules:
