@@ -326,3 +326,11 @@ def test_a_long_bad_expression_shows_an_excerpt_around_the_column():
     # a short text is shown whole, so the column can be counted in it
     with pytest.raises(ScheduleError, match=r'^--strength "0.4 \+\* onset": column 6: '):
         parse_schedule("0.4 +* onset", flag="--strength", names=NAMES)
+
+
+def test_one_frames_value_that_is_not_finite_names_that_frame():
+    """Live mode evaluates one frame at a time: the error names the frame it happened on."""
+    schedule = parse_schedule("0.5 + 0.1*log(onset)", flag="--strength", names=("onset",))
+    assert schedule.value_at({"onset": 0.5}, 37) == pytest.approx(0.5 + 0.1 * np.log(0.5))
+    with pytest.raises(ScheduleError, match=r'--strength "0.5 \+ 0.1\*log\(onset\)": frame 37: '):
+        schedule.value_at({"onset": 0.0}, 37)

@@ -101,11 +101,14 @@ class Schedule:
         Raises :class:`ScheduleError` as :meth:`evaluate` does."""
         if self.is_constant:
             return self.constant
-        if not self._keyframes:
-            return float(self.evaluate(variables, 1)[0])
         missing = sorted(self.names_used - set(variables))
         if missing:
             raise ScheduleError(f"{self._where()}: no value for {', '.join(missing)}")
+        if not self._keyframes:
+            with np.errstate(all="ignore"):
+                value = _over_frames(self._expression.evaluate(variables), 1)
+            self._check_finite(np.array([index]), value)  # the error names this frame, not frame 0
+            return float(value[0])
         # keyframes count frames from 0: laid out up to this frame, but only at the frames the line
         # bends, so the cost grows with the keyframes, not with the frame numbers (up to MAX_KEYFRAME)
         with np.errstate(all="ignore"):

@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,14 +81,15 @@ ONCE_LOGGERS = ("sounddiffusion.control.schedules", __name__)
 
 
 class _Once(logging.Filter):
-    """Lets each distinct message through once (a schedule clipped on every frame warns once)."""
+    """Lets each distinct message through once, numbers aside (a schedule clipped or undefined on
+    every frame warns once, naming the first frame)."""
 
     def __init__(self):
         super().__init__()
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = re.sub(r"\d+", "#", record.getMessage())
         if message in self.seen:
             return False
         self.seen.add(message)
