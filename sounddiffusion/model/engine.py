@@ -26,8 +26,6 @@ from sounddiffusion.model.tiny_vae import TinyVae, check_can_encode
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 LATENT_SCALE = 8  # the autoencoder's downsampling factor
 
 LatentHook = Callable[[torch.Tensor], torch.Tensor]
