@@ -92,8 +92,8 @@ class Engine:
         weights = tuple(float(w) for w in weights)
         if self.lora_patch is None or weights == self.lora_patch.weights:
             return
-        self.lora_patch.set_weights(weights)
-        if any(name.startswith("cond_stage_model.") for name, _ in self.lora_patch.touched):
+        rewritten = self.lora_patch.set_weights(weights)
+        if any(name.startswith("cond_stage_model.") for name, _ in rewritten):
             self.text_encoder_changed()
 
     def text_encoder_changed(self) -> None:

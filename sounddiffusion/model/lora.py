@@ -99,22 +99,26 @@ class LoraPatch:
         return sum(entry.original.nbytes + sum(delta.nbytes for _, delta in entry.deltas)
                    for entry in self._entries.values())
 
-    def set_weights(self, weights: Sequence[float]) -> None:
+    def set_weights(self, weights: Sequence[float]) -> list[tuple[str, tuple[int, int] | None]]:
         """Merges the files at ``weights`` (one float per file) instead of the weights now merged.
 
         Rewrites only the weights touched by a file whose weight changed: W = W0 + sum_i w_i * delta_i
-        from the kept W0 and deltas (no file read, no up @ down). Raises ParameterError for a wrong
+        from the kept W0 and deltas (no file read, no up @ down). Returns what it rewrote, as
+        :attr:`touched` names it ([] when no weight changed). Raises ParameterError for a wrong
         count or a weight that is not a finite number."""
         if not self._schedulable:
             raise RuntimeError("these LoRAs were merged at constant weights (apply_loras): "
                                "use load_loras for weights that change")
         weights = _checked_weights(weights, [info.path for info in self.files])
         changed = {i for i, (new, old) in enumerate(zip(weights, self.weights)) if new != old}
+        rewritten = []
         with torch.no_grad():
-            for entry in self._entries.values():
+            for target, entry in self._entries.items():
                 if any(i in changed for i, _ in entry.deltas):
                     entry.merge(weights)
+                    rewritten.append((target.parameter, target.rows))
         self.weights = weights
+        return rewritten
 
     def restore(self) -> None:
         """Puts back the original weights, bit for bit (the patch can be merged again with set_weights)."""
