@@ -114,7 +114,7 @@ def test_restore_gives_the_original_weights_bit_for_bit(fresh, lora_dir):
     files = [(lora_dir / "lora-kohya.safetensors", 0.8), (lora_dir / "lora-peft.safetensors", 0.5)]
     base = fresh()
     model = fresh()
-    patch = apply_loras(model, files)
+    patch = apply_loras(model, files, keep_original=True)
     assert len(same_state(base, model)) == len(patch.touched)
     patch.restore()
     assert same_state(base, model) == []
@@ -123,6 +123,22 @@ def test_restore_gives_the_original_weights_bit_for_bit(fresh, lora_dir):
         patch.set_weights(weights)
     patch.restore()
     assert same_state(base, model) == []
+
+
+def test_constant_weights_keep_no_copy_of_the_originals_unless_asked(fresh, lora_dir):
+    """The engine merges constant weights for good: nothing is kept (a LoCon on the whole SD v1 UNet
+    would keep 3.4 GB); keep_original=True keeps each touched weight once, for restore()."""
+    files = [(lora_dir / "lora-kohya.safetensors", 0.8), (lora_dir / "lora-peft.safetensors", 0.5)]
+    model = fresh()
+    patch = apply_loras(model, files)
+    assert patch.kept_bytes == 0
+    with pytest.raises(RuntimeError, match="keep_original=True"):
+        patch.restore()
+    kept_model = fresh()
+    kept = apply_loras(kept_model, files, keep_original=True)
+    sizes = [model.get_parameter(name)[slice(*rows) if rows else slice(None)].nbytes for name, rows in kept.touched]
+    assert kept.kept_bytes == sum(sizes) > 0
+    assert same_state(model, kept_model) == []  # both merge the same numbers, bit for bit
 
 
 def test_set_weights_rewrites_only_what_changed_without_reading_or_multiplying(fresh, lora_dir, monkeypatch):
@@ -286,7 +302,7 @@ def test_alpha_scales_and_a_linear_lora_fits_a_1x1_convolution(fresh, tmp_path):
             {"unet.lora_alpha": 8, "unet.use_rslora": True})}, 4.0),  # rsLoRA: alpha / sqrt(rank)
     ]
     for i, (tensors, metadata, scale) in enumerate(cases):
-        patch = apply_loras(model, [(save(tmp_path / f"{i}.safetensors", tensors, metadata), 0.5)])
+        patch = apply_loras(model, [(save(tmp_path / f"{i}.safetensors", tensors, metadata), 0.5)], keep_original=True)
         expected = w0 + 0.5 * update(down, up, scale, w0.shape)
         assert rel_err(model.state_dict()[param].double(), expected) < 1e-6, i
         patch.restore()
