@@ -59,7 +59,7 @@ from sounddiffusion.jobs.outcomes import (ClusterSummary, Worker, make_batch, re
 from sounddiffusion.logs import counted
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
-from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, parse_lora_specs
+from sounddiffusion.model.lora_specs import LoraSpec, lora_record, parse_lora_specs
 from sounddiffusion.settings import (ClusterSettings, JobSettings, ModelSettings, SoundImageSettings,
                                      VideoSettings)
 from sounddiffusion.sound.audio import load_audio, sounds_in_folder
@@ -247,7 +247,7 @@ def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSetting
     """One item per path, keyed by the file and the settings that change the outputs (the LoRA
     files by content and weight, as the outputs record them)."""
     digest = settings_digest({**settings.parameters(), **model.parameters(),
-                              "lora": lora_record(loras, lora_infos(loras))})
+                              "lora": lora_record(loras)})
     return [FileItem(key=file_key(path, settings=digest), path=str(path)) for path in paths]
 
 

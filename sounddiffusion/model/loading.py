@@ -19,7 +19,7 @@ from sounddiffusion.errors import DeviceError, ModelError
 from sounddiffusion.model.configs import load_config, model_config_for
 from sounddiffusion.model.devices import check_cuda_graphs, pick_device, weight_dtype
 from sounddiffusion.model.engine import Engine
-from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, merge_loras, parse_lora_specs
+from sounddiffusion.model.lora_specs import LoraSpec, lora_record, merge_loras, parse_lora_specs
 from sounddiffusion.model.memory import available_memory, check_memory
 from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
@@ -203,7 +203,7 @@ def model_record(settings: ModelSettings, loras: Sequence[LoraSpec] = (), engine
     if settings.vae and vae is None:
         vae = load_tiny_vae(settings.vae)
     return {"checkpoint": name, "checkpoint_hash": fingerprint,
-            "lora": lora_record(loras, lora_infos(loras)) if loras else [],
+            "lora": lora_record(loras),
             "vae_hash": vae.hash if vae is not None else None}
 
 
@@ -285,7 +285,7 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
         use_static_calls(unet)
     engine = Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
                     checkpoint_hash=checkpoint_hash, lora_patch=patch, vae=vae,
-                    loras=lora_record(loras, patch.files) if patch is not None else [])
+                    loras=lora_record(loras))
     if patch is not None and any(name.startswith("cond_stage_model.") for name, _ in patch.touched):
         engine.text_encoder_changed()
     return engine

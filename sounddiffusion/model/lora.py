@@ -36,7 +36,7 @@ from ldm.modules.diffusionmodules.demo_denoiser import DemoDenoiser
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from sounddiffusion.errors import ModelError, ParameterError
 
-from .lora_files import LoraInfo, LoraModule, lora_modules, read_lora
+from .lora_files import LoraInfo, LoraModule, lora_info, lora_modules, read_lora
 from .lora_names import LoraTarget, lora_targets
 
 log = logging.getLogger(__name__)
@@ -238,16 +238,19 @@ def _checked_specs(specs) -> tuple[list[Path], tuple[float, ...]]:
     return paths, _checked_weights([w for _, w in specs], paths)
 
 
-def _load(model, specs, schedulable: bool, keep_original: bool = True) -> LoraPatch:
+def _load(model, specs, schedulable: bool, keep_original: bool = True,
+          infos: Sequence[LoraInfo] | None = None) -> LoraPatch:
     paths, weights = _checked_specs(specs)
+    if infos is not None and [info.path for info in infos] != paths:
+        raise ValueError("infos must be the LoraInfo of the specs' files, in order")
     targets = lora_targets(model)
-    files, contributions = [], {}
+    contributions = {}
     for i, path in enumerate(paths):  # every file is read and checked before the model changes
-        info, tensors, metadata = read_lora(path)
-        modules, others = lora_modules(info.path, tensors, metadata)
-        for target, module in _matched_modules(info.path, modules, others, targets, model).items():
+        tensors, metadata = read_lora(path)
+        modules, others = lora_modules(path, tensors, metadata)
+        for target, module in _matched_modules(path, modules, others, targets, model).items():
             contributions.setdefault(target, []).append((i, module))
-        files.append(info)
+    files = list(infos) if infos is not None else [lora_info(path) for path in paths]
     entries = {}
     with torch.no_grad():
         for target, modules in contributions.items():
@@ -274,24 +277,26 @@ def _load(model, specs, schedulable: bool, keep_original: bool = True) -> LoraPa
     return patch
 
 
-def load_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]]) -> LoraPatch:
+def load_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]], *,
+               infos: Sequence[LoraInfo] | None = None) -> LoraPatch:
     """Reads LoRA files, merges them into ``model`` at the given weights and returns the patch, whose
     ``set_weights([w1, w2, ...])`` changes the weights later (per frame) and ``restore()`` undoes it.
 
     model: a CompVis LatentDiffusion (SD v1 or 2.x), on its final device and dtype.
     specs: (file, weight) pairs; files are .safetensors (or .pt/.ckpt pickles, read with the restricted
-    unpickler). Keeps the original and one delta per file of every touched weight on the model's
-    device. Raises ModelError (missing, unreadable or unsafe file, not a LoRA, an unsupported LyCORIS
+    unpickler); ``infos``: their :class:`LoraInfo` when already taken (by ``--lora``'s parsing), else
+    each file is hashed here. Keeps the original and one delta per file of every touched weight on
+    the model's device. Raises ModelError (missing, unreadable or unsafe file, not a LoRA, an unsupported LyCORIS
     type, a LoRA for another model family, none of its layers in the model) and ParameterError (a weight
     that is not a finite number), before changing the model."""
-    return _load(model, specs, schedulable=True)
+    return _load(model, specs, schedulable=True, infos=infos)
 
 
-def apply_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]], *,
-                keep_original: bool = False) -> LoraPatch:
+def apply_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]], *, keep_original: bool = False,
+                infos: Sequence[LoraInfo] | None = None) -> LoraPatch:
     """Merges LoRA files into ``model`` in place at constant weights, once: W = W0 + sum_i w_i * delta_i.
 
     As :func:`load_loras` (same arguments, checks and result), but nothing is kept: no deltas (the
     patch cannot ``set_weights``) and, unless ``keep_original``, no original weights (a LoCon on all of
     SD v1's UNet would keep 3.4 GB); with ``keep_original`` they are copied to the CPU for ``restore()``."""
-    return _load(model, specs, schedulable=False, keep_original=keep_original)
+    return _load(model, specs, schedulable=False, keep_original=keep_original, infos=infos)
