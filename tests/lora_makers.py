@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 
-def random_pair(out: int, inp: int, rank: int, kernel: int = 0, seed: int = 0, linear_on_conv: bool = False):
+def random_pair(out: int, inp: int, rank: int, kernel: int = 0, seed: int = 0):
     """(down, up) of a module of the given size: down (rank, in) for a linear layer, (rank, in, k, k)
     for a k x k convolution (kernel=k), up (out, rank) or (out, rank, 1, 1) to go with it."""
     g = torch.Generator().manual_seed(seed)

@@ -142,26 +142,41 @@ def test_engine_decode_is_taesds(tmp_path):
     ("tiny:{tmp}/taesd", ["--vae tiny:", "taesd:PATH"]),
     ("taesd:{data}/tiny-v1/model.safetensors", ["--vae taesd:{data}/tiny-v1/model.safetensors"]),
 ])
-def test_bad_vae_is_one_line_before_the_model_loads(run_tool, tmp_path, sound, monkeypatch, vae, words):
+@pytest.mark.parametrize("tool", ["txt2img", "audio2video"])
+def test_bad_vae_is_one_line_before_the_model_loads(run_tool, tmp_path, sound, monkeypatch, vae, words, tool):
     from sounddiffusion.model import loading
 
     monkeypatch.setattr(loading, "build_demo_model", lambda: pytest.fail("the model loaded"))
     random_taesd(tmp_path / "taesd")
     vae = vae.format(tmp=tmp_path, data=DATA)
-    status, _, err = run_tool("txt2img", ["--outdir", tmp_path / "out", "--vae", vae, *LCM[:5]])
-    assert_one_line_error(status, err, "txt2img", *[w.format(tmp=tmp_path, data=DATA) for w in words])
+    inputs = ["--path", sound, "--output", tmp_path / "out" / "o.mp4"] if tool == "audio2video" else [
+        "--outdir", tmp_path / "out"]
+    status, _, err = run_tool(tool, [*inputs, "--vae", vae, *LCM[:5]])
+    assert_one_line_error(status, err, tool, *[w.format(tmp=tmp_path, data=DATA) for w in words])
+    if tool == "audio2video":
+        assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("tool,flags", [("audio2video", ["--color_coherence", "lab"]),
-                                        ("audio2video", ["--init-img", "IMAGE"]), ("img2img", [])])
-def test_decoder_only_taesd_cannot_encode(run_tool, tmp_path, sound, image, monkeypatch, tool, flags):
+@pytest.mark.parametrize("tool,flags,why", [
+    ("audio2video", ["--color_coherence", "lab"], "--color_coherence"),
+    ("audio2video", ["--init-img", "IMAGE"], "--init-img"),
+    ("audio2video", ["--pixel_roundtrip"], "--pixel_roundtrip"),
+    ("audio2video", ["--zoom", "1.02"], "camera motion with --motion_space pixel"),  # the default space: decode, warp, encode
+    ("img2img", [], "img2img's --init-img")])
+def test_decoder_only_taesd_cannot_encode(run_tool, tmp_path, sound, image, monkeypatch, tool, flags, why):
+    from sounddiffusion.model import loading
+
     decoder_only = random_taesd(tmp_path / "taesd", encoder=False) / "taesd_decoder.pth"
     monkeypatch.setattr(loop, "next_latent", lambda *a: pytest.fail("a frame was sampled"))
+    if tool == "audio2video":  # refused before the model loads (img2img: when its picture is encoded)
+        monkeypatch.setattr(loading, "build_demo_model", lambda: pytest.fail("the model loaded"))
     inputs = ["--path", sound] if tool == "audio2video" else ["--init-img", image]
     flags = [image if flag == "IMAGE" else flag for flag in flags]
     status, _, err = run_tool(tool, [*inputs, *flags, "--outdir", tmp_path / "out", "--vae", f"taesd:{decoder_only}",
                                      *LCM[:9]])
-    assert_one_line_error(status, err, tool, "holds only TAESD's decoder", "needs the encoder")
+    assert_one_line_error(status, err, tool, "holds only TAESD's decoder", f"but {why}", "needs the encoder")
+    if tool == "audio2video":
+        assert not (tmp_path / "out").exists()
     # decoding alone is fine with it
     if tool == "audio2video" and "--color_coherence" in flags:
         monkeypatch.undo()

@@ -114,7 +114,7 @@ def test_restore_gives_the_original_weights_bit_for_bit(fresh, lora_dir):
     files = [(lora_dir / "lora-kohya.safetensors", 0.8), (lora_dir / "lora-peft.safetensors", 0.5)]
     base = fresh()
     model = fresh()
-    patch = apply_loras(model, files)
+    patch = apply_loras(model, files, keep_original=True)
     assert len(same_state(base, model)) == len(patch.touched)
     patch.restore()
     assert same_state(base, model) == []
@@ -123,6 +123,22 @@ def test_restore_gives_the_original_weights_bit_for_bit(fresh, lora_dir):
         patch.set_weights(weights)
     patch.restore()
     assert same_state(base, model) == []
+
+
+def test_constant_weights_keep_no_copy_of_the_originals_unless_asked(fresh, lora_dir):
+    """The engine merges constant weights for good: nothing is kept (a LoCon on the whole SD v1 UNet
+    would keep 3.4 GB); keep_original=True keeps each touched weight once, for restore()."""
+    files = [(lora_dir / "lora-kohya.safetensors", 0.8), (lora_dir / "lora-peft.safetensors", 0.5)]
+    model = fresh()
+    patch = apply_loras(model, files)
+    assert patch.kept_bytes == 0
+    with pytest.raises(RuntimeError, match="keep_original=True"):
+        patch.restore()
+    kept_model = fresh()
+    kept = apply_loras(kept_model, files, keep_original=True)
+    sizes = [model.get_parameter(name)[slice(*rows) if rows else slice(None)].nbytes for name, rows in kept.touched]
+    assert kept.kept_bytes == sum(sizes) > 0
+    assert same_state(model, kept_model) == []  # both merge the same numbers, bit for bit
 
 
 def test_set_weights_rewrites_only_what_changed_without_reading_or_multiplying(fresh, lora_dir, monkeypatch):
@@ -143,13 +159,34 @@ def test_set_weights_rewrites_only_what_changed_without_reading_or_multiplying(f
     monkeypatch.setattr(torch, "matmul", refuse)
     versions = {name: p._version for name, p in model.named_parameters()}
     before = {name: p.clone() for name, p in model.named_parameters()}
-    patch.set_weights([0.7, 0.9])  # only the peft file's weight changes
+    rewritten = patch.set_weights([0.7, 0.9])  # only the peft file's weight changes
     written = {name for name, p in model.named_parameters() if p._version != versions[name]}
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert len(written) == meta["peft_modules"] and changed == written
+    assert {name for name, _ in rewritten} == written  # what it reports is what it wrote
     versions = {name: p._version for name, p in model.named_parameters()}
-    patch.set_weights([0.7, 0.9])
+    assert patch.set_weights([0.7, 0.9]) == []
     assert all(p._version == versions[name] for name, p in model.named_parameters())
+
+
+def test_only_a_text_encoder_weight_change_forgets_the_prompts_conditionings(fresh, tmp_path):
+    """Two scheduled LoRAs, one on the UNet, one on the text encoder: a frame that changes only the
+    UNet's keeps the cached conditionings (the text encoder is as it was); the text one's drops them."""
+    from sounddiffusion.model.loading import engine_for_model
+    from sounddiffusion.model.lora_specs import parse_lora_specs
+
+    to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    text_q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    unet_only = save(tmp_path / "unet.safetensors", kohya(to_k, *random_pair(32, 32, 4)))
+    text_only = save(tmp_path / "text.safetensors", kohya(text_q, *random_pair(32, 32, 4, seed=1)))
+    specs = parse_lora_specs([f"{unet_only}:0.5*onset", f"{text_only}:0.5*low"], schedules=True)
+    engine = engine_for_model(fresh(), device="cpu", loras=specs)
+    engine.set_lora_weights([0.0, 0.3])
+    cond = engine.text_conditioning("a red house")
+    engine.set_lora_weights([0.8, 0.3])
+    assert engine.text_conditioning("a red house") is cond  # still the cached tensor
+    engine.set_lora_weights([0.8, 0.9])
+    assert not torch.equal(engine.text_conditioning("a red house"), cond)
 
 
 def test_set_weights_equals_apply_loras_whatever_came_before(fresh, lora_dir):
@@ -265,7 +302,7 @@ def test_alpha_scales_and_a_linear_lora_fits_a_1x1_convolution(fresh, tmp_path):
             {"unet.lora_alpha": 8, "unet.use_rslora": True})}, 4.0),  # rsLoRA: alpha / sqrt(rank)
     ]
     for i, (tensors, metadata, scale) in enumerate(cases):
-        patch = apply_loras(model, [(save(tmp_path / f"{i}.safetensors", tensors, metadata), 0.5)])
+        patch = apply_loras(model, [(save(tmp_path / f"{i}.safetensors", tensors, metadata), 0.5)], keep_original=True)
         expected = w0 + 0.5 * update(down, up, scale, w0.shape)
         assert rel_err(model.state_dict()[param].double(), expected) < 1e-6, i
         patch.restore()

@@ -152,7 +152,7 @@ def test_keys_matching_nothing_in_a_fitting_file_are_one_warning(model, original
                "bundle_emb.sparkle.string_to_param.*": torch.ones(2, 32)}  # an embedding bundled as A1111 allows
     path = save(tmp_path / "partly.safetensors", tensors)
     with caplog.at_level(logging.DEBUG, logger="sounddiffusion.model.lora"):
-        patch = apply_loras(model, [(path, 1.0)])
+        patch = apply_loras(model, [(path, 1.0)], keep_original=True)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "2 of its 3 modules match no layer of this model, and 1 of its tensors" in warnings[0].getMessage()

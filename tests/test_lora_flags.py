@@ -184,3 +184,30 @@ def test_help_says_where_the_weight_goes(run_tool):
     assert "--lora PATH[:WEIGHT]" in flat and "default 1.0, negative allowed" in flat and "0.2 + 0.8*low" in flat
     _, out, _ = run_tool("txt2img", ["--help"])
     assert "--lora PATH[:WEIGHT]" in out and "0.8*low" not in out and "--negative_prompt" in out
+
+
+def test_each_lora_file_is_hashed_once_before_a_render(lora, monkeypatch):
+    """--lora is parsed once (the file read, checked and hashed); the run's record and the merge
+    reuse those hashes, and only the merge reads the tensors again."""
+    from sounddiffusion.model import lora as lora_module
+    from sounddiffusion.model import lora_files, lora_specs
+    from sounddiffusion.model.lora_specs import parse_lora_specs
+    from sounddiffusion.settings import ModelSettings
+
+    calls = {"hash": 0, "read": 0}
+
+    def counted(kind, function):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return function(*args, **kwargs)
+        return call
+    for module in (lora_files, lora_specs, lora_module):  # wherever the names are bound
+        if hasattr(module, "file_hashes"):
+            monkeypatch.setattr(module, "file_hashes", counted("hash", lora_files.file_hashes))
+    monkeypatch.setattr(lora_files, "read_state_dict", counted("read", lora_files.read_state_dict))
+    model = ModelSettings(config=TINY[1], ckpt=TINY[3], device="cpu", lora=(f"{lora}:0.5*low",))
+    specs = parse_lora_specs(model.lora, schedules=True)
+    record = loading.model_record(model, specs)
+    engine = loading.load_engine(model, loras=specs)
+    assert calls == {"hash": 1, "read": 2}
+    assert record["lora"] == engine.loras and engine.loras[0]["short_hash"] == specs[0].info.short_hash

@@ -69,7 +69,7 @@ def test_unet_lora_merges_as_diffusers_on_the_same_weights(reference_dir, tmp_pa
             w = twin.get_submodule(diffusers_module_name(stem)).weight
             down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
             w += (weight * update(down, up, float(tensors[f"{stem}.alpha"]) / down.shape[0], w.shape)).float()
-    patch = apply_loras(model, [(path, weight)])
+    patch = apply_loras(model, [(path, weight)], keep_original=True)
     assert len(patch.touched) == len(layers)
     g = torch.Generator().manual_seed(1)
     x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 7, 32, generator=g)
@@ -138,7 +138,7 @@ def test_sd2_lora_merges_onto_openclip_rows_and_the_unet_as_written_out(tiny_v2,
     for name, (param, rows) in where.items():
         down, up, scale = modules[name]
         expected[param][rows] += -0.6 * update(down, up, scale, expected[param][rows].shape)
-    patch = apply_loras(tiny_v2, [(path, -0.6)])
+    patch = apply_loras(tiny_v2, [(path, -0.6)], keep_original=True)
     after = tiny_v2.state_dict()
     changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
     assert changed == sorted({param for param, _ in where.values()})

@@ -1,10 +1,7 @@
-"""The memory a picture size needs: the estimate against measured peaks, and sizes that cannot fit
-refused in one line before anything loads."""
+"""The memory a picture size needs: the estimate against peaks measured by scripts/measure_memory.py,
+and sizes that cannot fit refused in one line before anything loads."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 import sounddiffusion.jobs.image_jobs
 import sounddiffusion.video.loop  # noqa: F401 - imported before the loaders are replaced (they bind them)
 from cli_checks import TINY, assert_one_line_error, write_sound
+from conftest import load_module
 from sounddiffusion.model import memory
 from sounddiffusion.model.configs import load_config
 from sounddiffusion.settings import DEFAULT_CONFIG, DEMO_CONFIG
@@ -20,47 +18,19 @@ from sounddiffusion.settings import DEFAULT_CONFIG, DEMO_CONFIG
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
-# One decode in a fresh process: its peak resident memory above what it held before the call
-# (Linux: writing 5 to clear_refs resets the peak, VmHWM, to the memory held now).
-MEASURE = textwrap.dedent("""
-    import sys, torch
-    from ldm.util import instantiate_from_config
-    from sounddiffusion.model.configs import load_config
-
-    def status(field):
-        with open("/proc/self/status") as lines:
-            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
-
-    config, size = sys.argv[1], int(sys.argv[2])
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        decoder = instantiate_from_config(load_config(config).model.params.first_stage_config).eval()
-        latent = torch.randn(1, 4, size // 8, size // 8)
-        decoder.decode(latent[:, :, :8, :8])  # first call's one-off allocations
-        with open("/proc/self/clear_refs", "w") as reset:
-            reset.write("5")
-        before = status("VmRSS:")
-        decoder.decode(latent)
-    print(status("VmHWM:") - before)
-""")
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peaks with Linux's /proc")
 def test_decoder_estimate_is_near_the_measured_peak():
-    """Measured on a CPU, each in a fresh process (2026-12: the demo's block means 180 MiB at
-    1024x1024; SD v1's decoder 994 MiB at 512x512 against an estimate of 832 MiB). The estimate
-    may be lower (it is what a run needs at least) but not far off either way."""
-    cases = [(DEMO_CONFIG, 1024), (REPO / "tests/data/tiny-v1/config.yaml", 384)]
-    runs = [subprocess.Popen([sys.executable, "-c", MEASURE, str(config), str(size)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}) for config, size in cases]
-    for (config, size), run in zip(cases, runs):
-        out, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err
-        measured = int(out.split()[-1])
+    """One decode each, in a fresh process, measured by scripts/measure_memory.py (the demo's block
+    means at 1024x1024, tiny-v1's KL decoder at 384x384; the command it prints for SD v1 is in
+    memory.py's docstring). The estimate may be lower (it is what a run needs at least) but not far
+    off either way."""
+    measuring = load_module(REPO / "scripts" / "measure_memory.py", "measure_memory")
+    for config, size in [(DEMO_CONFIG, 1024), (REPO / "tests/data/tiny-v1/config.yaml", 384)]:
+        measured = measuring.measure_in_fresh_process("decoder", size, config)
         estimated = memory.memory_needed(load_config(config), size, size)  # no weights: the decode alone
-        assert 0.5 * measured <= estimated <= 1.3 * measured, (config.name, estimated / MiB, measured / MiB)
+        assert 0.5 * measured <= estimated <= 1.3 * measured, (Path(config).name, estimated / MiB, measured / MiB)
 
 
 def test_formula_of_the_docstring():
@@ -139,3 +109,21 @@ def test_without_a_known_free_memory_every_size_passes(monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda device=None: 2**30)
     with pytest.raises(Exception, match="65536x65536"):
         check_memory(ModelSettings(demo=True), torch.device("cpu"), 65536, 65536, 1)
+
+
+def test_taesd_decoder_is_what_the_memory_check_counts_with_vae(monkeypatch):
+    """--vae decodes with TAESD: 64 channels x 4 values per pixel (scripts/measure_memory.py
+    --parts taesd), no attention, instead of SD v1's KL decoder (128 x 6 and its CPU attention).
+    At 1024x1024 on SD v1, float32, the weights 4.3 GB: the KL run needs about 8.6 GB, the TAESD
+    run about 5.4 GB, so with 6 GiB free only the TAESD run passes."""
+    from sounddiffusion.model.memory import check_memory
+    from sounddiffusion.settings import ModelSettings
+
+    config = load_config(DEFAULT_CONFIG)
+    unet, taesd = 2 * 128 * 128 * 320 * 23, 1024 * 1024 * 64 * 4
+    assert memory.memory_needed(config, 1024, 1024, taesd=True) == 4 * max(unet, taesd)
+    assert memory.memory_needed(config, 1024, 1024, device_type="cuda", taesd=True) == 4 * max(unet, taesd)
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 6 * 2**30)
+    with pytest.raises(Exception, match="1024x1024 picture needs about 8.0 GiB"):
+        check_memory(ModelSettings(), torch.device("cpu"), 1024, 1024, 1)
+    check_memory(ModelSettings(vae="taesd:models/taesd"), torch.device("cpu"), 1024, 1024, 1)

@@ -14,7 +14,7 @@ from sounddiffusion.errors import ParameterError
 from sounddiffusion.images import read_png_parameters
 from sounddiffusion.model.engine import step_generator
 from sounddiffusion.model.loading import load_engine
-from sounddiffusion.model.samplers import timesteps_run, unet_evaluations
+from sounddiffusion.model.samplers import check_strength, img2img_step_count, timesteps_run, unet_evaluations
 from sounddiffusion.settings import ImageSettings, ModelSettings, VideoSettings
 
 GUIDANCE_PROJECTION = "model.diffusion_model.time_embedding.cond_proj.weight"
@@ -127,6 +127,42 @@ def test_engine_strength_0_keeps_and_1_redraws(demo, kind):
     assert torch.equal(demo.img2img(init, cond, noise=x_T, strength=0.0, sampler=kind, steps=4, scale=1), init)
     assert torch.equal(demo.img2img(init, cond, noise=x_T, strength=1.0, sampler=kind, steps=4, scale=1, seed=3),
                        demo.txt2img(cond, x_T=x_T, sampler=kind, steps=4, scale=1, seed=3))
+
+
+@pytest.mark.parametrize("kind", ["ddim", "plms", "lcm", "euler_a"])
+def test_engine_img2img_runs_the_steps_the_schedule_csv_reports(demo, kind):
+    """One rule for what img2img runs (sounddiffusion.model.samplers): the Engine's UNet calls at
+    each strength are unet_evaluations(img2img_step_count), and where check_strength refuses a
+    strength the Engine refuses it with the same one line."""
+    cond, x_T = conditions(demo)
+    init = conditions(demo, 1)[1]
+    for strength in (0.0, 0.1, 0.25, 0.5, 0.99, 1.0):
+        run = dict(noise=x_T, strength=strength, sampler=kind, steps=4, scale=1, seed=3)
+        try:
+            check_strength(kind, 4, strength)
+        except ParameterError as refused:
+            with pytest.raises(ParameterError) as caught:
+                demo.img2img(init, cond, **run)
+            assert str(caught.value) == str(refused)
+            continue
+        calls, handle = unet_calls(demo)
+        demo.img2img(init, cond, **run)
+        handle.remove()
+        assert sum(calls) == unet_evaluations(kind, img2img_step_count(kind, 4, strength), 1), strength
+
+
+def test_engine_img2img_builds_a_few_step_schedule_once(demo, monkeypatch):
+    import ldm.models.diffusion.euler_ancestral as euler_module
+    import ldm.models.diffusion.lcm as lcm_module
+
+    built = []
+    for module, name in ((lcm_module, "lcm_timesteps"), (euler_module, "trailing_timesteps")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _real=real, _name=name: built.append(_name) or _real(*args))
+    cond, x_T = conditions(demo)
+    for kind in ("lcm", "euler_a"):
+        demo.img2img(conditions(demo, 1)[1], cond, noise=x_T, strength=0.5, sampler=kind, steps=4, scale=1)
+    assert built == ["lcm_timesteps", "trailing_timesteps"]
 
 
 def test_step_hooks_see_the_ddpm_latent_with_euler_ancestral(demo):

@@ -107,9 +107,17 @@ def test_encode_is_what_a_diffusers_img2img_pipeline_gives_the_unet(reference, t
     assert relative_error(got, expected) < 1e-5
 
 
-def test_taesd_has_no_scale_factor_of_its_own(reference):
-    """SD's KL autoencoder scales by 0.18215; TAESD works on the scaled latents directly."""
-    assert reference.config.scaling_factor == 1.0 and reference.config.shift_factor == 0.0
+def test_a_config_with_a_scale_factor_is_refused(taesd_files, tmp_path):
+    """TAESD works on the UNet's (already scaled) latents, so decode applies no scale factor: an
+    AutoencoderTiny config asking for one (SD's KL 0.18215, or a shift) is another autoencoder."""
+    config = json.loads((taesd_files["diffusers folder"] / "config.json").read_text())
+    for key, value in (("scaling_factor", 0.18215), ("shift_factor", 0.1159)):
+        folder = tmp_path / key
+        folder.mkdir()
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(taesd_files["diffusers file"].read_bytes())
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=f"another tiny autoencoder.*{key}={value}"):
+            load_taesd(folder)
 
 
 @pytest.mark.parametrize("layout", ["diffusers file", "pth folder", "safetensors folder"])
@@ -239,6 +247,20 @@ def test_taesdxl_is_refused_by_its_name_and_by_its_config(taesd_files, tmp_path)
         load_taesd(folder)
 
 
+def test_a_config_naming_a_folder_with_xl_in_it_is_not_taesdxl(taesd_files, tmp_path):
+    """diffusers' save_pretrained records the folder it loaded from as ``_name_or_path``: a user
+    folder such as /Users/alexlee/taesd holds "xl" but is SD v1/2's TAESD and must load."""
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(taesd_files["diffusers file"].read_bytes())
+    config = json.loads((taesd_files["diffusers folder"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "/Users/alexlee/taesd"}))
+    assert load_taesd(folder).decoder is not None
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "stabilityai/sdxl-vae-tiny"}))
+    with pytest.raises(CheckpointError, match="SDXL"):
+        load_taesd(folder)
+
+
 def test_a_damaged_taesd_file_names_the_missing_tensors(reference, tmp_path):
     _, decoder = original_layout(reference.state_dict())
     del decoder["8.conv.2.weight"]
@@ -285,3 +307,27 @@ def test_decode_seconds_is_the_median_of_the_timed_calls_after_one_warm_up():
     assert calls == [True] * 4 and 0 <= seconds < 0.1
     with pytest.raises(ValueError, match="repeats"):
         decode_seconds(fake_decode, torch.zeros(1, 4, 8, 8), repeats=0)
+
+
+# -------------------------------------------------------------------- --vae's hash
+
+def test_vae_hash_is_of_the_weight_files_read_and_only_those(taesd_files, tmp_path):
+    """``--vae``'s hash, recorded and checked by --resume: sha256 of each file's name and bytes, by
+    name, of the files load_taesd reads; a stray file beside them (an old taesd_decoder.pth next to
+    diffusers' single file, which is read instead) changes nothing."""
+    import hashlib
+    import shutil
+
+    from sounddiffusion.model.tiny_vae import load_tiny_vae
+
+    def expected(*files):
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+
+    pair = taesd_files["pth folder"]
+    assert load_tiny_vae(f"taesd:{pair}").hash == expected(pair / "taesd_decoder.pth", pair / "taesd_encoder.pth")
+    folder = tmp_path / "diffusers"
+    shutil.copytree(taesd_files["diffusers folder"], folder)
+    single = expected(folder / "diffusion_pytorch_model.safetensors")
+    assert load_tiny_vae(f"taesd:{folder}").hash == single
+    (folder / "taesd_decoder.pth").write_bytes((pair / "taesd_decoder.pth").read_bytes())
+    assert load_tiny_vae(f"taesd:{folder}").hash == single

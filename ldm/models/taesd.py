@@ -35,8 +35,9 @@ Files (read by :func:`load_taesd`, never with a plain unpickler):
 
 TAESDXL (SDXL), TAESD3 and TAEF1 (SD3, FLUX.1: 16 latent channels) are refused: SDXL latents look
 the same to the weights (same architecture, 4 channels), so TAESDXL is told by name (``sdxl`` in
-the file's or folder's name, ``taesdxl`` in the folder holding the file) or by its config's
-``_name_or_path``: TAESDXL weights under another name load, and decode SD latents wrongly.
+the file's or folder's name, ``taesdxl`` in the folder holding the file) or by ``sdxl`` in its
+config's ``_name_or_path`` (diffusers writes the folder it loaded from there, so a mere "xl" in a
+user's path says nothing): TAESDXL weights under another name load, and decode SD latents wrongly.
 """
 import json
 import re
@@ -167,15 +168,10 @@ def load_taesd(path) -> TinyAutoencoder:
     TAESD for other latents (SDXL, SD3, FLUX), or a folder without TAESD files in it
     (UnsafeCheckpointError for a pickle that would run code).
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"TAESD weights {path} do not exist: {_WHERE}")
-    _refuse_taesdxl_name(path)
-    files = _taesd_files_in(path) if path.is_dir() else [path]
     halves = {}
-    for file in files:
+    for file in taesd_files(path):
         halves.update(taesd_halves(_read(file), file))
-    model = TinyAutoencoder("encoder" in halves, "decoder" in halves, source=str(path))
+    model = TinyAutoencoder("encoder" in halves, "decoder" in halves, source=str(Path(path)))
     for name, state in halves.items():
         getattr(model, name).load_state_dict(state)
     return model.eval().requires_grad_(False)
@@ -196,6 +192,17 @@ def _refuse_taesdxl_name(path: Path) -> None:
     if "sdxl" in path.name.lower() or (path.is_file() and "taesdxl" in path.resolve().parent.name.lower()):
         raise CheckpointError(f"{path} looks like TAESDXL, made for SDXL latents, which SD v1.x / 2.x models do "
                               f"not use: use madebyollin/taesd instead (taesd_encoder.pth, taesd_decoder.pth)")
+
+
+def taesd_files(path) -> list[Path]:
+    """The weight files :func:`load_taesd` reads from ``path``: the file itself, or a folder's
+    diffusers single file (its config.json checked) or original pair (either may lack), encoder first.
+    Raises CheckpointError for a missing path, a TAESDXL name or config, a folder without TAESD files."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"TAESD weights {path} do not exist: {_WHERE}")
+    _refuse_taesdxl_name(path)
+    return _taesd_files_in(path) if path.is_dir() else [path]
 
 
 def _taesd_files_in(folder: Path) -> list[Path]:
@@ -226,7 +233,7 @@ def _check_diffusers_config(config_path: Path) -> None:
     if wrong:
         raise CheckpointError(f"{config_path} describes another tiny autoencoder than SD v1/2's TAESD "
                               f"({', '.join(f'{k}={v!r}' for k, v in wrong.items())}): use madebyollin/taesd")
-    if "xl" in str(config.get("_name_or_path", "")).lower():
+    if "sdxl" in str(config.get("_name_or_path", "")).lower():  # taesdxl, sdxl-vae...
         raise CheckpointError(f"{config_path} names {config['_name_or_path']}, a TAESD for SDXL latents, which SD "
                               f"v1.x / 2.x models do not use: use madebyollin/taesd instead")
 

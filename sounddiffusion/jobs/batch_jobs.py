@@ -61,7 +61,7 @@ from sounddiffusion.jobs.outcomes import (ClusterSummary, Worker, count_result, 
 from sounddiffusion.logs import counted
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
-from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, parse_lora_specs
+from sounddiffusion.model.lora_specs import LoraSpec, lora_record, parse_lora_specs
 from sounddiffusion.settings import (ClusterSettings, JobSettings, ModelSettings, SoundImageSettings,
                                      VideoSettings)
 from sounddiffusion.sound.audio import load_audio, sounds_in_folder
@@ -293,7 +293,7 @@ def file_items(paths: Sequence[Path], settings: JobSettings, model: ModelSetting
     that a job without them keeps the keys it had before they were recorded)."""
     given = {name: record for name, record in (files or {}).items() if record is not None}
     digest = settings_digest({**settings.parameters(), **model.parameters(),
-                              "lora": lora_record(loras, lora_infos(loras)), **given})
+                              "lora": lora_record(loras), **given})
     return [FileItem(key=file_key(path, settings=digest), path=str(path)) for path in paths]
 
 

@@ -21,10 +21,8 @@ import numpy as np
 import torch
 
 from sounddiffusion.errors import ParameterError
-from sounddiffusion.model.samplers import FEW_STEP
+from sounddiffusion.model.samplers import FEW_STEP, check_strength, img2img_kind
 from sounddiffusion.model.tiny_vae import TinyVae, check_can_encode
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +97,8 @@ class Engine:
         weights = tuple(float(w) for w in weights)
         if self.lora_patch is None or weights == self.lora_patch.weights:
             return
-        self.lora_patch.set_weights(weights)
-        if any(name.startswith("cond_stage_model.") for name, _ in self.lora_patch.touched):
+        rewritten = self.lora_patch.set_weights(weights)
+        if any(name.startswith("cond_stage_model.") for name, _ in rewritten):
             self.text_encoder_changed()
 
     def text_encoder_changed(self) -> None:
@@ -243,29 +241,28 @@ class Engine:
         before the first step (upstream's "network bending" by loudness); ``before_step(i, x) -> x``
         sees the latent before each step i of those that run. ``seed`` seeds the per-step noise
         (DDIM with ``eta`` > 0, LCM, Euler ancestral), or B seeds each row's. Raises ParameterError
-        for a strength the few-step samplers cannot run with ``steps``."""
-        t_enc = int(strength * steps)
-        if strength >= 1 or (sampler not in FEW_STEP and t_enc >= steps):
+        for a strength the few-step samplers cannot run with ``steps``
+        (:func:`~sounddiffusion.model.samplers.check_strength`)."""
+        kind = img2img_kind(sampler, steps, strength)
+        if kind == "txt2img":
             x_T = bend_noised(noise) if bend_noised is not None else noise
             return self.txt2img(cond, x_T=x_T, sampler=sampler, steps=steps, scale=scale, eta=eta,
                                 uncond=uncond, seed=seed, verbose=verbose, before_step=before_step)
         init_latent = init_latent.to(self.device, self.dtype)
-        if strength <= 0 or (sampler not in FEW_STEP and t_enc == 0):
+        if kind == "keep":
             return init_latent
+        check_strength(sampler, steps, strength)  # arithmetic only: the sampler builds its schedule once
         cond = self._as_model_input(cond)
         uncond = self._uncond(cond, uncond)
         chosen = self.sampler(sampler)
         noise = noise.to(self.device, self.dtype)
         with self.autocast():
             if sampler in FEW_STEP:
-                try:
-                    chosen.timesteps(steps, strength)
-                except ValueError as exc:
-                    raise ParameterError(f"--sampler {sampler}: {exc}") from None
                 hook = self._ddpm_hook(sampler, _step_hook(before_step, bend_noised))
                 return chosen.img2img(init_latent, cond, S=steps, strength=strength, init_noise=noise,
                                       unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
                                       generator=step_generator(seed), before_step=hook, verbose=verbose)
+            t_enc = int(strength * steps)
             chosen.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
             t = torch.full((init_latent.shape[0],), t_enc, device=self.device, dtype=torch.long)
             z_enc = chosen.stochastic_encode(init_latent, t, noise=noise)

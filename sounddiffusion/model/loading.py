@@ -19,9 +19,9 @@ from sounddiffusion.errors import DeviceError, ModelError
 from sounddiffusion.model.configs import load_config, model_config_for
 from sounddiffusion.model.devices import check_cuda_graphs, pick_device, weight_dtype
 from sounddiffusion.model.engine import Engine
-from sounddiffusion.model.lora_specs import LoraSpec, lora_infos, lora_record, merge_loras, parse_lora_specs
+from sounddiffusion.model.lora_specs import LoraSpec, lora_record, merge_loras, parse_lora_specs
 from sounddiffusion.model.memory import available_memory, check_memory
-from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae, vae_path, weights_hash
+from sounddiffusion.model.tiny_vae import TinyVae, load_tiny_vae
 from sounddiffusion.settings import (CHECKPOINT_DIR, CHECKPOINT_NAMES, DEFAULT_CONFIG, DEMO_CONFIG,
                                      ModelSettings, V2_CHECKPOINT_DIR, shown_path)
 
@@ -129,14 +129,17 @@ def build_demo_model() -> torch.nn.Module:
     return model
 
 
-def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = None) -> Engine:
+def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = None,
+                vae: TinyVae | None = None) -> Engine:
     """Build the model of ``settings`` once for a run.
 
     ``demo`` builds ``configs/stable-diffusion/v1-demo.yaml`` (``config``/``ckpt`` must then be
     unset). Otherwise the checkpoint is resolved with :func:`resolve_checkpoint`, its config picked
     or checked by :func:`model_config_for`, and loaded through ``ldm.util.load_model_from_config``
-    (no download, strict key checks). ``vae``: TAESD, read first so that a wrong file fails before
-    the model loads. ``compile``, ``cuda_graphs``: see :func:`engine_for_model`.
+    (no download, strict key checks). ``settings.vae``: TAESD, read first so that a wrong file fails
+    before the model loads (``vae``: that TAESD already loaded by :func:`load_tiny_vae`, as
+    audio2video does to check it before anything else). ``compile``, ``cuda_graphs``: see
+    :func:`engine_for_model`.
     ``loras``: the ``--lora`` specs already parsed (audio2video's, whose weights may be schedules the
     frame loop sets); None: ``settings.lora`` with number weights, checked before the model loads."""
     from ldm.util import load_model_from_config
@@ -144,7 +147,8 @@ def load_engine(settings: ModelSettings, *, loras: Sequence[LoraSpec] | None = N
     target = check_model_settings(settings)
     name, fingerprint = checkpoint_identity(settings)
     loras = parse_lora_specs(settings.lora) if loras is None else loras
-    vae = load_tiny_vae(settings.vae) if settings.vae else None
+    if settings.vae and vae is None:
+        vae = load_tiny_vae(settings.vae)
     if settings.demo:
         model = build_demo_model()
     else:
@@ -186,18 +190,22 @@ def checkpoint_identity(settings: ModelSettings) -> tuple[str, str]:
     return path.name, checkpoint_fingerprint(path)
 
 
-
-def model_record(settings: ModelSettings, loras: Sequence[LoraSpec] = (), engine: Engine | None = None) -> dict:
+def model_record(settings: ModelSettings, loras: Sequence[LoraSpec] = (), engine: Engine | None = None,
+                 vae: TinyVae | None = None) -> dict:
     """What outputs record of the model, found without loading it (``engine``: when it is loaded
     already, from it): the checkpoint's name and fingerprint (:func:`checkpoint_identity`), the
-    LoRA files by content with their weights' texts, and the hash of ``--vae``'s TAESD weights."""
+    LoRA files by content with their weights' texts, and the hash of ``--vae``'s TAESD weights
+    (``vae``: that TAESD already loaded; else it is read here, ModelError for a wrong one)."""
     if engine is not None:
         return {"checkpoint": engine.checkpoint, "checkpoint_hash": engine.checkpoint_hash,
                 "lora": engine.loras, "vae_hash": engine.vae_hash}
     name, fingerprint = checkpoint_identity(settings)
+    if settings.vae and vae is None:
+        vae = load_tiny_vae(settings.vae)
     return {"checkpoint": name, "checkpoint_hash": fingerprint,
-            "lora": lora_record(loras, lora_infos(loras)) if loras else [],
-            "vae_hash": weights_hash(vae_path(settings.vae)) if settings.vae else None}
+            "lora": lora_record(loras),
+            "vae_hash": vae.hash if vae is not None else None}
+
 
 def unet_skeleton(settings: ModelSettings) -> torch.nn.Module:
     """The UNet of the config ``settings`` would load, built on the meta device (no memory, no
@@ -277,7 +285,7 @@ def engine_for_model(model: torch.nn.Module, *, device: str = "auto", precision:
         use_static_calls(unet)
     engine = Engine(model=model, device=target, precision=precision, checkpoint=checkpoint,
                     checkpoint_hash=checkpoint_hash, lora_patch=patch, vae=vae,
-                    loras=lora_record(loras, patch.files) if patch is not None else [])
+                    loras=lora_record(loras))
     if patch is not None and any(name.startswith("cond_stage_model.") for name, _ in patch.touched):
         engine.text_encoder_changed()
     return engine

@@ -14,7 +14,8 @@ Use :func:`apply_loras` for weights that stay the same for the whole render (mer
 left to do per step), :func:`load_loras` and :meth:`LoraPatch.set_weights` for weights that change per
 frame: the deltas are computed once, each ``set_weights`` call rewrites only the weights that the
 changed files touch, from the kept originals (so the result does not depend on the frames before).
-:meth:`LoraPatch.restore` puts the original weights back, bit for bit. Load after moving the model to
+:meth:`LoraPatch.restore` puts the original weights back, bit for bit (after :func:`apply_loras` only
+with ``keep_original=True``: the engine's merge keeps no copy). Load after moving the model to
 its device and dtype; keep one patch per model at a time (load all its LoRAs in one call).
 File formats, hashes and refusals: :mod:`.lora_files`; names: :mod:`.lora_names`.
 """
@@ -35,7 +36,7 @@ from ldm.modules.diffusionmodules.demo_denoiser import DemoDenoiser
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from sounddiffusion.errors import ModelError, ParameterError
 
-from .lora_files import LoraInfo, LoraModule, lora_modules, read_lora
+from .lora_files import LoraInfo, LoraModule, lora_info, lora_modules, read_lora
 from .lora_names import LoraTarget, lora_targets
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,11 @@ __all__ = ["LoraInfo", "LoraPatch", "apply_loras", "load_loras"]
 
 @dataclass
 class _Patched:
-    """One touched weight: the parameter (and its row block), its original values, (file index, delta) pairs."""
+    """One touched weight: the parameter (and its row block), its original values (None: not kept),
+    (file index, delta) pairs."""
     parameter: nn.Parameter
     rows: tuple[int, int] | None
-    original: torch.Tensor
+    original: torch.Tensor | None
     deltas: list[tuple[int, torch.Tensor]]
 
     def weight(self) -> torch.Tensor:
@@ -95,29 +97,37 @@ class LoraPatch:
 
     @property
     def kept_bytes(self) -> int:
-        """Memory the patch holds: the original of every touched weight and, for load_loras, its deltas."""
-        return sum(entry.original.nbytes + sum(delta.nbytes for _, delta in entry.deltas)
-                   for entry in self._entries.values())
+        """Memory the patch holds: the original of every touched weight (when kept) and, for load_loras, its deltas."""
+        return sum((entry.original.nbytes if entry.original is not None else 0)
+                   + sum(delta.nbytes for _, delta in entry.deltas) for entry in self._entries.values())
 
-    def set_weights(self, weights: Sequence[float]) -> None:
+    def set_weights(self, weights: Sequence[float]) -> list[tuple[str, tuple[int, int] | None]]:
         """Merges the files at ``weights`` (one float per file) instead of the weights now merged.
 
         Rewrites only the weights touched by a file whose weight changed: W = W0 + sum_i w_i * delta_i
-        from the kept W0 and deltas (no file read, no up @ down). Raises ParameterError for a wrong
+        from the kept W0 and deltas (no file read, no up @ down). Returns what it rewrote, as
+        :attr:`touched` names it ([] when no weight changed). Raises ParameterError for a wrong
         count or a weight that is not a finite number."""
         if not self._schedulable:
             raise RuntimeError("these LoRAs were merged at constant weights (apply_loras): "
                                "use load_loras for weights that change")
         weights = _checked_weights(weights, [info.path for info in self.files])
         changed = {i for i, (new, old) in enumerate(zip(weights, self.weights)) if new != old}
+        rewritten = []
         with torch.no_grad():
-            for entry in self._entries.values():
+            for target, entry in self._entries.items():
                 if any(i in changed for i, _ in entry.deltas):
                     entry.merge(weights)
+                    rewritten.append((target.parameter, target.rows))
         self.weights = weights
+        return rewritten
 
     def restore(self) -> None:
-        """Puts back the original weights, bit for bit (the patch can be merged again with set_weights)."""
+        """Puts back the original weights, bit for bit (the patch can be merged again with set_weights).
+        Raises RuntimeError after :func:`apply_loras` without ``keep_original``, which kept none."""
+        if any(entry.original is None for entry in self._entries.values()):
+            raise RuntimeError("these LoRAs were merged for good, keeping no original weights: merge them with "
+                               "apply_loras(..., keep_original=True) to restore them")
         with torch.no_grad():
             for entry in self._entries.values():
                 weight = entry.weight()
@@ -228,26 +238,35 @@ def _checked_specs(specs) -> tuple[list[Path], tuple[float, ...]]:
     return paths, _checked_weights([w for _, w in specs], paths)
 
 
-def _load(model, specs, schedulable: bool) -> LoraPatch:
+def _load(model, specs, schedulable: bool, keep_original: bool = True,
+          infos: Sequence[LoraInfo] | None = None) -> LoraPatch:
     paths, weights = _checked_specs(specs)
+    if infos is not None and [info.path for info in infos] != paths:
+        raise ValueError("infos must be the LoraInfo of the specs' files, in order")
     targets = lora_targets(model)
-    files, contributions = [], {}
+    contributions = {}
     for i, path in enumerate(paths):  # every file is read and checked before the model changes
-        info, tensors, metadata = read_lora(path)
-        modules, others = lora_modules(info.path, tensors, metadata)
-        for target, module in _matched_modules(info.path, modules, others, targets, model).items():
+        tensors, metadata = read_lora(path)
+        modules, others = lora_modules(path, tensors, metadata)
+        for target, module in _matched_modules(path, modules, others, targets, model).items():
             contributions.setdefault(target, []).append((i, module))
-        files.append(info)
+    files = list(infos) if infos is not None else [lora_info(path) for path in paths]
     entries = {}
     with torch.no_grad():
         for target, modules in contributions.items():
             parameter = model.get_parameter(target.parameter)
-            original = (parameter if target.rows is None else parameter[target.rows[0]:target.rows[1]]).detach().clone()
-            entry = _Patched(parameter, target.rows, original, [(i, _delta(module, original)) for i, module in modules])
-            if not schedulable:  # merge now; keep only the original, on the CPU, for restore()
-                entry.merge(weights)
-                entry.original, entry.deltas = original.cpu(), []
-            entries[target] = entry
+            weight = parameter if target.rows is None else parameter[target.rows[0]:target.rows[1]]
+            deltas = [(i, _delta(module, weight)) for i, module in modules]
+            if schedulable:
+                entries[target] = _Patched(parameter, target.rows, weight.detach().clone(), deltas)
+                continue
+            # Merged now, for good: W += w_i delta_i in place (the sums set_weights makes from W0);
+            # the original is copied, to the CPU, only when asked.
+            original = weight.detach().to("cpu", copy=True) if keep_original else None
+            for i, delta in deltas:
+                if weights[i] != 0:
+                    weight.add_(delta, alpha=weights[i])
+            entries[target] = _Patched(parameter, target.rows, original, [])
     patch = LoraPatch(files, entries, (0.0,) * len(files), schedulable)
     if schedulable:
         patch.set_weights(weights)
@@ -258,22 +277,26 @@ def _load(model, specs, schedulable: bool) -> LoraPatch:
     return patch
 
 
-def load_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]]) -> LoraPatch:
+def load_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]], *,
+               infos: Sequence[LoraInfo] | None = None) -> LoraPatch:
     """Reads LoRA files, merges them into ``model`` at the given weights and returns the patch, whose
     ``set_weights([w1, w2, ...])`` changes the weights later (per frame) and ``restore()`` undoes it.
 
     model: a CompVis LatentDiffusion (SD v1 or 2.x), on its final device and dtype.
     specs: (file, weight) pairs; files are .safetensors (or .pt/.ckpt pickles, read with the restricted
-    unpickler). Keeps the original and one delta per file of every touched weight on the model's
-    device. Raises ModelError (missing, unreadable or unsafe file, not a LoRA, an unsupported LyCORIS
+    unpickler); ``infos``: their :class:`LoraInfo` when already taken (by ``--lora``'s parsing), else
+    each file is hashed here. Keeps the original and one delta per file of every touched weight on
+    the model's device. Raises ModelError (missing, unreadable or unsafe file, not a LoRA, an unsupported LyCORIS
     type, a LoRA for another model family, none of its layers in the model) and ParameterError (a weight
     that is not a finite number), before changing the model."""
-    return _load(model, specs, schedulable=True)
+    return _load(model, specs, schedulable=True, infos=infos)
 
 
-def apply_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]]) -> LoraPatch:
+def apply_loras(model: nn.Module, specs: Sequence[tuple[str | Path, float]], *, keep_original: bool = False,
+                infos: Sequence[LoraInfo] | None = None) -> LoraPatch:
     """Merges LoRA files into ``model`` in place at constant weights, once: W = W0 + sum_i w_i * delta_i.
 
-    As :func:`load_loras` (same arguments, checks and result), but the deltas are not kept: the patch
-    can only ``restore()`` the originals (kept on the CPU), not ``set_weights``."""
-    return _load(model, specs, schedulable=False)
+    As :func:`load_loras` (same arguments, checks and result), but nothing is kept: no deltas (the
+    patch cannot ``set_weights``) and, unless ``keep_original``, no original weights (a LoCon on all of
+    SD v1's UNet would keep 3.4 GB); with ``keep_original`` they are copied to the CPU for ``restore()``."""
+    return _load(model, specs, schedulable=False, keep_original=keep_original, infos=infos)

@@ -102,8 +102,19 @@ def _is_torch_pickle(path: Path) -> bool:
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
-def read_lora(path) -> tuple[LoraInfo, dict[str, torch.Tensor], dict[str, str]]:
-    """(info, tensors by key on the CPU in the file's dtypes, the safetensors header's metadata or {}).
+def lora_info(path) -> LoraInfo:
+    """The file's :class:`LoraInfo` (its bytes hashed once: read it when its ``--lora`` is parsed,
+    and pass it on). Raises ModelError for a file that cannot be read."""
+    path = Path(path)
+    try:
+        whole, data = file_hashes(path)
+    except OSError as exc:
+        raise ModelError(f"LoRA file {path} cannot be read ({exc}): check the path and its permissions") from None
+    return LoraInfo(path, path.stem, whole, data[:12])
+
+
+def read_lora(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors by key on the CPU in the file's dtypes, the safetensors header's metadata or {}).
 
     Raises ModelError, one line naming the file, for a missing file, a folder, a file that is neither
     safetensors nor a torch pickle, a truncated one, and a pickle that would run code."""
@@ -122,7 +133,6 @@ def read_lora(path) -> tuple[LoraInfo, dict[str, torch.Tensor], dict[str, str]]:
         if safetensors:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
-        whole, data = file_hashes(path)
     except UnsafeCheckpointError as exc:  # "checkpoint <path> is unsafe: <which call>. Use a .safetensors copy ..."
         raise ModelError(f"LoRA {str(exc).removeprefix('checkpoint ')}") from None
     except CheckpointError as exc:  # "checkpoint <path> is <what is wrong>: <advice for checkpoints>"
@@ -130,7 +140,7 @@ def read_lora(path) -> tuple[LoraInfo, dict[str, torch.Tensor], dict[str, str]]:
         raise ModelError(f"LoRA {problem}: download it again, or pass a LoRA .safetensors file") from None
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"LoRA file {path} cannot be read ({exc}): check its permissions") from None
-    return LoraInfo(path, path.stem, whole, data[:12]), tensors, metadata
+    return tensors, metadata
 
 
 def refuse_unmergeable(path: Path, keys) -> None:

@@ -27,7 +27,7 @@ from sounddiffusion.control.frame_schedules import VARIABLES
 from sounddiffusion.control.schedules import parse_schedule
 from sounddiffusion.errors import ParameterError, ScheduleError
 from sounddiffusion.model.lora import LoraInfo, LoraPatch, apply_loras, load_loras
-from sounddiffusion.model.lora_files import file_hashes, lora_modules, read_lora
+from sounddiffusion.model.lora_files import lora_info, lora_modules, read_lora
 
 log = logging.getLogger(__name__)
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -36,11 +36,13 @@ _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 @dataclass(frozen=True)
 class LoraSpec:
     """One ``--lora``: ``path``, ``weight`` the weight's text ("1.0" when left out), ``constant``
-    its value when it is a number (None: a schedule, audio2video only)."""
+    its value when it is a number (None: a schedule, audio2video only), ``info`` the file's hashes
+    (taken once, when parsed: outputs' records and the merge reuse them)."""
 
     path: Path
     weight: str
     constant: float | None
+    info: LoraInfo
 
 
 def _weight(text: str, *, schedules: bool, flag: str) -> float | None | bool:
@@ -67,22 +69,19 @@ def parse_lora_spec(text: str, *, schedules: bool = False) -> LoraSpec:
     a valid schedule), ModelError for the file; one line each, before any model loads."""
     text = str(text)
     whole = Path(text)
-    if _is_file(whole) or ":" not in text:
-        spec = LoraSpec(whole, "1.0", 1.0)
-    else:
-        spec = _split(text, schedules=schedules)
-    check_lora_file(spec.path)
-    return spec
+    path, weight, constant = (whole, "1.0", 1.0) if _is_file(whole) or ":" not in text else _split(
+        text, schedules=schedules)
+    return LoraSpec(path, weight, constant, check_lora_file(path))
 
 
-def _split(text: str, *, schedules: bool) -> LoraSpec:
-    """The spec of a text with a colon that does not name a file as a whole."""
+def _split(text: str, *, schedules: bool) -> tuple[Path, str, float | None]:
+    """(path, weight's text, constant) of a text with a colon that does not name a file as a whole."""
     colons = [i for i, c in enumerate(text) if c == ":" and 0 < i < len(text) - 1]
     for i in colons:
         path, weight = text[:i], text[i + 1:]
         value = _weight(weight, schedules=schedules, flag=f"--lora {path}")
         if value is not False:
-            return LoraSpec(Path(path), weight.strip(), value)
+            return Path(path), weight.strip(), value
     for i in colons:  # no weight reads: if the text before a colon is a file, its weight is wrong
         path, weight = text[:i], text[i + 1:]
         if _is_file(Path(path)):
@@ -91,7 +90,7 @@ def _split(text: str, *, schedules: bool) -> LoraSpec:
             raise ParameterError(f"--lora {text}: the weight {weight!r} is not a number; give PATH:WEIGHT "
                                  f"such as {path}:0.8" + ("" if schedules else
                                                          " (a schedule as the weight: audio2video.py only)"))
-    return LoraSpec(Path(text), "1.0", 1.0)  # a missing file: check_lora_file says so
+    return Path(text), "1.0", 1.0  # a missing file: check_lora_file says so
 
 
 def _is_file(path: Path) -> bool:
@@ -107,12 +106,14 @@ def parse_lora_specs(texts: Sequence[str], *, schedules: bool = False) -> tuple[
     return tuple(parse_lora_spec(text, schedules=schedules) for text in texts)
 
 
-def check_lora_file(path: Path) -> None:
-    """Reads ``path`` as a LoRA: ModelError (one line) for a missing file, a folder, a file of no
-    known format, a truncated one, a pickle that would run code, a file without LoRA weights, an
-    SDXL or LyCORIS (non-LoRA) file. Whether it fits the model is checked once the model is loaded."""
-    info, tensors, metadata = read_lora(path)
-    lora_modules(info.path, tensors, metadata)
+def check_lora_file(path: Path) -> LoraInfo:
+    """Reads ``path`` as a LoRA and returns its :class:`LoraInfo`: ModelError (one line) for a
+    missing file, a folder, a file of no known format, a truncated one, a pickle that would run code,
+    a file without LoRA weights, an SDXL or LyCORIS (non-LoRA) file. Whether it fits the model is
+    checked once the model is loaded."""
+    tensors, metadata = read_lora(path)
+    lora_modules(path, tensors, metadata)
+    return lora_info(path)
 
 
 def merge_loras(model: nn.Module, specs: Sequence[LoraSpec]) -> LoraPatch | None:
@@ -122,28 +123,19 @@ def merge_loras(model: nn.Module, specs: Sequence[LoraSpec]) -> LoraPatch | None
     if not specs:
         return None
     pairs = [(spec.path, spec.constant if spec.constant is not None else 0.0) for spec in specs]
+    infos = [spec.info for spec in specs]  # hashed when parsed: not again
     if all(spec.constant is not None for spec in specs):
-        return apply_loras(model, pairs)
-    patch = load_loras(model, pairs)
+        return apply_loras(model, pairs, infos=infos)
+    patch = load_loras(model, pairs, infos=infos)
     for spec, info in zip(specs, patch.files):
         if spec.constant is None:
             log.info("LoRA %s: weight %s, set on every frame", info.name, spec.weight)
     return patch
 
 
-def lora_record(specs: Sequence[LoraSpec], infos: Sequence[LoraInfo]) -> list[dict]:
+def lora_record(specs: Sequence[LoraSpec]) -> list[dict]:
     """What outputs record of the LoRAs: per file its name, sha256, A1111's short hash and the
     weight's text, by content (a moved or renamed copy of the same file records the same, but for
     the name), so that ``--resume`` refuses other files or weights and accepts a moved file."""
-    return [{"name": info.name, "sha256": info.sha256, "short_hash": info.short_hash, "weight": spec.weight}
-            for spec, info in zip(specs, infos)]
-
-
-def lora_infos(specs: Sequence[LoraSpec]) -> list[LoraInfo]:
-    """The files' :class:`LoraInfo` from their bytes alone (no tensors read): for a batch job's
-    settings digest, before any worker loads the model."""
-    infos = []
-    for spec in specs:
-        whole, data = file_hashes(spec.path)
-        infos.append(LoraInfo(spec.path, spec.path.stem, whole, data[:12]))
-    return infos
+    return [{"name": spec.info.name, "sha256": spec.info.sha256, "short_hash": spec.info.short_hash,
+             "weight": spec.weight} for spec in specs]

@@ -3,15 +3,22 @@ refused in one line before anything loads, instead of the kernel killing the run
 
 :func:`memory_needed` estimates a run's peak from the model config alone (see its formula);
 :func:`available_memory` says what the device can still give; :func:`check_memory` refuses. The
-constants come from the peak resident memory of single calls on a CPU (float32, each in a fresh
-process, random weights of configs/stable-diffusion/v1-inference.yaml), against the estimate:
+constants rest on ``python scripts/measure_memory.py``: the peak resident memory of single calls
+on a CPU above what the process held before (float32, one thread, each in a fresh process, random
+weights). One run (torch 2.13 CPU, a shared 2-core machine) gave, in MiB, with the values per unit
+that the constants stand for in brackets:
 
-    SD v1 decoder 256x256 298 MiB (est. 196), 384x384 573 (452), 512x512 994 (832), 768x768 2168 (2052)
-    SD v1 UNet, guidance batch of 2, 768x768: 734 MiB (est. 517; ~300 MiB of it at any size)
-    demo block-mean decoder 1024x1024 180 MiB (est. 172); demo UNet 1024x1024 173 MiB (est. 96)
+    SD v1 KL decoder     256x256 259 (8.0)   384x384 553 (7.4)   512x512 1010 (7.4)   per pixel, channel
+    SD v1 UNet, batch 2  256x256 214 (85.7)  512x512 351 (35.1)  768x768 605 (26.9)   per position, picture, channel
+    demo block means     256x256 11 (42.9)   384x384 25 (44.6)   512x512 42 (42.1)    per pixel
+    demo UNet, batch 2   256x256 9 (34.7)    512x512 38 (37.7)   768x768 72 (31.9)    per position, picture, channel
+    TAESD decoder        256x256 64 (4.0)    512x512 273 (4.3)   1024x1024 1025 (4.0) per pixel, channel
 
-The estimate aims at what a run needs at least, so that only sizes that cannot fit are refused.
-It is not measured on CUDA or MPS yet.
+Peaks move by up to a fifth between runs (an earlier one: the SD v1 UNet 417 MiB at 512x512, 754
+at 768x768), and the UNets' include a part that hardly grows with the size. The constants are at or
+below the values per unit measured at the largest sizes (but the block means' 43, within their 42.1
+to 44.6): the estimate aims at what a run needs at least, so that only sizes that cannot fit are
+refused. It is not measured on CUDA or MPS yet.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import os
 
 import torch
 
+from ldm.models.taesd import WIDTH, TinyAutoencoder
 from sounddiffusion.errors import DeviceError
 from sounddiffusion.model.configs import load_config
 from sounddiffusion.model.devices import weight_dtype
@@ -27,18 +35,45 @@ from sounddiffusion.settings import DEFAULT_CONFIG, DEMO_CONFIG, ModelSettings
 
 # Values held at the peak of one UNet call, per latent position, per picture of the guidance
 # batch, per channel of the config's model_channels: skip connections of every level and a
-# transformer block's feed-forward at full latent resolution. Measured: SD v1 (320 channels) 23,
-# the 32-channel demo and test UNets 40 (their fixed costs per position weigh more).
+# transformer block's feed-forward at full latent resolution. Measured at 768x768: SD v1 (320
+# channels) 26.9 and 33.5 in two runs, the 32-channel demo 31.9 (see the module doc).
 UNET_VALUES_PER_CHANNEL = 23
 # Values held at the peak of decoding, per pixel, per picture, per channel of the KL
-# autoencoder's ``ch`` (its last up-block at full resolution). Measured: SD v1 (ch 128) 6.1.
+# autoencoder's ``ch`` (its last up-block at full resolution). Measured: SD v1 (ch 128) 7.4 at
+# 384x384 and 512x512, 8.0 at 256x256.
 DECODER_VALUES_PER_CHANNEL = 6
-# The demo's BlockMeanAutoencoder (bicubic upsampling of block means): measured 43 per pixel.
+# The demo's BlockMeanAutoencoder (bicubic upsampling of block means): measured 42.1 to 44.6 per pixel.
 BLOCK_MEAN_VALUES_PER_PIXEL = 43
+# TAESD's decoder (--vae): values per pixel, per picture, per channel of its 64 (ldm.models.taesd.WIDTH):
+# a few full-resolution 64-channel tensors alive at once in its last blocks. Measured 4.0 to 4.3.
+TAESD_WIDTH = WIDTH
+TAESD_VALUES_PER_CHANNEL = 4
+
+
+def unet_values(config, height: int, width: int, pictures: int = 1) -> int:
+    """Values one UNet call holds at its peak: 2 P (H/8)(W/8) * model_channels * UNET_VALUES_PER_CHANNEL
+    (guidance doubles the batch); ``config`` an OmegaConf model config."""
+    channels = int(config.model.params.unet_config.params.get("model_channels", 320))
+    return 2 * pictures * (height // 8) * (width // 8) * channels * UNET_VALUES_PER_CHANNEL
+
+
+def decoder_values(config, height: int, width: int, pictures: int = 1, *, device_type: str = "cpu",
+                   taesd: bool = False) -> int:
+    """Values decoding ``pictures`` latents holds at its peak (see :func:`memory_needed`): TAESD's
+    decoder with ``taesd`` (``--vae``), else ``config``'s autoencoder."""
+    if taesd:
+        return pictures * height * width * TAESD_WIDTH * TAESD_VALUES_PER_CHANNEL
+    first_stage = config.model.params.first_stage_config
+    if "ddconfig" not in first_stage.get("params", {}):
+        return pictures * height * width * BLOCK_MEAN_VALUES_PER_PIXEL
+    values = pictures * height * width * int(first_stage.params.ddconfig.ch) * DECODER_VALUES_PER_CHANNEL
+    if device_type == "cpu":
+        values += pictures * ((height // 8) * (width // 8)) ** 2
+    return values
 
 
 def memory_needed(config, height: int, width: int, *, pictures: int = 1, value_bytes: int = 4,
-                  weight_bytes: int = 0, device_type: str = "cpu") -> int:
+                  weight_bytes: int = 0, device_type: str = "cpu", taesd: bool = False) -> int:
     """Bytes a run of the model ``config`` (an OmegaConf model config) needs at its peak for
     ``pictures`` pictures of ``height`` x ``width`` pixels sampled and decoded together::
 
@@ -46,42 +81,35 @@ def memory_needed(config, height: int, width: int, *, pictures: int = 1, value_b
         unet    = 2 P (H/8)(W/8) * model_channels * 23 values          (guidance doubles the batch)
         decoder = P H W * ch * 6 values + [CPU] P ((H/8)(W/8))^2 values  (KL autoencoder)
                   P H W * 43 values                                      (the demo's block means)
+                  P H W * 64 * 3 values                                  (TAESD, ``taesd``: --vae)
 
     with P = ``pictures``, each value ``value_bytes`` bytes (4 for float32, 2 for float16) and
     ``weight_bytes`` the model's weights. The squared term is the single-head attention of the
     decoder's middle block over the (H/8)(W/8) latent positions, whose score matrix PyTorch's CPU
     attention keeps whole for that head width (measured); the UNet's attention runs through
-    ``scaled_dot_product_attention``, which keeps no such matrix (linear in the positions)."""
-    params = config.model.params
-    positions = (height // 8) * (width // 8)
-    unet_channels = int(params.unet_config.params.get("model_channels", 320))
-    unet = 2 * pictures * positions * unet_channels * UNET_VALUES_PER_CHANNEL
-    first_stage = params.first_stage_config
-    if "ddconfig" in first_stage.get("params", {}):
-        decoder = pictures * height * width * int(first_stage.params.ddconfig.ch) * DECODER_VALUES_PER_CHANNEL
-        if device_type == "cpu":
-            decoder += pictures * positions ** 2
-    else:
-        decoder = pictures * height * width * BLOCK_MEAN_VALUES_PER_PIXEL
+    ``scaled_dot_product_attention``, which keeps no such matrix (linear in the positions).
+    TAESD's decoder has no attention: 64 channels at full resolution, a few tensors of them alive."""
+    unet = unet_values(config, height, width, pictures)
+    decoder = decoder_values(config, height, width, pictures, device_type=device_type, taesd=taesd)
     return weight_bytes + max(unet, decoder) * value_bytes
 
 
 def check_memory(settings: ModelSettings, device: torch.device, height: int, width: int, pictures: int) -> None:
     """Refuse (:class:`DeviceError`, one line) a picture size that cannot fit in ``device``'s
     memory by :func:`memory_needed`, ``pictures`` sampled together; nothing is loaded (the model
-    of ``settings``' config is built on the meta device to count its weights). Unknown free
-    memory lets every size pass."""
-
+    of ``settings``' config is built on the meta device to count its weights). With ``--vae``
+    TAESD decodes (and its weights count too). Unknown free memory lets every size pass."""
     available = available_memory(device)
     if available is None:
         return
     path = DEMO_CONFIG if settings.demo else settings.config or DEFAULT_CONFIG
     config = load_config(path)
     dtype = weight_dtype(settings.precision, device)
-    weights = parameter_count(str(path)) * dtype.itemsize
+    taesd = bool(settings.vae)
+    weights = (parameter_count(str(path)) + (taesd_parameter_count() if taesd else 0)) * dtype.itemsize
     # Autocast computes in half precision whatever the weights are.
     value_bytes = 2 if settings.precision == "autocast" and device.type == "cuda" else dtype.itemsize
-    sizing = dict(value_bytes=value_bytes, weight_bytes=weights, device_type=device.type)
+    sizing = dict(value_bytes=value_bytes, weight_bytes=weights, device_type=device.type, taesd=taesd)
     needed = memory_needed(config, height, width, pictures=pictures, **sizing)
     if needed <= available:
         return
@@ -100,7 +128,6 @@ def parameter_count(config_path: str) -> int:
     meta device (no memory, nothing read but the config)."""
     from ldm.util import get_obj_from_str, instantiate_from_config
 
-
     config = load_config(config_path).model
     # Import the model's modules first: tensors made at import time under the meta device would
     # stay meta for every later, real model.
@@ -110,6 +137,13 @@ def parameter_count(config_path: str) -> int:
             get_obj_from_str(part.target)
     with torch.device("meta"):
         return sum(p.numel() for p in instantiate_from_config(config).parameters())
+
+
+@functools.lru_cache(maxsize=1)
+def taesd_parameter_count() -> int:
+    """The number of weights of TAESD's encoder and decoder (counted on the meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in TinyAutoencoder().parameters())
 
 
 def available_memory(device: torch.device | None = None) -> int | None:

@@ -49,13 +49,23 @@ def check_sampling(sampler: str, steps: int, eta: float, to_ddim: str = "use --s
                              f"use 2 to 8 (4 is typical)")
 
 
-def img2img_step_count(sampler: str, steps: int, strength: float) -> int:
-    """How many sampler steps img2img at ``strength`` runs: 0 keeps the picture; strength >= 1
-    (and int(S r) = S for DDIM/PLMS) is txt2img's ``steps``."""
+def img2img_kind(sampler: str, steps: int, strength: float) -> str:
+    """What img2img at ``strength`` does, the one rule the Engine and the reports follow:
+    "txt2img" (strength >= 1, or DDIM/PLMS with int(S r) = S: sampled from the frame's noise),
+    "keep" (no step runs: strength <= 0, or DDIM/PLMS with int(S r) = 0) or "img2img"."""
     if strength >= 1 or (sampler not in FEW_STEP and int(strength * steps) >= steps):
-        return steps
-    if strength <= 0:
-        return 0
+        return "txt2img"
+    if strength <= 0 or (sampler not in FEW_STEP and int(strength * steps) == 0):
+        return "keep"
+    return "img2img"
+
+
+def img2img_step_count(sampler: str, steps: int, strength: float) -> int:
+    """How many sampler steps img2img at ``strength`` runs (:func:`img2img_kind`): txt2img's
+    ``steps``, 0 to keep the picture, else S for LCM and int(S r) for the others."""
+    kind = img2img_kind(sampler, steps, strength)
+    if kind != "img2img":
+        return steps if kind == "txt2img" else 0
     return steps if sampler == "lcm" else int(strength * steps)
 
 
@@ -63,7 +73,7 @@ def check_strength(sampler: str, steps: int, strength: float, where: str = "") -
     """Raises ParameterError when img2img at ``strength`` cannot run with ``sampler`` and
     ``steps`` (LCM: int(50 r) < S; Euler ancestral: int(S r) = 0). ``where``: what the
     message adds after the strength (", frame 12 at 1.00 s")."""
-    if strength <= 0 or strength >= 1 or sampler not in FEW_STEP:
+    if sampler not in FEW_STEP or img2img_kind(sampler, steps, strength) != "img2img":
         return
     if sampler == "lcm" and int(LCM_GRID * strength) < steps:
         least = steps / LCM_GRID

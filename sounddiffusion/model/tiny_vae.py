@@ -11,11 +11,12 @@ downloaded. A decoder-only file is enough for runs that never encode a picture.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.errors import CheckpointError
-from ldm.models.taesd import DECODER_FILES, DIFFUSERS_FILES, ENCODER_FILES, TinyAutoencoder, load_taesd
+from ldm.models.taesd import TinyAutoencoder, load_taesd, taesd_files
 
 from sounddiffusion.errors import ModelError, ParameterError
 
@@ -27,7 +28,7 @@ _GET_IT = ("download it from madebyollin/taesd (taesd_encoder.pth and taesd_deco
 @dataclass(frozen=True)
 class TinyVae:
     """A loaded TAESD: ``autoencoder`` on the CPU in float32, ``spec`` the ``--vae`` text it came
-    from, ``hash`` the first 16 hex digits of the sha256 of the weight files it read (in order)."""
+    from, ``hash`` :func:`weights_hash` of the weight files it read."""
 
     autoencoder: TinyAutoencoder
     spec: str
@@ -47,26 +48,25 @@ def vae_path(spec: str) -> Path:
 
 
 def load_tiny_vae(spec: str) -> TinyVae:
-    """The TAESD of ``--vae taesd:PATH``. Raises ModelError (one line, naming the flag) for a
-    missing path, a file that is not TAESD for SD v1/2 (a KL VAE, a UNet, TAESDXL...), or a
-    folder without TAESD files."""
+    """The TAESD of ``--vae taesd:PATH`` (a few MB: read before the model, so that its mistakes are
+    found first). Raises ModelError (one line, naming the flag) for a missing path, a file that is
+    not TAESD for SD v1/2 (a KL VAE, a UNet, TAESDXL...), or a folder without TAESD files."""
     path = vae_path(spec)
     if not path.exists():
         raise ModelError(f"--vae {spec}: {path} does not exist; {_GET_IT}, then pass its folder or file")
     try:
+        files = taesd_files(path)
         autoencoder = load_taesd(path)
     except CheckpointError as exc:
         raise ModelError(f"--vae {spec}: {' '.join(str(exc).split())}") from None
-    return TinyVae(autoencoder=autoencoder, spec=spec, hash=weights_hash(path))
+    return TinyVae(autoencoder=autoencoder, spec=spec, hash=weights_hash(files))
 
 
-def weights_hash(path: Path) -> str:
-    """sha256 (16 hex digits) of the TAESD weight file ``path``, or of the weight files (and
-    config) in the folder ``path``, by name order."""
-    names = {*ENCODER_FILES, *DECODER_FILES, *DIFFUSERS_FILES, "config.json"}
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name in names and p.is_file())
+def weights_hash(files: Sequence[Path]) -> str:
+    """sha256 (16 hex digits) of the TAESD weight ``files`` (those :func:`ldm.models.taesd.taesd_files`
+    names: what load_taesd reads), each file's name and bytes, by name order."""
     digest = hashlib.sha256()
-    for file in files:
+    for file in sorted(files, key=lambda file: file.name):
         digest.update(file.name.encode())
         digest.update(file.read_bytes())  # a few MB: TAESD is small
     return digest.hexdigest()[:16]

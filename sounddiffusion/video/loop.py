@@ -36,6 +36,7 @@ from sounddiffusion.model.cuda_graphs import StaticShapeCalls
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine, model_record, unet_skeleton
 from sounddiffusion.model.lora_specs import parse_lora_specs
+from sounddiffusion.model.tiny_vae import TinyVae, check_can_encode, load_tiny_vae
 from sounddiffusion.settings import ModelSettings, VideoSettings
 from sounddiffusion.sound.audio import slice_rms
 from sounddiffusion.sound.control_tracks import file_digest
@@ -238,12 +239,15 @@ def write_reports(settings: VideoSettings, plan: FramePlan, embeds_guidance: boo
     return written
 
 
-def check_encoder(engine: Engine, settings: VideoSettings) -> None:
-    """Before the first frame: a decoder-only ``--vae`` TAESD cannot serve a render that encodes pictures."""
+def check_encoder(vae: TinyVae | None, settings: VideoSettings) -> None:
+    """Before the model loads: a decoder-only ``--vae`` TAESD (``vae``, None without one) cannot
+    serve a render that encodes pictures (ModelError naming the flags that need the encoder)."""
+    pixel_motion = settings.camera_moves() and settings.motion_space == "pixel"  # decode, warp, encode
     needs = [flag for flag, on in (("--init-img", settings.init_img), ("--pixel_roundtrip", settings.pixel_roundtrip),
-                                   ("--color_coherence", settings.color_coherence != "none")) if on]
+                                   ("--color_coherence", settings.color_coherence != "none"),
+                                   ("camera motion with --motion_space pixel", pixel_motion)) if on]
     if needs:
-        engine.check_can_encode(" and ".join(needs))
+        check_can_encode(vae, " and ".join(needs))
 
 
 def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: Engine | None = None) -> Path:
@@ -262,19 +266,20 @@ def run_audio2video(settings: VideoSettings, model: ModelSettings, *, engine: En
         warn_negative_prompt_without_guidance(negative, float(plan.values["scale"].max()))
     init_rgb = load_init_image(settings.init_img, settings.W, settings.H) if settings.init_img else None
     path = settings.requested_output()
-    # Everything that can be refused is, before the model loads: the folder, the blocks bent,
-    # the render state (--resume, an unfinished render, another process).
+    # Everything that can be refused is, before the model loads: TAESD (a few MB, read once here),
+    # the folder, the blocks bent, the render state (--resume, an unfinished render, another process).
+    vae = engine.vae if engine is not None else load_tiny_vae(model.vae) if model.vae else None
+    check_encoder(vae, settings)
     ensure_output_dir(path.parent)
     if model.cuda_graphs:
         check_graph_bends(block_specs(plan.bends))
     if engine is None:
         for spec in block_specs(plan.bends):  # block names against the model's layout, before it loads
             check_block(spec, unet_skeleton(model))
-    recorded = render_settings(settings, model, model_record(model, loras, engine), plan)
+    recorded = render_settings(settings, model, model_record(model, loras, engine, vae), plan)
     VideoRender.check(path, plan.fps, settings.W, settings.H, recorded, resume=settings.resume)
     if engine is None:
-        engine = load_engine(model, loras=loras)
-    check_encoder(engine, settings)
+        engine = load_engine(model, loras=loras, vae=vae)
     if reports and engine.embeds_guidance:  # one UNet evaluation per step at any scale
         write_reports(settings, plan, embeds_guidance=True)
     preview_frames = max(1, round(settings.preview_every * plan.fps)) if settings.preview_every > 0 else 0
