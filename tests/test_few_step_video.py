@@ -168,8 +168,7 @@ def test_decoder_only_taesd_cannot_encode(run_tool, tmp_path, sound, image, monk
 
     decoder_only = random_taesd(tmp_path / "taesd", encoder=False) / "taesd_decoder.pth"
     monkeypatch.setattr(loop, "next_latent", lambda *a: pytest.fail("a frame was sampled"))
-    if tool == "audio2video":  # refused before the model loads (img2img: when its picture is encoded)
-        monkeypatch.setattr(loading, "build_demo_model", lambda: pytest.fail("the model loaded"))
+    monkeypatch.setattr(loading, "build_demo_model", lambda: pytest.fail("the model loaded"))  # refused before
     inputs = ["--path", sound] if tool == "audio2video" else ["--init-img", image]
     flags = [image if flag == "IMAGE" else flag for flag in flags]
     status, _, err = run_tool(tool, [*inputs, *flags, "--outdir", tmp_path / "out", "--vae", f"taesd:{decoder_only}",

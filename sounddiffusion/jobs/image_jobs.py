@@ -27,6 +27,7 @@ from sounddiffusion.logs import counted
 from sounddiffusion.model.conditioning import condition
 from sounddiffusion.model.engine import Engine, warn_negative_prompt_without_guidance
 from sounddiffusion.model.loading import load_engine
+from sounddiffusion.model.tiny_vae import check_can_encode, load_tiny_vae
 from sounddiffusion.settings import (AudioConditioningSettings, ImageSettings, ModelSettings,
                                      PromptImageSettings, SoundImageSettings)
 from sounddiffusion.sound.audio import load_audio, sound_warning, sounds_in_folder
@@ -198,9 +199,12 @@ def run_img2img(settings: PromptImageSettings, model: ModelSettings) -> ImagesWr
     init = load_init_image(settings.init_img, settings.W, settings.H)
     prompts, outdir = read_prompts(settings), ensure_output_dir(settings.outdir)
     warn_negative_prompt_without_guidance(settings.negative_prompt, settings.scale)
-    engine = load_engine(model)
+    why = "img2img's --init-img"
+    vae = load_tiny_vae(model.vae) if model.vae else None  # a few MB: a decoder-only TAESD fails before the model
+    check_can_encode(vae, why)
+    engine = load_engine(model, vae=vae)
     return _render_prompts(engine, settings, model, prompts, outdir,
-                           init_latent=engine.encode_image(init[None], why="img2img's --init-img"))
+                           init_latent=engine.encode_image(init[None], why=why))
 
 
 # ----------------------------------------------------------------------------- audio2img
