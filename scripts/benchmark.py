@@ -71,6 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.modules.attention import set_attention_backend  # noqa: E402
+from scripts.benchmark_parts import init_picture, synchronize  # noqa: E402
 from scripts.diffusers_conversion import diffusers_ddim, diffusers_unet, diffusers_vae  # noqa: E402
 from sounddiffusion.files import write_new_text  # noqa: E402
 
@@ -143,11 +144,6 @@ class PeakMemory:
 
         scale = 1 if sys.platform == "darwin" else 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -540,15 +536,6 @@ def parse_args(argv=None):
 def native_bfloat16(device: torch.device) -> bool:
     """Whether autocast's bfloat16 convolutions run on oneDNN here (AVX-512 BF16 / AMX CPUs)."""
     return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def init_picture(size: int, seed: int) -> np.ndarray:
-    """A smooth colourful (size, size, 3) uint8 picture to start every way from."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    phases = rng.uniform(0, 2 * np.pi, size=3)
-    channels = [0.5 + 0.5 * np.sin(2 * np.pi * (x * (k + 1) + y * (2 - k)) + phases[k]) for k in range(3)]
-    return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.files import write_new_text  # noqa: E402
+from scripts.benchmark_parts import DiscardingWriter, synchronize, write_report  # noqa: E402
 from sounddiffusion.model.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
 from sounddiffusion.video.frame_chain import ChainState  # noqa: E402
@@ -37,18 +37,6 @@ WAYS = {
     "final latent: noise=0.3*onset@step=99": ("noise=0.3*onset@step=99",),
     "block: dilate=2*onset@output_blocks.5": ("dilate=2*onset@output_blocks.5",),
 }
-
-
-class KeepLast:
-    """A writer that keeps nothing: the table measures sampling, not encoding."""
-
-    def submit(self, index, picture, chain):
-        pass
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
@@ -68,14 +56,14 @@ def main(argv=None) -> int:
         settings = VideoSettings(audio=str(SOUND), fps=12, strength=0.5, ddim_steps=args.steps, H=args.size,
                                  W=args.size, bend=bends)
         plan = plan_frames(settings)
-        chain = sample_frames(engine, plan, settings, KeepLast(), start=0, stop=2, chain=ChainState())  # warm-up
+        chain = sample_frames(engine, plan, settings, DiscardingWriter(), start=0, stop=2, chain=ChainState())  # warm-up
         runs[name] = (settings, plan, chain)
     best = {name: float("inf") for name in WAYS}
     for _ in range(args.rounds):  # taking turns spreads the machine's other load over every way
         for name, (settings, plan, chain) in runs.items():
             synchronize(engine.device)
             t0 = time.perf_counter()
-            sample_frames(engine, plan, settings, KeepLast(), start=2, stop=2 + args.frames, chain=chain)
+            sample_frames(engine, plan, settings, DiscardingWriter(), start=2, stop=2 + args.frames, chain=chain)
             synchronize(engine.device)
             best[name] = min(best[name], (time.perf_counter() - t0) / args.frames)
     rows = list(best.items())
@@ -88,10 +76,7 @@ def main(argv=None) -> int:
              "| way | s/frame | overhead per frame |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {seconds:.3f} | {seconds - base:+.3f} s ({(seconds / base - 1) * 100:+.1f} %) |"
               for name, seconds in rows]
-    text = "\n".join(lines) + "\n"
-    path = write_new_text(args.out or REPO / "outputs" / f"benchmark-bends-{started:%Y%m%d-%H%M%S}.md", text)
-    print(text, end="")
-    print(f"written to {path}")
+    write_report(lines, args.out, "benchmark-bends", started)
     return 0
 
 

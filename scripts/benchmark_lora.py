@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.util import instantiate_from_config  # noqa: E402
-from sounddiffusion.files import write_new_text  # noqa: E402
+from scripts.benchmark_parts import synchronize, write_report  # noqa: E402
 from sounddiffusion.model.lora import load_loras  # noqa: E402
 from sounddiffusion.model.lora_names import unet_layer_names  # noqa: E402
 
@@ -79,11 +79,6 @@ def attention_lora(unet, rank: int, path: Path) -> int:
             tensors[f"{stem}.alpha"] = torch.tensor(float(rank)).half()
     save_file(tensors, str(path))
     return len(tensors) // 3
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def click_track(path: Path, seconds: float = 4.0, bpm: float = 120.0, sr: int = 44100) -> Path:
@@ -245,10 +240,7 @@ def main(argv=None) -> int:
     lines = [f"# LoRA weights per frame, {started:%Y-%m-%d %H:%M} UTC", "",
              f"`{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}{command}` "
              f"({torch.get_num_threads()} torch threads, torch {torch.__version__})", "", *table]
-    text = "\n".join(lines) + "\n"
-    path = write_new_text(args.out or REPO / "outputs" / f"benchmark-lora-{started:%Y%m%d-%H%M%S}.md", text)
-    print(text, end="")
-    print(f"written to {path}")
+    write_report(lines, args.out, "benchmark-lora", started)
     return 0
 
 

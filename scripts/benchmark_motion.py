@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sounddiffusion import cli  # noqa: E402
-from sounddiffusion.files import write_new_text  # noqa: E402
+from scripts.benchmark_parts import DiscardingWriter, synchronize, write_report  # noqa: E402
 from sounddiffusion.model.loading import load_engine  # noqa: E402
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
 from sounddiffusion.video.frame_chain import ChainState  # noqa: E402
@@ -62,18 +62,6 @@ SHARPNESS_FRAMES = 16
 SHARPNESS_SIZE = 128
 
 
-class KeepLast:
-    """A writer that keeps nothing: the table measures sampling, not encoding."""
-
-    def submit(self, index, picture, chain):
-        pass
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ways(engine, size: int, args) -> dict[str, float]:
     """Each way's fastest s/frame over the rounds, at ``size`` x ``size``."""
     runs = {}
@@ -81,7 +69,7 @@ def time_ways(engine, size: int, args) -> dict[str, float]:
         settings = VideoSettings(audio=str(SOUND), fps=12, strength=0.5, ddim_steps=args.steps, H=size, W=size,
                                  **motion)
         plan = plan_frames(settings)
-        chain = sample_frames(engine, plan, settings, KeepLast(), start=0, stop=2, chain=ChainState())  # warm-up
+        chain = sample_frames(engine, plan, settings, DiscardingWriter(), start=0, stop=2, chain=ChainState())  # warm-up
         runs[name] = (settings, plan, chain)
     best = {name: float("inf") for name in WAYS}
     names = list(runs)
@@ -92,7 +80,7 @@ def time_ways(engine, size: int, args) -> dict[str, float]:
             settings, plan, chain = runs[name]
             synchronize(engine.device)
             t0 = time.perf_counter()
-            sample_frames(engine, plan, settings, KeepLast(), start=2, stop=2 + args.frames, chain=chain)
+            sample_frames(engine, plan, settings, DiscardingWriter(), start=2, stop=2 + args.frames, chain=chain)
             synchronize(engine.device)
             best[name] = min(best[name], (time.perf_counter() - t0) / args.frames)
     return best
@@ -197,7 +185,8 @@ def main(argv=None) -> int:
     if args.sharpness:
         lines = [f"# Camera motion and sharpness, {started:%Y-%m-%d %H:%M} UTC", "", f"`{command}`, torch "
                  f"{torch.__version__}, {engine.device}", "", *sharpness_lines(engine)]
-        return write_report(lines, args.out, started)
+        write_report(lines, args.out, "benchmark-motion", started)
+        return 0
     lines = [f"# Camera motion per frame, {started:%Y-%m-%d %H:%M} UTC", "",
              f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command}`: demo model, "
              f"{args.steps} steps x 0.5 per frame, {args.frames} timed frames, fastest of {args.rounds} rounds (the ways taking turns, in a turning order), "
@@ -216,15 +205,7 @@ def main(argv=None) -> int:
     for size in args.sizes:
         lines += [f"| {size}x{size} | {name} | {1000 * seconds:.1f} |"
                   for name, seconds in time_moves(engine, size, args.repeats).items()]
-    return write_report(lines, args.out, started)
-
-
-def write_report(lines: list[str], out: str | None, started: datetime.datetime) -> int:
-    """Print the markdown ``lines`` and write them to ``out`` (default: outputs/, by time)."""
-    text = "\n".join(lines) + "\n"
-    path = write_new_text(out or REPO / "outputs" / f"benchmark-motion-{started:%Y%m%d-%H%M%S}.md", text)
-    print(text, end="")
-    print(f"written to {path}")
+    write_report(lines, args.out, "benchmark-motion", started)
     return 0
 
 

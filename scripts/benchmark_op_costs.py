@@ -31,13 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sounddiffusion.control.bending import apply  # noqa: E402
-from sounddiffusion.files import write_new_text  # noqa: E402
+from scripts.benchmark_parts import synchronize, write_report  # noqa: E402
 from sounddiffusion.model.loading import build_demo_model  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(call: Callable[[], object], calls: int, device: torch.device) -> list[float]:
@@ -94,10 +89,7 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {statistics.median(times) * 1e3:.2f} | {min(times) * 1e3:.2f} .. {max(times) * 1e3:.2f} |"
               for name, times in rows.items()]
     lines += ["", f"batch_2_vs_batch_1={batch_2 / batch_1:.2f}"]
-    text = "\n".join(lines) + "\n"
-    path = write_new_text(args.out or REPO / "outputs" / f"benchmark-op-costs-{started:%Y%m%d-%H%M%S}.md", text)
-    print(text, end="")
-    print(f"written to {path}")
+    write_report(lines, args.out, "benchmark-op-costs", started)
     return 0
 
 

@@ -86,6 +86,7 @@ def video_settings(way: Way, options, sound: Path):
 def time_render_loop(engine, way: Way, options, sound: Path, workdir: Path, init_rgb: np.ndarray) -> float:
     """Seconds per frame of ``options.frames`` img2img frames through the render loop (after one
     untimed warm-up frame), as ``audio2video.py`` renders them."""
+    from scripts.benchmark_parts import synchronize
     from sounddiffusion.video.frame_chain import ChainState
     from sounddiffusion.video.frame_writer import FrameWriter
     from sounddiffusion.video.loop import plan_frames, sample_frames
@@ -103,8 +104,7 @@ def time_render_loop(engine, way: Way, options, sound: Path, workdir: Path, init
         try:
             chain = sample_frames(engine, plan, settings, writer, start=start, stop=stop, chain=chain)
             writer.close()
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize(engine.device)
+            synchronize(engine.device)
         finally:
             render.close()
         return chain, time.perf_counter() - started
@@ -157,6 +157,7 @@ def decode_times(device: torch.device, repeats: int, size: int = 512) -> tuple[f
 
 def run(options, machine: list[str], command: str) -> str:
     """Measure every way (see the module doc) and return the markdown report."""
+    from scripts.benchmark_parts import init_picture
     from sounddiffusion.model.loading import load_engine
     from sounddiffusion.model.samplers import img2img_step_count, unet_evaluations
     from sounddiffusion.settings import ModelSettings
@@ -168,7 +169,7 @@ def run(options, machine: list[str], command: str) -> str:
     device = torch.device(options.device)
     engine = load_engine(ModelSettings(demo=not options.ckpt, ckpt=options.ckpt, device=options.device))
     results = [Measured(way) for way in WAYS]
-    init_rgb = _init_picture(options.size, options.seed)
+    init_rgb = init_picture(options.size, options.seed)
     with tempfile.TemporaryDirectory(prefix="sd-benchmark-samplers-") as workdir:
         for round_index in range(options.rounds):
             for result in results:
@@ -189,15 +190,6 @@ def run(options, machine: list[str], command: str) -> str:
     kl_s, tiny_s = decode_times(device, options.decode_repeats, options.decode_size)
     return report(results, (kl_s, tiny_s), options, machine, command, started,
                   (load_before, os.getloadavg()), engine.checkpoint)
-
-
-def _init_picture(size: int, seed: int) -> np.ndarray:
-    """A smooth colourful (size, size, 3) uint8 picture before the first timed frame."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    phases = rng.uniform(0, 2 * np.pi, size=3)
-    channels = [0.5 + 0.5 * np.sin(2 * np.pi * (x * (k + 1) + y * (2 - k)) + phases[k]) for k in range(3)]
-    return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
 
 
 def report(results: list[Measured], decode: tuple[float, float], options, machine: list[str], command: str,

@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.files import write_new_text  # noqa: E402
+from scripts.benchmark_parts import write_report  # noqa: E402
 from sounddiffusion.settings import ModelSettings, VideoSettings  # noqa: E402
 from sounddiffusion.video.loop import run_audio2video  # noqa: E402
 from sounddiffusion.video.video_stats import video_stats  # noqa: E402
@@ -77,10 +77,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {s['drift_mean']:.2f} | {s['drift_final']:.2f} | {s['hist_drift_mean']:.2f} | "
                      f"{s['flicker_mean']:.2f} | {s['flicker_hf_mean']:.2f} | {s['clipped_mean']:.4f} | "
                      f"{_number(s['onset_correlation'])} | {seconds:.0f} |")
-    text = "\n".join(lines) + "\n"
-    path = write_new_text(args.out or REPO / "outputs" / f"coherence-{started:%Y%m%d-%H%M%S}.md", text)
-    print(text, end="")
-    print(f"written to {path}")
+    write_report(lines, args.out, "coherence", started)
     return 0 if np.isfinite([r[1]["drift_mean"] for r in rows]).all() else 1
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sounddiffusion.files import write_new_text  # noqa: E402
+from scripts.benchmark_parts import write_report  # noqa: E402
 
 SOUND = "examples/audio/chords.wav"
 
@@ -73,10 +73,7 @@ def main(argv=None) -> int:
              f"`{command}`: `audio2video.py {' '.join(render)} --crf N`, {frames} frames; differences in 1/255 "
              f"over every pixel and channel of the decoded RGB", "",
              "| --crf | mean difference | largest | MP4 KiB |", "| ---: | ---: | ---: | ---: |", *rows]
-    text = "\n".join(lines) + "\n"
-    path = write_new_text(args.out or REPO / "outputs" / f"crf-table-{started:%Y%m%d-%H%M%S}.md", text)
-    print(text, end="")
-    print(f"written to {path}")
+    write_report(lines, args.out, "crf-table", started)
     return 0
 
 
