@@ -30,17 +30,24 @@ function setLink(on) {
   link.title = on ? "pictures are streaming" : "reconnecting";
 }
 
+// the child of box whose data-KEY is value: made the first time (a div of className holding html,
+// labelled with value in its element matching label), found again after
+function childFor(box, key, value, className, html, label) {
+  let child = box.querySelector(`[data-${key}="${CSS.escape(value)}"]`);
+  if (!child) {
+    child = document.createElement("div");
+    child.className = className;
+    child.dataset[key] = value;
+    child.innerHTML = html;
+    child.querySelector(label).textContent = value;
+    box.appendChild(child);
+  }
+  return child;
+}
+
 function meters(box, envelopes) {
   for (const [name, value] of Object.entries(envelopes)) {
-    let meter = box.querySelector(`[data-name="${name}"]`);
-    if (!meter) {
-      meter = document.createElement("div");
-      meter.className = "meter";
-      meter.dataset.name = name;
-      meter.innerHTML = '<div class="bar"><div class="fill"></div></div><span></span>';
-      meter.querySelector("span").textContent = name;
-      box.appendChild(meter);
-    }
+    const meter = childFor(box, "name", name, "meter", '<div class="bar"><div class="fill"></div></div><span></span>', "span");
     meter.querySelector(".fill").style.height = Math.round(100 * value) + "%";
   }
 }
@@ -49,15 +56,7 @@ function meters(box, envelopes) {
 function trackMeters(tracks) {
   const box = document.getElementById("tracks");
   for (const [name, envelopes] of Object.entries(tracks)) {
-    let row = box.querySelector(`[data-track="${CSS.escape(name)}"]`);
-    if (!row) {
-      row = document.createElement("div");
-      row.className = "track";
-      row.dataset.track = name;
-      row.innerHTML = '<span class="name"></span><div class="meters"></div>';
-      row.querySelector(".name").textContent = name;
-      box.appendChild(row);
-    }
+    const row = childFor(box, "track", name, "track", '<span class="name"></span><div class="meters"></div>', ".name");
     meters(row.querySelector(".meters"), envelopes);
   }
 }
